@@ -1,0 +1,25 @@
+# Two entry points for a fresh machine: `make demo` (the main job) and `make test`. Both are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first, pinned: a plain `pip install torch` would pull several GB of CUDA wheels.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[train,test,lite12]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/captioner prepare --data examples/shapes --prepared prepared/shapes
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) prepared

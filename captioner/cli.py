@@ -1,0 +1,99 @@
+"""`captioner` command line: one subcommand per job, each a thin layer over the Python API."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import add_config_flags, config_from_args
+
+PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "min_count", "max_caption_length",
+                 "encoder", "image_size", "feature_layer", "prepare_batch_size", "device"]
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .features import prepare
+
+    cfg = config_from_args(args)
+    if not cfg.data:
+        raise SystemExit("captioner prepare: give the dataset folder or annotation file (--data PATH)")
+    prepare(cfg)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    train(config_from_args(args), resume=args.resume)
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .train import lr_find
+
+    lr_find(config_from_args(args), start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_model, evaluate_nearest_neighbour
+    from .metrics import format_table
+
+    rows = []
+    if args.model:
+        beams = [int(b) for b in args.beam_sizes.split(",")]
+        rows += evaluate_model(args.model, args.prepared, args.split, beams, args.max_length, args.device, args.output)
+    if args.nearest_neighbour:
+        rows.append(("nearest neighbour", evaluate_nearest_neighbour(args.prepared, args.split)))
+    if not rows:
+        raise SystemExit("captioner evaluate: give --model DIR and/or --nearest-neighbour")
+    print(format_table(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description="Neural image captioning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="read a dataset, build the vocabulary, cache encoder features")
+    add_config_flags(p, PREPARE_FLAGS)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train a decoder on a prepared folder (stage 1), then fine-tune (stage 2)")
+    add_config_flags(p)
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate")
+    add_config_flags(p)
+    p.add_argument("--start-lr", type=float, default=1e-7)
+    p.add_argument("--end-lr", type=float, default=1.0)
+    p.add_argument("--steps", type=int, default=100)
+    p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser("evaluate", help="coco-caption scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on a split")
+    p.add_argument("--model", help="model folder (e.g. runs/NAME/best)")
+    p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--beam-sizes", default="1,3,5", help="comma-separated beam sizes to score")
+    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", help="folder for results.json and captions (default: MODEL/eval_SPLIT)")
+    p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
+    p.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"captioner {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ncaptioner {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

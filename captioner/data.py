@@ -1,0 +1,443 @@
+"""Dataset readers and robust image loading.
+
+Every annotation format we accept (Flickr8k/30k text, Kaggle's captions.txt, Karpathy split JSON,
+COCO captions JSON, a custom csv/jsonl) is read into the same list of `Record`s, so nothing
+downstream cares where captions came from. `load_image` is the one door pixels come in by, so an
+odd or broken file fails there, with its name, instead of deep inside a training batch.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+SPLITS = ("train", "val", "test")
+FORMATS = ("flickr", "kaggle", "karpathy", "coco", "custom")
+# split names found in the wild -> ours; "restval" is Karpathy's extra COCO training images
+_SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test", "": ""}
+_IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k_images")
+_LOOKED_FOR = (
+    "a *.token.txt or *.token file (flickr), captions.txt with the header image,caption (kaggle), "
+    "captions.csv or captions.jsonl (custom), dataset_*.json (karpathy), captions_*.json (coco)"
+)
+
+# (image path relative to the image folder, captions, split, "file:line" to quote in messages)
+Entry = tuple[str, list[Any], str, str]
+
+
+class DatasetError(ValueError):
+    """Annotations that cannot be read; the message names the file (and line) to fix."""
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file and the reason."""
+
+
+@dataclass(frozen=True)
+class Record:
+    image: Path  # absolute path of the image file
+    captions: tuple[str, ...]  # raw reference captions, whitespace-stripped
+    split: str  # "train" | "val" | "test" | "" (unassigned)
+    root: Path | None = field(default=None, repr=False, compare=False)  # image folder, only for `name`
+
+    @property
+    def name(self) -> str:
+        """The image's path under the image folder: the key split files, caches and reports use."""
+        if self.root is not None and self.image.is_relative_to(self.root):
+            return self.image.relative_to(self.root).as_posix()
+        return self.image.name
+
+
+@dataclass
+class Dataset:
+    records: list[Record]
+    format: str
+    missing: list[Path] = field(default_factory=list)  # listed in annotations, absent on disk
+    problems: list[str] = field(default_factory=list)  # non-fatal oddities worth telling the user
+
+    def split(self, name: str) -> list[Record]:
+        if name not in (*SPLITS, ""):
+            raise ValueError(f"unknown split {name!r}; expected one of {', '.join(SPLITS)} or '' (unassigned)")
+        return [r for r in self.records if r.split == name]
+
+    def summary(self) -> str:
+        """What was loaded, one line per split, so a wrong path or split shows before training."""
+        lines = []
+        for split in (*SPLITS, ""):
+            records = self.split(split)
+            if records:
+                captions = sum(len(r.captions) for r in records)
+                lines.append(f"{split or 'unassigned'}: {len(records)} images, {captions} captions")
+        lines.append(f"{self.format}: {len(self.missing)} missing images skipped, {len(self.problems)} problems")
+        return "\n".join(lines)
+
+
+def detect_format(path: str | Path) -> str:
+    return _detect(Path(path))[0]
+
+
+def load_dataset(
+    path: str | Path, format: str = "auto", images: str | Path | None = None, skip_missing: bool = False
+) -> Dataset:
+    """Read annotations in any supported format; `images` overrides where image files are looked for."""
+    path = Path(path)
+    image_dir = Path(images) if images is not None else None
+    fmt, data = _detect(path) if format == "auto" else (format, None)
+    if fmt == "flickr":
+        source, root, entries, problems = _flickr(path, image_dir)
+    elif fmt == "kaggle":
+        source, root, entries, problems = _kaggle(path, image_dir)
+    elif fmt == "karpathy":
+        source, root, entries, problems = _karpathy(path, image_dir, data)
+    elif fmt == "coco":
+        source, root, entries, problems = _coco(path, image_dir, data)
+    elif fmt == "custom":
+        source, root, entries, problems = _custom(path, image_dir)
+    else:
+        raise DatasetError(f"unknown dataset format {format!r}; expected auto, {', '.join(FORMATS)}")
+    return _finish(fmt, source, root, entries, problems, skip_missing)
+
+
+def _detect(path: Path) -> tuple[str, Any]:
+    """The format, and the parsed JSON when `path` is a JSON file, so a large file is read only once."""
+    if path.is_dir():
+        if _token_file(path):
+            return "flickr", None
+        if _has_kaggle_header(path / "captions.txt"):
+            return "kaggle", None
+        if (path / "captions.csv").is_file() or (path / "captions.jsonl").is_file():
+            return "custom", None
+        if any(path.glob("dataset_*.json")):
+            return "karpathy", None
+        if any(path.glob("captions_*.json")):
+            return "coco", None
+        raise DatasetError(f"{path}: cannot tell the dataset format; looked for {_LOOKED_FOR}")
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such file or folder")
+    if path.suffix == ".json":
+        data = _read_json(path)
+        if isinstance(data, dict) and "annotations" in data:
+            return "coco", data
+        first = (data.get("images") or [None])[0] if isinstance(data, dict) else None
+        if isinstance(first, dict) and "sentences" in first:
+            return "karpathy", data
+        raise DatasetError(f"{path}: neither COCO ('annotations') nor Karpathy ('images' with 'sentences') JSON")
+    if path.name.endswith((".token", ".token.txt")):
+        return "flickr", None
+    if _has_kaggle_header(path):
+        return "kaggle", None
+    if path.suffix in (".csv", ".jsonl"):
+        return "custom", None
+    raise DatasetError(f"{path}: cannot tell the dataset format; looked for {_LOOKED_FOR}")
+
+
+def _finish(
+    fmt: str, source: Path, root: Path, entries: list[Entry], problems: list[str], skip_missing: bool
+) -> Dataset:
+    """Merge entries per image (in first-seen order), drop empty captions, and check the files exist."""
+    root = root.resolve()
+    merged: dict[str, tuple[list[str], str]] = {}
+    empty: list[str] = []
+    for name, captions, split, where in entries:
+        kept, _ = merged.setdefault(name, ([], split))
+        for caption in captions:
+            if not isinstance(caption, str):
+                raise DatasetError(f"{where}: caption is not a string: {caption!r}")
+            if caption.strip():
+                kept.append(caption.strip())
+            else:
+                empty.append(where)
+    if empty:
+        problems.append(f"{len(empty)} empty captions dropped, first at {empty[0]}")
+    bare = [name for name, (captions, _) in merged.items() if not captions]
+    if bare:
+        problems.append(f"{len(bare)} images with no captions dropped: {_some(bare)}")
+    records = [Record(root / name, tuple(caps), split, root) for name, (caps, split) in merged.items() if caps]
+    missing = [r.image for r in records if not r.image.is_file()]
+    if missing and not skip_missing:
+        raise DatasetError(
+            f"{len(missing)} of {len(records)} images listed in {source} are missing, first: {missing[0]}; "
+            f"fix the paths (images are looked for in {root}) or pass --skip-missing"
+        )
+    if missing:
+        absent = set(missing)
+        records = [r for r in records if r.image not in absent]
+    return Dataset(records, fmt, missing, problems)
+
+
+def _flickr(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], list[str]]:
+    folder = path.parent if path.is_file() else path
+    token = path if path.is_file() else _token_file(path)
+    if token is None:
+        raise DatasetError(f"{path}: no Flickr token file (Flickr8k.token.txt, *.token.txt or *.token)")
+    entries: list[Entry] = []
+    for lineno, line in enumerate(_read_text(token).splitlines(), 1):
+        if not line.strip():
+            continue
+        key, tab, caption = line.partition("\t")
+        name, _, _ = key.rpartition("#")
+        if not tab or not name:
+            raise DatasetError(f"{token}:{lineno}: expected 'NAME.jpg#N<TAB>caption', got {line[:80]!r}")
+        entries.append((name.strip(), [caption], "", f"{token}:{lineno}"))
+    split_of: dict[str, str] = {}
+    for pattern, split in (("*trainImages.txt", "train"), ("*devImages.txt", "val"), ("*testImages.txt", "test")):
+        for split_file in sorted(folder.glob(pattern)):
+            split_of.update((name, split) for name in _read_text(split_file).split())
+    root = images or _first_dir(folder, _IMAGE_DIRS) or folder
+    problems = []
+    if split_of:  # only split images are used; the rest are reported, typos (no such file) apart
+        names = dict.fromkeys(e[0] for e in entries)
+        unsplit = [name for name in names if name not in split_of]
+        typos = [name for name in unsplit if not (root / name).is_file()]
+        if typos:
+            problems.append(f"{token}: {len(typos)} names are neither image files nor in a split, dropped: {_some(typos)}")
+        if len(unsplit) > len(typos):
+            left_out = [name for name in unsplit if name not in typos]
+            problems.append(f"{token}: {len(left_out)} images in no split file left out: {_some(left_out)}")
+        uncaptioned = sorted(split_of.keys() - names.keys())
+        if uncaptioned:
+            problems.append(f"{token}: {len(uncaptioned)} images in split files have no captions: {_some(uncaptioned)}")
+        entries = [(name, caps, split_of[name], where) for name, caps, _, where in entries if name in split_of]
+    return token, root, entries, problems
+
+
+def _kaggle(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], list[str]]:
+    file = path if path.is_file() else path / "captions.txt"
+    return file, images or _first_dir(file.parent, ("Images", "images")) or file.parent, _csv_entries(file), []
+
+
+def _custom(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], list[str]]:
+    candidates = [path] if path.is_file() else [path / "captions.csv", path / "captions.jsonl"]
+    file = next((f for f in candidates if f.is_file()), None)
+    if file is None:
+        raise DatasetError(f"{path}: no captions.csv or captions.jsonl")
+    entries = _jsonl_entries(file) if file.suffix == ".jsonl" else _csv_entries(file)
+    return file, images or _first_dir(file.parent, ("images",)) or file.parent, entries, []
+
+
+def _karpathy(path: Path, images: Path | None, data: Any) -> tuple[Path, Path, list[Entry], list[str]]:
+    if path.is_dir():
+        files = sorted(path.glob("dataset_*.json"))
+        if len(files) != 1:
+            raise DatasetError(f"{path}: expected one dataset_*.json, found {len(files)}; pass the file itself")
+        path = files[0]
+    if data is None:
+        data = _read_json(path)
+    entries: list[Entry] = []
+    for i, image in enumerate(_get(data, "images", str(path))):
+        where = f"{path}: images[{i}]"
+        name = _get(image, "filename", where)
+        filepath = image.get("filepath", "")
+        split = _split_name(_get(image, "split", where), f"{where}.split")
+        captions = [_get(s, "raw", f"{where}.sentences[{j}]") for j, s in enumerate(_get(image, "sentences", where))]
+        entries.append((f"{filepath}/{name}" if filepath else name, captions, split, where))
+    return path, images or _first_dir(path.parent, _IMAGE_DIRS) or path.parent, entries, []
+
+
+def _coco(path: Path, images: Path | None, data: Any) -> tuple[Path, Path, list[Entry], list[str]]:
+    files = [path] if path.is_file() else sorted(path.glob("captions_*.json"))
+    if not files:
+        raise DatasetError(f"{path}: no captions_*.json files")
+    root = images or files[0].parent
+    entries: list[Entry] = []
+    problems = []
+    for file in files:
+        content = data if data is not None and file == path else _read_json(file)
+        match = re.search(r"train|val|test", file.stem)
+        split = _SPLIT_NAMES[match.group()] if match else ""
+        subdir = file.stem.removeprefix("captions_")  # captions_val2014.json -> images in val2014/
+        prefix = f"{subdir}/" if subdir != file.stem and (root / subdir).is_dir() else ""
+        names: dict[Any, str] = {}
+        for i, image in enumerate(_get(content, "images", str(file))):
+            where = f"{file}: images[{i}]"
+            names[_get(image, "id", where)] = prefix + _get(image, "file_name", where)
+        captions: dict[Any, list[Any]] = {image_id: [] for image_id in names}
+        orphans = 0
+        for i, annotation in enumerate(_get(content, "annotations", str(file))):
+            where = f"{file}: annotations[{i}]"
+            image_id, caption = _get(annotation, "image_id", where), _get(annotation, "caption", where)
+            if image_id in captions:
+                captions[image_id].append(caption)
+            else:
+                orphans += 1
+        if orphans:
+            problems.append(f"{file}: {orphans} annotations name an image_id missing from 'images'; ignored")
+        entries += [(names[i], caps, split, f"{file}: image id {i}") for i, caps in captions.items()]
+    return path, root, entries, problems
+
+
+def _csv_entries(file: Path) -> list[Entry]:
+    reader = csv.reader(io.StringIO(_read_text(file), newline=""))
+    entries: list[Entry] = []
+    try:
+        header = [h.strip().lower() for h in next(reader, [])]
+        if "image" not in header or "caption" not in header:
+            raise DatasetError(f"{file}:1: the header must name the columns image and caption, got {','.join(header)!r}")
+        column = {h: i for i, h in enumerate(header)}
+        for row in reader:
+            where = f"{file}:{reader.line_num}"
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise DatasetError(f"{where}: expected {len(header)} fields, got {len(row)}; quote captions containing commas")
+            split = _split_name(row[column["split"]], where) if "split" in column else ""
+            entries.append((row[column["image"]].strip(), [row[column["caption"]]], split, where))
+    except csv.Error as e:
+        raise DatasetError(f"{file}:{reader.line_num}: {e}") from e
+    return entries
+
+
+def _jsonl_entries(file: Path) -> list[Entry]:
+    entries: list[Entry] = []
+    for lineno, line in enumerate(_read_text(file).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{where}: invalid JSON: {e.msg}") from e
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
+            raise DatasetError(f"{where}: expected an object with an 'image' string")
+        captions = [row["caption"]] if "caption" in row else row.get("captions")
+        if not isinstance(captions, list):
+            raise DatasetError(f"{where}: expected 'caption' (a string) or 'captions' (a list of strings)")
+        entries.append((row["image"].strip(), captions, _split_name(row.get("split") or "", where), where))
+    return entries
+
+
+def _token_file(folder: Path) -> Path | None:
+    for name in ("Flickr8k.token.txt", "results_20130124.token"):
+        if (folder / name).is_file():
+            return folder / name
+    # Flickr8k ships Flickr8k.lemma.token.txt beside the raw captions; lemmatised text is not a reference
+    found = sorted(p for p in [*folder.glob("*.token.txt"), *folder.glob("*.token")] if "lemma" not in p.name)
+    return found[0] if found else None
+
+
+def _has_kaggle_header(file: Path) -> bool:
+    if not file.is_file():
+        return False
+    with open(file, encoding="utf-8-sig", errors="replace") as f:
+        return f.readline().strip().replace(" ", "").lower() == "image,caption"
+
+
+def _first_dir(folder: Path, names: tuple[str, ...]) -> Path | None:
+    return next((folder / n for n in names if (folder / n).is_dir()), None)
+
+
+def _split_name(value: Any, where: str) -> str:
+    split = _SPLIT_NAMES.get(str(value).strip().lower())
+    if split is None:
+        raise DatasetError(f"{where}: unknown split {value!r}; expected train, val, test, dev, restval or empty")
+    return split
+
+
+def _get(obj: Any, key: str, where: str) -> Any:
+    if not isinstance(obj, dict) or key not in obj:
+        raise DatasetError(f"{where}: missing {key!r}")
+    return obj[key]
+
+
+def _read_text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8-sig")  # -sig: csv files saved by spreadsheets start with a BOM
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{file}: cannot read: {e}") from e
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(_read_text(file))
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from e
+
+
+def _some(names: list[str], n: int = 10) -> str:
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def load_image(
+    source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int | None = None
+) -> Image.Image:
+    """Any image as a fully decoded RGB PIL image, upright; anything unusable raises ImageError naming it.
+
+    `max_pixels` refuses larger images from their header, before any pixels are decoded, which is what
+    protects a server from decompression bombs; PIL's own bomb warning also becomes an ImageError.
+    """
+    if isinstance(source, (str, Path)):
+        name = str(source)
+    elif isinstance(source, Image.Image):
+        name = getattr(source, "filename", "") or "<image>"
+    else:
+        name = "<bytes>" if isinstance(source, bytes) else "<array>"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = _open(source)
+            try:
+                if max_pixels is not None and image.width * image.height > max_pixels:
+                    raise ImageError(f"{name}: {image.width}x{image.height} is more than max_pixels={max_pixels}")
+                image.load()  # decode now, so a truncated file fails here rather than in a data loader
+                return _to_rgb(ImageOps.exif_transpose(image))
+            finally:
+                if image is not source:
+                    image.close()
+    except ImageError:
+        raise
+    except FileNotFoundError as e:
+        raise ImageError(f"{name}: no such file") from e
+    except UnidentifiedImageError as e:
+        empty = source == b"" or (isinstance(source, (str, Path)) and os.path.getsize(source) == 0)
+        raise ImageError(f"{name}: {'empty file' if empty else 'not an image, or a format Pillow cannot read'}") from e
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{name}: cannot read image: {e}") from e
+
+
+def _open(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, np.ndarray):
+        return _from_array(source)
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def _from_array(a: np.ndarray) -> Image.Image:
+    """HxW, HxWx1, HxWx3 or HxWx4 arrays of uint8, uint16 (full range), bool, or float in [0, 1]."""
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[:, :, 0]
+    if a.size == 0 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
+        raise ImageError(f"<array>: expected an HxW, HxWx3 or HxWx4 array, got shape {a.shape}")
+    if a.dtype == np.uint16:
+        a = np.round(a / 257)
+    elif a.dtype == np.bool_:
+        a = a * 255
+    elif a.dtype.kind == "f":
+        low, high = float(a.min()), float(a.max())
+        # resampling overshoot is clipped; anything further is a 0-255 or mean-normalised array
+        if not (np.isfinite(low) and np.isfinite(high)) or low < -0.5 or high > 1.5:
+            raise ImageError(f"<array>: float pixels must lie in [0, 1], got {low:.3g} to {high:.3g}")
+        a = np.round(np.clip(a, 0, 1) * 255)
+    elif a.dtype != np.uint8:
+        raise ImageError(f"<array>: unsupported dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode as 8-bit RGB; transparency is composited over white, as image viewers show it."""
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # 16-bit samples: 65535 -> 255 by dividing by 257; Image.convert would clip everything above 255
+        image = Image.fromarray(np.round(np.clip(np.asarray(image), 0, 65535) / 257).astype(np.uint8))
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")

