@@ -5,6 +5,7 @@ COCO captions JSON, a custom csv/jsonl) is read into the same list of `Record`s,
 downstream cares where captions came from. `load_image` is the one door pixels come in by, so an
 odd or broken file fails there, with its name, instead of deep inside a training batch.
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,6 +31,9 @@ _LOOKED_FOR = (
     "captions.csv or captions.jsonl (custom), dataset_*.json (karpathy), captions_*.json (coco)"
 )
 
+# what Pillow raises for bad or hostile data: decoders raise OSError, format parsers SyntaxError or ValueError
+_BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, *_BOMB)
 # (image path relative to the image folder, captions, split, "file:line" to quote in messages)
 Entry = tuple[str, list[Any], str, str]
 
@@ -44,6 +48,8 @@ class ImageError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
+    """One image and its reference captions: what every format is read into."""
+
     image: Path  # absolute path of the image file
     captions: tuple[str, ...]  # raw reference captions, whitespace-stripped
     split: str  # "train" | "val" | "test" | "" (unassigned)
@@ -59,6 +65,8 @@ class Record:
 
 @dataclass
 class Dataset:
+    """Records plus what went wrong reading them, so `prepare` can tell the user before any training."""
+
     records: list[Record]
     format: str
     missing: list[Path] = field(default_factory=list)  # listed in annotations, absent on disk
@@ -82,6 +90,7 @@ class Dataset:
 
 
 def detect_format(path: str | Path) -> str:
+    """Which reader `path` needs, judged from the files present (and a JSON file's keys)."""
     return _detect(Path(path))[0]
 
 
@@ -199,7 +208,9 @@ def _flickr(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], l
         unsplit = [name for name in names if name not in split_of]
         typos = [name for name in unsplit if not (root / name).is_file()]
         if typos:
-            problems.append(f"{token}: {len(typos)} names are neither image files nor in a split, dropped: {_some(typos)}")
+            problems.append(
+                f"{token}: {len(typos)} names are neither image files nor in a split, dropped: {_some(typos)}"
+            )
         if len(unsplit) > len(typos):
             left_out = [name for name in unsplit if name not in typos]
             problems.append(f"{token}: {len(left_out)} images in no split file left out: {_some(left_out)}")
@@ -281,14 +292,18 @@ def _csv_entries(file: Path) -> list[Entry]:
     try:
         header = [h.strip().lower() for h in next(reader, [])]
         if "image" not in header or "caption" not in header:
-            raise DatasetError(f"{file}:1: the header must name the columns image and caption, got {','.join(header)!r}")
+            raise DatasetError(
+                f"{file}:1: the header must name the columns image and caption, got {','.join(header)!r}"
+            )
         column = {h: i for i, h in enumerate(header)}
         for row in reader:
             where = f"{file}:{reader.line_num}"
             if not row:
                 continue
             if len(row) != len(header):
-                raise DatasetError(f"{where}: expected {len(header)} fields, got {len(row)}; quote captions containing commas")
+                raise DatasetError(
+                    f"{where}: expected {len(header)} fields, got {len(row)}; quote captions containing commas"
+                )
             split = _split_name(row[column["split"]], where) if "split" in column else ""
             entries.append((row[column["image"]].strip(), [row[column["caption"]]], split, where))
     except csv.Error as e:
@@ -366,9 +381,7 @@ def _some(names: list[str], n: int = 10) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def load_image(
-    source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int | None = None
-) -> Image.Image:
+def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int | None = None) -> Image.Image:
     """Any image as a fully decoded RGB PIL image, upright; anything unusable raises ImageError naming it.
 
     `max_pixels` refuses larger images from their header, before any pixels are decoded, which is what
@@ -399,7 +412,7 @@ def load_image(
     except UnidentifiedImageError as e:
         empty = source == b"" or (isinstance(source, (str, Path)) and os.path.getsize(source) == 0)
         raise ImageError(f"{name}: {'empty file' if empty else 'not an image, or a format Pillow cannot read'}") from e
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except _DECODE_ERRORS as e:
         raise ImageError(f"{name}: cannot read image: {e}") from e
 
 

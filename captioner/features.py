@@ -7,6 +7,7 @@ ends byte-identical to an uninterrupted one.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -63,17 +64,19 @@ def assign_splits(records: list[Record]) -> list[Record]:
     for r in records:
         if not r.split:
             bucket = int(hashlib.sha1(r.name.encode()).hexdigest(), 16) % 20
-            r = Record(image=r.image, captions=r.captions, split="test" if bucket == 0 else "val" if bucket == 1 else "train")
+            r = dataclasses.replace(r, split="test" if bucket == 0 else "val" if bucket == 1 else "train")
         out.append(r)
     return out
 
 
 def _records_to_json(records: list[Record]) -> list[dict]:
-    return [{"name": r.name, "image": str(r.image), "captions": list(r.captions), "split": r.split} for r in records]
+    return [{"name": r.name, "image": str(r.image), "root": str(r.root) if r.root else None,
+             "captions": list(r.captions), "split": r.split} for r in records]
 
 
 def _records_from_json(items: list[dict]) -> list[Record]:
-    return [Record(image=Path(d["image"]), captions=tuple(d["captions"]), split=d["split"]) for d in items]
+    return [Record(image=Path(d["image"]), captions=tuple(d["captions"]), split=d["split"],
+                   root=Path(d["root"]) if d["root"] else None) for d in items]
 
 
 def open_prepared(path: str | Path) -> Prepared:

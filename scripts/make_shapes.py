@@ -6,6 +6,7 @@ every caption is true of its picture and the vocabulary is small.
 
     python scripts/make_shapes.py            # writes examples/shapes/
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,0 +1,73 @@
+"""Benchmark (not a test): images/second of feature extraction on the CPU, to choose an encoder and batch size.
+
+Times JPEG decode + preprocess alone, forward alone (batched, under inference_mode), and both in sequence,
+on the first N JPEGs of a folder, and prints a markdown table row:
+| encoder | image size | batch | preprocess img/s | forward img/s | both img/s |
+
+    python scripts/bench_encoder.py --encoder efficientnet_lite0 --n 256 --batch-size 32
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from captioner.encoders import Encoder, create_encoder
+
+
+def load(encoder: Encoder, paths: list[Path]) -> torch.Tensor:
+    """Decode and preprocess the images into one (N, 3, S, S) batch."""
+    tensors = []
+    for path in paths:
+        with Image.open(path) as image:
+            tensors.append(encoder.preprocess(image.convert("RGB")))
+    return torch.stack(tensors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", default="../shared/data/flickr8k/images", help="folder of JPEGs")
+    parser.add_argument("--n", type=int, default=256, help="how many images (the first N by name)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--encoder", default="efficientnet_lite0")
+    parser.add_argument("--image-size", type=int, default=0, help="0: the encoder's native size")
+    parser.add_argument("--layer", default="head")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[:args.n]
+    if not paths:
+        raise SystemExit(f"no JPEGs in {args.images}")
+    batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
+    encoder = create_encoder(args.encoder, image_size=args.image_size, layer=args.layer)
+
+    start = time.perf_counter()
+    inputs = [load(encoder, batch) for batch in batches]
+    preprocess_s = time.perf_counter() - start
+
+    with torch.inference_mode():
+        encoder(inputs[0])  # warm-up: first-call allocations and kernel selection are not steady-state speed
+        start = time.perf_counter()
+        for x in inputs:
+            encoder(x)
+        forward_s = time.perf_counter() - start
+
+        start = time.perf_counter()
+        for batch in batches:
+            encoder(load(encoder, batch))
+        both_s = time.perf_counter() - start
+
+    n = len(paths)
+    print("| encoder | image size | batch | preprocess img/s | forward img/s | both img/s |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"| {encoder.name} | {encoder.image_size} | {args.batch_size} "
+          f"| {n / preprocess_s:.1f} | {n / forward_s:.1f} | {n / both_s:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner import encoders
+from captioner.config import Config
+from captioner.features import DONE, FAILED, open_prepared, prepare
+
+from conftest import ROOT, write_flickr_dataset
+
+
+def config(data: Path, out: Path, **kw) -> Config:
+    return Config(**{"data": str(data), "prepared": str(out), "min_count": 1, "prepare_batch_size": 4, **kw})
+
+
+def test_prepare_makes_a_ready_folder(tiny_dataset, tmp_path):
+    logs: list[str] = []
+    prep = prepare(config(tiny_dataset, tmp_path / "p"), log=logs.append)
+    assert prep.features.shape == (12, 49, 1280) and prep.features.dtype == np.float16
+    assert (prep.status == DONE).all()
+    assert prep.spec["encoder"] == "efficientnet_lite0" and prep.spec["image_size"] == 224
+    assert len(prep.indices("train")) == 8 and len(prep.indices("val")) + len(prep.indices("test")) == 4
+    assert "noise" in prep.vocab.stoi and "red" in prep.vocab.stoi
+    assert np.abs(prep.features[0].astype(np.float32)).sum() > 0
+    assert not np.array_equal(prep.features[0], prep.features[1])
+    assert any("12 images" in line for line in logs)
+    reopened = open_prepared(tmp_path / "p")
+    assert [r.name for r in reopened.records] == [r.name for r in prep.records]
+
+
+def test_interrupted_prepare_resumes_to_identical_features(tiny_dataset, tmp_path, monkeypatch):
+    prepare(config(tiny_dataset, tmp_path / "whole"), log=lambda s: None)
+    whole = (tmp_path / "whole" / "features.f16").read_bytes()
+
+    calls = {"n": 0}
+    forward = encoders.Encoder.__call__
+
+    def interrupt_on_third_batch(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(encoders.Encoder, "__call__", interrupt_on_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(config(tiny_dataset, tmp_path / "cut"), log=lambda s: None)
+    status = np.load(tmp_path / "cut" / "status.npy")
+    assert (status == DONE).sum() == 8 and (status == 0).sum() == 4  # two batches of four made it
+    monkeypatch.setattr(encoders.Encoder, "__call__", forward)
+    logs: list[str] = []
+    prepare(config(tiny_dataset, tmp_path / "cut"), log=logs.append)
+    assert any("resuming" in line for line in logs)
+    assert (tmp_path / "cut" / "features.f16").read_bytes() == whole
+
+
+def test_killed_prepare_process_resumes(tmp_path):
+    data = write_flickr_dataset(tmp_path / "data", n=40, size=32)
+    out = tmp_path / "p"
+    cmd = [sys.executable, "-m", "captioner.cli", "prepare", "--data", str(data), "--prepared", str(out),
+           "--prepare-batch-size", "2", "--min-count", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "status.npy").exists() and (np.load(out / "status.npy") == DONE).sum() >= 4:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (np.load(out / "status.npy") == 0).any(), "the run ended before it could be killed"
+    assert subprocess.run(cmd, capture_output=True, cwd=ROOT).returncode == 0
+    prepare(config(data, tmp_path / "whole", prepare_batch_size=2), log=lambda s: None)
+    assert (out / "features.f16").read_bytes() == (tmp_path / "whole" / "features.f16").read_bytes()
+
+
+def test_cache_with_other_settings_is_refused(tiny_dataset, tmp_path):
+    prepare(config(tiny_dataset, tmp_path / "p"), log=lambda s: None)
+    with pytest.raises(ValueError, match="efficientnet_lite0 at 224px.*not efficientnet_lite0 at 256px"):
+        prepare(config(tiny_dataset, tmp_path / "p", image_size=256), log=lambda s: None)
+
+
+def test_bad_images_are_reported_and_the_rest_encoded(tmp_path, capsys):
+    data = write_flickr_dataset(tmp_path / "data", n=9)
+    images = data / "images"
+    (images / "img000.jpg").write_bytes(b"not a jpeg at all")
+    good = (images / "img001.jpg").read_bytes()
+    (images / "img001.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    Image.new("L", (40, 30), 128).save(images / "img002.jpg")  # grayscale
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(images / "img003.jpg")  # CMYK
+    Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16)).save(images / "img004.png")
+    (images / "img004.png").rename(images / "img004.jpg")  # 16-bit under a .jpg name
+    rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 128))
+    rgba.save(images / "img005.png")
+    (images / "img005.png").rename(images / "img005.jpg")
+    prep = prepare(config(data, tmp_path / "p"), log=lambda s: None)
+    assert list(prep.status[:6]) == [FAILED, FAILED, DONE, DONE, DONE, DONE]
+    assert (prep.status[6:] == DONE).all()
+    err = capsys.readouterr().err
+    assert "img000.jpg" in err and "img001.jpg" in err
+    assert 0 not in prep.indices("train") and 2 in prep.indices("train")
