@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
+import json
 import sys
+from pathlib import Path
 
 from .config import add_config_flags, config_from_args
 
@@ -50,6 +54,67 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given, folders as their image files (sorted), globs expanded (for shells that do not)."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif not path.exists() and any(ch in item for ch in "*?["):
+            paths += sorted(Path(p) for p in glob.glob(item, recursive=True))
+        else:
+            paths.append(path)
+    return paths
+
+
+def cmd_caption(args: argparse.Namespace) -> int:
+    from .data import ImageError, load_image
+    from .pipeline import Captioner
+
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise SystemExit("captioner caption: no images found in " + " ".join(args.inputs))
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    opts = captioner.options(beam_size=args.beam_size, max_length=args.max_length,
+                             length_penalty=args.length_penalty, num_captions=args.num_captions)
+    failed = 0
+    results: list[tuple[Path, list[dict]]] = []
+    for s in range(0, len(paths), args.batch_size):
+        loaded = []
+        for path in paths[s:s + args.batch_size]:
+            try:
+                loaded.append((path, load_image(path)))
+            except ImageError as err:
+                failed += 1
+                print(f"captioner caption: skipped {err}", file=sys.stderr)
+        if not loaded:
+            continue
+        for (path, image), captions in zip(loaded, captioner.generate([im for _, im in loaded], opts)):
+            best = [{"generated_text": captioner.vocab.decode(c.tokens), "score": round(c.score, 4)} for c in captions]
+            results.append((path, best))
+            if not args.json:
+                print(f"{path}\t{best[0]['generated_text']}", flush=True)
+            if args.attention:
+                from .visualize import attention_figure
+
+                words, alphas = captioner.attention_maps(captions[0])
+                attention_figure(captioner.encoder.crop(image), words, alphas, Path(args.attention) / f"{path.stem}.png")
+    if args.json:
+        print(json.dumps([{"file": str(p), "captions": c} for p, c in results], indent=1))
+    if args.output:
+        with open(args.output, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["file", "rank", "caption", "score"])
+            for path, captions in results:
+                for rank, c in enumerate(captions, 1):
+                    writer.writerow([str(path), rank, c["generated_text"], c["score"]])
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Neural image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +145,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for results.json and captions (default: MODEL/eval_SPLIT)")
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("caption", help="caption image files, folders or globs with a trained model")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or globs")
+    p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
+    p.add_argument("--beam-size", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--length-penalty", type=float)
+    p.add_argument("--num-captions", type=int, help="n-best captions per image (with --json or --output)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print JSON with n-best captions and scores")
+    p.add_argument("--output", help="also write a CSV (file, rank, caption, score)")
+    p.add_argument("--attention", metavar="DIR", help="write one attention picture (PNG) per image into DIR")
+    p.set_defaults(func=cmd_caption)
     return parser
 
 

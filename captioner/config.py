@@ -36,6 +36,7 @@ class Config:
 
     # decoder
     decoder: str = "attention"  # attention (Show, Attend and Tell) | mean (no attention baseline)
+    context_dim: int = 512  # encoder channels are projected to this once per image; 0 keeps them as they are
     embed_dim: int = 512
     attention_dim: int = 512
     hidden_dim: int = 512

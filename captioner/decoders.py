@@ -27,7 +27,7 @@ State = dict[str, Tensor]  # every tensor has the batch on dim 0, so beam search
 
 class AttentionDecoder(nn.Module):
     def __init__(self, vocab_size: int, feature_dim: int, embed_dim: int = 512, attention_dim: int = 512,
-                 hidden_dim: int = 512, dropout: float = 0.5, attention: bool = True,
+                 hidden_dim: int = 512, dropout: float = 0.5, attention: bool = True, context_dim: int = 512,
                  pretrained_embeddings: Tensor | None = None, freeze_embeddings: bool = False) -> None:
         super().__init__()
         self.vocab_size, self.feature_dim, self.hidden_dim = vocab_size, feature_dim, hidden_dim
@@ -38,20 +38,27 @@ class AttentionDecoder(nn.Module):
         else:  # small pretrained vectors (GloVe 50-d) projected up to the embedding size
             self.embed = nn.Embedding.from_pretrained(pretrained_embeddings, freeze=freeze_embeddings)
             self.embed_proj = nn.Linear(pretrained_embeddings.shape[1], embed_dim)
-        self.init_h = nn.Linear(feature_dim, hidden_dim)
-        self.init_c = nn.Linear(feature_dim, hidden_dim)
+        # Annotation vectors: the encoder's C channels brought to context_dim once per image, so the
+        # per-word LSTM and attention work at the decoder's width (0 keeps the encoder's channels).
+        if context_dim:
+            self.project = nn.Sequential(nn.Linear(feature_dim, context_dim), nn.ReLU())
+        else:
+            self.project, context_dim = nn.Identity(), feature_dim
+        self.init_h = nn.Linear(context_dim, hidden_dim)
+        self.init_c = nn.Linear(context_dim, hidden_dim)
         if attention:
-            self.att_feat = nn.Linear(feature_dim, attention_dim)
+            self.att_feat = nn.Linear(context_dim, attention_dim)
             self.att_hidden = nn.Linear(hidden_dim, attention_dim)
             self.att_score = nn.Linear(attention_dim, 1)
             self.gate = nn.Linear(hidden_dim, 1)
-        self.lstm = nn.LSTMCell(embed_dim + feature_dim, hidden_dim)
+        self.lstm = nn.LSTMCell(embed_dim + context_dim, hidden_dim)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 
     def init_state(self, features: Tensor) -> State:
         """features (B, L, C) -> the state before the first word: h, c from the mean feature, and the
         projected features that attention reuses at every step."""
+        features = self.project(features)
         mean = features.mean(dim=1)
         state = {"h": self.init_h(mean), "c": self.init_c(mean), "features": features}
         if self.attention:
@@ -161,7 +168,7 @@ def build_decoder(cfg: Config, vocab_size: int, feature_dim: int, words: list[st
     if cfg.glove:  # placeholder of the right shape when loading: the trained rows come from the weights
         embeddings = glove_vectors(words) if words is not None else torch.zeros(vocab_size, 50)
     return AttentionDecoder(vocab_size, feature_dim, cfg.embed_dim, cfg.attention_dim, cfg.hidden_dim, cfg.dropout,
-                            attention=cfg.decoder == "attention", pretrained_embeddings=embeddings,
+                            attention=cfg.decoder == "attention", context_dim=cfg.context_dim, pretrained_embeddings=embeddings,
                             freeze_embeddings=cfg.freeze_glove)
 
 

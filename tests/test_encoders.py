@@ -71,7 +71,11 @@ def test_preprocess_resizes_short_side_and_crops_centre() -> None:
     pixels = np.zeros((200, 300, 3), np.uint8)  # 300 wide: red | blue | red thirds
     pixels[:, :, 0] = 255
     pixels[:, 100:200] = (0, 0, 255)
-    x = create_encoder(pretrained=False).preprocess(Image.fromarray(pixels))
+    encoder = create_encoder(pretrained=False)
+    crop = encoder.crop(Image.fromarray(pixels))  # what attention maps are drawn over
+    x = encoder.preprocess(Image.fromarray(pixels))
+    assert crop.size == (224, 224) and crop.mode == "RGB"
+    assert torch.equal(x, (torch.from_numpy(np.asarray(crop, np.float32)).permute(2, 0, 1) - 127) / 128)
     # short side 200 -> 256 makes it 384 wide; the 224 centre crop keeps columns 80..303, blue at 128..255
     blue_columns = (x[2] > x[0]).float().mean(0)
     assert x[:, :, 0].argmax(0).eq(0).all() and x[:, :, -1].argmax(0).eq(0).all()  # edges red
@@ -164,7 +168,7 @@ def test_timm_without_timm_says_why() -> None:
 def test_timm_backbone() -> None:
     encoder = create_encoder("timm:resnet18", pretrained=False)
     x = encoder.preprocess(Image.fromarray(data.coffee()))
-    assert x.shape == (3, 224, 224)
+    assert x.shape == (3, 224, 224) and encoder.crop(Image.fromarray(data.coffee())).size == (224, 224)
     with torch.inference_mode():
         assert encoder(x[None]).shape == (1, 512, 7, 7) and encoder.classify(x[None]).shape == (1, 1000)
     assert encoder.spec()["grid"] == [7, 7] and encoder.spec()["encoder"] == "timm:resnet18"

@@ -1,0 +1,80 @@
+import shutil
+
+import pytest
+
+from captioner import metrics
+from captioner.metrics import METRICS, format_table, score_captions
+
+needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="coco-caption needs Java")
+
+REFERENCES = {
+    "dog": ["A brown dog runs across the grass.", "A dog running on a lawn", "The dog is playing outside ."],
+    "beach": ["Two children build a sandcastle on the beach", "kids playing in the sand by the sea"],
+    "bike": ["A man rides his bicycle down a mountain trail", "a cyclist on a dirt path in the woods"],
+    "city": ["People walk along a busy city street at night", "a crowded street with lit shop windows"],
+}
+
+
+@needs_java
+def test_all_metrics_for_a_perfect_prediction(monkeypatch):
+    # A German JVM locale used to break METEOR's number parsing; the only METEOR test covers it too.
+    monkeypatch.setenv("JAVA_TOOL_OPTIONS", "-Duser.language=de -Duser.country=DE")
+    predictions = {i: refs[0] for i, refs in REFERENCES.items()}
+    scores = score_captions(predictions, {i: [p, p, p] for i, p in predictions.items()})
+    assert tuple(scores) == METRICS
+    for name in ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L"):
+        assert scores[name] == pytest.approx(1.0), name
+
+
+@needs_java
+def test_distinct_references_give_cider_and_unrelated_captions_score_nothing():
+    wanted = ("Bleu_4", "ROUGE_L", "CIDEr")
+    good = score_captions({i: refs[0] for i, refs in REFERENCES.items()}, REFERENCES, wanted)
+    assert good["CIDEr"] > 1.0 and good["Bleu_4"] > 0.5
+    bad = score_captions({i: "zebras juggle purple umbrellas" for i in REFERENCES}, REFERENCES, wanted)
+    assert bad == pytest.approx({"Bleu_4": 0.0, "ROUGE_L": 0.0, "CIDEr": 0.0}, abs=1e-6)
+
+
+@needs_java
+def test_subset_runs_only_what_is_asked_and_quietly(capfd):
+    predictions = {"dog": "a dog runs on the grass", "bike": "a man rides a bicycle"}
+    scores = score_captions(predictions, REFERENCES, ("CIDEr", "Bleu_4"))
+    assert list(scores) == ["CIDEr", "Bleu_4"]
+    out, err = capfd.readouterr()
+    assert out == "" and "PTBTokenizer" not in err
+
+
+@needs_java
+def test_line_breaks_inside_a_caption_do_not_shift_the_others():
+    # The PTB tokenizer is line based: a raw "\r" once moved "two men ..." onto the wrong image.
+    references = {"a": ["a dog runs\ron the grass"], "b": ["two men play football in a park"]}
+    predictions = {"a": "a dog runs on the grass", "b": "two men play football in a park"}
+    assert score_captions(predictions, references, ("Bleu_4",))["Bleu_4"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("references", [{}, {"dog": []}])
+def test_a_prediction_without_references_is_an_error(references):
+    with pytest.raises(ValueError, match="'dog'"):
+        score_captions({"dog": "a dog"}, references)
+
+
+def test_unknown_metric_is_an_error():
+    with pytest.raises(ValueError, match="SPICE"):
+        score_captions({"dog": "a dog"}, REFERENCES, ("SPICE",))
+
+
+def test_missing_java_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="apt-get install default-jre-headless"):
+        score_captions({"dog": "a dog"}, REFERENCES)
+
+
+def test_format_table_prints_percentages():
+    full = dict(zip(METRICS, (0.6364, 0.4458, 0.3054, 0.2094, 0.25, 0.4875, 0.7886)))
+    table = format_table([("human", full), ("nn", {"Bleu_4": 0.1234, "CIDEr": 1.2346})])
+    assert table == (
+        "| Model | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | METEOR | ROUGE-L | CIDEr |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| human | 63.6 | 44.6 | 30.5 | 20.9 | 25.0 | 48.8 | 78.9 |\n"
+        "| nn | - | - | - | 12.3 | - | - | 123.5 |\n"
+    )

