@@ -104,3 +104,26 @@ def test_bad_images_are_reported_and_the_rest_encoded(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "img000.jpg" in err and "img001.jpg" in err
     assert 0 not in prep.indices("train") and 2 in prep.indices("train")
+
+
+@pytest.mark.skipif(not os.environ.get("CAPTIONER_FLICKR8K"), reason="set CAPTIONER_FLICKR8K to a Flickr8k folder")
+def test_prepare_on_real_flickr8k_images(tmp_path):
+    """Smoke test on 300 real images: a Flickr-layout folder of links into the real corpus."""
+    real = Path(os.environ["CAPTIONER_FLICKR8K"])
+    lines = (real / "Flickr8k.token.txt").read_text().splitlines()
+    splits = {kind: (real / f"Flickr_8k.{kind}Images.txt").read_text().split() for kind in ("train", "dev", "test")}
+    chosen = {"train": splits["train"][:240], "dev": splits["dev"][:30], "test": splits["test"][:30]}
+    names = {n for group in chosen.values() for n in group}
+    folder = tmp_path / "flickr"
+    (folder / "images").mkdir(parents=True)
+    for name in names:
+        (folder / "images" / name).symlink_to(real / "images" / name)
+    (folder / "Flickr8k.token.txt").write_text("\n".join(l for l in lines if l.split("#")[0] in names) + "\n")
+    for kind, group in chosen.items():
+        (folder / f"Flickr_8k.{kind}Images.txt").write_text("\n".join(group) + "\n")
+    prep = prepare(Config(data=str(folder), prepared=str(tmp_path / "p"), prepare_batch_size=32), log=lambda s: None)
+    assert (prep.status == DONE).all() and prep.features.shape == (300, 49, 1280)
+    assert [len(prep.indices(s)) for s in ("train", "val", "test")] == [240, 30, 30]
+    assert all(len(r.captions) == 5 for r in prep.records)
+    assert {"dog", "man", "water"} <= set(prep.vocab.itos)
+    assert float(prep.features[:8].astype(np.float32).std()) > 0.1
