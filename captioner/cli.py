@@ -54,6 +54,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .decoders import load_model, save_model
+
+    decoder, cfg, vocab, spec, encoder_state = load_model(args.model)
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    save_model(args.output, decoder, cfg, vocab, spec, encoder_state=encoder_state, dtype=dtype)
+    size = sum(f.stat().st_size for f in Path(args.output).iterdir())
+    print(f"{args.output}: {args.dtype} weights, {size / 2**20:.1f} MiB")
+    return 0
+
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -159,6 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write a CSV (file, rank, caption, score)")
     p.add_argument("--attention", metavar="DIR", help="write one attention picture (PNG) per image into DIR")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("export", help="pack a trained model folder for shipping (float16 safetensors by default)")
+    p.add_argument("model", help="model folder, e.g. runs/NAME/best")
+    p.add_argument("output", help="folder to write")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.set_defaults(func=cmd_export)
     return parser
 
 

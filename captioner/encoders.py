@@ -8,8 +8,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ def round_filters(channels: int, width: float) -> int:
     return new + 8 if new < 0.9 * scaled else new
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def same_padding(height: int, width: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
     """TensorFlow 'SAME' padding (left, right, top, bottom): the extra pixel goes right/bottom."""
     pads = []
@@ -104,7 +104,8 @@ class SameConv2d(nn.Conv2d):
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
         # at stride 1 SAME padding is symmetric (k-1 in total), so the conv pads itself without a copy
-        super().__init__(cin, cout, kernel, stride, padding=kernel // 2 if stride == 1 else 0, groups=groups, bias=False)
+        padding = kernel // 2 if stride == 1 else 0
+        super().__init__(cin, cout, kernel, stride, padding=padding, groups=groups, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] > 1:
@@ -123,8 +124,8 @@ class MBConv(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
         super().__init__()
         mid = cin * expand
-        self.expand = expand != 1
-        if self.expand:
+        self.has_expansion = expand != 1
+        if self.has_expansion:
             self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
             self._bn0 = batch_norm(mid)
         self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
@@ -136,7 +137,7 @@ class MBConv(nn.Module):
         self.residual = stride == 1 and cin == cout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.relu6(self._bn0(self._expand_conv(x))) if self.expand else x
+        h = F.relu6(self._bn0(self._expand_conv(x))) if self.has_expansion else x
         h = F.relu6(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
         return x + h if self.residual else h
@@ -179,10 +180,13 @@ class EfficientNetLite(Encoder):
 
     def features(self, images: torch.Tensor, n_blocks: int, head: bool) -> torch.Tensor:
         """Stem, the first n_blocks MBConv blocks, then the head conv if asked."""
-        x = F.relu6(self._bn0(self._conv_stem(images)))
+        # channels-last runs the CPU forward ~1.3x faster (oneDNN's depthwise convs prefer it); callers get NCHW
+        x = images.contiguous(memory_format=torch.channels_last)
+        x = F.relu6(self._bn0(self._conv_stem(x)))
         for block in self._blocks[:n_blocks]:
             x = block(x)
-        return F.relu6(self._bn1(self._conv_head(x))) if head else x
+        x = F.relu6(self._bn1(self._conv_head(x))) if head else x
+        return x.contiguous()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images, self.n_blocks, self.layer == "head")

@@ -134,8 +134,9 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
     if len(todo) < len(batches):
         log(f"resuming: {len(batches) - len(todo)} of {len(batches)} batches already done")
     encoder.to(device).eval()
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(records), initial=sum(len(b) for b in batches) - sum(len(b) for b in todo),
-                                                        unit="img", desc="features", disable=None) as bar:
+    done = sum(len(b) for b in batches) - sum(len(b) for b in todo)
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=len(records), initial=done, unit="img", desc="features",
+                                                        mininterval=0.1 if sys.stderr.isatty() else 60) as bar:
         pending = pool.submit(_load_batch, encoder, [records[i] for i in todo[0]]) if todo else None
         for k, rows in enumerate(todo):
             batch, ok, errors = pending.result()

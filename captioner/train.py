@@ -12,6 +12,7 @@ import csv
 import math
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -264,7 +265,8 @@ def run_epoch(model: nn.Module, data: CaptionSet, batches: list[list[int]], opti
     model.train()
     use_amp = cfg.amp and bf16_supported(device)
     total_loss = total_correct = total_tokens = 0.0
-    bar = tqdm(batches, desc=desc, unit="batch", disable=None if is_main() else True, leave=False)
+    bar = tqdm(batches, desc=desc, unit="batch", disable=not is_main(), leave=False,
+               mininterval=0.1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute
     for idx in bar:
         rows, owner, captions, lengths = data.batch(idx)
         captions, lengths, owner = captions.to(device), lengths.to(device), owner.to(device)
