@@ -1,0 +1,102 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.config import Config
+from captioner.features import prepare
+from captioner.pipeline import Captioner
+from captioner.train import train
+
+from conftest import ROOT, write_flickr_dataset
+
+PHOTOS = ROOT / "examples" / "photos"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny model trained for one epoch: real weights files, real vocabulary."""
+    root = tmp_path_factory.mktemp("pipeline")
+    data = write_flickr_dataset(root / "data", n=9, size=40)
+    prepare(Config(data=str(data), prepared=str(root / "p"), min_count=1), log=lambda s: None)
+    cfg = Config(prepared=str(root / "p"), run_dir=str(root / "run"), epochs=1, batch_size=6, embed_dim=16,
+                 attention_dim=16, hidden_dim=16, context_dim=16, max_length=6, beam_size=2)
+    train(cfg, log=lambda s: None)
+    return root / "run" / "best"
+
+
+def test_one_call_from_any_image_input_to_text(model_dir):
+    captioner = Captioner.from_pretrained(model_dir, device="cpu")
+    path = PHOTOS / "chelsea.jpg"
+    out = captioner(path)
+    assert isinstance(out, list) and len(out) == 1 and set(out[0]) == {"generated_text", "score"}
+    assert out[0]["score"] < 0
+    same = [captioner(str(path)), captioner(Image.open(path)), captioner(np.asarray(Image.open(path))),
+            captioner(path.read_bytes())]
+    assert all(o[0]["generated_text"] == out[0]["generated_text"] for o in same)
+    batch = captioner([path, PHOTOS / "coffee.jpg", PHOTOS / "camera.jpg"], batch_size=2)
+    assert len(batch) == 3 and batch[0] == out
+
+
+def test_n_best_and_option_errors_name_the_field(model_dir):
+    captioner = Captioner.from_pretrained(model_dir, device="cpu")
+    best = captioner(PHOTOS / "coffee.jpg", beam_size=3, num_captions=3)
+    assert len(best) == 3 and [b["score"] for b in best] == sorted((b["score"] for b in best), reverse=True)
+    assert len({b["generated_text"] for b in best}) == 3
+    for bad, field in [({"beam_size": 0}, "beam_size"), ({"max_length": 10000}, "max_length"),
+                       ({"num_captions": 5, "beam_size": 2}, "num_captions"), ({"length_penalty": -1.0}, "length_penalty")]:
+        with pytest.raises(ValueError, match=field):
+            captioner(PHOTOS / "coffee.jpg", **bad)
+
+
+def test_attention_maps_per_word(model_dir):
+    captioner = Captioner.from_pretrained(model_dir, device="cpu")
+    att = captioner.attention(PHOTOS / "astronaut.jpg")
+    assert att["alphas"].shape == (len(att["words"]), 7, 7)
+    assert np.allclose(att["alphas"].reshape(len(att["words"]), -1).sum(axis=1), 1, atol=1e-4)
+    assert att["image"].size == (224, 224) and att["generated_text"] == " ".join(att["words"])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_caption_command_files_folders_globs_and_bad_files(model_dir, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        (folder / name).write_bytes((PHOTOS / name).read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff not really")
+    (tmp_path / "notes.txt").write_text("hello")
+    result = run_cli("caption", str(folder), str(PHOTOS / "rock*.jpg"), str(tmp_path / "notes.txt"),
+                     "--model", str(model_dir), "--device", "cpu")
+    assert result.returncode == 1  # something failed
+    lines = result.stdout.strip().splitlines()
+    assert [Path(l.split("\t")[0]).name for l in lines] == ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    assert all(len(l.split("\t")) == 2 and l.split("\t")[1] for l in lines)
+    assert "broken.jpg" in result.stderr and "notes.txt" in result.stderr
+
+
+def test_caption_command_json_csv_and_attention_pictures(model_dir, tmp_path):
+    result = run_cli("caption", str(PHOTOS / "chelsea.jpg"), str(PHOTOS / "camera.jpg"), "--model", str(model_dir),
+                     "--json", "--num-captions", "2", "--beam-size", "3", "--output", str(tmp_path / "out.csv"),
+                     "--attention", str(tmp_path / "att"))
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [Path(d["file"]).name for d in data] == ["chelsea.jpg", "camera.jpg"]
+    assert all(len(d["captions"]) == 2 for d in data)
+    rows = list(csv.DictReader(open(tmp_path / "out.csv")))
+    assert len(rows) == 4 and rows[0]["rank"] == "1"
+    for name in ("chelsea.png", "camera.png"):
+        picture = Image.open(tmp_path / "att" / name)
+        assert picture.size[0] > 300 and picture.size[1] > 150
+
+
+def test_caption_command_rejects_bad_options(model_dir):
+    result = run_cli("caption", str(PHOTOS / "chelsea.jpg"), "--model", str(model_dir), "--beam-size", "0")
+    assert result.returncode == 2 and "beam_size" in result.stderr
