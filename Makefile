@@ -5,21 +5,28 @@ PY := $(VENV)/bin/python
 # torch first, pinned: a plain `pip install torch` would pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test clean
+.PHONY: setup setup-dev demo test clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.core
 	$(PY) -m pip install -q -e ".[train,test,lite12]"
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.core
+
+setup-dev: $(VENV)/.dev
 
 demo: setup
-	$(VENV)/bin/captioner prepare --data examples/shapes --prepared prepared/shapes
+	$(VENV)/bin/captioner caption examples/photos --attention attention
+	@echo "attention pictures: attention/*.png"
 
-test: setup
+test: setup-dev
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) prepared
+	rm -rf $(VENV) prepared attention
