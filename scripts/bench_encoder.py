@@ -24,7 +24,7 @@ def load(encoder: Encoder, paths: list[Path]) -> torch.Tensor:
     tensors = []
     for path in paths:
         with Image.open(path) as image:
-            tensors.append(encoder.preprocess(image.convert("RGB")))
+            tensors.append(encoder.preprocess(image))
     return torch.stack(tensors)
 
 
