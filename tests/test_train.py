@@ -139,3 +139,13 @@ def test_distributed_data_parallel_with_torchrun(prepared, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "2 processes" in result.stdout
     assert (run / "best" / "model.safetensors").exists()
+
+
+def test_lr_find_sweeps_upwards_and_plots(prepared, tmp_path):
+    from captioner.train import lr_find
+
+    lrs, losses, suggestion = lr_find(small(prepared, tmp_path / "run"), start_lr=1e-5, end_lr=10.0, steps=30,
+                                      log=lambda s: None)
+    assert all(b > a for a, b in zip(lrs, lrs[1:])) and len(losses) == len(lrs)
+    assert lrs[0] <= suggestion <= lrs[-1]
+    assert (tmp_path / "run" / "lr_find.png").stat().st_size > 1000
