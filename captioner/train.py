@@ -429,7 +429,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
             log(f"early stop: no better dev {cfg.val_metric} for {cfg.patience} epochs")
             break
     if is_main():
-        log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run_dir / 'best'}")
+        hours = sum(h["seconds"] for h in state.history) / 3600
+        log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run_dir / 'best'} "
+            f"({hours:.2f} h of training epochs)")
     if dist.is_initialized():
         dist.destroy_process_group()
     return state
