@@ -286,7 +286,7 @@ def run_epoch(model: nn.Module, data: CaptionSet, batches: list[list[int]], opti
         total_loss += ce.item() * n
         total_correct += (logits.detach().topk(5, dim=1).indices == targets.unsqueeze(1)).any(dim=1).sum().item()
         total_tokens += n
-        bar.set_postfix(loss=f"{total_loss / total_tokens:.3f}")
+        bar.set_postfix(loss=f"{total_loss / total_tokens:.3f}", refresh=False)
     return {"train_loss": total_loss / max(1, total_tokens), "train_top5": total_correct / max(1, total_tokens)}
 
 
