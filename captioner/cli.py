@@ -107,7 +107,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         if not loaded:
             continue
         for (path, image), captions in zip(loaded, captioner.generate([im for _, im in loaded], opts)):
-            best = [{"generated_text": captioner.vocab.decode(c.tokens), "score": round(c.score, 4)} for c in captions]
+            best = captioner.as_dicts(captions)
             results.append((path, best))
             if not args.json:
                 print(f"{path}\t{best[0]['generated_text']}", flush=True)

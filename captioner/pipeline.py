@@ -93,10 +93,12 @@ class Captioner:
         out = []
         for s in range(0, len(items), batch_size):
             images = [load_image(x) for x in items[s:s + batch_size]]
-            for captions in self.generate(images, opts):
-                out.append([{"generated_text": self.vocab.decode(c.tokens), "score": round(c.score, 4)}
-                            for c in captions])
+            out += [self.as_dicts(captions) for captions in self.generate(images, opts)]
         return out[0] if single else out
+
+    def as_dicts(self, captions: list[Caption]) -> list[dict]:
+        """An n-best list in the pipeline's output form."""
+        return [{"generated_text": self.vocab.decode(c.tokens), "score": round(c.score, 4)} for c in captions]
 
     def attention_maps(self, caption: Caption) -> tuple[list[str], np.ndarray]:
         """A caption's words and their attention maps (T, H, W) on the encoder's grid."""

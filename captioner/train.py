@@ -180,8 +180,7 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], beam_s
             feats = torch.from_numpy(prepared.features[chunk].astype(np.float32)).to(device)
         else:
             encoder.eval()
-            images = torch.stack([encoder.preprocess(load_image(prepared.records[r].image)) for r in chunk])
-            feats = encoder(images.to(device)).flatten(2).transpose(1, 2)
+            feats = encoder(image_inputs(encoder, prepared, device)(chunk)).flatten(2).transpose(1, 2)
         results = beam_search(decoder, feats, beam_size=beam_size, max_length=max_length)
         for row, best in zip(chunk, results):
             out[prepared.records[row].name] = prepared.vocab.decode(best[0].tokens)
