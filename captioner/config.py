@@ -9,10 +9,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -141,8 +143,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> "torch.device":
     """'auto' picks CUDA when present, so the same command runs on a laptop and a GPU box."""
+    import torch  # here, not at the top: `captioner --help` should not wait for torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
