@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -130,7 +131,10 @@ def test_glove_vectors_are_the_real_ones():
 def test_distributed_data_parallel_with_torchrun(prepared, tmp_path):
     """Two CPU processes (gloo) train one model; rank 0 writes the run."""
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "captioner.cli", "train", "--prepared", str(prepared), "--run-dir", str(run), "--epochs", "1",
            "--batch-size", "4", "--hidden-dim", "16", "--embed-dim", "16", "--attention-dim", "16",
            "--context-dim", "16", "--device", "cpu"]
