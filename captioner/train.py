@@ -256,6 +256,24 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, inputs: Tensor,
+               owner: Tensor, captions: Tensor, lengths: Tensor, tf_ratio: float = 1.0,
+               use_amp: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """One optimizer step on one batch: forward (bfloat16 autocast if use_amp), cross-entropy plus the
+    attention penalty, backward, clipping, update. Returns the cross-entropy, logits and targets."""
+    device = captions.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+        logits, targets, alphas = model(inputs, captions, lengths, teacher_forcing=tf_ratio, image_index=owner)
+        ce = F.cross_entropy(logits.float(), targets)
+        loss = ce + attention_penalty(alphas.float(), cfg.alpha_c)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    optimizer.step()
+    return ce.detach(), logits.detach(), targets
+
+
 def run_epoch(model: nn.Module, data: CaptionSet, batches: list[list[int]], optimizer: torch.optim.Optimizer,
               scheduler, cfg: Config, device: torch.device, tf_ratio: float,
               inputs: Callable[[np.ndarray], Tensor], desc: str = "train") -> dict[str, float]:
@@ -268,22 +286,13 @@ def run_epoch(model: nn.Module, data: CaptionSet, batches: list[list[int]], opti
                mininterval=0.1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute
     for idx in bar:
         rows, owner, captions, lengths = data.batch(idx)
-        captions, lengths, owner = captions.to(device), lengths.to(device), owner.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits, targets, alphas = model(inputs(rows), captions, lengths, teacher_forcing=tf_ratio,
-                                            image_index=owner)
-            ce = F.cross_entropy(logits.float(), targets)
-            loss = ce + attention_penalty(alphas.float(), cfg.alpha_c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
-        optimizer.step()
+        ce, logits, targets = train_step(model, optimizer, cfg, inputs(rows), owner.to(device), captions.to(device),
+                                         lengths.to(device), tf_ratio, use_amp)
         if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
             scheduler.step()
         n = targets.numel()
         total_loss += ce.item() * n
-        total_correct += (logits.detach().topk(5, dim=1).indices == targets.unsqueeze(1)).any(dim=1).sum().item()
+        total_correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(dim=1).sum().item()
         total_tokens += n
         bar.set_postfix(loss=f"{total_loss / total_tokens:.3f}", refresh=False)
     return {"train_loss": total_loss / max(1, total_tokens), "train_top5": total_correct / max(1, total_tokens)}
@@ -454,15 +463,9 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows, owner, captions, lengths = data.batch(batches[i % len(batches)])
-        logits, targets, alphas = decoder(data.features(rows).to(device), captions.to(device), lengths.to(device),
-                                          image_index=owner.to(device))
-        loss = F.cross_entropy(logits, targets) + attention_penalty(alphas, cfg.alpha_c)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            nn.utils.clip_grad_norm_(decoder.parameters(), cfg.grad_clip)
-        optimizer.step()
-        smooth = 0.9 * smooth + 0.1 * loss.item()
+        ce, _, _ = train_step(decoder, optimizer, cfg, data.features(rows).to(device), owner.to(device),
+                              captions.to(device), lengths.to(device), use_amp=cfg.amp and bf16_supported(device))
+        smooth = 0.9 * smooth + 0.1 * ce.item()
         value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected running mean
         lrs.append(lr)
         losses.append(value)
