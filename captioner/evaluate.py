@@ -16,13 +16,9 @@ from .baselines import nearest_neighbour_captions
 from .config import resolve_device
 from .decoders import load_model
 from .encoders import create_encoder
-from .features import Prepared, open_prepared
+from .features import open_prepared
 from .metrics import score_captions
 from .train import decode_split
-
-
-def references(prepared: Prepared, rows: list[int]) -> dict[str, list[str]]:
-    return {prepared.records[r].name: list(prepared.records[r].captions) for r in rows}
 
 
 def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test", beam_sizes: Sequence[int] = (1, 3, 5),
@@ -43,7 +39,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         raise ValueError(f"{model} expects features of {spec['encoder']} ({spec['layer']}, {spec['image_size']}px); "
                          f"{prepared_dir} holds {prepared.spec['encoder']} ({prepared.spec['layer']}, {prepared.spec['image_size']}px)")
     rows = prepared.indices(split)
-    refs = references(prepared, rows)
+    refs = prepared.references(rows)
     out = Path(out_dir) if out_dir else Path(model) / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     table = []
@@ -73,5 +69,5 @@ def evaluate_nearest_neighbour(prepared_dir: str | Path, split: str = "test", k:
     chosen = nearest_neighbour_captions(pooled(train_rows), [list(prepared.records[i].captions) for i in train_rows],
                                         pooled(rows), k=k)
     predictions = {prepared.records[r].name: c for r, c in zip(rows, chosen)}
-    return score_captions(predictions, references(prepared, rows))
+    return score_captions(predictions, prepared.references(rows))
 

@@ -44,6 +44,10 @@ class Prepared:
         """Rows of `split` whose features were extracted."""
         return [i for i, r in enumerate(self.records) if r.split == split and self.status[i] == DONE]
 
+    def references(self, rows: list[int]) -> dict[str, list[str]]:
+        """{image name: all its reference captions}, the form coco-caption scores against."""
+        return {self.records[r].name: list(self.records[r].captions) for r in rows}
+
 
 def _write_json(path: Path, data: object) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -109,8 +113,7 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
     """Fill root/features.f16 for `records`, resuming from root/status.npy."""
     h, w = encoder.grid()
     shape = (len(records), h * w, encoder.channels)
-    meta = {"spec": encoder.spec(), "shape": list(shape), "batch_size": batch_size,
-            "names": [r.name for r in records]}
+    meta = {"spec": encoder.spec(), "shape": list(shape), "batch_size": batch_size}
     meta_path, feat_path, status_path = root / "features.json", root / "features.f16", root / "status.npy"
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
@@ -118,8 +121,8 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
             raise ValueError(
                 f"{root} holds features from {_describe(old['spec'])}, not {_describe(meta['spec'])}; "
                 "use another --prepared folder or delete this one")
-        if old["names"] != meta["names"]:
-            raise ValueError(f"{root} was prepared from a different list of images; use another --prepared folder")
+        if old["shape"] != meta["shape"]:  # prepare() has already refused other records
+            raise ValueError(f"{root} holds features of another shape; use another --prepared folder")
         batch_size = old["batch_size"]  # the same batch boundaries give bit-identical features on resume
         features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
         status = np.load(status_path)

@@ -194,8 +194,7 @@ def validate(decoder: nn.Module, prepared: Prepared, cfg: Config, device: torch.
     if cfg.val_images:
         rows = rows[: cfg.val_images]
     predictions = decode_split(decoder, prepared, rows, cfg.val_beam_size, cfg.max_length, device, encoder)
-    references = {prepared.records[r].name: list(prepared.records[r].captions) for r in rows}
-    return score_captions(predictions, references, metrics=("Bleu_4", "CIDEr"))
+    return score_captions(predictions, prepared.references(rows), metrics=("Bleu_4", "CIDEr"))
 
 
 # ---------------------------------------------------------------- logging
