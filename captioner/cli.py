@@ -128,6 +128,22 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .pipeline import Captioner
+    from .serve import create_app, example_photos
+
+    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    app = create_app(captioner, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
+                     max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
+                     examples=example_photos(args.examples), ui=not args.no_ui)
+    print(f"captioner serve: model {captioner.name} on {captioner.device}; "
+          f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Neural image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="also write a CSV (file, rank, caption, score)")
     p.add_argument("--attention", metavar="DIR", help="write one attention picture (PNG) per image into DIR")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("serve", help="REST API (/api/caption, /docs) and browser UI (/) in one process")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--max-batch-size", type=int, default=16, help="images per model pass; 1 turns batching off")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image file accepted")
+    p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image accepted, in pixels")
+    p.add_argument("--examples", help="folder of example photos for the page (default: examples/photos)")
+    p.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="pack a trained model folder for shipping (float16 safetensors by default)")
     p.add_argument("model", help="model folder, e.g. runs/NAME/best")

@@ -46,6 +46,10 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file and the reason."""
 
 
+class ImageTooLarge(ImageError):
+    """More pixels than allowed, found from the header before decoding (a server answers 413, not 400)."""
+
+
 @dataclass(frozen=True)
 class Record:
     """One image and its reference captions: what every format is read into."""
@@ -399,7 +403,8 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels
             image = _open(source)
             try:
                 if max_pixels is not None and image.width * image.height > max_pixels:
-                    raise ImageError(f"{name}: {image.width}x{image.height} is more than max_pixels={max_pixels}")
+                    raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is more than the limit of "
+                                        f"{max_pixels} (max_pixels)")
                 image.load()  # decode now, so a truncated file fails here rather than in a data loader
                 return _to_rgb(ImageOps.exif_transpose(image))
             finally:
@@ -409,6 +414,8 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels
         raise
     except FileNotFoundError as e:
         raise ImageError(f"{name}: no such file") from e
+    except _BOMB as e:
+        raise ImageTooLarge(f"{name}: {e}") from e
     except UnidentifiedImageError as e:
         empty = source == b"" or (isinstance(source, (str, Path)) and os.path.getsize(source) == 0)
         raise ImageError(f"{name}: {'empty file' if empty else 'not an image, or a format Pillow cannot read'}") from e

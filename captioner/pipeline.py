@@ -25,9 +25,22 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
-@dataclass
+# The one table of allowed decoding options: DecodingOptions checks it, the REST API documents it.
+LIMITS: dict[str, tuple[float, float]] = {"beam_size": (1, 20), "max_length": (1, 100), "num_captions": (1, 20),
+                                          "length_penalty": (0.0, 5.0)}
+
+
+class OptionError(ValueError):
+    """A decoding option out of range; `field` names it so the CLI and the API can say which."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+@dataclass(frozen=True)
 class DecodingOptions:
-    """Validated decoding options; a bad value names its field so the CLI and the API can say which."""
+    """Validated decoding options (frozen, so requests with equal options can be batched together)."""
 
     beam_size: int = 3
     max_length: int = 20
@@ -36,22 +49,25 @@ class DecodingOptions:
     block_trigrams: bool = False
 
     def __post_init__(self) -> None:
-        limits = {"beam_size": (1, 20), "max_length": (1, 100), "num_captions": (1, self.beam_size)}
-        for name, (low, high) in limits.items():
+        for name, (low, high) in LIMITS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
-        if not 0.0 <= self.length_penalty <= 5.0:
-            raise ValueError(f"length_penalty must be from 0 to 5, got {self.length_penalty!r}")
+            kind = float if name == "length_penalty" else int
+            if isinstance(value, bool) or not isinstance(value, (kind, int)) or not low <= value <= high:
+                what = "a number" if kind is float else "an integer"
+                raise OptionError(name, f"{name} must be {what} from {low:g} to {high:g}, got {value!r}")
+        if self.num_captions > self.beam_size:
+            raise OptionError("num_captions", f"num_captions must be at most beam_size={self.beam_size}, "
+                                              f"got {self.num_captions}")
 
 
 class Captioner:
     """Encoder, decoder and vocabulary of one trained model, with its default decoding options."""
 
     def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module, vocab: Any, defaults: DecodingOptions,
-                 device: torch.device, name: str = "") -> None:
+                 device: torch.device, path: Path | None = None) -> None:
         self.encoder, self.decoder, self.vocab = encoder.eval(), decoder.eval(), vocab
-        self.defaults, self.device, self.name = defaults, device, name
+        self.defaults, self.device, self.path = defaults, device, path
+        self.name = path.name if path is not None else ""
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto") -> "Captioner":
@@ -64,7 +80,7 @@ class Captioner:
         if encoder_state is not None:
             encoder.load_state_dict(encoder_state)
         defaults = DecodingOptions(cfg.beam_size, cfg.max_length, cfg.length_penalty, 1, cfg.block_trigrams)
-        return cls(encoder.to(dev), decoder, vocab, defaults, dev, name=path.name)
+        return cls(encoder.to(dev), decoder, vocab, defaults, dev, path=path)
 
     def options(self, **overrides: Any) -> DecodingOptions:
         values = {k: v for k, v in overrides.items() if v is not None}
@@ -74,9 +90,11 @@ class Captioner:
         return DecodingOptions(**base)
 
     @torch.inference_mode()
-    def generate(self, images: list[Image.Image], opts: DecodingOptions) -> list[list[Caption]]:
-        """Captions for already-loaded RGB images, as one batch."""
-        batch = torch.stack([self.encoder.preprocess(im) for im in images]).to(self.device)
+    def generate(self, images: list[Image.Image] | torch.Tensor, opts: DecodingOptions) -> list[list[Caption]]:
+        """Captions for loaded RGB images, or for a (B, 3, S, S) batch `encoder.preprocess` made, as one batch."""
+        if not isinstance(images, torch.Tensor):
+            images = torch.stack([self.encoder.preprocess(im) for im in images])
+        batch = images.to(self.device)
         features = self.encoder(batch).flatten(2).transpose(1, 2)
         return beam_search(self.decoder, features, beam_size=opts.beam_size, max_length=opts.max_length,
                            length_penalty=opts.length_penalty, block_trigrams=opts.block_trigrams,

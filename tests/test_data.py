@@ -11,6 +11,7 @@ from captioner.data import (
     Dataset,
     DatasetError,
     ImageError,
+    ImageTooLarge,
     Record,
     detect_format,
     load_dataset,
@@ -429,7 +430,7 @@ def test_load_image_max_pixels_checks_the_header_before_decoding(tmp_path: Path)
     assert load_image(tmp_path / "big.png", max_pixels=60_000).size == (300, 200)
     data = (tmp_path / "big.png").read_bytes()
     (tmp_path / "cut.png").write_bytes(data[:60])  # header only: decoding would fail, the size check comes first
-    with pytest.raises(ImageError, match=r"cut.png: 300x200 is more than max_pixels=59999"):
+    with pytest.raises(ImageTooLarge, match=r"cut.png: 300x200 pixels is more than the limit of 59999"):
         load_image(tmp_path / "cut.png", max_pixels=59_999)
 
 
@@ -438,7 +439,7 @@ def test_load_image_turns_pil_bomb_checks_into_image_error(tmp_path: Path, monke
     Image.new("RGB", (30, 10)).save(tmp_path / "error.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     for name in ("warn.png", "error.png"):  # 150 pixels: PIL warns; 300 > 2 x 100: PIL raises
-        with pytest.raises(ImageError, match=f"{name}: .*decompression bomb"):
+        with pytest.raises(ImageTooLarge, match=f"{name}: .*decompression bomb"):
             load_image(tmp_path / name)
     monkeypatch.undo()
     assert load_image(tmp_path / "error.png").size == (30, 10)
