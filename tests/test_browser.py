@@ -1,0 +1,68 @@
+"""End to end in a real browser: Debian's Chromium, driven by Playwright, against `captioner serve`'s page.
+
+Set CAPTIONER_SCREENSHOT=docs/images/serve_ui.png to keep the screenshot (the README's picture)."""
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# no network here: without these, Chromium keeps trying to reach Google's services at start
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
+
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium; "
+                                                          ".ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    pytest.importorskip("gradio")
+    import uvicorn
+
+    from captioner.pipeline import Captioner
+    from captioner.serve import create_app, example_photos
+
+    app = create_app(Captioner.from_pretrained(device="cpu"), examples=example_photos(PHOTOS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_upload_a_photo_and_read_its_caption(server_url: str, tmp_path: Path) -> None:
+    playwright = pytest.importorskip("playwright.sync_api")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(server_url + "/")
+            page.set_input_files("#photo input[type=file]", str(PHOTOS / "astronaut.jpg"))
+            page.click("#caption-button")
+            page.wait_for_function("document.querySelector('#caption textarea')?.value.length > 0", timeout=60_000)
+            caption = page.input_value("#caption textarea")
+            page.wait_for_function("document.querySelectorAll('#attention img').length > 0", timeout=30_000)
+            heatmaps = page.locator("#attention img").count()
+            page.wait_for_timeout(500)  # let the images paint before the picture is taken
+            shot = Path(os.environ.get("CAPTIONER_SCREENSHOT") or tmp_path / "page.png")
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    words = caption.split()
+    assert words and all(w.isalpha() for w in words), caption
+    assert heatmaps == len(words)  # one attention map per word of the best caption
+    assert shot.stat().st_size > 10_000
