@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned: a plain `pip install torch` would pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev demo test clean
+.PHONY: setup setup-dev demo serve test clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ $(VENV)/.dev: $(VENV)/.core
 	$(PY) -m pip install -q -e ".[train,test,lite12,serve]"
 	touch $@
 
+$(VENV)/.serve: $(VENV)/.core
+	$(PY) -m pip install -q -e ".[serve]"
+	touch $@
+
 setup: $(VENV)/.core
 
 setup-dev: $(VENV)/.dev
@@ -24,6 +28,9 @@ setup-dev: $(VENV)/.dev
 demo: setup
 	$(VENV)/bin/captioner caption examples/photos --attention attention
 	@echo "attention pictures: attention/*.png"
+
+serve: $(VENV)/.serve
+	$(VENV)/bin/captioner serve
 
 test: setup-dev
 	$(PY) -m pytest -q

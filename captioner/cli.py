@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--max-batch-size", type=int, default=16, help="images per model pass; 1 turns batching off")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image file accepted")
     p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image accepted, in pixels")
     p.add_argument("--examples", help="folder of example photos for the page (default: examples/photos)")

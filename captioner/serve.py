@@ -67,7 +67,7 @@ class Batcher:
     the wait; under load, requests share passes, so throughput grows with the number of clients.
     `max_batch_size=1` turns batching off. One thread runs the model, so its CPU threads never compete."""
 
-    def __init__(self, captioner: Captioner, max_batch_size: int = 16, max_wait_ms: float = 5.0,
+    def __init__(self, captioner: Captioner, max_batch_size: int = 16, max_wait_ms: float = 20.0,
                  max_queue: int = 256) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
@@ -219,7 +219,7 @@ def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, 
     return captioner.encoder.preprocess(image)
 
 
-def create_app(captioner: Captioner, *, max_batch_size: int = 16, batch_wait_ms: float = 5.0,
+def create_app(captioner: Captioner, *, max_batch_size: int = 16, batch_wait_ms: float = 20.0,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_queue: int = 256,
                examples: list[Path] | None = None, ui: bool = True) -> Any:
     """The FastAPI app: /api/caption, /api/health, OpenAPI docs at /docs, and the Gradio UI at /."""
@@ -291,8 +291,8 @@ def create_app(captioner: Captioner, *, max_batch_size: int = 16, batch_wait_ms:
         except OptionError as err:
             raise RequestValidationError([{"type": "value_error", "loc": ("body", err.field), "msg": str(err),
                                            "input": fields.get(err.field)}]) from None
-        pixels = await anyio.to_thread.run_sync(decode_upload, data, name, captioner, max_upload_bytes,
-                                                       max_pixels, limiter=decode_slots)
+        pixels = await anyio.to_thread.run_sync(decode_upload, data, name, captioner, max_upload_bytes, max_pixels,
+                                                limiter=decode_slots)
         decoded = time.perf_counter()
         try:
             result = await batcher.caption(pixels, opts)
@@ -303,8 +303,9 @@ def create_app(captioner: Captioner, *, max_batch_size: int = 16, batch_wait_ms:
             words, alphas = captioner.attention_maps(result.captions[0])
             attention = AttentionOut(words=words, grid=list(alphas.shape[1:]),
                                      maps=alphas.astype(np.float64).round(5).tolist())
-        timing = Timing(total_ms=(time.perf_counter() - start) * 1000, decode_ms=(decoded - start) * 1000,
-                        queue_ms=result.queue_ms, model_ms=result.model_ms, batch_size=result.batch_size)
+        ms = [round(x, 2) for x in ((time.perf_counter() - start) * 1000, (decoded - start) * 1000,
+                                    result.queue_ms, result.model_ms)]
+        timing = Timing(total_ms=ms[0], decode_ms=ms[1], queue_ms=ms[2], model_ms=ms[3], batch_size=result.batch_size)
         return CaptionResponse(model=info["name"], captions=captioner.as_dicts(result.captions),
                                timing=timing, attention=attention)
 
@@ -322,7 +323,7 @@ def create_app(captioner: Captioner, *, max_batch_size: int = 16, batch_wait_ms:
     if ui:
         import gradio as gr
 
-        app = gr.mount_gradio_app(app, build_ui(batcher, examples or []), path="/",
+        app = gr.mount_gradio_app(app, build_ui(batcher, examples or [], max_pixels), path="/",
                                   max_file_size=max_upload_bytes, footer_links=["api"], run_history=False)
     return app
 
@@ -354,7 +355,7 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def build_ui(batcher: Batcher, examples: list[Path]) -> Any:
+def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXELS) -> Any:
     """The Gradio page: a photo (upload, webcam, clipboard or an example), beam size and length sliders,
     the n-best captions, and one attention heatmap per word of the best caption."""
     import gradio as gr
@@ -368,7 +369,7 @@ def build_ui(batcher: Batcher, examples: list[Path]) -> Any:
         if image is None:
             raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
         try:
-            picture = load_image(image)
+            picture = load_image(image, max_pixels=max_pixels)
         except ImageError as err:
             raise gr.Error(str(err)) from None
         beam = int(beam_size)

@@ -293,3 +293,14 @@ def test_serve_command_builds_the_app_with_its_flags(monkeypatch: pytest.MonkeyP
     with TestClient(seen["app"]) as client:
         assert client.get("/").status_code == 404  # --no-ui: API only
         assert client.get("/api/health").json()["batching"]["max_batch_size"] == 4
+
+
+def test_spaces_app_builds_the_same_page() -> None:
+    pytest.importorskip("gradio")
+    import runpy
+
+    import gradio as gr
+
+    demo = runpy.run_path(str(PHOTOS.parent.parent / "app.py"))["demo"]  # not __main__: builds, does not launch
+    assert isinstance(demo, gr.Blocks)
+    assert any(fn.api_name == "caption" for fn in demo.fns.values())
