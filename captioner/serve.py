@@ -27,6 +27,7 @@ import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
@@ -233,8 +234,9 @@ def create_app(captioner: Captioner, *, max_batch_size: int = 16, batch_wait_ms:
         yield
         await anyio.to_thread.run_sync(batcher.close)
 
-    app = FastAPI(title="captioner", version=__version__, lifespan=lifespan,
-                  description="Image captioning with a Show, Attend and Tell model. The browser UI is at /.")
+    # FastAPIOffline: the /docs page from packaged Swagger UI files, not a CDN, so it works offline too
+    app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan,
+                         description="Image captioning with a Show, Attend and Tell model. The browser UI is at /.")
     app.state.batcher = batcher
     app.add_middleware(BodyLimit, limit=max_upload_bytes * 4 // 3 + 65536, prefix="/api/")
 

@@ -5,7 +5,9 @@ Starts its own server per setting (API only), so nothing else needs to be runnin
     python scripts/load_test.py --clients 1,4,16 --duration 20
 
 Each client posts the example photos in turn (multipart, the model's default decoding options), waiting for each
-answer before sending the next. Prints requests/s, latency percentiles, errors and the server's mean batch size.
+answer before sending the next. Prints requests/s, latency percentiles, errors, the server's mean batch size and
+its resident memory after each row. `--bad-every 4` makes every 4th request a bad one (truncated JPEG, text, a
+decompression bomb's header, in turn): those must get a 4xx, and the others must still succeed.
 """
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+import struct
+import zlib
+
 import httpx
 import numpy as np
 
@@ -30,6 +35,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bad_inputs(photo: bytes) -> list[tuple[str, bytes]]:
+    """Files the server must refuse with a 4xx without harm to the other requests."""
+    ihdr = struct.pack(">IIBBBBB", 50_000, 50_000, 8, 2, 0, 0, 0)
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return [("truncated.jpg", photo[: len(photo) // 3]), ("notes.jpg", b"not an image " * 100), ("bomb.png", bomb)]
+
+
+def server_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
 
 
 def start_server(port: int, max_batch_size: int, wait_ms: float, model: str | None) -> subprocess.Popen:
@@ -48,31 +65,39 @@ def start_server(port: int, max_batch_size: int, wait_ms: float, model: str | No
 
 
 async def client_loop(http: httpx.AsyncClient, url: str, photos: list[tuple[str, bytes]], start: int,
-                      stop_at: float, latencies: list[float], errors: list[str]) -> None:
+                      stop_at: float, bad_every: int, latencies: list[float], errors: list[str],
+                      rejected: list[int]) -> None:
+    bad = bad_inputs(photos[0][1])
     i = start
     while time.perf_counter() < stop_at:
-        name, data = photos[i % len(photos)]
         i += 1
+        is_bad = bad_every > 0 and i % bad_every == 0
+        name, data = bad[i % len(bad)] if is_bad else photos[i % len(photos)]
         t0 = time.perf_counter()
         try:
             r = await http.post(url, files={"image": (name, data, "image/jpeg")})
-            if r.status_code == 200:
-                latencies.append(time.perf_counter() - t0)
-            else:
-                errors.append(f"{r.status_code}: {r.text[:100]}")
         except httpx.HTTPError as err:
             errors.append(repr(err))
+            continue
+        if is_bad and 400 <= r.status_code < 500:
+            rejected.append(r.status_code)
+        elif not is_bad and r.status_code == 200:
+            latencies.append(time.perf_counter() - t0)
+        else:
+            errors.append(f"{name}: {r.status_code}: {r.text[:100]}")
 
 
-async def run_load(base: str, clients: int, duration: float, photos: list[tuple[str, bytes]]) -> dict:
+async def run_load(base: str, clients: int, duration: float, photos: list[tuple[str, bytes]],
+                   bad_every: int = 0) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
+    rejected: list[int] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         before = (await http.get(base + "/api/health")).json()["batching"]
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(http, base + "/api/caption", photos, c, t0 + duration, latencies, errors)
-                               for c in range(clients)))
+        await asyncio.gather(*(client_loop(http, base + "/api/caption", photos, c, t0 + duration, bad_every,
+                                           latencies, errors, rejected) for c in range(clients)))
         elapsed = time.perf_counter() - t0
         after = (await http.get(base + "/api/health")).json()["batching"]
     ms = np.array(latencies) * 1000 if latencies else np.array([np.nan])
@@ -80,7 +105,7 @@ async def run_load(base: str, clients: int, duration: float, photos: list[tuple[
     return {"clients": clients, "requests": len(latencies), "seconds": round(elapsed, 1),
             "rps": round(len(latencies) / elapsed, 2), "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p95_ms": round(float(np.percentile(ms, 95)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
-            "errors": len(errors), "first_error": errors[0] if errors else "",
+            "errors": len(errors), "first_error": errors[0] if errors else "", "rejected_bad": len(rejected),
             "mean_batch": round((after["images"] - before["images"]) / batches, 2) if batches else 0.0}
 
 
@@ -91,6 +116,7 @@ def main() -> None:
     parser.add_argument("--max-batch-size", type=int, default=16, help="the batching-on setting")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--modes", default="on,off", help="batching on, off, or both")
+    parser.add_argument("--bad-every", type=int, default=0, help="every Nth request sends a bad file (0: none)")
     parser.add_argument("--model", help="model folder (default: the shipped one)")
     parser.add_argument("--photos", default=str(ROOT / "examples" / "photos"))
     parser.add_argument("--output", help="also write the rows as JSON here")
@@ -105,9 +131,10 @@ def main() -> None:
         server = start_server(port, args.max_batch_size if mode == "on" else 1, args.batch_wait_ms, args.model)
         try:
             base = f"http://127.0.0.1:{port}"
-            asyncio.run(run_load(base, 2, 3.0, photos))  # warm-up: first passes allocate
+            asyncio.run(run_load(base, 2, 3.0, photos, args.bad_every))  # warm-up: first passes allocate
             for clients in (int(c) for c in args.clients.split(",")):
-                row = {"batching": mode, **asyncio.run(run_load(base, clients, args.duration, photos))}
+                row = {"batching": mode, **asyncio.run(run_load(base, clients, args.duration, photos, args.bad_every)),
+                       "server_rss_mib": round(server_rss_mib(server.pid), 1)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
@@ -116,11 +143,13 @@ def main() -> None:
 
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
           f"{args.duration:g} s per row, batch wait {args.batch_wait_ms:g} ms, max batch {args.max_batch_size}\n")
-    print("| batching | clients | requests/s | p50 ms | p95 ms | p99 ms | errors | mean batch |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batching | clients | requests/s | p50 ms | p95 ms | p99 ms | errors | bad files refused | mean batch "
+          "| server RSS MiB |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batching']} | {r['clients']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
-              f"{r['p99_ms']:.0f} | {r['errors']} | {r['mean_batch']:.2f} |")
+              f"{r['p99_ms']:.0f} | {r['errors']} | {r['rejected_bad']} | {r['mean_batch']:.2f} "
+              f"| {r['server_rss_mib']:.0f} |")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
 

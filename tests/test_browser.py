@@ -60,9 +60,13 @@ def test_upload_a_photo_and_read_its_caption(server_url: str, tmp_path: Path) ->
             page.wait_for_timeout(500)  # let the images paint before the picture is taken
             shot = Path(os.environ.get("CAPTIONER_SCREENSHOT") or tmp_path / "page.png")
             page.screenshot(path=str(shot), full_page=True)
+            page.goto(server_url + "/docs")  # Swagger UI from packaged files: renders with no network
+            page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+            documented = page.locator(".opblock-summary-path").all_inner_texts()
         finally:
             browser.close()
     words = caption.split()
     assert words and all(w.isalpha() for w in words), caption
     assert heatmaps == len(words)  # one attention map per word of the best caption
     assert shot.stat().st_size > 10_000
+    assert "/api/caption" in documented and "/api/health" in documented
