@@ -334,6 +334,21 @@ def wrap(module: nn.Module, device: torch.device, world: int) -> nn.Module:
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
+# What a resumed run may change: how long it runs, where, and where it finds its files; not what it trains.
+RESUME_MAY_CHANGE = frozenset({"epochs", "finetune_epochs", "patience", "device", "num_workers", "val_images",
+                               "amp", "data", "images", "prepared", "run_dir"})
+
+
+def check_resumed_config(saved: Config, cfg: Config, run_dir: Path) -> None:
+    """A resumed run must go on training what it started; name every option that differs."""
+    before = saved.to_dict()
+    changed = [f"{key} ({before[key]!r} -> {value!r})" for key, value in cfg.to_dict().items()
+               if key not in RESUME_MAY_CHANGE and before.get(key) != value]
+    if changed:
+        raise ValueError(f"{run_dir} was started with other options: {', '.join(changed)}; resume with the "
+                         "run's own options (its config.json) or start a new --run-dir")
+
+
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> TrainState:
     """Train as `cfg` says, writing checkpoints, the best model and curves into cfg.run_dir."""
     device, rank, world = setup_distributed(cfg)
@@ -345,6 +360,8 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         raise FileNotFoundError(f"--resume: no checkpoint at {last_path}")
     if not resume and last_path.exists():
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    if resume and (run_dir / "config.json").exists():
+        check_resumed_config(Config.load(run_dir / "config.json"), cfg, run_dir)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)

@@ -87,16 +87,25 @@ async def client_loop(http: httpx.AsyncClient, url: str, photos: list[tuple[str,
             errors.append(f"{name}: {r.status_code}: {r.text[:100]}")
 
 
+async def sample_rss(pid: int, stop_at: float, samples: list[float], every: float = 2.0) -> None:
+    while time.perf_counter() < stop_at:
+        samples.append(round(server_rss_mib(pid), 1))
+        await asyncio.sleep(every)
+    samples.append(round(server_rss_mib(pid), 1))
+
+
 async def run_load(base: str, clients: int, duration: float, photos: list[tuple[str, bytes]],
-                   bad_every: int = 0) -> dict:
+                   bad_every: int, server_pid: int) -> dict:
     latencies: list[float] = []
     errors: list[str] = []
     rejected: list[int] = []
+    rss: list[float] = []
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         before = (await http.get(base + "/api/health")).json()["batching"]
         t0 = time.perf_counter()
-        await asyncio.gather(*(client_loop(http, base + "/api/caption", photos, c, t0 + duration, bad_every,
+        await asyncio.gather(sample_rss(server_pid, t0 + duration, rss),
+                             *(client_loop(http, base + "/api/caption", photos, c, t0 + duration, bad_every,
                                            latencies, errors, rejected) for c in range(clients)))
         elapsed = time.perf_counter() - t0
         after = (await http.get(base + "/api/health")).json()["batching"]
@@ -106,7 +115,8 @@ async def run_load(base: str, clients: int, duration: float, photos: list[tuple[
             "rps": round(len(latencies) / elapsed, 2), "p50_ms": round(float(np.percentile(ms, 50)), 1),
             "p95_ms": round(float(np.percentile(ms, 95)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
             "errors": len(errors), "first_error": errors[0] if errors else "", "rejected_bad": len(rejected),
-            "mean_batch": round((after["images"] - before["images"]) / batches, 2) if batches else 0.0}
+            "mean_batch": round((after["images"] - before["images"]) / batches, 2) if batches else 0.0,
+            "server_rss_mib": rss}
 
 
 def main() -> None:
@@ -131,10 +141,10 @@ def main() -> None:
         server = start_server(port, args.max_batch_size if mode == "on" else 1, args.batch_wait_ms, args.model)
         try:
             base = f"http://127.0.0.1:{port}"
-            asyncio.run(run_load(base, 2, 3.0, photos, args.bad_every))  # warm-up: first passes allocate
+            asyncio.run(run_load(base, 2, 3.0, photos, args.bad_every, server.pid))  # warm-up: first passes allocate
             for clients in (int(c) for c in args.clients.split(",")):
-                row = {"batching": mode, **asyncio.run(run_load(base, clients, args.duration, photos, args.bad_every)),
-                       "server_rss_mib": round(server_rss_mib(server.pid), 1)}
+                load = run_load(base, clients, args.duration, photos, args.bad_every, server.pid)
+                row = {"batching": mode, **asyncio.run(load)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
         finally:
@@ -144,12 +154,13 @@ def main() -> None:
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}; "
           f"{args.duration:g} s per row, batch wait {args.batch_wait_ms:g} ms, max batch {args.max_batch_size}\n")
     print("| batching | clients | requests/s | p50 ms | p95 ms | p99 ms | errors | bad files refused | mean batch "
-          "| server RSS MiB |")
+          "| server RSS MiB: start, peak, end |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        rss = r["server_rss_mib"]
         print(f"| {r['batching']} | {r['clients']} | {r['rps']:.2f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['errors']} | {r['rejected_bad']} | {r['mean_batch']:.2f} "
-              f"| {r['server_rss_mib']:.0f} |")
+              f"| {rss[0]:.0f}, {max(rss):.0f}, {rss[-1]:.0f} |")
     if args.output:
         Path(args.output).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -91,6 +91,13 @@ def test_interrupted_training_resumes_to_the_same_model(prepared, tmp_path, monk
     assert [h["train_loss"] for h in whole["train_state"]["history"]] == [h["train_loss"] for h in cut["train_state"]["history"]]
 
 
+def test_resume_refuses_other_options_and_allows_more_epochs(prepared, tmp_path):
+    train(small(prepared, tmp_path / "run", epochs=1), log=lambda s: None)
+    with pytest.raises(ValueError, match=r"hidden_dim \(16 -> 48\).*lr \(0.003 -> 0.02\)"):
+        train(small(prepared, tmp_path / "run", epochs=2, hidden_dim=48, lr=0.02), resume=True, log=lambda s: None)
+    assert train(small(prepared, tmp_path / "run", epochs=2), resume=True, log=lambda s: None).epoch == 2
+
+
 def test_early_stopping_on_the_dev_score(prepared, tmp_path):
     state = train(small(prepared, tmp_path / "run", epochs=10, lr=0.0, patience=2), log=lambda s: None)
     assert state.epoch == 3 and state.best_epoch == 1  # nothing can improve with lr 0
