@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import sys
 from pathlib import Path
@@ -67,25 +66,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files as given, folders as their image files (sorted), globs expanded (for shells that do not)."""
-    paths: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif not path.exists() and any(ch in item for ch in "*?["):
-            paths += sorted(Path(p) for p in glob.glob(item, recursive=True))
-        else:
-            paths.append(path)
-    return paths
-
-
 def cmd_caption(args: argparse.Namespace) -> int:
-    from .data import ImageError, load_image
+    from .data import ImageError, expand_inputs, load_image
     from .pipeline import Captioner
 
     paths = expand_inputs(args.inputs)
@@ -135,9 +117,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import create_app, example_photos
 
     captioner = Captioner.from_pretrained(args.model, device=args.device)
-    app = create_app(captioner, max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms,
-                     max_upload_bytes=int(args.max_upload_mb * 2**20), max_pixels=args.max_pixels,
-                     examples=example_photos(args.examples), ui=not args.no_ui)
+    limits = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels,
+              "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
+    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui,
+                     **{k: v for k, v in limits.items() if v is not None})  # unset: serve.py's defaults
     print(f"captioner serve: model {captioner.name} on {captioner.device}; "
           f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
@@ -194,10 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--max-batch-size", type=int, default=16, help="images per model pass; 1 turns batching off")
-    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="how long a batch waits for more requests")
-    p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest image file accepted")
-    p.add_argument("--max-pixels", type=int, default=50_000_000, help="largest image accepted, in pixels")
+    p.add_argument("--max-batch-size", type=int, help="images per model pass (16); 1 turns batching off")
+    p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for more requests (20)")
+    p.add_argument("--max-upload-mb", type=float, help="largest image file accepted (10)")
+    p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels (50 million)")
     p.add_argument("--examples", help="folder of example photos for the page (default: examples/photos)")
     p.add_argument("--no-ui", action="store_true", help="serve the REST API only")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

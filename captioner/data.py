@@ -9,6 +9,7 @@ odd or broken file fails there, with its name, instead of deep inside a training
 from __future__ import annotations
 
 import csv
+import glob
 import io
 import json
 import os
@@ -36,6 +37,23 @@ _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, *_BOMB)
 # (image path relative to the image folder, captions, split, "file:line" to quote in messages)
 Entry = tuple[str, list[Any], str, str]
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files as given, folders as their image files (sorted), globs expanded (for shells that do not)."""
+    paths: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif not path.exists() and any(ch in item for ch in "*?["):
+            paths += sorted(Path(p) for p in glob.glob(item, recursive=True))
+        else:
+            paths.append(path)
+    return paths
 
 
 class DatasetError(ValueError):

@@ -32,12 +32,15 @@ from PIL import Image
 from pydantic import BaseModel, Field, ValidationError
 
 from . import __version__
-from .data import ImageError, ImageTooLarge, load_image
+from .data import ImageError, ImageTooLarge, expand_inputs, load_image
 from .decoding import Caption
 from .pipeline import LIMITS, Captioner, DecodingOptions, OptionError
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; decompression bombs (gigapixels) do not
+MAX_BATCH_SIZE = 16
+BATCH_WAIT_MS = 20.0  # long enough for a client's next request to make the batch (docs/BENCHMARKS.md)
+MAX_QUEUE = 256
 
 
 class Busy(RuntimeError):
@@ -68,8 +71,8 @@ class Batcher:
     the wait; under load, requests share passes, so throughput grows with the number of clients.
     `max_batch_size=1` turns batching off. One thread runs the model, so its CPU threads never compete."""
 
-    def __init__(self, captioner: Captioner, max_batch_size: int = 16, max_wait_ms: float = 20.0,
-                 max_queue: int = 256) -> None:
+    def __init__(self, captioner: Captioner, max_batch_size: int = MAX_BATCH_SIZE, max_wait_ms: float = BATCH_WAIT_MS,
+                 max_queue: int = MAX_QUEUE) -> None:
         if max_batch_size < 1 or max_wait_ms < 0 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1 and max_wait_ms >= 0")
         self.captioner, self.max_batch_size, self.max_wait = captioner, max_batch_size, max_wait_ms / 1000
@@ -220,8 +223,8 @@ def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, 
     return captioner.encoder.preprocess(image)
 
 
-def create_app(captioner: Captioner, *, max_batch_size: int = 16, batch_wait_ms: float = 20.0,
-               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_queue: int = 256,
+def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, batch_wait_ms: float = BATCH_WAIT_MS,
+               max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_queue: int = MAX_QUEUE,
                examples: list[Path] | None = None, ui: bool = True) -> Any:
     """The FastAPI app: /api/caption, /api/health, OpenAPI docs at /docs, and the Gradio UI at /."""
     batcher = Batcher(captioner, max_batch_size, batch_wait_ms, max_queue)
@@ -417,7 +420,5 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
 
 def example_photos(folder: str | Path | None = None) -> list[Path]:
     """The photos the UI offers as examples: the given folder, or the repository's examples/photos."""
-    from .cli import IMAGE_SUFFIXES
-
     root = Path(folder) if folder else Path(__file__).resolve().parent.parent / "examples" / "photos"
-    return sorted(p for p in root.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    return expand_inputs([str(root)]) if root.is_dir() else []

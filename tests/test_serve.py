@@ -1,7 +1,6 @@
 """The REST API and the batcher, through FastAPI's test client and the shipped model."""
 import base64
 import hashlib
-import io
 import struct
 import threading
 import time
