@@ -403,17 +403,19 @@ def _some(names: list[str], n: int = 10) -> str:
     return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
 
 
-def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int | None = None) -> Image.Image:
-    """Any image as a fully decoded RGB PIL image, upright; anything unusable raises ImageError naming it.
+def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels: int | None = None,
+               name: str | None = None) -> Image.Image:
+    """Any image as a fully decoded RGB PIL image, upright; anything unusable raises ImageError naming it
+    (by `name` when given, e.g. an upload's file name, else by its path or kind).
 
     `max_pixels` refuses larger images from their header, before any pixels are decoded, which is what
     protects a server from decompression bombs; PIL's own bomb warning also becomes an ImageError.
     """
-    if isinstance(source, (str, Path)):
+    if name is None and isinstance(source, (str, Path)):
         name = str(source)
-    elif isinstance(source, Image.Image):
+    elif name is None and isinstance(source, Image.Image):
         name = getattr(source, "filename", "") or "<image>"
-    else:
+    elif name is None:
         name = "<bytes>" if isinstance(source, bytes) else "<array>"
     try:
         with warnings.catch_warnings():

@@ -209,6 +209,11 @@ def invalid(err: ValidationError) -> RequestValidationError:
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)])
 
 
+def invalid_field(field: str, message: str, value: Any) -> RequestValidationError:
+    """A 422 for one field, in the same form as pydantic's."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+
+
 def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, max_pixels: int) -> torch.Tensor:
     """Bytes -> the encoder's input tensor; raises the HTTP error that says what is wrong."""
     if not data:
@@ -216,10 +221,9 @@ def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, 
     if len(data) > max_bytes:
         raise HTTPException(413, f"{name}: {len(data)} bytes is more than the limit of {max_bytes}")
     try:
-        image = load_image(data, max_pixels=max_pixels)
+        image = load_image(data, max_pixels=max_pixels, name=name)
     except ImageError as err:
-        message = str(err).replace("<bytes>", name, 1)
-        raise HTTPException(413 if isinstance(err, ImageTooLarge) else 400, message) from None
+        raise HTTPException(413 if isinstance(err, ImageTooLarge) else 400, str(err)) from None
     return captioner.encoder.preprocess(image)
 
 
@@ -232,8 +236,7 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
     decode_slots = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))  # bounds decoded pixels in memory at once
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):  # noqa: ANN202
-        batcher.start()
+    async def lifespan(app: FastAPI):  # noqa: ANN202 - the batcher starts with the first request
         yield
         await anyio.to_thread.run_sync(batcher.close)
 
@@ -266,8 +269,7 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
             try:
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
-                raise RequestValidationError([{"type": "value_error", "loc": ("body", "image"),
-                                               "msg": "image is not valid base64", "input": text[:40]}]) from None
+                raise invalid_field("image", "image is not valid base64", text[:40]) from None
             return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
         if not kind and not await request.body():
             raise HTTPException(400, "empty body: send the image as multipart field 'image' or as JSON")
@@ -294,8 +296,7 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
         except ValidationError as err:
             raise invalid(err) from None
         except OptionError as err:
-            raise RequestValidationError([{"type": "value_error", "loc": ("body", err.field), "msg": str(err),
-                                           "input": fields.get(err.field)}]) from None
+            raise invalid_field(err.field, str(err), fields.get(err.field)) from None
         pixels = await anyio.to_thread.run_sync(decode_upload, data, name, captioner, max_upload_bytes, max_pixels,
                                                 limiter=decode_slots)
         decoded = time.perf_counter()

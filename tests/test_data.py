@@ -443,3 +443,10 @@ def test_load_image_turns_pil_bomb_checks_into_image_error(tmp_path: Path, monke
             load_image(tmp_path / name)
     monkeypatch.undo()
     assert load_image(tmp_path / "error.png").size == (30, 10)
+
+
+def test_load_image_names_bytes_by_the_given_name() -> None:
+    with pytest.raises(ImageError, match=r"^upload\.jpg: not an image"):
+        load_image(b"plain text", name="upload.jpg")
+    with pytest.raises(ImageError, match=r"^<bytes>: not an image"):
+        load_image(b"plain text")
