@@ -35,11 +35,21 @@ class CaptionDecoder(nn.Module):
     """
 
     Args: ClassVar[type]  # the family's architecture arguments (a dataclass)
+    region_dim: int  # D of regions(): set by each family
     family: ClassVar[str] = ""  # the registered name, set by register_decoder
 
     def __init__(self, args: Any, vocab_size: int, feature_dim: int) -> None:
         super().__init__()
         self.args, self.vocab_size, self.feature_dim = args, vocab_size, feature_dim
+
+    def image_side(self) -> nn.Module:
+        """The part that turns encoder features into the regions the words attend to: what contrastive
+        pretraining trains and hands on to caption training."""
+        raise NotImplementedError
+
+    def regions(self, features: Tensor) -> Tensor:
+        """features (B, L, C) -> (B, L, D) regions, D = region_dim."""
+        return self.image_side()(features)
 
     def init_state(self, features: Tensor) -> State:
         """features (B, L, C) -> the state before the first word; the per-image work happens here, once."""

@@ -54,6 +54,7 @@ class AttentionLSTM(CaptionDecoder):
             self.project = nn.Sequential(nn.Linear(feature_dim, context_dim), nn.ReLU())
         else:
             self.project, context_dim = nn.Identity(), feature_dim
+        self.region_dim = context_dim
         self.init_h = nn.Linear(context_dim, hidden_dim)
         self.init_c = nn.Linear(context_dim, hidden_dim)
         if self.attends:
@@ -68,10 +69,13 @@ class AttentionLSTM(CaptionDecoder):
         self.dropout = nn.Dropout(args.dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 
+    def image_side(self) -> nn.Module:
+        return self.project
+
     def init_state(self, features: Tensor) -> State:
         """features (B, L, C) -> the state before the first word: h, c from the mean feature, and the
         projected features that attention reuses at every step."""
-        features = self.project(features)
+        features = self.regions(features)
         mean = features.mean(dim=1)
         state = {"h": self.init_h(mean), "c": self.init_c(mean), "features": features}
         if self.attends:
