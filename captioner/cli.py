@@ -54,6 +54,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        return export_onnx_folder(args)
+    if args.quantize != "none" or args.check_images:
+        raise SystemExit("captioner export: --quantize and --check-images go with --format onnx")
     import torch
 
     from .models import load_model, save_model
@@ -66,6 +70,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_onnx_folder(args: argparse.Namespace) -> int:
+    from .data import expand_inputs, load_image
+    from .onnx_backend import export_onnx
+
+    images = None
+    if args.check_images:
+        paths = expand_inputs(args.check_images)
+        if not paths:
+            raise SystemExit("captioner export: no images found in " + " ".join(args.check_images))
+        images = [load_image(p) for p in paths]
+    info = export_onnx(args.model, args.output, quantize=args.quantize, images=images)
+    size = sum(f.stat().st_size for f in Path(args.output).iterdir())
+    weights = "int8 decoder" if info["quantized"] else "float32"
+    print(f"{args.output}: ONNX graphs ({weights} weights), {size / 2**20:.1f} MiB, "
+          f"exported from weights sha256 {info['weights_sha256'][:12]}")
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
     from .data import ImageError, expand_inputs, load_image
     from .pipeline import Captioner
@@ -73,7 +95,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise SystemExit("captioner caption: no images found in " + " ".join(args.inputs))
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     opts = captioner.options(beam_size=args.beam_size, max_length=args.max_length,
                              length_penalty=args.length_penalty, num_captions=args.num_captions)
     failed = 0
@@ -116,7 +138,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .pipeline import Captioner
     from .serve import create_app, example_photos
 
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels,
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
     app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui,
@@ -166,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float)
     p.add_argument("--num-captions", type=int, help="n-best captions per image (with --json or --output)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--backend", default="torch", help="torch, or onnx for a folder `export --format onnx` wrote")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print JSON with n-best captions and scores")
     p.add_argument("--output", help="also write a CSV (file, rank, caption, score)")
@@ -177,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--backend", default="torch", help="torch, or onnx for a folder `export --format onnx` wrote")
     p.add_argument("--max-batch-size", type=int, help="images per model pass (16); 1 turns batching off")
     p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for more requests (20)")
     p.add_argument("--max-upload-mb", type=float, help="largest image file accepted (10)")
@@ -186,10 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="pack a trained model folder for shipping (float16 safetensors by default)")
+    p = sub.add_parser("export", help="pack a trained model folder for shipping (float16 safetensors by default), "
+                                      "or export it to ONNX graphs for onnxruntime")
     p.add_argument("model", help="model folder, e.g. runs/NAME/best")
     p.add_argument("output", help="folder to write")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="weights of a safetensors export")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="onnx: int8 decoder weights (dynamic quantization)")
+    p.add_argument("--check-images", nargs="+", metavar="PATH",
+                   help="onnx: images to check the graphs against PyTorch on (default: 3 generated ones)")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -198,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"captioner {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

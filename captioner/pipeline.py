@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
@@ -17,10 +17,15 @@ from PIL import Image
 
 from .config import resolve_device
 from .data import load_image
-from .decoding import Caption, beam_search
+from .decoding import Caption, Decoder, beam_search
 from .models import load_model
 
+if TYPE_CHECKING:
+    from .encoders import Encoder
+    from .onnx_backend import OnnxEncoder
+
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
+BACKENDS = ("torch", "onnx")
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 
@@ -60,18 +65,32 @@ class DecodingOptions:
 
 
 class Captioner:
-    """Encoder, decoder and vocabulary of one trained model, with its default decoding options."""
+    """Encoder, decoder and vocabulary of one trained model, with its default decoding options.
 
-    def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module, vocab: Any, defaults: DecodingOptions,
+    The encoder and decoder are PyTorch modules in eval mode, or their onnxruntime stand-ins
+    (onnx_backend.py) with the same methods: nothing past `from_pretrained` asks which."""
+
+    def __init__(self, encoder: Encoder | OnnxEncoder, decoder: Decoder, vocab: Any, defaults: DecodingOptions,
                  device: torch.device, path: Path | None = None) -> None:
-        self.encoder, self.decoder, self.vocab = encoder.eval(), decoder.eval(), vocab
+        self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.defaults, self.device, self.path = defaults, device, path
         self.name = path.name if path is not None else ""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto") -> "Captioner":
-        """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best)."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", backend: str = "torch") -> "Captioner":
+        """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best); with
+        backend="onnx", a folder `captioner export --format onnx` wrote, run by onnxruntime on the CPU."""
         path = Path(path) if path is not None else DEFAULT_MODEL
+        if backend == "onnx":
+            from .onnx_backend import load_onnx
+
+            if device not in ("auto", "cpu"):
+                raise ValueError(f"the onnx backend runs on the CPU, not {device!r}; use --backend torch for that device")
+            exported = load_onnx(path)
+            return cls(exported.encoder, exported.decoder, exported.vocab, DecodingOptions(**exported.decoding),
+                       torch.device("cpu"), path=path)
+        if backend != "torch":
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         dev = resolve_device(device)
         model = load_model(path, dev)
         defaults = DecodingOptions(**model.decoding)

@@ -144,6 +144,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     path = Path(path)
     meta = read_model_json(path)
+    if "onnx" in meta and not (path / "model.safetensors").exists():
+        raise ValueError(f"{path} is an ONNX export without PyTorch weights: load it with backend='onnx' (--backend onnx)")
     vocab = Vocab.load(path / "vocab.json")
     tensors = load_file(str(path / "model.safetensors"), device="cpu")
     decoder = build_decoder(meta["decoder"]["family"], meta["decoder"]["args"], len(vocab), meta["encoder"]["channels"],
