@@ -51,7 +51,7 @@ class Config:
     layers: int = 3  # transformer: decoder layers
     encoder_layers: int = 2  # transformer: encoder layers over the image regions
     ff_dim: int = 2048  # transformer: feed-forward width
-    tie_embeddings: bool = True  # transformer: output projection shares the word embeddings
+    tie_embeddings: bool = False  # transformer: output projection shares the word embeddings
 
     # objective
     objective: str = "xe"  # xe: teacher-forced cross-entropy

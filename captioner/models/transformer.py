@@ -29,7 +29,7 @@ class TransformerArgs:
     encoder_layers: int = 2  # transformer encoder layers over the image regions
     ff_dim: int = 2048
     dropout: float = 0.5  # shared with the LSTM's option of the same name; 0.1-0.3 suits this family
-    tie_embeddings: bool = True  # the output projection reuses the word embeddings
+    tie_embeddings: bool = False  # the output projection reuses the word embeddings (starts out copying its input word)
 
 
 class RegionEncoder(nn.Module):
