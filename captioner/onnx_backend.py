@@ -86,7 +86,7 @@ def weights_sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # running the graphs
 
-def _session(path: Path, threads: int | None) -> onnxruntime.InferenceSession:
+def open_session(path: Path, threads: int | None) -> onnxruntime.InferenceSession:
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     # as many threads as torch uses, so the two backends are compared on the same footing
@@ -159,7 +159,7 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
     for role, name in info["graphs"].items():
         if not (path / name).exists():
             raise FileNotFoundError(f"{path / name} is missing (listed in {path / 'model.json'})")
-        sessions[role] = _session(path / name, threads)
+        sessions[role] = open_session(path / name, threads)
         origin = sessions[role].get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY, "unknown weights")
         if origin != info["weights_sha256"]:
             raise ValueError(f"{path / name} was exported from other weights (sha256 {origin[:12]}) than "
@@ -231,31 +231,36 @@ def _varying_dims(before: State, after: State) -> dict[str, set[int]]:
     return {n: {d for d in range(1, v.dim()) if v.shape[d] != after[n].shape[d]} for n, v in before.items()}
 
 
-def export_graphs(encoder: nn.Module, decoder: CaptionDecoder, vocab_size: int, out: Path, weights: str,
-                  log: Callable[[str], None]) -> dict[str, Any]:
-    """Write the three float32 graphs into `out`; return what model.json records of them."""
-    auto = torch.export.Dim.AUTO
-    generator = torch.Generator().manual_seed(0)
-    images = torch.rand(EXPORT_ROWS, 3, encoder.image_size, encoder.image_size, generator=generator) * 2 - 1
-    log(f"exporting {GRAPHS['encoder']}")
-    _export(_Regions(encoder), (images,), out / GRAPHS["encoder"], ["images"], ["features"], ({0: auto},), weights)
+def export_encoder(encoder: nn.Module, out: Path, weights: str) -> Tensor:
+    """Write encoder.onnx into `out`; return the features of the example images, for export_decoder."""
+    images = torch.rand(EXPORT_ROWS, 3, encoder.image_size, encoder.image_size,
+                        generator=torch.Generator().manual_seed(0)) * 2 - 1
+    _export(_Regions(encoder), (images,), out / GRAPHS["encoder"], ["images"], ["features"],
+            ({0: torch.export.Dim.AUTO},), weights)
     with torch.no_grad():
-        features = encoder.regions(images)
+        return encoder.regions(images)
+
+
+def export_decoder(decoder: CaptionDecoder, features: Tensor, vocab_size: int, out: Path, weights: str) -> dict[str, Any]:
+    """Write the decoder's init and step graphs into `out`, traced on `features` (EXPORT_ROWS, L, C);
+    return what model.json records of them. L stays as in `features`: it is the encoder's grid."""
+    auto = torch.export.Dim.AUTO
+    with torch.no_grad():
         state = decoder.init_state(features)
-        words = torch.randint(4, vocab_size, (EXPORT_ROWS,), generator=generator)
+        words = torch.randint(4, vocab_size, (len(features),), generator=torch.Generator().manual_seed(0))
         _, first, _ = decoder.step(words, state)
-        _, second, _ = decoder.step(words, first)  # two steps in: no state axis is left at a size of 0 or 1
+        _, second, _ = decoder.step(words, first)  # two steps in: no growing axis is left at a size of 0 or 1
     names = list(state)
     if set(first) != set(names):
         raise ValueError(f"{decoder.family}: step() returns state {sorted(first)}, init_state() {sorted(names)}; "
                          "the exported graphs need the same names")
     changed = [n for n in names if second[n] is not first[n]]
     varying = _varying_dims(first, second)
-    log(f"exporting {GRAPHS['init']}, {GRAPHS['step']} (state {', '.join(names)}; a step changes {', '.join(changed)})")
     _export(_Init(decoder, names), (features,), out / GRAPHS["init"], ["features"], [f"state.{n}" for n in names],
-            ({0: auto, 1: auto},), weights)
+            ({0: auto},), weights)
     state_shapes = [{d: auto for d in {0} | varying[n]} for n in names]
-    _export(_Step(decoder, names, changed), (words, [second[n] for n in names]), out / GRAPHS["step"],
+    # contiguous examples: the graphs take dense arrays, and a view's strides would enter the trace
+    _export(_Step(decoder, names, changed), (words, [second[n].contiguous() for n in names]), out / GRAPHS["step"],
             ["words", *(f"state.{n}" for n in names)], ["logprobs", *(f"next.{n}" for n in changed), "alpha"],
             ({0: auto}, state_shapes), weights)
     return {"graphs": dict(GRAPHS), "state": names, "step_outputs": changed, "opset": _opset(out / GRAPHS["step"]),
@@ -386,8 +391,11 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
+        log(f"exporting {GRAPHS['encoder']}")
+        features = export_encoder(reference.encoder, tmp, weights)
+        log(f"exporting {GRAPHS['init']} and {GRAPHS['step']}")
         info = {"weights_sha256": weights, "exported_from": str(model_dir), "quantized": [],
-                **export_graphs(reference.encoder, reference.decoder, len(reference.vocab), tmp, weights, log)}
+                **export_decoder(reference.decoder, features, len(reference.vocab), tmp, weights)}
         reference.vocab.save(tmp / "vocab.json")
         _write_meta(tmp, {**meta, "onnx": info})
         agreement = compare(reference, Captioner.from_pretrained(tmp, backend="onnx"), images)

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -17,15 +18,18 @@ onnx = pytest.importorskip("onnx")
 
 from captioner.config import Config  # noqa: E402
 from captioner.encoders import create_encoder, image_transforms  # noqa: E402
-from captioner.models import decoder_from_config, save_model  # noqa: E402
-from captioner.onnx_backend import (GRAPHS, TOLERANCE, OnnxDecoder, _stamp, compare,  # noqa: E402
-                                    quantize_decoder, require_onnxruntime, weights_sha256)
+from captioner.decoding import beam_search  # noqa: E402
+from captioner.models import DECODERS, decoder_class, decoder_from_config, save_model  # noqa: E402
+from captioner.onnx_backend import (GRAPHS, TOLERANCE, OnnxDecoder, open_session, _stamp, compare,  # noqa: E402
+                                    export_decoder, quantize_decoder, require_onnxruntime, weights_sha256)
 from captioner.pipeline import Captioner  # noqa: E402
 from captioner.vocab import Vocab  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 
 PHOTOS = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
+TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
+            encoder_layers=1, ff_dim=32)
 WORDS = "a dog cat man woman runs sits on the grass red blue ball water in with".split()
 
 
@@ -89,13 +93,28 @@ def test_onnxruntime_gives_pytorchs_captions(model_dir, exported):
     assert a["image"].tobytes() == b["image"].tobytes()
 
 
-def test_step_hands_back_the_state_it_does_not_change(exported):
-    decoder = Captioner.from_pretrained(exported, backend="onnx").decoder
-    state = decoder.init_state(torch.randn(3, 49, 1280))
-    logprobs, new, alpha = decoder.step(torch.tensor([1, 1, 1]), state)
-    assert logprobs.shape == (3, len(WORDS) + 4) and alpha.shape == (3, 49)
-    assert new["features"] is state["features"] and new["keys"] is state["keys"]
-    assert new["h"] is not state["h"] and not torch.equal(new["h"], state["h"])
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_every_family_exports_and_searches_alike(family, tmp_path):
+    """The decoder's graphs alone, for each registered family: growing state (the transformer's key/value
+    cache) and pass-through state (the regions' keys) included."""
+    torch.manual_seed(0)
+    names = {f.name for f in fields(decoder_class(family).Args)}
+    decoder = decoder_from_config(Config(decoder=family, **{k: v for k, v in TINY.items() if k in names}), 30, 8).eval()
+    info = export_decoder(decoder, torch.randn(5, 49, 8), 30, tmp_path, "0" * 64)
+    runtime = OnnxDecoder(open_session(tmp_path / GRAPHS["init"], None), open_session(tmp_path / GRAPHS["step"], None),
+                          info["state"], info["step_outputs"])
+    features = torch.randn(3, 49, 8)
+    with torch.inference_mode():
+        ours = beam_search(decoder, features, beam_size=4, max_length=12, num_captions=2)
+        theirs = beam_search(runtime, features, beam_size=4, max_length=12, num_captions=2)
+        state = runtime.init_state(features)
+        logprobs, new, alpha = runtime.step(torch.tensor([1, 1, 1]), state)
+    assert [[c.tokens for c in r] for r in ours] == [[c.tokens for c in r] for r in theirs]
+    assert max(abs(a.logprob - b.logprob) for r, o in zip(ours, theirs) for a, b in zip(r, o)) <= TOLERANCE
+    assert logprobs.shape == (3, 30) and alpha.shape[0] == 3
+    unchanged = [n for n in info["state"] if n not in info["step_outputs"]]
+    assert unchanged and all(new[n] is state[n] for n in unchanged)  # so beam search leaves them in place
+    assert all(new[n] is not state[n] for n in info["step_outputs"])
 
 
 def test_preprocessing_without_the_network_is_the_encoders():
