@@ -20,8 +20,8 @@ from captioner.config import Config  # noqa: E402
 from captioner.encoders import create_encoder, image_transforms  # noqa: E402
 from captioner.decoding import beam_search  # noqa: E402
 from captioner.models import DECODERS, decoder_class, decoder_from_config, save_model  # noqa: E402
-from captioner.onnx_backend import (GRAPHS, TOLERANCE, OnnxDecoder, open_session, _stamp, compare,  # noqa: E402
-                                    export_decoder, quantize_decoder, require_onnxruntime, weights_sha256)
+from captioner.onnx_backend import (GRAPHS, TOLERANCE, OnnxDecoder, _stamp, compare, export_decoder,  # noqa: E402
+                                    open_session, quantize_decoder, require_onnxruntime, verify, weights_sha256)
 from captioner.pipeline import Captioner  # noqa: E402
 from captioner.vocab import Vocab  # noqa: E402
 
@@ -125,6 +125,16 @@ def test_preprocessing_without_the_network_is_the_encoders():
     assert crop(image).tobytes() == encoder.crop(image).tobytes()
     with pytest.raises(ValueError, match="timm:resnet18"):
         image_transforms({**encoder.spec(), "encoder": "timm:resnet18", "preprocess": "crop_pct=0.875"})
+
+
+def test_the_export_check_catches_graphs_that_disagree(model_dir, exported):
+    reference = Captioner.from_pretrained(model_dir, device="cpu")
+    images = [Image.open(p) for p in PHOTOS[:2]]
+    assert verify(reference, exported, images, log=lambda s: None).same_captions == 2
+    with torch.no_grad():  # PyTorch now computes something else than the graphs do
+        reference.decoder.out.bias.add_(torch.linspace(-3, 3, len(WORDS) + 4))
+    with pytest.raises(ValueError, match="the exported graphs disagree with PyTorch"):
+        verify(reference, exported, images, log=lambda s: None)
 
 
 def test_graphs_from_other_weights_are_refused(exported, tmp_path):
