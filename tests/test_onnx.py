@@ -129,8 +129,8 @@ def test_preprocessing_without_the_network_is_the_encoders():
 
 def test_the_export_check_catches_graphs_that_disagree(model_dir, exported):
     reference = Captioner.from_pretrained(model_dir, device="cpu")
-    images = [Image.open(p) for p in PHOTOS[:2]]
-    assert verify(reference, exported, images, log=lambda s: None).same_captions == 2
+    images = [Image.open(PHOTOS[0])]
+    assert verify(reference, exported, images, log=lambda s: None).same_captions == 1
     with torch.no_grad():  # PyTorch now computes something else than the graphs do
         reference.decoder.out.bias.add_(torch.linspace(-3, 3, len(WORDS) + 4))
     with pytest.raises(ValueError, match="the exported graphs disagree with PyTorch"):
