@@ -48,8 +48,13 @@ class Config:
     freeze_glove: bool = False
 
     # objective
-    objective: str = "xe"  # xe: teacher-forced cross-entropy
+    objective: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical sequence training (CIDEr-D)
     label_smoothing: float = 0.0  # cross-entropy against (1 - eps) one-hot + eps uniform
+    init_from: str = ""  # model folder whose decoder weights training starts from (scst: a cross-entropy model)
+    scst_samples: int = 5  # captions sampled per image
+    scst_baseline: str = "mean"  # mean: of the image's other samples | greedy: the greedy caption's reward
+    scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x sentence BLEU-4
+    scst_max_length: int = 16  # words sampled at most, <end> included
 
     # training
     run_dir: str = "runs/default"
