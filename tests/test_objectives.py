@@ -126,7 +126,7 @@ def test_make_objective_checks_the_scst_options(shapes):
 # ---------------------------------------------------------------- on the shapes set
 
 def tiny(prepared: Path, **kw) -> Config:
-    values = dict(prepared=str(prepared), batch_size=20, embed_dim=32, attention_dim=32, hidden_dim=32, context_dim=32,
+    values = dict(prepared=str(prepared), batch_size=40, embed_dim=32, attention_dim=32, hidden_dim=32, context_dim=32,
                   max_length=12, lr=3e-3, val_beam_size=1)
     return Config(**{**values, **kw})
 
@@ -140,7 +140,8 @@ def shapes(tmp_path_factory) -> dict[str, Path]:
     cfg = tiny(root / "prepared")
     torch.manual_seed(0)
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"]).train()
-    objective, optimizer, data = make_objective(cfg, prepared), make_optimizer(cfg, list(decoder.parameters()), cfg.lr), CaptionSet(prepared, "train")
+    objective, data = make_objective(cfg, prepared), CaptionSet(prepared, "train")
+    optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
     for epoch in range(6):
         for images in data.batches(cfg.batch_size, epoch):
             rows, owner, captions, lengths = data.batch(images)
@@ -159,13 +160,13 @@ def mean_sample_reward(decoder: nn.Module, objective: SelfCritical, data: Captio
 
 def test_scst_steps_raise_the_reward_of_samples_on_the_training_images(shapes):
     prepared = open_prepared(shapes["prepared"])
-    cfg = tiny(shapes["prepared"], objective="scst", lr=1e-3)
+    cfg = tiny(shapes["prepared"], objective="scst", lr=3e-3)
     objective, data = make_objective(cfg, prepared), CaptionSet(prepared, "train")
     decoder = load_model(shapes["xe"]).decoder.train()
     optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
     before = mean_sample_reward(decoder, objective, data)
     torch.manual_seed(0)
-    for epoch in range(4):
+    for epoch in range(5):  # 25 steps: +0.09 to +0.18 with seeds 0 to 4 of both trainings
         for images in data.batches(cfg.batch_size, epoch):
             rows, owner, captions, lengths = data.batch(images)
             logs = train_step(decoder, objective, optimizer, Batch(data.features(rows), rows, owner, captions, lengths), 5.0)
