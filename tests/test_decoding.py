@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from captioner.models import State
+from captioner.config import Config
+from captioner.models import DECODERS, State, decoder_class, decoder_from_config
 from captioner.models.lstm import AttentionLSTM, LSTMArgs, MeanLSTM
 from captioner.decoding import Caption, beam_search, greedy, sample
 
@@ -246,6 +247,24 @@ def test_greedy_sampling_is_greedy_decoding() -> None:
     decoder, images = attention_decoder(), features(batch=6)
     tokens, _, lengths = sample(decoder, images, k=1, max_length=8, greedy=True)
     for row, (caption, n) in enumerate(zip(greedy(decoder, images, max_length=8), lengths.tolist())):
+        assert tokens[row, :n].tolist() == caption.tokens + ([END] if caption.finished else [])
+
+
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_sampling_works_for_every_decoder_family(family: str) -> None:
+    small = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
+                 encoder_layers=1, ff_dim=32)
+    names = set(decoder_class(family).Args.__dataclass_fields__)
+    torch.manual_seed(3)
+    decoder = decoder_from_config(Config(decoder=family, **{k: v for k, v in small.items() if k in names}), 12, 8).eval()
+    images = features(batch=3, locations=9)  # a 3 x 3 grid, as the transformer wants
+    tokens, logprobs, lengths = sample(decoder, images, k=4, max_length=6)
+    for row, n in enumerate(lengths.tolist()):  # the state of image b was repeated for rows 4b..4b+3
+        finished = bool(tokens[row, n - 1] == END)
+        expected, _ = rescore(decoder, images[row // 4], tokens[row, : n - finished].tolist(), finished)
+        assert logprobs[row].sum().item() == pytest.approx(expected, abs=1e-4)
+    tokens, _, lengths = sample(decoder, images, k=1, max_length=6, greedy=True)
+    for row, (caption, n) in enumerate(zip(greedy(decoder, images, max_length=6), lengths.tolist())):
         assert tokens[row, :n].tolist() == caption.tokens + ([END] if caption.finished else [])
 
 
