@@ -233,7 +233,7 @@ def pretrain(cfg: Config, image_side: nn.Module, region_dim: int, prepared: Prep
             loss.backward()
             optimizer.step()
             schedule.step()
-            total, count = total + float(loss) * len(batch), count + len(batch)
+            total, count = total + float(loss.detach()) * len(batch), count + len(batch)
             bar.set_postfix(loss=f"{total / count:.3f}", refresh=False)
         row: dict[str, Any] = {"epoch": epoch, "loss": total / count,
                                "temperature": float(1 / head.log_scale.detach().clamp(0, MAX_LOG_SCALE).exp()),
