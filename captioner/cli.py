@@ -53,6 +53,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .contrastive import evaluate_retrieval, format_recall
+
+    print(format_recall(evaluate_retrieval(args.run, args.prepared, args.split, args.device)), end="")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
@@ -157,6 +164,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="folder for results.json and captions (default: MODEL/eval_SPLIT)")
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("retrieve", help="image<->caption retrieval recall@1/5/10 of a contrastive pretraining")
+    p.add_argument("--run", required=True, help="run folder trained with --pretrain contrastive, or its pretrain.pt")
+    p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_retrieve)
 
     p = sub.add_parser("caption", help="caption image files, folders or globs with a trained model")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or globs")

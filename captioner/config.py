@@ -62,6 +62,12 @@ class Config:
     scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x sentence BLEU-4
     scst_max_length: int = 16  # words sampled at most, <end> included
 
+    # contrastive pretraining of the decoder's image side (contrastive.py), before caption training
+    pretrain: str = "none"  # none | contrastive: InfoNCE against MiniLM sentence embeddings of the captions
+    pretrain_epochs: int = 5  # Flickr8k: the dev recall peaks at epoch 4-5 (docs/RESULTS.md)
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 256  # images per batch (with all their captions); more negatives help InfoNCE
+
     # training
     run_dir: str = "runs/default"
     seed: int = 0

@@ -386,8 +386,15 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
     prepared = open_prepared(cfg.prepared)
     data = CaptionSet(prepared, "train")
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
+    if cfg.init_from and cfg.pretrain != "none":
+        raise ValueError(f"init_from ({cfg.init_from}) and pretrain ({cfg.pretrain}) both set the decoder's start: "
+                         "choose one")
     if cfg.init_from and not resume:  # a resumed run has its own weights in the checkpoint
         init_decoder_from(decoder, cfg.init_from, prepared)
+    if cfg.pretrain != "none" and not resume:  # a resumed run's decoder, image side included, is in last.pt
+        from .contrastive import pretrain_image_side
+
+        pretrain_image_side(cfg, decoder, prepared, device, log)
     model = wrap(decoder, device, world)
     objective = make_objective(cfg, prepared)
     inputs: Callable = lambda rows: data.features(rows).to(device, non_blocking=True)
