@@ -189,3 +189,6 @@ def test_init_from_refuses_a_model_that_does_not_fit(shapes, tmp_path):
     cfg = tiny(shapes["prepared"], init_from=str(shapes["xe"]), hidden_dim=16, epochs=1, run_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"does not fit the configured decoder: hidden_dim 32 \(model\) != 16 \(config\)"):
         train(cfg, log=lambda s: None)
+    both = tiny(shapes["prepared"], init_from=str(shapes["xe"]), pretrain="contrastive", run_dir=str(tmp_path / "run2"))
+    with pytest.raises(ValueError, match="init_from .* and pretrain .* choose one"):
+        train(both, log=lambda s: None)
