@@ -88,6 +88,8 @@ class CiderD:
         self.first_ref = np.concatenate([[0], np.cumsum(self.n_refs)[:-1]])  # refs of an image are contiguous
 
         ids, lengths = self._pad(refs)
+        if not lengths.any():
+            raise ValueError("the references hold no words")
         ref, key, order, count = _counts(*_ngrams(ids, lengths))
         # document frequency: the number of images whose references hold the n-gram
         _, image_keys, _, _ = _counts(ref_image_arr[ref], key, order)

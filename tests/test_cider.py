@@ -115,4 +115,6 @@ def test_bad_input_is_named():
         scorer.score(["a", "a"], [["a", "dog"]])
     with pytest.raises(ValueError, match="image 'c' has no references"):
         CiderD({"c": []})
+    with pytest.raises(ValueError, match="no words"):
+        CiderD({"c": [[]]})
     assert scorer.score([], []).shape == (0,)
