@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import ipaddress
 import logging
+import math
 import os
 import queue
 import secrets
@@ -243,13 +244,30 @@ def invalid(err: ValidationError) -> RequestValidationError:
     """Pydantic's errors as FastAPI's 422, each located in the body like FastAPI's own; an unknown field's
     message lists the known ones, so a misspelling is easy to fix."""
     known = f"unknown field; the fields are {', '.join(JsonRequest.model_fields)}"
-    return RequestValidationError([{**e, "loc": ("body", *e["loc"]), "msg": known if e["type"] == "extra_forbidden"
-                                    else e["msg"]} for e in err.errors(include_url=False)])
+    return RequestValidationError([echo({**e, "loc": ("body", *e["loc"]), "msg": known if e["type"] == "extra_forbidden"
+                                         else e["msg"]}) for e in err.errors(include_url=False)])
+
+
+def echo(value: Any, limit: int = 100) -> Any:
+    """A request's value as a 422 can quote it: JSON has no Infinity or NaN, a body need not be UTF-8, and
+    a client needs the start of a long value (a whole base64 photo) to find it, not all of it."""
+    if isinstance(value, dict):
+        return {str(k): echo(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [echo(v, limit) for v in value]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value if value is None or isinstance(value, (bool, int, float)) else echo(repr(value), limit)
 
 
 def invalid_field(field: str, message: str, value: Any) -> RequestValidationError:
     """A 422 for one field, in the same form as pydantic's."""
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message,
+                                    "input": echo(value)}])
 
 
 def is_loopback(host: str) -> bool:
@@ -384,12 +402,11 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
             if text.startswith("data:"):
                 _, comma, text = text.partition(",")
                 if not comma:
-                    raise invalid_field("image", "a data: URL needs a comma before the base64 data",
-                                        parsed.image[:40])
+                    raise invalid_field("image", "a data: URL needs a comma before the base64 data", parsed.image)
             try:
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
-                raise invalid_field("image", "image is not valid base64", text[:40]) from None
+                raise invalid_field("image", "image is not valid base64", text) from None
             return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
         if not kind and not await request.body():
             raise HTTPException(400, "empty body: send the image as multipart field 'image' or as JSON")

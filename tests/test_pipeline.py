@@ -81,7 +81,8 @@ def test_other_inputs_get_an_error_saying_what_is_accepted(model_dir, bad, error
     import torch
 
     made = {"bytearray": bytearray(b"\x89PNG"), "int64": torch.zeros(3, 8, 8, dtype=torch.int64),
-            "5-d": torch.zeros(1, 1, 3, 8, 8), "2 channels": torch.zeros(2, 8, 8), "normalised": torch.randn(3, 8, 8) * 3}
+            "5-d": torch.zeros(1, 1, 3, 8, 8), "2 channels": torch.zeros(2, 8, 8),
+            "normalised": torch.linspace(-2, 2, 192).reshape(3, 8, 8)}  # ImageNet-normalised, not pixels
     captioner = Captioner.from_pretrained(model_dir, device="cpu")
     with pytest.raises(error, match=says) as caught:
         captioner(made.get(bad, bad) if isinstance(bad, str) else bad)

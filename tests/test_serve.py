@@ -318,6 +318,20 @@ def test_malformed_data_urls_are_a_4xx_on_the_image_field(client: TestClient, im
         assert r.json()["detail"][0]["loc"] == ["body", "image"] and "comma" in r.json()["detail"][0]["msg"]
 
 
+@pytest.mark.parametrize("body, loc", [
+    (b'{"image": "%s", "length_penalty": Infinity}', ["body", "length_penalty"]),
+    (b'{"image": "%s", "length_penalty": NaN}', ["body", "length_penalty"]),
+    (b'{"image": "%s", "beam_size": 1e309}', ["body", "beam_size"]),
+    (b'{"image": "\xff\xfe not utf-8"}', ["body"]),
+    (b'{"image": "%s", "beam_size": 3', ["body"]),  # cut short: the whole body is the bad "input"
+])
+def test_json_that_cannot_be_echoed_back_is_still_a_422(client: TestClient, body: bytes, loc: list) -> None:
+    photo = base64.b64encode((PHOTOS / "coffee.jpg").read_bytes())
+    r = client.post("/api/caption", content=body.replace(b"%s", photo), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == loc and len(r.content) < 2000  # the photo is not echoed
+
+
 def test_images_too_narrow_to_crop_are_a_4xx_not_gigabytes(client: TestClient) -> None:
     """A 20000x1 PNG is a few hundred bytes, but resizing its short side to the encoder's takes gigabytes."""
     strip = Image.new("RGB", (20_000, 1))
