@@ -639,9 +639,14 @@ def test_serve_help_lists_the_access_flags(capsys: pytest.CaptureFixture) -> Non
     assert "--api-key" in out and "CAPTIONER_API_KEY" in out and "--max-inflight-per-client" in out
 
 
-@pytest.mark.parametrize("host, env, limit", [("127.0.0.1", None, None), ("0.0.0.0", "k3y", 8)])
-def test_serve_command_reads_the_key_from_the_environment(monkeypatch: pytest.MonkeyPatch, host: str,
-                                                          env: str | None, limit: int | None) -> None:
+@pytest.mark.parametrize("host, env, flags, limit, warns", [
+    ("127.0.0.1", None, [], None, False),  # loopback: both off
+    ("0.0.0.0", "k3y", [], 8, False),  # other machines: the limit is on, the key comes from the environment
+    ("0.0.0.0", None, ["--max-inflight-per-client", "0"], None, True),  # no key: a warning
+    ("::1", None, ["--max-inflight-per-client", "3"], 3, False),
+])
+def test_serve_command_access_settings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, host: str,
+                                       env: str | None, flags: list[str], limit: int | None, warns: bool) -> None:
     import uvicorn
 
     from captioner import cli
@@ -652,13 +657,11 @@ def test_serve_command_reads_the_key_from_the_environment(monkeypatch: pytest.Mo
         monkeypatch.setenv("CAPTIONER_API_KEY", env)
     else:
         monkeypatch.delenv("CAPTIONER_API_KEY", raising=False)
-    assert cli.main(["serve", "--host", host, "--no-ui", "--device", "cpu"]) == 0
-    assert seen["app"].state.max_inflight_per_client == limit  # off on loopback, on for other machines
+    assert cli.main(["serve", "--host", host, "--no-ui", "--device", "cpu", *flags]) == 0
+    assert seen["app"].state.max_inflight_per_client == limit
+    assert ("warning: 0.0.0.0 takes requests from other machines" in capsys.readouterr().err) == warns
+    photo = {"image": ("c.jpg", (PHOTOS / "coffee.jpg").read_bytes())}
     with TestClient(seen["app"]) as c:
-        r = post_file(c, (PHOTOS / "coffee.jpg").read_bytes())
-        assert r.status_code == (401 if env else 200)
+        assert c.post("/api/caption", files=photo).status_code == (401 if env else 200)
         if env:
-            assert post_file(c, (PHOTOS / "coffee.jpg").read_bytes()).status_code == 401
-            headers = {"authorization": f"Bearer {env}"}
-            assert c.post("/api/caption", files={"image": ("c.jpg", (PHOTOS / "coffee.jpg").read_bytes())},
-                          headers=headers).status_code == 200
+            assert c.post("/api/caption", files=photo, headers={"authorization": f"Bearer {env}"}).status_code == 200
