@@ -155,11 +155,13 @@ def _as_images(inputs: Any) -> tuple[list[tuple[Any, str | None]], bool]:
 
 
 def _as_image(x: Any, where: str | None) -> tuple[Any, str | None]:
-    name = None if isinstance(x, (str, Path)) else where  # a path names itself
     if isinstance(x, torch.Tensor):
-        return _tensor_pixels(x, where or "<tensor>"), name or "<tensor>"
-    if isinstance(x, (str, Path, bytes, Image.Image, np.ndarray)):
-        return x, name
+        where = where or "<tensor>"
+        return _tensor_pixels(x, where), where
+    if isinstance(x, (str, Path)):
+        return x, None  # a path names itself
+    if isinstance(x, (bytes, Image.Image, np.ndarray)):
+        return x, where
     raise TypeError(f"{where + ': ' if where else ''}Captioner takes {ACCEPTED}, or a list or a batch of them; "
                     f"got {type(x).__name__}")
 
