@@ -53,6 +53,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .contrastive import evaluate_retrieval, format_recall
+
+    print(format_recall(evaluate_retrieval(args.run, args.prepared, args.split, args.device)), end="")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         return export_onnx_folder(args)
@@ -136,15 +143,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .pipeline import Captioner
-    from .serve import create_app, example_photos
+    from .serve import access_control, create_app, example_photos
 
     captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels,
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
-    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui,
+    access, warning = access_control(args.host, args.api_key, args.max_inflight_per_client)
+    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, **access,
                      **{k: v for k, v in limits.items() if v is not None})  # unset: serve.py's defaults
     print(f"captioner serve: model {captioner.name} on {captioner.device}; "
           f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
+    if warning:
+        print(f"captioner serve: warning: {warning}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -180,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("retrieve", help="image<->caption retrieval recall@1/5/10 of a contrastive pretraining")
+    p.add_argument("--run", required=True, help="run folder trained with --pretrain contrastive, or its pretrain.pt")
+    p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_retrieve)
+
     p = sub.add_parser("caption", help="caption image files, folders or globs with a trained model")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or globs")
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
@@ -207,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels (50 million)")
     p.add_argument("--examples", help="folder of example photos for the page (default: examples/photos)")
     p.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    p.add_argument("--api-key", help="require this key on /api/caption (Authorization: Bearer KEY) and as the page's "
+                                     "password; default: the environment variable CAPTIONER_API_KEY, which keeps "
+                                     "the key out of the process list; unset: no key")
+    p.add_argument("--max-inflight-per-client", type=int, metavar="N",
+                   help="requests one client address may have in flight on /api/caption, 429 beyond; default: off "
+                        "on loopback, 8 when --host serves other machines; 0 turns it off")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

@@ -54,8 +54,19 @@ class Config:
     tie_embeddings: bool = False  # transformer: output projection shares the word embeddings
 
     # objective
-    objective: str = "xe"  # xe: teacher-forced cross-entropy
+    objective: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical sequence training (CIDEr-D)
     label_smoothing: float = 0.0  # cross-entropy against (1 - eps) one-hot + eps uniform
+    init_from: str = ""  # model folder whose decoder weights training starts from (scst: a cross-entropy model)
+    scst_samples: int = 5  # captions sampled per image
+    scst_baseline: str = "mean"  # mean: of the image's other samples | greedy: the greedy caption's reward
+    scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x sentence BLEU-4
+    scst_max_length: int = 16  # words sampled at most, <end> included
+
+    # contrastive pretraining of the decoder's image side (contrastive.py), before caption training
+    pretrain: str = "none"  # none | contrastive: InfoNCE against MiniLM sentence embeddings of the captions
+    pretrain_epochs: int = 5  # Flickr8k: the dev recall peaks at epoch 4-5 (docs/RESULTS.md)
+    pretrain_lr: float = 1e-3
+    pretrain_batch_size: int = 256  # images per batch (with all their captions); more negatives help InfoNCE
 
     # training
     run_dir: str = "runs/default"

@@ -1,7 +1,8 @@
 """`captioner evaluate`: coco-caption scores of a trained model, or of a baseline, on one split.
 
-Every image is scored against all of its references. Writes results.json (scores per beam size) and
-captions_beamK.json (one caption per image) next to each other, and returns a markdown table.
+Every image is scored against all of its references. Writes results.json (scores and fluency figures
+per beam size) and captions_beamK.json (one caption per image) next to each other, logs the fluency
+table (with one human reference per image for comparison), and returns the scores' rows.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import numpy as np
 from .baselines import nearest_neighbour_captions
 from .config import resolve_device
 from .features import open_prepared
-from .metrics import score_captions
+from .metrics import fluency, format_fluency_table, score_captions
 from .models import check_encoder_spec, load_model
 from .train import decode_split
+from .vocab import tokenize
 
 
 def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test", beam_sizes: Sequence[int] = (1, 3, 5),
@@ -39,6 +41,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     out = Path(out_dir) if out_dir else Path(model) / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     table = []
+    fluent = [("references (the first of each image)", fluency([" ".join(tokenize(c[0])) for c in refs.values()]))]
     for k in beam_sizes:
         start = time.time()
         predictions = decode_split(loaded.decoder, prepared, rows, k, max_length, dev, encoder)
@@ -46,11 +49,13 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         scores = score_captions(predictions, refs)
         (out / f"captions_beam{k}.json").write_text(json.dumps(predictions, indent=0) + "\n")
         table.append((f"beam {k}", scores))
+        fluent.append((f"beam {k}", fluency(list(predictions.values()))))
         log(f"beam {k}: BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f} "
             f"({len(rows)} images decoded in {seconds:.1f}s)")
     results = {"model": str(model), "split": split, "images": len(rows), "max_length": max_length,
-               "scores": {name: s for name, s in table}}
+               "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    log(format_fluency_table(fluent))
     return table
 
 
