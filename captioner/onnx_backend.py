@@ -10,9 +10,15 @@ vocab.json and model.json, so that OUT is a model folder of its own:
 The decoder's state dict becomes one graph input or output per tensor, in the order model.json's
 `onnx.state` lists. The step graph outputs only the tensors a step changes (`onnx.step_outputs`);
 `OnnxDecoder.step` hands back the very tensor objects it was given for the others (the attention
-decoder's projected features and keys), which is what lets beam search leave them unordered
+decoder's projected features and keys), which is what lets beam search leave them in place
 (decoding.py). Tensors cross between torch and numpy only at the sessions' edges, without copies on
 the way in or out, so `beam_search` serves both backends.
+
+The graphs come from torch.onnx's dynamo exporter (torch.export, then onnxscript): the default and
+maintained one in torch 2.13, and it fails loudly where a shape would be baked in, where the older
+TorchScript exporter (which warns it will be removed) traces shape arithmetic into constants. Axes
+of the state that grow from step to step (a key/value cache's length) are found by stepping twice
+and comparing shapes, and stay dynamic like the batch.
 
 Each graph carries in its metadata the sha256 of the model.safetensors it was exported from, and
 model.json records it as `onnx.weights_sha256`: loading refuses a folder whose graphs came from other
