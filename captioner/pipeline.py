@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -81,6 +83,16 @@ class Captioner:
             encoder.load_state_dict(encoder_state)
         defaults = DecodingOptions(cfg.beam_size, cfg.max_length, cfg.length_penalty, 1, cfg.block_trigrams)
         return cls(encoder.to(dev), decoder, vocab, defaults, dev, path=path)
+
+    @functools.cached_property
+    def version(self) -> str:
+        """First 12 hex digits of the weights file's sha256: any retrained or re-exported model gets a new
+        one, so a caption can be traced to the exact weights that wrote it ("" for a model not from a folder)."""
+        weights = self.path / "model.safetensors" if self.path is not None else None
+        if weights is None or not weights.exists():
+            return ""
+        with open(weights, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()[:12]
 
     def options(self, **overrides: Any) -> DecodingOptions:
         values = {k: v for k, v in overrides.items() if v is not None}
