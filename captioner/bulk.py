@@ -15,10 +15,12 @@ Made for libraries of hundreds of thousands of files, so nothing grows with the 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -79,7 +81,7 @@ class DoneSet:
     needs a 128-bit collision (about 1e-27 for a million files)."""
 
     def __init__(self, hashes: bytes | bytearray = b"") -> None:
-        self._hashes = np.sort(np.frombuffer(bytes(hashes), dtype="S16"))
+        self._hashes = np.unique(np.frombuffer(bytes(hashes), dtype="S16"))  # sorted, each once
 
     def __len__(self) -> int:
         return len(self._hashes)
@@ -133,6 +135,31 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes, dict]]:
             yield offset, line, record
 
 
+def read_done(captioner: Captioner, output: Path, target: Path, rank: int, world: int) -> DoneSet:
+    """This rank's files already captioned (or failed): in the merged output, in its own part (whose
+    half-written last line is cut off here), and in parts left by a run with another number of ranks.
+    Other ranks' parts of this run hold none of its files, so they are not read."""
+    sources = [p for p in existing_parts(output) if p != target and not p.name.endswith(f"-of-{world}")]
+    hashes = bytearray()
+    for source in ([output] if output != target else []) + sources + [target]:
+        end = 0
+        for end, _, record in read_lines(source):
+            digest = path_hash(record["file"])
+            if rank_of(digest, world) != rank:
+                continue
+            model = record.get("model"), record.get("version")
+            if "error" not in record and model != (captioner.name, captioner.version):
+                raise ValueError(f"{source}: has captions by model {model[0]!r} version {model[1]!r}, but this run "
+                                 f"uses {captioner.name!r} version {captioner.version!r}; give another --output, "
+                                 "or delete it to start over")
+            hashes += digest
+        if source == target and source.exists() and source.stat().st_size > end:
+            with open(source, "r+b") as f:
+                f.truncate(end)
+            tqdm.write(f"{source}: cut off a half-written last line; its image is captioned again", file=sys.stderr)
+    return DoneSet(hashes)
+
+
 def caption_share(captioner: Captioner, library: str | Path, output: str | Path, opts: DecodingOptions,
                   batch_size: int = 16, workers: int = 2, rank: int = 0, world: int = 1,
                   progress: bool = True) -> Summary:
@@ -144,28 +171,8 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
     if batch_size < 1 or workers < 1:
         raise ValueError("batch_size and workers must be at least 1")
     target = output if world == 1 else part_path(output, rank, world)
-    # what is done: the merged output, this rank's part, and parts left by a run with another number of
-    # ranks (other ranks' parts of this run hold none of this rank's files)
-    sources = [p for p in existing_parts(output) if p != target and not p.name.endswith(f"-of-{world}")]
-    sources = ([output] if output != target else []) + sources + [target]
-    hashes, summary = bytearray(), Summary()
-    for source in sources:
-        end = 0
-        for end, _, record in read_lines(source):
-            digest = path_hash(record["file"])
-            if rank_of(digest, world) != rank:
-                continue
-            if "error" not in record and (record.get("model"), record.get("version")) != (captioner.name, captioner.version):
-                raise ValueError(f"{source}: has captions by model {record.get('model')!r} version "
-                                 f"{record.get('version')!r}, but this run uses {captioner.name!r} version "
-                                 f"{captioner.version!r}; give another --output, or delete it to start over")
-            hashes += digest
-        if source == target and source.exists() and source.stat().st_size > end:
-            with open(source, "r+b") as f:
-                f.truncate(end)
-            tqdm.write(f"{source}: cut off a half-written last line; its image is captioned again", file=sys.stderr)
-    done = DoneSet(hashes)
-    summary.already_done = len(done)
+    done = read_done(captioner, output, target, rank, world)
+    summary = Summary(already_done=len(done))
 
     def todo(report: bool) -> Iterator[str]:
         warn = (lambda msg: tqdm.write(f"skipped {msg}", file=sys.stderr)) if report else None
@@ -185,7 +192,13 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
             open(target, "a", encoding="utf-8") as out, \
             tqdm(unit="img", desc=f"rank {rank}" if world > 1 else "captions", disable=not progress,
                  mininterval=0.5 if tty else 30, dynamic_ncols=True) as bar:
-        total: Future | None = counter.submit(lambda: sum(1 for _ in todo(False)))
+        stop = threading.Event()
+
+        def count() -> int:
+            """Files still to do; gives up when the run ends first (Ctrl-C, on a slow network share)."""
+            return sum(1 for _ in itertools.takewhile(lambda _: not stop.is_set(), todo(False)))
+
+        total: Future | None = counter.submit(count)
         keys = todo(True)
         pending: deque[tuple[str, Future]] = deque()
         batch: list[tuple[str, torch.Tensor]] = []
@@ -195,29 +208,32 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
                 pending.append((key, pool.submit(load, key)))
 
         fill()
-        while pending or batch:
-            if pending:
-                key, future = pending.popleft()
-                fill()
-                try:
-                    batch.append((key, future.result()))
-                except ImageError as err:
-                    out.write(json.dumps({"file": key, "error": str(err)}) + "\n")
+        try:
+            while pending or batch:
+                if pending:
+                    key, future = pending.popleft()
+                    fill()
+                    try:
+                        batch.append((key, future.result()))
+                    except ImageError as err:
+                        out.write(json.dumps({"file": key, "error": str(err)}) + "\n")
+                        out.flush()
+                        summary.failed += 1
+                        bar.update(1)
+                if batch and (len(batch) == batch_size or not pending):
+                    nbest = captioner.generate(torch.stack([x for _, x in batch]), opts)
+                    out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(captions),
+                                                  "model": captioner.name, "version": captioner.version}) + "\n"
+                                      for (key, _), captions in zip(batch, nbest)))
                     out.flush()
-                    summary.failed += 1
-                    bar.update(1)
-            if batch and (len(batch) == batch_size or not pending):
-                nbest = captioner.generate(torch.stack([x for _, x in batch]), opts)
-                out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(captions),
-                                              "model": captioner.name, "version": captioner.version}) + "\n"
-                                  for (key, _), captions in zip(batch, nbest)))
-                out.flush()
-                summary.captioned += len(batch)
-                bar.update(len(batch))
-                batch = []
-            if total is not None and total.done():
-                bar.total, total = total.result(), None
-                bar.refresh()
+                    summary.captioned += len(batch)
+                    bar.update(len(batch))
+                    batch = []
+                if total is not None and total.done():
+                    bar.total, total = total.result(), None
+                    bar.refresh()
+        finally:
+            stop.set()
     summary.seconds = time.perf_counter() - start
     return summary
 

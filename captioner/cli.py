@@ -128,8 +128,9 @@ def caption_library(args: argparse.Namespace) -> int:
                              workers=args.workers)
     rank, world = bulk.shard()
     who = f"rank {rank} of {world}: " if world > 1 else ""
-    print(f"captioner caption: {who}{summary.captioned} images captioned, {summary.failed} unreadable (listed with their error), "
-          f"{summary.already_done} already done; {summary.captioned / max(summary.seconds, 1e-9):.1f} images/s", file=sys.stderr)
+    rate = summary.captioned / max(summary.seconds, 1e-9)
+    print(f"captioner caption: {who}{summary.captioned} images captioned, {summary.failed} unreadable (listed with "
+          f"their error), {summary.already_done} already done; {rate:.1f} images/s", file=sys.stderr)
     return 0
 
 
