@@ -1,22 +1,27 @@
 """Benchmark (not a test): bulk captioning of a generated photo library with `captioner caption LIB --output X.jsonl`.
 
-Makes a library of N JPEGs (random crops, resizes and qualities of examples/photos/*.jpg, in year/month
-folders) unless it is already there, then:
-1. one uninterrupted run: images/s, and the process's resident memory (RSS, and its peak so far) when
-   the output reaches each of --checkpoints lines, to show that memory stays flat as the library grows;
-2. the same run killed with SIGKILL when the output reaches --kill-at lines, then resumed: the time lost
-   to the kill (killed + resumed wall time minus the uninterrupted run's), and the restart's own cost
-   (resumed process start to its first new line, against the uninterrupted run's start to its first line);
-3. with --sweep: short runs over one month folder (500 images) with other batch sizes, worker threads,
-   beam sizes and torchrun process counts, each --rounds times in turn (the machine's speed drifts), to
-   choose the options.
+Makes a library of N JPEGs (random crops, resizes and qualities of examples/photos/*.jpg, 500 to a
+year/month folder) unless it is already there, then:
+1. with --sweep: short runs over the first --sweep-n images of one month folder with other torch
+   thread counts, batch sizes, worker threads and torchrun process counts, each --rounds times in turn
+   (the machine's speed drifts, and other jobs share it), to choose the options;
+2. one run over the whole library, SIGKILLed when the output reaches --kill-at lines, then the same
+   command again until it finishes. Reported: images/s of each part; the resident memory (RSS, and its
+   peak so far) of the captioning process when the output reaches each of --checkpoints lines and at
+   its end, to show that memory stays flat as the library is worked through (the resumed process also
+   holds the done set); what the kill cost: the resumed process's start-up until its first new line
+   (process start, model, reading the done lines, walking past their files, first batch) against the
+   fresh process's; and that the output holds each image exactly once;
+3. the parts of a restart that grow with the library, timed in this process on the finished output:
+   reading it as the done set, and walking the library.
 
-    python scripts/bench_bulk.py --library /tmp/bulk-library --n 20000 --beam-size 3 --batch-size 16
+    python scripts/bench_bulk.py --library /tmp/bulk-library --n 20000 --beam-size 3 --batch-size 16 --threads 1
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import socket
@@ -60,10 +65,16 @@ def lines_in(path: Path) -> int:
         return 0
 
 
-def memory_mib(pid: int) -> tuple[float, float]:
-    """(resident set, its peak so far) of a process, in MiB, from /proc."""
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+def memory_mib(pid: int) -> dict[str, int]:
+    """Resident set and its peak so far, in MiB, from /proc (empty once the process has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return {}
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    if "VmRSS" not in fields:  # a zombie: ended, not yet waited for
+        return {}
+    return {"rss_mib": int(fields["VmRSS"].split()[0]) // 1024, "peak_mib": int(fields["VmHWM"].split()[0]) // 1024}
 
 
 def free_port() -> str:
@@ -84,23 +95,26 @@ def command(library: Path, output: Path, args: argparse.Namespace, nproc: int = 
     return cmd + (["--model", args.model] if args.model else [])
 
 
-def watch(cmd: list[str], output: Path, log: Path, checkpoints: list[int] = (), kill_at: int | None = None,
-          poll: float = 0.2) -> dict:
-    """Run cmd, sampling the output's line count and the process's memory; SIGKILL it at kill_at lines."""
+def watch(cmd: list[str], output: Path, log: Path, threads: int, checkpoints: list[int] = (),
+          kill_at: int | None = None, poll: float = 0.2) -> dict:
+    """Run cmd with `threads` torch threads, sampling the output's line count and the process's memory;
+    SIGKILL it at kill_at lines."""
     before = lines_in(output)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     start = time.perf_counter()
     with open(log, "a") as err:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=err, stderr=err)
-    first_line = None
-    samples, todo = [], sorted(checkpoints)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=err, stderr=err, env=env)
+    first_line, first_lines, last = None, 0, {}
+    samples, todo = [], sorted(c for c in checkpoints if c > before)
     while proc.poll() is None:
         done = lines_in(output)
         now = time.perf_counter() - start
         if first_line is None and done > before:
-            first_line = now
+            first_line, first_lines = now, done
+        if memory := memory_mib(proc.pid):
+            last = {"lines": done, "seconds": round(now, 1), **memory}
         while todo and done >= todo[0]:
-            rss, peak = memory_mib(proc.pid)
-            samples.append({"lines": done, "seconds": round(now, 1), "rss_mib": round(rss), "peak_mib": round(peak)})
+            samples.append(last)
             todo.pop(0)
         if kill_at is not None and done >= kill_at:
             proc.send_signal(signal.SIGKILL)
@@ -111,8 +125,34 @@ def watch(cmd: list[str], output: Path, log: Path, checkpoints: list[int] = (), 
     if proc.returncode not in (0, -signal.SIGKILL):
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
     after = lines_in(output)
+    if kill_at is None and last and samples[-1:] != [last]:
+        samples.append(last)  # the last sample before the process ended
     return {"seconds": round(seconds, 1), "first_line_s": first_line and round(first_line, 1), "lines_before": before,
-            "lines_after": after, "images_per_s": round((after - before) / seconds, 2), "memory": samples}
+            "lines_after": after, "images_per_s": round((after - before) / seconds, 2),
+            # without the start-up: from the first batch written to the end
+            # (none under torchrun, whose lines all appear at the merge)
+            "images_per_s_running": round((after - first_lines) / (seconds - first_line), 2)
+            if first_line and after > first_lines else None,
+            "memory": samples}
+
+
+def restart_costs(library: Path, output: Path, model: str | None) -> dict[str, float]:
+    """Seconds to read a finished output as the done set (what a resume does first), and to walk the library
+    skipping the done files (hash and look up each path)."""
+    from captioner import bulk
+    from captioner.pipeline import Captioner
+
+    captioner = Captioner.from_pretrained(model, device="cpu")
+    start = time.perf_counter()
+    done = bulk.read_done(captioner, output, output, 0, 1)
+    read_s = time.perf_counter() - start
+    start = time.perf_counter()
+    walked = skipped = 0
+    for key in bulk.walk_library(library):
+        walked += 1
+        skipped += bulk.path_hash(key) in done
+    return {"done_lines": len(done), "read_done_s": round(read_s, 2), "files_walked": walked, "skipped": skipped,
+            "walk_and_skip_s": round(time.perf_counter() - start, 2)}
 
 
 def check_exactly_once(output: Path, n: int) -> None:
@@ -130,43 +170,55 @@ def main() -> None:
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--checkpoints", default="2000,10000,20000", help="output lines at which to sample memory")
-    parser.add_argument("--kill-at", type=int, default=10000, help="SIGKILL the second run at this many lines")
-    parser.add_argument("--sweep", action="store_true", help="also time other options on the first year folder")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (OMP_NUM_THREADS) of the process")
+    parser.add_argument("--checkpoints", default="2000,10000,15000", help="output lines at which to sample memory")
+    parser.add_argument("--kill-at", type=int, default=10000, help="SIGKILL the run at this many lines")
+    parser.add_argument("--sweep", action="store_true", help="first time other options on one month folder")
+    parser.add_argument("--sweep-n", type=int, default=200, help="images per sweep run")
     parser.add_argument("--rounds", type=int, default=2, help="times each sweep setting runs, in turn")
-    parser.add_argument("--skip-full", action="store_true", help="only the sweep")
+    parser.add_argument("--no-runs", action="store_true", help="skip step 2 (step 3 reuses its output)")
     args = parser.parse_args()
 
     make_library(args.library, args.n)
     args.work.mkdir(parents=True, exist_ok=True)
-    report: dict = {"n": args.n, "beam_size": args.beam_size, "batch_size": args.batch_size, "workers": args.workers}
+    report: dict = {"n": args.n, "beam_size": args.beam_size, "batch_size": args.batch_size, "workers": args.workers,
+                    "threads": args.threads}
     log = args.work / "bench.log"
 
     if args.sweep:
-        subset = args.library / "2000" / "01"
-        runs = [dict(), dict(batch_size=8), dict(batch_size=32), dict(workers=1), dict(beam_size=5), dict(nproc=2)]
+        subset = args.work / "sweep-library"  # links to the first sweep_n images of one folder
+        if not subset.exists():
+            subset.mkdir()
+            for image in sorted((args.library / "2000" / "01").glob("*.jpg"))[:args.sweep_n]:
+                (subset / image.name).symlink_to(image)
+        other = 3 - args.threads if args.threads in (1, 2) else 1
+        runs = [{}, {"threads": other}, {"batch_size": 8}, {"batch_size": 32}, {"workers": 1}, {"nproc": 2}]
         report["sweep"] = []
         for options in runs * args.rounds:
             out = args.work / "sweep.jsonl"
             out.unlink(missing_ok=True)
-            result = watch(command(subset, out, args, **options), out, log)
-            report["sweep"].append({"options": options or "defaults", **result})
+            options = dict(options)
+            threads = options.pop("threads", args.threads)
+            result = watch(command(subset, out, args, **options), out, log, threads)
+            del result["memory"]  # under torchrun it would be the launcher's
+            report["sweep"].append({"options": {**options, "threads": threads}, **result})
             print(json.dumps(report["sweep"][-1]), flush=True)
 
-    if not args.skip_full:
+    output = args.work / "captions.jsonl"
+    if not args.no_runs:
         checkpoints = [int(c) for c in args.checkpoints.split(",") if int(c) <= args.n]
-        full, resumed = args.work / "full.jsonl", args.work / "resumed.jsonl"
-        full.unlink(missing_ok=True)
-        resumed.unlink(missing_ok=True)
-        report["full"] = watch(command(args.library, full, args), full, log, checkpoints)
-        print(json.dumps(report["full"]), flush=True)
-        check_exactly_once(full, args.n)
-        report["killed"] = watch(command(args.library, resumed, args), resumed, log, kill_at=args.kill_at)
-        report["resume"] = watch(command(args.library, resumed, args), resumed, log)
-        check_exactly_once(resumed, args.n)
-        report["time_lost_s"] = round(report["killed"]["seconds"] + report["resume"]["seconds"]
-                                      - report["full"]["seconds"], 1)
-        print(json.dumps({k: report[k] for k in ("killed", "resume", "time_lost_s")}), flush=True)
+        output.unlink(missing_ok=True)
+        cmd = command(args.library, output, args)
+        report["command"] = " ".join(cmd)
+        report["killed"] = watch(cmd, output, log, args.threads, checkpoints, kill_at=args.kill_at)
+        print(json.dumps(report["killed"]), flush=True)
+        report["resumed"] = watch(cmd, output, log, args.threads, checkpoints)
+        print(json.dumps(report["resumed"]), flush=True)
+        check_exactly_once(output, args.n)
+        report["exactly_once"] = True
+    if lines_in(output) == args.n:
+        report["restart_costs"] = restart_costs(args.library, output, args.model)
+        print(json.dumps(report["restart_costs"]), flush=True)
     (args.work / "report.json").write_text(json.dumps(report, indent=1))
     print(f"report: {args.work / 'report.json'}")
 
