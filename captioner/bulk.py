@@ -1,6 +1,7 @@
 """Bulk captioning of a photo library: `captioner caption LIBRARY/ --output captions.jsonl`.
 
-Made for libraries of hundreds of thousands of files, so nothing grows with the library but the output:
+Made for libraries of hundreds of thousands of files, so nothing grows with the library but the output
+and, on a resume, the set of files already done (16 bytes each):
 - streaming: the tree is walked lazily, each folder in name order (the same order on every run), and each
   image's JSON line is written and flushed when its batch is done; the list of files and the results are
   never held whole.
@@ -36,7 +37,7 @@ from tqdm import tqdm
 from .data import IMAGE_SUFFIXES, ImageError, load_image
 from .pipeline import Captioner, DecodingOptions
 
-PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~1 MB an image)
+PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks that finish early wait for the slowest; torchrun ends them if one dies
 
 
