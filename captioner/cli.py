@@ -96,6 +96,8 @@ def export_onnx_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    if args.output and Path(args.output).suffix == ".jsonl":
+        return caption_library(args)
     from .data import ImageError, expand_inputs, load_image
     from .pipeline import Captioner
 
@@ -137,6 +139,28 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 for rank, c in enumerate(captions, 1):
                     writer.writerow([str(path), rank, c["generated_text"], c["score"]])
     return 1 if failed else 0
+
+
+def caption_library(args: argparse.Namespace) -> int:
+    """`caption LIBRARY/ --output captions.jsonl`: streaming, resumable, sharded under torchrun (bulk.py)."""
+    from . import bulk
+    from .pipeline import Captioner
+
+    if len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir():
+        raise SystemExit("captioner caption: a .jsonl --output takes one library folder, got " + " ".join(args.inputs))
+    if args.json or args.attention:
+        raise SystemExit("captioner caption: --json and --attention do not go with a .jsonl --output")
+    captioner = Captioner.from_pretrained(args.model, device=bulk.rank_device(args.device), backend=args.backend)
+    opts = captioner.options(beam_size=args.beam_size, max_length=args.max_length,
+                             length_penalty=args.length_penalty, num_captions=args.num_captions)
+    summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
+                             workers=args.workers)
+    rank, world = bulk.shard()
+    who = f"rank {rank} of {world}: " if world > 1 else ""
+    rate = summary.captioned / max(summary.seconds, 1e-9)
+    print(f"captioner caption: {who}{summary.captioned} images captioned, {summary.failed} unreadable (listed with "
+          f"their error), {summary.already_done} already done; {rate:.1f} images/s", file=sys.stderr)
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -208,7 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", help="torch, or onnx for a folder `export --format onnx` wrote")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print JSON with n-best captions and scores")
-    p.add_argument("--output", help="also write a CSV (file, rank, caption, score)")
+    p.add_argument("--output", help="NAME.jsonl: caption a whole library folder, one JSON line per image as it "
+                   "goes, resumable, sharded under torchrun; any other name: also write a CSV (file, rank, "
+                   "caption, score)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads reading and resizing images while the model runs (with a .jsonl --output)")
     p.add_argument("--attention", metavar="DIR", help="write one attention picture (PNG) per image into DIR")
     p.set_defaults(func=cmd_caption)
 

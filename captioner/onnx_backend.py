@@ -31,7 +31,6 @@ is measured and recorded, not required (docs/RESULTS.md has it on Flickr8k).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 
 from .encoders import image_transforms
 from .models.base import CaptionDecoder, State
-from .models.files import read_model_json
+from .models.files import read_model_json, weights_sha256
 from .vocab import Vocab
 
 if TYPE_CHECKING:
@@ -83,10 +82,6 @@ def require_exporter() -> None:
     except ImportError as err:
         raise ImportError(f"exporting to ONNX needs onnx and onnxscript ({err.name} is missing): "
                           "pip install 'captioner[onnx]'") from err
-
-
-def weights_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -423,7 +418,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
         log(f"exporting {GRAPHS['encoder']}")
         features = export_encoder(reference.encoder, tmp, weights)
         log(f"exporting {GRAPHS['init']} and {GRAPHS['step']}")
-        info = {"weights_sha256": weights, "exported_from": str(model_dir), "quantized": [],
+        info = {"weights_sha256": weights, "exported_from": model_dir.name, "quantized": [],
                 **export_decoder(reference.decoder, features, len(reference.vocab), tmp, weights)}
         reference.vocab.save(tmp / "vocab.json")
         _write_meta(tmp, {**meta, "onnx": info})

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -18,7 +20,7 @@ from PIL import Image
 from .config import resolve_device
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
-from .models import load_model
+from .models import load_model, weights_sha256
 
 if TYPE_CHECKING:
     from .encoders import Encoder
@@ -96,6 +98,18 @@ class Captioner:
         model = load_model(path, dev)
         defaults = DecodingOptions(**model.decoding)
         return cls(model.encoder(dev), model.decoder, model.vocab, defaults, dev, path=path)
+
+    @functools.cached_property
+    def version(self) -> str:
+        """First 12 hex digits of the weights file's sha256: any retrained or re-exported model gets a new
+        one, so a caption can be traced to the exact weights that wrote it ("" for a model not from a folder).
+        An ONNX folder is named by the weights it was exported from, and "-int8" when quantized."""
+        if self.path is None:
+            return ""
+        if (self.path / "model.safetensors").exists():
+            return weights_sha256(self.path / "model.safetensors")[:12]
+        onnx = json.loads((self.path / "model.json").read_text()).get("onnx", {})
+        return onnx.get("weights_sha256", "")[:12] + ("-int8" if onnx.get("quantized") else "")
 
     def options(self, **overrides: Any) -> DecodingOptions:
         values = {k: v for k, v in overrides.items() if v is not None}

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
 import ipaddress
 import logging
 import math
@@ -231,12 +230,8 @@ class CaptionResponse(BaseModel):
 
 def model_info(captioner: Captioner) -> dict[str, Any]:
     """Name, content hash (the model's version: any retrained or re-exported model gets a new one) and shape."""
-    digest = ""
-    if captioner.path is not None and (captioner.path / "model.safetensors").exists():
-        with open(captioner.path / "model.safetensors", "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
     h, w = captioner.encoder.grid()
-    return {"name": captioner.name, "version": digest, "encoder": captioner.encoder.name,
+    return {"name": captioner.name, "version": captioner.version, "encoder": captioner.encoder.name,
             "decoder": type(captioner.decoder).__name__, "grid": [h, w], "vocab_size": len(captioner.vocab)}
 
 

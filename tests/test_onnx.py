@@ -91,6 +91,7 @@ def test_onnxruntime_gives_pytorchs_captions(model_dir, exported):
     a, b = reference.attention(PHOTOS[0]), runtime.attention(PHOTOS[0])
     assert a["words"] == b["words"] and abs(a["alphas"] - b["alphas"]).max() < 1e-4
     assert a["image"].tobytes() == b["image"].tobytes()
+    assert runtime.version == reference.version != ""  # named by the weights it came from
 
 
 @pytest.mark.parametrize("family", sorted(DECODERS))

@@ -12,6 +12,7 @@ Version 1 folders (captioner 0.1, which stored the whole training config) still 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -88,6 +89,12 @@ def check_encoder_spec(saved: dict[str, Any], actual: dict[str, Any], model: str
     diff = [f"{k} {saved[k]!r} (model) != {actual.get(k)!r}" for k in keys if saved[k] != actual.get(k)]
     if diff:
         raise ValueError(f"{model} was trained on other encoder features: {'; '.join(diff)}")
+
+
+def weights_sha256(path: Path) -> str:
+    """The hex sha256 of a weights file: what a model's version and an export's origin are named by."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def tied_keys(module: torch.nn.Module) -> set[str]:
