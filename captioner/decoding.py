@@ -28,7 +28,7 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from captioner.decoders import State
+from .models.base import State
 
 INF = float("inf")
 Number = TypeVar("Number", Tensor, float)

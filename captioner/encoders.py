@@ -40,6 +40,10 @@ class Encoder(nn.Module):
         """(B, 3, S, S) -> (B, 1000) ImageNet logits; lets a test tell real weights from random ones."""
         raise NotImplementedError
 
+    def regions(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, H*W, C): the feature map as the sequence of regions a decoder attends over."""
+        return self(images).flatten(2).transpose(1, 2)
+
     def grid(self) -> tuple[int, int]:
         """(H, W) of the feature map at image_size."""
         raise NotImplementedError

@@ -14,10 +14,9 @@ import numpy as np
 
 from .baselines import nearest_neighbour_captions
 from .config import resolve_device
-from .decoders import load_model
-from .encoders import create_encoder
 from .features import open_prepared
 from .metrics import score_captions
+from .models import check_encoder_spec, load_model
 from .train import decode_split
 
 
@@ -27,17 +26,14 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     """Score `model` on `split` at each beam size; a model with a fine-tuned encoder re-encodes the images."""
     dev = resolve_device(device)
     prepared = open_prepared(prepared_dir)
-    decoder, cfg, vocab, spec, encoder_state = load_model(model, dev)
-    if vocab.itos != prepared.vocab.itos:
+    loaded = load_model(model, dev)
+    if loaded.vocab.itos != prepared.vocab.itos:
         raise ValueError(f"{model} was trained with another vocabulary than {prepared_dir}")
     encoder = None
-    if encoder_state is not None:
-        encoder = create_encoder(spec["encoder"], pretrained=False, image_size=spec["image_size"], layer=spec["layer"])
-        encoder.load_state_dict(encoder_state)
-        encoder.to(dev).eval()
-    elif spec != prepared.spec:
-        raise ValueError(f"{model} expects features of {spec['encoder']} ({spec['layer']}, {spec['image_size']}px); "
-                         f"{prepared_dir} holds {prepared.spec['encoder']} ({prepared.spec['layer']}, {prepared.spec['image_size']}px)")
+    if loaded.encoder_state is not None:  # fine-tuned: the cached features are not what it sees
+        encoder = loaded.encoder(dev)
+    else:
+        check_encoder_spec(loaded.encoder_spec, prepared.spec, f"{model} (against {prepared_dir})")
     rows = prepared.indices(split)
     refs = prepared.references(rows)
     out = Path(out_dir) if out_dir else Path(model) / f"eval_{split}"
@@ -45,7 +41,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     table = []
     for k in beam_sizes:
         start = time.time()
-        predictions = decode_split(decoder, prepared, rows, k, max_length, dev, encoder)
+        predictions = decode_split(loaded.decoder, prepared, rows, k, max_length, dev, encoder)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         (out / f"captions_beam{k}.json").write_text(json.dumps(predictions, indent=0) + "\n")

@@ -150,8 +150,8 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
             block = np.zeros((len(rows), h * w, encoder.channels), dtype=np.float16)
             if ok:
                 with torch.inference_mode():
-                    maps = encoder(batch.to(device)).float()
-                block[ok] = maps.flatten(2).transpose(1, 2).cpu().numpy().astype(np.float16)
+                    regions = encoder.regions(batch.to(device)).float()
+                block[ok] = regions.cpu().numpy().astype(np.float16)
             features[rows.start:rows.stop] = block
             features.flush()
             status[rows.start:rows.stop] = FAILED

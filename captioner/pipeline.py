@@ -17,9 +17,8 @@ from PIL import Image
 
 from .config import resolve_device
 from .data import load_image
-from .decoders import load_model
 from .decoding import Caption, beam_search
-from .encoders import create_encoder
+from .models import load_model
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
@@ -74,13 +73,9 @@ class Captioner:
         """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best)."""
         path = Path(path) if path is not None else DEFAULT_MODEL
         dev = resolve_device(device)
-        decoder, cfg, vocab, spec, encoder_state = load_model(path, dev)
-        encoder = create_encoder(spec["encoder"], pretrained=encoder_state is None,
-                                 image_size=spec["image_size"], layer=spec["layer"])
-        if encoder_state is not None:
-            encoder.load_state_dict(encoder_state)
-        defaults = DecodingOptions(cfg.beam_size, cfg.max_length, cfg.length_penalty, 1, cfg.block_trigrams)
-        return cls(encoder.to(dev), decoder, vocab, defaults, dev, path=path)
+        model = load_model(path, dev)
+        defaults = DecodingOptions(**model.decoding)
+        return cls(model.encoder(dev), model.decoder, model.vocab, defaults, dev, path=path)
 
     def options(self, **overrides: Any) -> DecodingOptions:
         values = {k: v for k, v in overrides.items() if v is not None}
@@ -95,7 +90,7 @@ class Captioner:
         if not isinstance(images, torch.Tensor):
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
-        features = self.encoder(batch).flatten(2).transpose(1, 2)
+        features = self.encoder.regions(batch)
         return beam_search(self.decoder, features, beam_size=opts.beam_size, max_length=opts.max_length,
                            length_penalty=opts.length_penalty, block_trigrams=opts.block_trigrams,
                            num_captions=opts.num_captions)

@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from .config import Config, resolve_device
-from .decoders import attention_penalty, build_decoder, load_model, save_model
+from .data import load_image
 from .decoding import beam_search
 from .encoders import Encoder, create_encoder
-from .data import load_image
 from .features import Prepared, open_prepared
 from .metrics import score_captions
+from .models import DecoderOutput, decoder_from_config, decoding_defaults, load_model, save_model
+from .objectives import Batch, make_objective
 
 
 # ---------------------------------------------------------------- data
@@ -66,8 +66,8 @@ class CaptionSet:
         return sortish_batches(self.image_lengths, max(1, round(batch_size / per_image)), seed, rank, world)
 
     def batch(self, images: list[int]) -> tuple[np.ndarray, Tensor, Tensor, Tensor]:
-        """Feature rows of the images, and their captions longest first with lengths and the index of
-        each caption's image among those rows."""
+        """Feature rows of the images, and the index of each caption's image among those rows, and
+        the captions longest first with their lengths."""
         caps = np.concatenate([self.captions_of[i] for i in images])
         owner = np.concatenate([np.full(len(self.captions_of[i]), k) for k, i in enumerate(images)])
         order = np.argsort(-self.lengths[caps], kind="stable")
@@ -180,7 +180,7 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], beam_s
             feats = torch.from_numpy(prepared.features[chunk].astype(np.float32)).to(device)
         else:
             encoder.eval()
-            feats = encoder(image_inputs(encoder, prepared, device)(chunk)).flatten(2).transpose(1, 2)
+            feats = encoder.regions(image_inputs(encoder, prepared, device)(chunk))
         results = beam_search(decoder, feats, beam_size=beam_size, max_length=max_length)
         for row, best in zip(chunk, results):
             out[prepared.records[row].name] = prepared.vocab.decode(best[0].tokens)
@@ -215,8 +215,9 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     except ImportError:
         return
     epochs = [h["epoch"] for h in history]
-    panels = [("train_loss", "loss"), ("train_top5", "top-5 accuracy"), ("val_Bleu_4", "BLEU-4 (dev)"), ("val_CIDEr", "CIDEr (dev)")]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.5))
+    titles = {"train_loss": "loss", "train_top5": "top-5 accuracy", "val_Bleu_4": "BLEU-4 (dev)", "val_CIDEr": "CIDEr (dev)"}
+    panels = [(key, titles.get(key, key)) for key in keys if key.startswith(("train_", "val_"))]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for ax, (key, title) in zip(axes, panels):
         ax.plot(epochs, [h[key] for h in history], marker="o")
         ax.set_title(title)
@@ -255,46 +256,41 @@ def bf16_supported(device: torch.device) -> bool:
     return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Config, inputs: Tensor,
-               owner: Tensor, captions: Tensor, lengths: Tensor, tf_ratio: float = 1.0,
-               use_amp: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-    """One optimizer step on one batch: forward (bfloat16 autocast if use_amp), cross-entropy plus the
-    attention penalty, backward, clipping, update. Returns the cross-entropy, logits and targets."""
-    device = captions.device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-        logits, targets, alphas = model(inputs, captions, lengths, teacher_forcing=tf_ratio, image_index=owner)
-        ce = F.cross_entropy(logits.float(), targets)
-        loss = ce + attention_penalty(alphas.float(), cfg.alpha_c)
+def train_step(model: nn.Module, objective: Callable, optimizer: torch.optim.Optimizer, batch: Batch,
+               grad_clip: float = 0.0, use_amp: bool = False) -> dict[str, Tensor | int]:
+    """One optimizer step on one batch: the objective under bfloat16 autocast if use_amp, backward,
+    clipping, update. Returns the objective's logs (sums) and their count `n`."""
+    with torch.autocast(batch.captions.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        result = objective(model, batch)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    if cfg.grad_clip > 0:
-        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.grad_clip)
+    result.loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], grad_clip)
     optimizer.step()
-    return ce.detach(), logits.detach(), targets
+    return {**result.logs, "n": result.n}
 
 
-def run_epoch(model: nn.Module, data: CaptionSet, batches: list[list[int]], optimizer: torch.optim.Optimizer,
-              scheduler, cfg: Config, device: torch.device, tf_ratio: float,
+def run_epoch(model: nn.Module, objective: Callable, data: CaptionSet, batches: list[list[int]],
+              optimizer: torch.optim.Optimizer, scheduler, cfg: Config, device: torch.device, tf_ratio: float,
               inputs: Callable[[np.ndarray], Tensor], desc: str = "train") -> dict[str, float]:
     """One pass over the batches; `inputs` turns feature rows into what the model takes: cached
-    features in stage 1, images in stage 2."""
+    features in stage 1, images in stage 2. Returns the objective's logs averaged over the epoch."""
     model.train()
     use_amp = cfg.amp and bf16_supported(device)
-    total_loss = total_correct = total_tokens = 0.0
+    totals: dict[str, float] = {}
     bar = tqdm(batches, desc=desc, unit="batch", disable=not is_main(), leave=False,
                mininterval=0.1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute
     for idx in bar:
         rows, owner, captions, lengths = data.batch(idx)
-        ce, logits, targets = train_step(model, optimizer, cfg, inputs(rows), owner.to(device), captions.to(device),
-                                         lengths.to(device), tf_ratio, use_amp)
+        batch = Batch(inputs(rows), rows, owner.to(device), captions.to(device), lengths.to(device), tf_ratio)
+        logs = train_step(model, objective, optimizer, batch, cfg.grad_clip, use_amp)
         if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
             scheduler.step()
-        n = targets.numel()
-        total_loss += ce.item() * n
-        total_correct += (logits.topk(5, dim=1).indices == targets.unsqueeze(1)).any(dim=1).sum().item()
-        total_tokens += n
-        bar.set_postfix(loss=f"{total_loss / total_tokens:.3f}", refresh=False)
-    return {"train_loss": total_loss / max(1, total_tokens), "train_top5": total_correct / max(1, total_tokens)}
+        for key, value in logs.items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+        bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}", refresh=False)
+    n = max(1.0, totals.pop("n", 0.0))
+    return {f"train_{key}": value / n for key, value in totals.items()}
 
 
 class EndToEnd(nn.Module):
@@ -304,10 +300,9 @@ class EndToEnd(nn.Module):
         super().__init__()
         self.encoder, self.decoder = encoder, decoder
 
-    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor, teacher_forcing: float = 1.0,
-                image_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        maps = self.encoder(images).flatten(2).transpose(1, 2)
-        return self.decoder(maps, captions, lengths, teacher_forcing=teacher_forcing, image_index=image_index)
+    def forward(self, images: Tensor, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None,
+                teacher_forcing: float = 1.0) -> DecoderOutput:
+        return self.decoder(self.encoder.regions(images), captions, lengths, image_index, teacher_forcing)
 
 
 def image_inputs(encoder: Encoder, prepared: Prepared, device: torch.device) -> Callable[[np.ndarray], Tensor]:
@@ -368,8 +363,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
 
     prepared = open_prepared(cfg.prepared)
     data = CaptionSet(prepared, "train")
-    decoder = build_decoder(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
+    decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
     model = wrap(decoder, device, world)
+    objective = make_objective(cfg)
     inputs: Callable = lambda rows: data.features(rows).to(device, non_blocking=True)
     optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
     steps = len(data.batches(cfg.batch_size, 0, rank, world))
@@ -406,12 +402,12 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         stage = "finetune" if state.epoch >= cfg.epochs else "train"
         if stage == "finetune" and encoder is None:
             if (run_dir / "best").exists():  # fine-tune from the best stage-1 decoder, not the last
-                decoder.load_state_dict(load_model(run_dir / "best", device)[0].state_dict())
+                decoder.load_state_dict(load_model(run_dir / "best", device).decoder.state_dict())
             enter_finetune()
         tf_ratio = teacher_forcing_ratio(cfg, state.epoch)
         batches = data.batches(cfg.batch_size, cfg.seed * 1000 + state.epoch, rank, world)
         start = time.time()
-        stats = run_epoch(model, data, batches, optimizer, scheduler, cfg, device, tf_ratio, inputs,
+        stats = run_epoch(model, objective, data, batches, optimizer, scheduler, cfg, device, tf_ratio, inputs,
                           desc=f"epoch {state.epoch + 1}/{total_epochs} {stage}")
         seconds = time.time() - start
         scores = validate(decoder, prepared, cfg, device, encoder) if is_main() else {}
@@ -439,14 +435,15 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
             state.epoch, state.bad_epochs, stop = cfg.epochs, 0, False
         if is_main():
             if improved:
-                save_model(run_dir / "best", decoder, cfg, prepared.vocab, prepared.spec,
+                save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
                            encoder_state=encoder.state_dict() if encoder is not None else None)
             save_checkpoint(last_path, stage=stage, decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
                             scheduler=scheduler.state_dict() if scheduler is not None else None,
                             encoder=encoder.state_dict() if encoder is not None else None,
                             train_state=vars(state), rng=rng_state())
             write_history(run_dir, state.history)
-            log(f"epoch {state.epoch}: loss {stats['train_loss']:.3f} top5 {stats['train_top5']:.3f} "
+            train_logs = " ".join(f"{key.removeprefix('train_')} {value:.3f}" for key, value in stats.items())
+            log(f"epoch {state.epoch}: {train_logs} "
                 f"dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}"
                 f"{' (best)' if improved else ''} [{seconds:.0f}s, {row['captions_per_s']} captions/s]")
         if stop:
@@ -469,7 +466,8 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
     device = resolve_device(cfg.device)
     prepared = open_prepared(cfg.prepared)
     data = CaptionSet(prepared, "train")
-    decoder = build_decoder(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device).train()
+    decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device).train()
+    objective = make_objective(cfg)
     optimizer = make_optimizer(cfg, list(decoder.parameters()), start_lr)
     batches = data.batches(cfg.batch_size, cfg.seed)
     factor = (end_lr / start_lr) ** (1 / max(1, steps - 1))
@@ -479,9 +477,9 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
         for group in optimizer.param_groups:
             group["lr"] = lr
         rows, owner, captions, lengths = data.batch(batches[i % len(batches)])
-        ce, _, _ = train_step(decoder, optimizer, cfg, data.features(rows).to(device), owner.to(device),
-                              captions.to(device), lengths.to(device), use_amp=cfg.amp and bf16_supported(device))
-        smooth = 0.9 * smooth + 0.1 * ce.item()
+        batch = Batch(data.features(rows).to(device), rows, owner.to(device), captions.to(device), lengths.to(device))
+        logs = train_step(decoder, objective, optimizer, batch, cfg.grad_clip, cfg.amp and bf16_supported(device))
+        smooth = 0.9 * smooth + 0.1 * float(logs["loss"]) / logs["n"]
         value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected running mean
         lrs.append(lr)
         losses.append(value)

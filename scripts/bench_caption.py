@@ -50,7 +50,7 @@ def main() -> None:
         batch = torch.stack([captioner.encoder.preprocess(im) for im in images])
         t1 = time.perf_counter()
         with torch.inference_mode():
-            features = captioner.encoder(batch).flatten(2).transpose(1, 2)
+            features = captioner.encoder.regions(batch)
             t2 = time.perf_counter()
             beam_search(captioner.decoder, features, beam_size=args.beam_size, max_length=opts.max_length)
         t3 = time.perf_counter()

@@ -13,14 +13,15 @@ from collections.abc import Callable
 
 import torch
 
-from captioner.decoders import AttentionDecoder, State
+from captioner.models import CaptionDecoder, State
+from captioner.models.lstm import AttentionLSTM, LSTMArgs
 from captioner.decoding import beam_search, greedy
 
 
 class TimedDecoder:
     """Wraps a decoder to add up the time spent in its init_state and step."""
 
-    def __init__(self, decoder: AttentionDecoder, clock: Callable[[], float]) -> None:
+    def __init__(self, decoder: CaptionDecoder, clock: Callable[[], float]) -> None:
         self.decoder, self.clock, self.spent = decoder, clock, 0.0
 
     def init_state(self, features: torch.Tensor) -> State:
@@ -49,7 +50,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    decoder = TimedDecoder(AttentionDecoder(3000, 1280, 512, 512, 512).eval(), clock)
+    decoder = TimedDecoder(AttentionLSTM(LSTMArgs(), 3000, 1280).eval(), clock)
     features = torch.randn(args.batch, 49, 1280)
     searches: dict[str, Callable[[], object]] = {
         "greedy": lambda: greedy(decoder, features, args.max_length),

@@ -20,7 +20,8 @@ import time
 import torch
 
 from captioner.config import Config
-from captioner.decoders import build_decoder
+from captioner.models import decoder_from_config
+from captioner.objectives import Batch, CrossEntropy
 from captioner.features import open_prepared
 from captioner.train import CaptionSet, bf16_supported, train_step
 
@@ -28,16 +29,17 @@ from captioner.train import CaptionSet, bf16_supported, train_step
 def run(data: CaptionSet, cfg: Config, batches: list[list[int]], amp: bool, every: int = 0) -> float:
     """Train a fresh seeded decoder over the batches; return captions/s after 5 warm-up batches."""
     torch.manual_seed(0)
-    decoder = build_decoder(cfg, len(data.prepared.vocab), data.prepared.spec["channels"]).train()
+    decoder = decoder_from_config(cfg, len(data.prepared.vocab), data.prepared.spec["channels"]).train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
     start, captions, running = time.perf_counter(), 0, 0.0
     for i, idx in enumerate(batches):
         if i == 5:
             start, captions = time.perf_counter(), 0
         rows, owner, tokens, lengths = data.batch(idx)
-        ce, _, _ = train_step(decoder, optimizer, cfg, data.features(rows), owner, tokens, lengths, use_amp=amp)
+        logs = train_step(decoder, CrossEntropy(), optimizer, Batch(data.features(rows), rows, owner, tokens, lengths),
+                          cfg.grad_clip, use_amp=amp)
         captions += len(lengths)
-        running += ce.item()
+        running += float(logs["loss"]) / logs["n"]
         if every and (i + 1) % every == 0:
             print(f"{'bf16' if amp else 'fp32'} batch {i + 1}: mean loss {running / every:.4f}")
             running = 0.0

@@ -7,19 +7,20 @@ import pytest
 import torch
 from torch import Tensor
 
-from captioner.decoders import AttentionDecoder, State
+from captioner.models import State
+from captioner.models.lstm import AttentionLSTM, LSTMArgs, MeanLSTM
 from captioner.decoding import Caption, beam_search, greedy
 
 PAD, START, END, UNK = 0, 1, 2, 3
 A, B, C, D, E, F, G = range(4, 11)  # the words of the hand-made decoders
 
 
-def attention_decoder(vocab_size: int = 12, attention: bool = True, seed: int = 9) -> AttentionDecoder:
+def attention_decoder(vocab_size: int = 12, attention: bool = True, seed: int = 9) -> AttentionLSTM:
     """A tiny random decoder with peaked distributions, so that captions end at varied lengths and
     near-ties (which could make equal searches pick different words) are unlikely."""
     torch.manual_seed(seed)
-    decoder = AttentionDecoder(vocab_size, feature_dim=8, embed_dim=16, attention_dim=16, hidden_dim=16,
-                               attention=attention, context_dim=16).eval()
+    family = AttentionLSTM if attention else MeanLSTM
+    decoder = family(LSTMArgs(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16), vocab_size, feature_dim=8).eval()
     with torch.no_grad():
         decoder.out.weight.mul_(4)
     return decoder
@@ -49,7 +50,7 @@ class BigramDecoder:
 
 
 @torch.no_grad()
-def rescore(decoder: AttentionDecoder | BigramDecoder, image: Tensor, tokens: list[int],
+def rescore(decoder: AttentionLSTM | BigramDecoder, image: Tensor, tokens: list[int],
             finished: bool) -> tuple[float, Tensor]:
     """Log-probability of a caption for one image (L, C) and the alphas of its words, one word at a time."""
     state = decoder.init_state(image.unsqueeze(0))
@@ -165,7 +166,7 @@ def test_batched_results_equal_per_image_results() -> None:
 
 @pytest.mark.parametrize("kind", ["bigram", "attention"])
 def test_without_end_the_best_unfinished_captions_come_back(kind: str) -> None:
-    decoder: AttentionDecoder | BigramDecoder
+    decoder: AttentionLSTM | BigramDecoder
     if kind == "bigram":
         decoder = BigramDecoder({START: {A: 0.6, B: 0.4}, A: {A: 0.3, B: 0.7}, B: {A: 0.55, B: 0.45}})
     else:

