@@ -72,8 +72,9 @@ class Config:
     freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
 
     # objective
-    objective: str = "xe"  # xe: teacher-forced cross-entropy
-    label_smoothing: float = 0.0  # cross-entropy against (1 - eps) one-hot + eps uniform
+    objective: str = option("xe", "training loss; xe: teacher-forced cross-entropy (plus the decoder's own "
+                                  "penalty)", choices=("xe",))
+    label_smoothing: float = option(0.0, "cross-entropy against (1 - eps) one-hot + eps uniform", range=(0.0, 1.0))
 
     # training
     run_dir: str = option("runs/default", "folder for checkpoints, the best model, metrics and curves")

@@ -99,3 +99,10 @@ def test_help_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_decoder_choices_are_the_registered_families():
+    from captioner.models import DECODERS
+
+    (decoder,) = [f for f in fields(Config) if f.name == "decoder"]
+    assert sorted(decoder.metadata["choices"]) == sorted(DECODERS)
