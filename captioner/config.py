@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from .atomic import replace_file
+
 if TYPE_CHECKING:
     import torch
 
@@ -131,7 +133,8 @@ class Config:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        replace_file(path, lambda tmp: tmp.write_text(text))  # a resumed run reads it back
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":

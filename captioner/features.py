@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
-import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import replace_file
 from .config import Config, resolve_device
 from .data import ImageError, Record, load_dataset, load_image
 from .encoders import Encoder, create_encoder
@@ -50,16 +51,17 @@ class Prepared:
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def _save_status(path: Path, status: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, status)
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_bytes(_npy_bytes(status)))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def assign_splits(records: list[Record]) -> list[Record]:
@@ -124,8 +126,9 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
         if old["shape"] != meta["shape"]:  # prepare() has already refused other records
             raise ValueError(f"{root} holds features of another shape; use another --prepared folder")
         batch_size = old["batch_size"]  # the same batch boundaries give bit-identical features on resume
-        features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
         status = np.load(status_path)
+        _recover_short_file(feat_path, status, shape, status_path, log)
+        features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
     else:
         features = np.memmap(feat_path, dtype=np.float16, mode="w+", shape=shape)
         status = np.zeros(len(records), dtype=np.uint8)
@@ -161,6 +164,24 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
     return features, status
 
 
+def _recover_short_file(feat_path: Path, status: np.ndarray, shape: tuple[int, ...], status_path: Path,
+                        log: Callable[[str], None]) -> None:
+    """A feature file shorter than its shape (cut by a kill, a full disk or a copy): the rows it lost go
+    back to TODO, and the file is brought back to full length so they can be encoded again."""
+    row_bytes = int(np.prod(shape[1:])) * 2
+    size = feat_path.stat().st_size if feat_path.exists() else 0
+    if size >= shape[0] * row_bytes:
+        return
+    whole = size // row_bytes
+    lost = int((status[whole:] != TODO).sum())
+    if lost:
+        log(f"{feat_path} is cut short ({size} of {shape[0] * row_bytes} bytes): encoding {lost} image(s) again")
+    status[whole:] = TODO
+    _save_status(status_path, status)
+    with open(feat_path, "ab") as f:
+        f.truncate(shape[0] * row_bytes)
+
+
 def _describe(spec: dict) -> str:
     return f"{spec['encoder']} at {spec['image_size']}px (layer {spec['layer']})"
 
@@ -183,7 +204,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     if records_path.exists() and json.loads(records_path.read_text()) != _records_to_json(records):
         raise ValueError(f"{root} was prepared from other data; use another --prepared folder or delete it")
     _write_json(records_path, _records_to_json(records))
-    vocab.save(root / "vocab.json")
+    replace_file(root / "vocab.json", vocab.save)
 
     encoder = create_encoder(cfg.encoder, pretrained=True, image_size=cfg.image_size, layer=cfg.feature_layer)
     device = resolve_device(cfg.device)
