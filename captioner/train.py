@@ -149,9 +149,13 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
     if cfg.schedule == "onecycle":
         max_lr = [g["lr"] for g in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, steps_per_epoch * epochs))
+    if cfg.schedule == "warmup":  # what transformers need: no total step count, so more epochs stay honest
+        warmup = max(1, cfg.warmup_steps)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup,
+                                                                             math.sqrt(warmup / (step + 1))))
     if cfg.schedule == "none":
         return None
-    raise ValueError(f"schedule must be plateau, onecycle or none, not {cfg.schedule!r}")
+    raise ValueError(f"schedule must be plateau, onecycle, warmup or none, not {cfg.schedule!r}")
 
 
 def seed_everything(seed: int) -> None:
@@ -379,8 +383,8 @@ def run_epoch(model: nn.Module, objective: Callable, data: CaptionSet, batches: 
         rows, owner, captions, lengths = data.batch(idx)
         batch = Batch(inputs(rows), rows, owner.to(device), captions.to(device), lengths.to(device), tf_ratio)
         logs = train_step(model, objective, optimizer, batch, cfg.grad_clip, use_amp)
-        if isinstance(scheduler, torch.optim.lr_scheduler.OneCycleLR):
-            scheduler.step()
+        if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step()  # the per-batch schedules
         for key, value in logs.items():
             totals[key] = totals.get(key, 0.0) + float(value)
         bar.set_postfix(loss=f"{totals['loss'] / totals['n']:.3f}", refresh=False)

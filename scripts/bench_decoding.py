@@ -3,7 +3,11 @@ how much of it the decoder itself takes (the rest is the search: top-k, bookkeep
 
 Random weights and features: the decoder practically never emits <end>, so every search runs to
 max_length, the worst case. CPU time (--clock cpu) is steadier than wall time on a busy machine.
-Usage: python scripts/bench_decoding.py [--threads 2] [--batch 32] [--clock wall|cpu] [--profile]
+With --decoder transformer (the configs/flickr8k-transformer.yaml shape) it also times the same
+searches without the key/value cache (every step re-running the prefix), so the cache's speed-up is
+measured in one run.
+Usage: python scripts/bench_decoding.py [--decoder attention|transformer] [--threads 2] [--batch 32]
+       [--clock wall|cpu] [--profile]
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 
 from captioner.models import CaptionDecoder, State
 from captioner.models.lstm import AttentionLSTM, LSTMArgs
+from captioner.models.transformer import TransformerArgs, TransformerCaptioner
 from captioner.decoding import beam_search, greedy
 
 
@@ -39,6 +44,7 @@ class TimedDecoder:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--decoder", choices=["attention", "transformer"], default="attention")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=20)
@@ -50,24 +56,33 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    decoder = TimedDecoder(AttentionLSTM(LSTMArgs(), 3000, 1280).eval(), clock)
+    if args.decoder == "transformer":
+        shape = TransformerArgs(model_dim=384, heads=6, layers=2, encoder_layers=1, ff_dim=1536)
+        model: CaptionDecoder = TransformerCaptioner(shape, 3000, 1280).eval()
+    else:
+        model = AttentionLSTM(LSTMArgs(), 3000, 1280).eval()
+    decoder = TimedDecoder(model, clock)
     features = torch.randn(args.batch, 49, 1280)
     searches: dict[str, Callable[[], object]] = {
         "greedy": lambda: greedy(decoder, features, args.max_length),
         "beam 3": lambda: beam_search(decoder, features, 3, args.max_length),
         "beam 5": lambda: beam_search(decoder, features, 5, args.max_length),
     }
+    caches = [True, False] if args.decoder == "transformer" else [True]
     with torch.inference_mode():
-        for name, search in searches.items():
-            search()  # warm-up
-            runs = []
-            for _ in range(args.repeats):
-                decoder.spent, start = 0.0, clock()
-                search()
-                runs.append((clock() - start, decoder.spent))
-            total, in_decoder = min(runs)
-            print(f"{name}: {1000 * total / args.batch:.2f} ms/image, of which the search itself "
-                  f"{1000 * (total - in_decoder) / args.batch:.2f} ms ({100 * (1 - in_decoder / total):.0f}%)")
+        for cache in caches:
+            model.kv_cache = cache
+            label = "" if args.decoder != "transformer" else " (key/value cache)" if cache else " (no cache)"
+            for name, search in searches.items():
+                search()  # warm-up
+                runs = []
+                for _ in range(args.repeats):
+                    decoder.spent, start = 0.0, clock()
+                    search()
+                    runs.append((clock() - start, decoder.spent))
+                total, in_decoder = min(runs)
+                print(f"{name}{label}: {1000 * total / args.batch:.2f} ms/image, of which the search itself "
+                      f"{1000 * (total - in_decoder) / args.batch:.2f} ms ({100 * (1 - in_decoder / total):.0f}%)")
         if args.profile:
             with torch.profiler.profile() as prof:
                 searches["beam 5"]()

@@ -44,7 +44,7 @@ def test_save_load_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("values, message", [
-    ({"schedule": "cosine"}, "schedule must be one of plateau, onecycle, none, got 'cosine'"),
+    ({"schedule": "cosine"}, "schedule must be one of plateau, onecycle, warmup, none, got 'cosine'"),
     ({"val_metric": "METEOR"}, "val_metric must be one of Bleu_4, CIDEr"),
     ({"beam_size": 0}, "beam_size must be from 1 to 20, got 0"),
     ({"lr": -0.1}, "lr must be at least 0"),
@@ -71,7 +71,7 @@ def test_flags_are_checked_with_the_file_they_override(tmp_path):
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
     with pytest.raises(SystemExit):  # argparse refuses a choice outside the field's own list
-        parser.parse_args(["--decoder", "transformer"])
+        parser.parse_args(["--decoder", "gru"])
 
 
 def test_every_flag_says_what_it_does_its_choices_or_range_and_default():
@@ -82,7 +82,7 @@ def test_every_flag_says_what_it_does_its_choices_or_range_and_default():
         assert f.metadata["help"], f.name
         assert f"--{f.name.replace('_', '-')}" in text
         assert f"(default: {f.default!r})" in text, f.name
-    assert "--schedule {plateau,onecycle,none}" in text and "--decoder {attention,mean}" in text
+    assert "--schedule {plateau,onecycle,warmup,none}" in text and "--decoder {attention,mean,transformer}" in text
     assert "--beam-size INT beam size; from 1 to 20 (default: 3)" in text
 
 

@@ -16,7 +16,8 @@ from captioner.models import (DECODERS, CaptionDecoder, LoadedModel, decoder_cla
 from captioner.vocab import Vocab
 
 SHIPPED = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
-SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3)
+SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16, heads=2, layers=2,
+             encoder_layers=1, ff_dim=32)
 
 
 def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed: int = 0) -> CaptionDecoder:
@@ -36,7 +37,7 @@ def captions_batch(vocab_size: int = 20, seed: int = 0) -> tuple[torch.Tensor, t
         captions[j, 0], captions[j, n - 1] = 1, 2
         captions[j, 1:n - 1] = torch.randint(4, vocab_size, (n - 2,), generator=g)
     owner = torch.tensor([0, 2, 1, 0, 2])
-    return torch.randn(3, 6, 8, generator=g), captions, lengths, owner
+    return torch.randn(3, 9, 8, generator=g), captions, lengths, owner  # a 3 x 3 grid
 
 
 @pytest.mark.parametrize("family", sorted(DECODERS))
@@ -140,3 +141,36 @@ def test_inference_refuses_an_encoder_that_differs_from_the_saved_spec(tmp_path)
     (folder / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"other encoder features: preprocess 'rgb,imagenet-mean-std"):
         load_model(folder).encoder()
+
+
+def test_the_transformer_key_value_cache_gives_the_same_captions_as_rerunning_the_prefix():
+    from captioner.decoding import beam_search
+
+    decoder = small_decoder("transformer", seed=3).eval()
+    with torch.no_grad():
+        decoder.out.bias.add_(torch.linspace(-2, 2, 20))  # a spread of word probabilities, so captions differ
+    features = captions_batch()[0]
+    options = dict(beam_size=3, max_length=9, num_captions=2, block_trigrams=True, length_penalty=0.7)
+    cached = beam_search(decoder, features, **options)
+    decoder.kv_cache = False
+    rerun = beam_search(decoder, features, **options)
+    for mine, theirs in zip(cached, rerun):
+        assert [c.tokens for c in mine] == [c.tokens for c in theirs]
+        for a, b in zip(mine, theirs):
+            assert abs(a.logprob - b.logprob) < 1e-4
+            torch.testing.assert_close(a.alphas, b.alphas, atol=1e-5, rtol=1e-5)
+    best = cached[0][0]
+    assert best.alphas.shape == (len(best.tokens), 9)
+    torch.testing.assert_close(best.alphas.sum(dim=1), torch.ones(len(best.tokens)))
+
+
+def test_the_cache_grows_by_one_position_a_step_and_the_regions_are_computed_once():
+    decoder = small_decoder("transformer").eval()
+    features = captions_batch()[0]
+    with torch.no_grad():
+        state = decoder.init_state(features)
+        memory = state["memory_k0"]
+        for t in range(3):
+            _, state, _ = decoder.step(torch.full((3,), 1), state)
+            assert state["self_k1"].shape == (3, 2, t + 1, 8)
+        assert state["memory_k0"] is memory  # beam search never reorders what does not change

@@ -11,7 +11,7 @@ import torch
 from captioner import train as train_mod
 from captioner.config import Config
 from captioner.models import load_model
-from captioner.features import prepare
+from captioner.features import open_prepared, prepare
 from captioner.train import sortish_batches, teacher_forcing_ratio, train
 
 from conftest import ROOT, write_flickr_dataset
@@ -168,3 +168,25 @@ def test_lr_find_sweeps_upwards_and_plots(prepared, tmp_path):
     assert all(b > a for a, b in zip(lrs, lrs[1:])) and len(losses) == len(lrs)
     assert lrs[0] <= suggestion <= lrs[-1]
     assert (tmp_path / "run" / "lr_find.png").stat().st_size > 1000
+
+
+def test_the_transformer_trains_with_warmup_and_label_smoothing_and_captions(prepared, tmp_path):
+    from captioner.pipeline import Captioner
+
+    cfg = small(prepared, tmp_path / "run", epochs=8, decoder="transformer", model_dim=32, heads=2, layers=1,
+                encoder_layers=1, ff_dim=64, dropout=0.1, schedule="warmup", warmup_steps=4, label_smoothing=0.1,
+                lr=1e-2, patience=8)
+    state = train(cfg, log=lambda s: None)
+    losses = [h["train_loss"] for h in state.history]
+    assert losses[-1] < losses[0]
+    lrs = [h["lr"] for h in state.history]
+    assert lrs[0] < cfg.lr * 1.01 and lrs[-1] < lrs[0]  # warmed up to lr by epoch 1's end, decaying after
+    model = load_model(tmp_path / "run" / "best")
+    assert model.decoder.family == "transformer" and model.decoder.args.layers == 1
+    captioner = Captioner.from_pretrained(tmp_path / "run" / "best", device="cpu")
+    captioner.decoder.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=False)["decoder"])
+    image = open_prepared(prepared).records[0].image  # a training image: "a red picture of noise"
+    assert captioner(str(image))[0]["generated_text"].split()[-2:] == ["of", "noise"]
+    with pytest.raises(ValueError, match="teacher forcing only"):
+        train(small(prepared, tmp_path / "ss", decoder="transformer", model_dim=16, heads=2, ff_dim=32,
+                    teacher_forcing_start=0.5, teacher_forcing_end=0.5), log=lambda s: None)

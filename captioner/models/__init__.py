@@ -1,8 +1,9 @@
 """Caption decoder families on one seam (base.py), and the model folder (files.py).
 
-Importing this package registers every family: `attention` and `mean` (lstm.py).
+Importing this package registers every family: `attention` and `mean` (lstm.py), `transformer`
+(transformer.py).
 """
-from . import lstm  # noqa: F401  (registers its families)
+from . import lstm, transformer  # noqa: F401  (registers their families)
 from .base import DECODERS, CaptionDecoder, DecoderOutput, State, decoder_class, register_decoder
 from .files import (LoadedModel, build_decoder, check_encoder_spec, decoder_from_config, decoding_defaults,
                     load_model, save_model)

@@ -89,13 +89,25 @@ def check_encoder_spec(saved: dict[str, Any], actual: dict[str, Any], model: str
         raise ValueError(f"{model} was trained on other encoder features: {'; '.join(diff)}")
 
 
+def tied_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict keys naming a tensor that an earlier key already names (tied weights): stored once."""
+    seen: set[int] = set()
+    tied = set()
+    for key, value in module.state_dict(keep_vars=True).items():
+        if id(value) in seen:
+            tied.add(key)
+        seen.add(id(value))
+    return tied
+
+
 def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_spec: dict[str, Any],
                decoding: dict[str, Any], encoder_state: dict[str, Tensor] | None = None,
                dtype: torch.dtype = torch.float32) -> None:
     """Write a model folder through atomic.replace_folder: a reader (or a crash) never sees half a model."""
     from safetensors.torch import save_file
 
-    tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items()}
+    tied = tied_keys(decoder)
+    tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items() if k not in tied}
     if encoder_state is not None:
         tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in tensors.items()}
@@ -148,7 +160,11 @@ def _read_model(folder: Path, path: Path, device: str | torch.device) -> LoadedM
     tensors = load_file(str(folder / "model.safetensors"), device="cpu")
     decoder = build_decoder(meta["decoder"]["family"], meta["decoder"]["args"], len(vocab), meta["encoder"]["channels"],
                             source=str(folder / "model.json"))
-    decoder.load_state_dict({k.removeprefix("decoder."): v.float() for k, v in tensors.items() if k.startswith("decoder.")})
+    weights = {k.removeprefix("decoder."): v.float() for k, v in tensors.items() if k.startswith("decoder.")}
+    missing, unexpected = decoder.load_state_dict(weights, strict=False)
+    if set(missing) != tied_keys(decoder) or unexpected:
+        raise ValueError(f"{folder / 'model.safetensors'} does not fit its model.json: missing "
+                         f"{sorted(set(missing) - tied_keys(decoder))}, unexpected {sorted(unexpected)}")
     encoder_state = {k.removeprefix("encoder."): v.float() if v.is_floating_point() else v
                      for k, v in tensors.items() if k.startswith("encoder.")} or None
     return LoadedModel(decoder.to(device).eval(), vocab, meta["encoder"], encoder_state, meta["decoding"], path)
