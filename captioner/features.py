@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -130,7 +131,8 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
         _recover_short_file(feat_path, status, shape, status_path, log)
         features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
     else:
-        features = np.memmap(feat_path, dtype=np.float16, mode="w+", shape=shape)
+        _allocate(feat_path, int(np.prod(shape)) * 2)
+        features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
         status = np.zeros(len(records), dtype=np.uint8)
         _save_status(status_path, status)
         _write_json(meta_path, meta)
@@ -178,8 +180,17 @@ def _recover_short_file(feat_path: Path, status: np.ndarray, shape: tuple[int, .
         log(f"{feat_path} is cut short ({size} of {shape[0] * row_bytes} bytes): encoding {lost} image(s) again")
     status[whole:] = TODO
     _save_status(status_path, status)
-    with open(feat_path, "ab") as f:
-        f.truncate(shape[0] * row_bytes)
+    _allocate(feat_path, shape[0] * row_bytes)
+
+
+def _allocate(path: Path, size: int) -> None:
+    """The feature file at full size, its blocks reserved where the OS can: a disk too small then fails
+    here with ENOSPC, not with a SIGBUS in the middle of extraction (writes into a memory map have no
+    other way to report a full disk)."""
+    with open(path, "ab") as f:
+        f.truncate(size)
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, size)
 
 
 def _describe(spec: dict) -> str:

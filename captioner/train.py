@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
+import io
 import math
 import os
 import pickle
@@ -215,8 +216,12 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 
 
 def save_checkpoint(path: Path, **state: object) -> None:
-    """Through atomic.replace_file: a crash or a full disk mid-write leaves the previous checkpoint whole."""
-    replace_file(path, lambda tmp: torch.save(state, tmp))
+    """Through atomic.replace_file: a crash or a full disk mid-write leaves the previous checkpoint whole.
+    Serialised in memory first: torch.save writing to a full disk raises a RuntimeError about zip
+    offsets, where a plain write raises OSError(ENOSPC), which says what happened."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    replace_file(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -433,6 +438,19 @@ RESUME_MAY_CHANGE = frozenset({"epochs", "finetune_epochs", "patience", "device"
                                "amp", "data", "images", "prepared", "run_dir"})
 
 
+@contextlib.contextmanager
+def saving(run_dir: Path, what: str, resumable: bool) -> Iterator[None]:
+    """A full disk or a read-only run folder ends the run with what to do, not a traceback (the CLI
+    prints OSErrors); every write is atomic, so what is on disk is still whole."""
+    try:
+        yield
+    except OSError as err:
+        again = "the same command with --resume" if resumable else "the same command again"
+        where = f" ({err.filename})" if err.filename else ""
+        raise OSError(err.errno, f"cannot save {what} in {run_dir}: {err.strerror or err}{where}; the files there "
+                      f"are whole: free space or make the folder writable, then run {again}") from err
+
+
 def check_resumed_config(saved: Config, cfg: Config, run_dir: Path) -> None:
     """A resumed run must go on training what it started; name every option that differs."""
     before = saved.to_dict()
@@ -539,7 +557,8 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         log(f"resumed {run_dir} after epoch {state.epoch}")
 
     if is_main():
-        cfg.save(run_dir / "config.json")
+        with saving(run_dir, "the run's config", resume):
+            cfg.save(run_dir / "config.json")
         n_params = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
         log(f"training on {device} ({world} process{'es' if world > 1 else ''}): {len(data)} captions, "
             f"{len(prepared.vocab)} words, decoder {n_params / 1e6:.1f}M parameters")
@@ -581,7 +600,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
             state.stage, state.stage_start, state.bad_epochs = "finetune", state.epoch, 0
         rng = gather_rng_states(world)
         if is_main():
-            try:
+            with saving(run_dir, f"epoch {state.epoch}", last_path.exists()):
                 if improved:
                     save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
                                encoder_state=encoder.state_dict() if encoder is not None else None)
@@ -590,10 +609,6 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
                                 encoder=encoder.state_dict() if encoder is not None else None,
                                 train_state=vars(state), rng=rng)
                 write_history(run_dir, state.history)
-            except OSError as err:
-                again = "with --resume" if last_path.exists() else "again"
-                raise OSError(err.errno, f"cannot save epoch {state.epoch} in {run_dir}: {err.strerror or err}; every "
-                              f"file there is still whole: free space (or make it writable) and run {again}") from err
             train_logs = " ".join(f"{key.removeprefix('train_')} {value:.3f}" for key, value in stats.items())
             log(f"epoch {state.epoch}: {train_logs} "
                 f"dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}"

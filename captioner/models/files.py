@@ -103,8 +103,10 @@ def tied_keys(module: torch.nn.Module) -> set[str]:
 def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_spec: dict[str, Any],
                decoding: dict[str, Any], encoder_state: dict[str, Tensor] | None = None,
                dtype: torch.dtype = torch.float32) -> None:
-    """Write a model folder through atomic.replace_folder: a reader (or a crash) never sees half a model."""
-    from safetensors.torch import save_file
+    """Write a model folder through atomic.replace_folder: a reader (or a crash) never sees half a model.
+    The weights are serialised in memory, then written: safetensors writing to a full disk raises its own
+    error type, a plain write raises OSError(ENOSPC)."""
+    from safetensors.torch import save
 
     tied = tied_keys(decoder)
     tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items() if k not in tied}
@@ -118,7 +120,7 @@ def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_
             "decoding": {key: decoding[key] for key in DECODING_KEYS}}
 
     def write(folder: Path) -> None:
-        save_file(tensors, str(folder / "model.safetensors"))
+        (folder / "model.safetensors").write_bytes(save(tensors))
         (folder / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
         vocab.save(folder / "vocab.json")
 
