@@ -244,9 +244,9 @@ def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(prepared,
 def test_lr_find_on_a_real_model_stops_and_plots(prepared, tmp_path):
     from captioner.train import lr_find
 
-    lrs, losses, suggestion = lr_find(small(prepared, tmp_path / "run"), start_lr=1e-5, end_lr=100.0, steps=40,
-                                      log=lambda s: None)
-    assert len(lrs) < 40 and losses[-1] > 4 * min(losses)  # Adam at a rate of 10 and more diverges
+    lrs, losses, suggestion = lr_find(small(prepared, tmp_path / "run", amp=False), start_lr=1e-4, end_lr=1e4,
+                                      steps=30, log=lambda s: None)
+    assert len(lrs) < 30 and losses[-1] > 4 * min(losses)  # Adam diverges long before a rate of 10,000
     assert lrs[0] < suggestion < lrs[-1] / 10
     assert (tmp_path / "run" / "lr_find.png").stat().st_size > 1000
 
