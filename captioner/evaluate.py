@@ -1,8 +1,9 @@
 """`captioner evaluate`: coco-caption scores of a trained model, or of a baseline, on one split.
 
 Every image is scored against all of its references, with the captions users would get (the model's
-decoding options). Writes results.json (scores per beam size, the decoding options) and
-captions_beamK.json (one caption per image) next to each other, and returns a markdown table.
+decoding options). Writes results.json (scores and fluency figures per beam size, the decoding options)
+and captions_beamK.json (one caption per image) next to each other, logs the fluency table (with one
+human reference per image for comparison), and returns the scores' rows.
 """
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
 from .config import resolve_device
 from .features import open_prepared
-from .metrics import score_captions
+from .metrics import fluency, format_fluency_table, score_captions
 from .models import check_encoder_spec, load_model
 from .pipeline import DecodingOptions
 from .train import decode_split
+from .vocab import tokenize
 
 
 def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test",
@@ -48,6 +50,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     out = Path(out_dir) if out_dir else Path(model) / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
     table = []
+    fluent = [("references (the first of each image)", fluency([" ".join(tokenize(c[0])) for c in refs.values()]))]
     for k in beam_sizes or [base.beam_size]:
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
@@ -56,12 +59,14 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)
         table.append((f"beam {k}", scores))
+        fluent.append((f"beam {k}", fluency(list(predictions.values()))))
         log(f"beam {k}: BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f} "
             f"({len(rows)} images decoded in {seconds:.1f}s)")
     decoding = {key: value for key, value in vars(base).items() if key not in ("beam_size", "num_captions")}
     results = {"model": str(model), "split": split, "images": len(rows), "max_length": base.max_length,
-               "decoding": decoding, "scores": {name: s for name, s in table}}
+               "decoding": decoding, "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
     _write_json(out / "results.json", results, indent=1)
+    log(format_fluency_table(fluent))
     return table
 
 

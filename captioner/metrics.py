@@ -1,4 +1,5 @@
-"""BLEU, METEOR, ROUGE-L and CIDEr computed by pycocoevalcap, the way coco-caption does it.
+"""BLEU, METEOR, ROUGE-L and CIDEr computed by pycocoevalcap, the way coco-caption does it, and
+fluency statistics that those scores miss.
 
 Papers report these exact implementations (Java PTB tokenization, METEOR 1.5, corpus-level CIDEr idf),
 so numbers from here compare with published ones; re-implementing any of them would not.
@@ -16,6 +17,8 @@ from collections.abc import Iterator, Sequence
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 _HEADERS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+# Words a finished English caption does not end with: a caption that does was cut off or went wrong.
+FUNCTION_WORDS = frozenset("a an the of in on with and at to".split())
 # METEOR's jar parses its own numbers with the JVM's default locale; a German or French one breaks it.
 _JAVA_LOCALE = "-Duser.language=en -Duser.country=US"
 
@@ -141,4 +144,31 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     for name, scores in rows:
         cells = [f"{100 * scores[m]:.1f}" if m in scores else "-" for m in METRICS]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def fluency(captions: Sequence[str]) -> dict[str, float]:
+    """What n-gram overlap does not show, over captions written as words separated by spaces (as the
+    model writes them): the share ending in a function word ("a dog on the"), the share repeating a
+    bigram ("a man in a red shirt and a red hat"), how many are distinct (a model that writes the same
+    few captions for every image), and how many distinct words they use."""
+    if not captions:
+        raise ValueError("no captions to measure")
+    words = [c.split() for c in captions]
+    return {
+        "ends_in_function_word": sum(bool(w) and w[-1] in FUNCTION_WORDS for w in words) / len(words),
+        "repeated_bigram": sum(len(set(zip(w, w[1:]))) < len(w) - 1 for w in words) / len(words),
+        "distinct_captions": len({tuple(w) for w in words}),
+        "captions": len(words),
+        "vocabulary": len({x for w in words for x in w}),
+    }
+
+
+def format_fluency_table(rows: list[tuple[str, dict[str, float]]]) -> str:
+    """Markdown table of `fluency` figures: shares as percentages, distinct captions out of all."""
+    lines = ["| Captions | Ends in a function word | Repeated bigram | Distinct captions | Vocabulary |",
+             "|---|---:|---:|---:|---:|"]
+    for name, f in rows:
+        lines.append(f"| {name} | {100 * f['ends_in_function_word']:.1f}% | {100 * f['repeated_bigram']:.1f}% | "
+                     f"{f['distinct_captions']} / {f['captions']} | {f['vocabulary']} |")
     return "\n".join(lines) + "\n"

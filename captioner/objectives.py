@@ -6,13 +6,22 @@ An objective is a callable `(model, batch) -> StepResult`. Its logs are sums ove
 """
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .cider import CiderD
 from .config import Config
+from .decoding import sample
+from .features import Prepared
+from .models import CaptionDecoder
+from .vocab import Vocab, tokenize
 
 
 @dataclass
@@ -51,8 +60,108 @@ class CrossEntropy:
         return StepResult(ce + out.aux_loss.float(), {"loss": ce.detach() * n, "top5": top5}, n)
 
 
-def make_objective(cfg: Config) -> CrossEntropy:
-    """The objective `cfg.objective` names."""
+class CaptionReward:
+    """CIDEr-D, plus bleu_weight x sentence BLEU-4 if asked, of sampled captions against all the
+    references of their images. The document frequencies come from every image given (the train
+    split), worked out once."""
+
+    def __init__(self, references: dict[int, list[str]], vocab: Vocab, bleu_weight: float = 0.0) -> None:
+        words = {row: [tokenize(c) for c in captions] for row, captions in references.items()}
+        self.cider = CiderD(words)
+        self.vocab, self.bleu_weight = vocab, bleu_weight
+        self.references = {row: [" ".join(w) for w in ws] for row, ws in words.items()} if bleu_weight else {}
+
+    def __call__(self, rows: np.ndarray, tokens: Tensor) -> np.ndarray:
+        """rows (N,) prepared rows of the images, tokens (N, T) as `decoding.sample` gives them -> (N,)."""
+        candidates = [self.vocab.decode(t).split() for t in tokens.tolist()]
+        reward = self.cider.score(rows.tolist(), candidates)
+        if self.bleu_weight:
+            reward = reward + self.bleu_weight * self.bleu4(rows, candidates)
+        return reward
+
+    def bleu4(self, rows: np.ndarray, candidates: list[list[str]]) -> np.ndarray:
+        """pycocoevalcap's per-caption BLEU-4 (its smoothed counts, closest reference length)."""
+        from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+        scorer = BleuScorer(n=4)
+        for row, words in zip(rows.tolist(), candidates):
+            scorer += (" ".join(words), self.references[row])
+        with contextlib.redirect_stdout(io.StringIO()):
+            _, per_caption = scorer.compute_score(option="closest", verbose=0)
+        return np.array(per_caption[3])
+
+
+def advantages(rewards: Tensor, baseline: Tensor | None = None) -> Tensor:
+    """rewards (I, k) of k samples per image, less a baseline: the greedy caption's reward (I,) when
+    given, else the mean reward of the image's other k - 1 samples, so that a sample is judged only
+    against its rivals and the advantages of an image sum to zero."""
+    if baseline is not None:
+        return rewards - baseline.unsqueeze(1)
+    k = rewards.shape[1]
+    return rewards - (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
+
+
+@dataclass
+class SelfCritical:
+    """Self-critical sequence training (Rennie et al., 2017): sample k captions per image with
+    gradients, reward each with CIDEr-D against its image's references, and raise the log-probability
+    of those that beat the baseline, lower the others': loss = -(reward - baseline) x (sum of the
+    caption's log-probabilities), averaged over the samples. Logs the loss and the mean reward of the
+    samples (and of the greedy captions with the greedy baseline) per sample."""
+
+    reward: Callable[[np.ndarray, Tensor], np.ndarray]  # (rows (N,), tokens (N, T)) -> rewards (N,)
+    samples: int = 5
+    baseline: str = "mean"  # mean | greedy
+    max_length: int = 16
+
+    def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
+        decoder, features = self._decoder_and_features(model, batch.inputs)
+        k, images = self.samples, len(batch.rows)
+        tokens, logprobs, _ = sample(decoder, features, k, self.max_length)
+        rewards = torch.from_numpy(self.reward(np.repeat(batch.rows, k), tokens)).float().view(images, k)
+        logs: dict[str, Tensor] = {"reward": rewards.sum()}
+        greedy_reward = None
+        if self.baseline == "greedy":
+            was_training = decoder.training
+            decoder.eval()
+            with torch.no_grad():
+                greedy_tokens, _, _ = sample(decoder, features, 1, self.max_length, greedy=True)
+            decoder.train(was_training)
+            greedy_reward = torch.from_numpy(self.reward(np.asarray(batch.rows), greedy_tokens)).float()
+            logs["greedy_reward"] = greedy_reward.sum() * k  # per sample, like the others
+        advantage = advantages(rewards, greedy_reward).view(-1).to(logprobs.device)
+        loss = -(advantage * logprobs.sum(dim=1)).mean()
+        n = images * k
+        return StepResult(loss, {"loss": loss.detach() * n, **logs}, n)
+
+    @staticmethod
+    def _decoder_and_features(model: nn.Module, inputs: Tensor) -> tuple[CaptionDecoder, Tensor]:
+        """Sampling calls the decoder's init_state and step, not its forward: DistributedDataParallel
+        would not sync those gradients, so it is refused; in stage 2 the model is train.EndToEnd and
+        the images go through its encoder first."""
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise ValueError("objective scst runs in one process only (not under torchrun)")
+        if hasattr(model, "encoder"):
+            return model.decoder, model.encoder.regions(inputs)
+        return model, inputs
+
+
+def make_objective(cfg: Config, prepared: Prepared) -> CrossEntropy | SelfCritical:
+    """The objective `cfg.objective` names; self-critical training's rewards use the train split's
+    references of `prepared`."""
     if cfg.objective == "xe":
         return CrossEntropy(cfg.label_smoothing)
-    raise ValueError(f"objective must be xe, not {cfg.objective!r}")
+    if cfg.objective == "scst":
+        if cfg.scst_baseline not in ("mean", "greedy"):
+            raise ValueError(f"scst_baseline must be mean or greedy, not {cfg.scst_baseline!r}")
+        fewest = 2 if cfg.scst_baseline == "mean" else 1  # the mean baseline needs another sample
+        if cfg.scst_samples < fewest:
+            raise ValueError(f"scst_samples must be at least {fewest} with the {cfg.scst_baseline} baseline, "
+                             f"not {cfg.scst_samples}")
+        if cfg.scst_max_length < 1 or cfg.scst_bleu_weight < 0:
+            raise ValueError(f"scst_max_length must be at least 1 and scst_bleu_weight at least 0, not "
+                             f"{cfg.scst_max_length} and {cfg.scst_bleu_weight}")
+        references = {row: list(prepared.records[row].captions) for row in prepared.indices("train")}
+        reward = CaptionReward(references, prepared.vocab, cfg.scst_bleu_weight)
+        return SelfCritical(reward, cfg.scst_samples, cfg.scst_baseline, cfg.scst_max_length)
+    raise ValueError(f"objective must be xe or scst, not {cfg.objective!r}")

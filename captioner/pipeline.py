@@ -7,21 +7,29 @@
 """
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .config import resolve_device
-from .data import load_image
-from .decoding import Caption, beam_search
-from .models import load_model
+from .data import ImageError, load_image
+from .decoding import Caption, Decoder, beam_search
+from .models import load_model, weights_sha256
+
+if TYPE_CHECKING:
+    from .encoders import Encoder
+    from .onnx_backend import OnnxEncoder
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
-ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
+BACKENDS = ("torch", "onnx")
+ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray, torch.Tensor]
+ACCEPTED = "a path (str or Path), the bytes of an image file, a PIL image, a numpy array or a torch tensor"
 
 
 # The one table of allowed decoding options: DecodingOptions checks it, the REST API documents it.
@@ -60,22 +68,48 @@ class DecodingOptions:
 
 
 class Captioner:
-    """Encoder, decoder and vocabulary of one trained model, with its default decoding options."""
+    """Encoder, decoder and vocabulary of one trained model, with its default decoding options.
 
-    def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module, vocab: Any, defaults: DecodingOptions,
+    The encoder and decoder are PyTorch modules in eval mode, or their onnxruntime stand-ins
+    (onnx_backend.py) with the same methods: nothing past `from_pretrained` asks which."""
+
+    def __init__(self, encoder: Encoder | OnnxEncoder, decoder: Decoder, vocab: Any, defaults: DecodingOptions,
                  device: torch.device, path: Path | None = None) -> None:
-        self.encoder, self.decoder, self.vocab = encoder.eval(), decoder.eval(), vocab
+        self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.defaults, self.device, self.path = defaults, device, path
         self.name = path.name if path is not None else ""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto") -> "Captioner":
-        """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best)."""
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", backend: str = "torch") -> "Captioner":
+        """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best); with
+        backend="onnx", a folder `captioner export --format onnx` wrote, run by onnxruntime on the CPU."""
         path = Path(path) if path is not None else DEFAULT_MODEL
+        if backend == "onnx":
+            from .onnx_backend import load_onnx
+
+            if device not in ("auto", "cpu"):
+                raise ValueError(f"the onnx backend runs on the CPU, not {device!r}; use --backend torch for that device")
+            exported = load_onnx(path)
+            return cls(exported.encoder, exported.decoder, exported.vocab, DecodingOptions(**exported.decoding),
+                       torch.device("cpu"), path=path)
+        if backend != "torch":
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         dev = resolve_device(device)
         model = load_model(path, dev)
         defaults = DecodingOptions(**model.decoding)
         return cls(model.encoder(dev), model.decoder, model.vocab, defaults, dev, path=path)
+
+    @functools.cached_property
+    def version(self) -> str:
+        """First 12 hex digits of the weights file's sha256: any retrained or re-exported model gets a new
+        one, so a caption can be traced to the exact weights that wrote it ("" for a model not from a folder).
+        An ONNX folder is named by the weights it was exported from, and "-int8" when quantized."""
+        if self.path is None:
+            return ""
+        if (self.path / "model.safetensors").exists():
+            return weights_sha256(self.path / "model.safetensors")[:12]
+        onnx = json.loads((self.path / "model.json").read_text()).get("onnx", {})
+        return onnx.get("weights_sha256", "")[:12] + ("-int8" if onnx.get("quantized") else "")
 
     def options(self, **overrides: Any) -> DecodingOptions:
         values = {k: v for k, v in overrides.items() if v is not None}
@@ -96,16 +130,23 @@ class Captioner:
                            num_captions=opts.num_captions)
 
     def __call__(self, inputs: ImageInput | list[ImageInput], batch_size: int = 16, **options: Any) -> list:
-        """Paths, PIL images, numpy arrays or bytes, one or a list; options as in DecodingOptions.
+        """Caption one image or many; options as in DecodingOptions.
 
-        One input gives [{"generated_text", "score"}, ...] (n-best, best first); a list gives one such
-        list per input."""
+        An image is a path, the bytes of an image file, a PIL image, or pixels: a numpy array HxWx3 or HxW
+        (also HxWx4, HxWx1), or a torch tensor 3xHxW or 1xHxW (channels first, as torchvision makes them;
+        a 3-D tensor whose first dimension is 1 or 3 is read so), HxWx3 or HxW. Pixels are uint8 0-255 or
+        float in [0, 1] (uint16 and bool arrays work too); tensors may live on any device.
+        Many images are a list or tuple of those, or a 4-D batch: a numpy array BxHxWx3 or a tensor
+        Bx3xHxW or BxHxWx3, which counts as a list of its B images.
+
+        One image gives [{"generated_text", "score"}, ...] (n-best, best first); many give one such list
+        per image. Anything else raises TypeError saying what is accepted; pixels of another shape or
+        dtype raise ValueError (ImageError) naming them."""
         opts = self.options(**options)
-        single = not isinstance(inputs, (list, tuple))
-        items = [inputs] if single else list(inputs)
+        items, single = _as_images(inputs)
         out = []
         for s in range(0, len(items), batch_size):
-            images = [load_image(x) for x in items[s:s + batch_size]]
+            images = [load_image(x, name=name) for x, name in items[s:s + batch_size]]
             out += [self.as_dicts(captions) for captions in self.generate(images, opts)]
         return out[0] if single else out
 
@@ -124,8 +165,43 @@ class Captioner:
     def attention(self, image: ImageInput, **options: Any) -> dict:
         """The best caption with its words, each word's attention map (T, H, W), and the crop the
         encoder saw, ready to overlay."""
-        picture = load_image(image)
+        items, single = _as_images(image)
+        if not single:
+            raise TypeError(f"attention takes one image ({ACCEPTED}), not a list or a batch")
+        picture = load_image(items[0][0], name=items[0][1])
         best = self.generate([picture], self.options(**options))[0][0]
         words, alphas = self.attention_maps(best)
         return {"generated_text": " ".join(words), "score": best.score, "words": words, "alphas": alphas,
                 "image": self.encoder.crop(picture)}
+
+
+def _as_images(inputs: Any) -> tuple[list[tuple[Any, str | None]], bool]:
+    """`Captioner`'s inputs as (what load_image reads, the name its errors use), and whether one image was given."""
+    if isinstance(inputs, (list, tuple)) or (isinstance(inputs, (np.ndarray, torch.Tensor)) and inputs.ndim == 4):
+        return [_as_image(x, f"inputs[{i}]") for i, x in enumerate(inputs)], False
+    return [_as_image(inputs, None)], True
+
+
+def _as_image(x: Any, where: str | None) -> tuple[Any, str | None]:
+    if isinstance(x, torch.Tensor):
+        where = where or "<tensor>"
+        return _tensor_pixels(x, where), where
+    if isinstance(x, (str, Path)):
+        return x, None  # a path names itself
+    if isinstance(x, (bytes, Image.Image, np.ndarray)):
+        return x, where
+    raise TypeError(f"{where + ': ' if where else ''}Captioner takes {ACCEPTED}, or a list or a batch of them; "
+                    f"got {type(x).__name__}")
+
+
+def _tensor_pixels(t: torch.Tensor, name: str) -> np.ndarray:
+    """A 3xHxW, 1xHxW, HxWx3 or HxW tensor as the HxWxC (or HxW) array load_image reads."""
+    if not (t.ndim == 2 or (t.ndim == 3 and (t.shape[0] in (1, 3) or t.shape[2] in (1, 3, 4)))):
+        raise ImageError(f"{name}: expected a 3xHxW, 1xHxW, HxWx3 or HxW tensor, or a batch Bx3xHxW or BxHxWx3, "
+                         f"got shape {tuple(t.shape)}")
+    t = t.detach().cpu()
+    if t.dtype in (torch.float16, torch.bfloat16):  # numpy has no bfloat16
+        t = t.float()
+    if t.ndim == 3 and t.shape[0] in (1, 3):
+        t = t.permute(1, 2, 0)
+    return t.numpy()

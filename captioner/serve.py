@@ -2,34 +2,40 @@
 
 Requests from both faces go through one `Batcher`: a worker thread that owns the model and gathers the
 requests that arrive within a few milliseconds of each other into one encoder and decoder pass. Everything
-that can fail on user input (size, base64, decoding, pixel count, options) is checked in the request's own
-thread before it reaches the batch, so a bad request gets its 4xx and never costs anyone else theirs.
+that can fail on user input (size, base64, decoding, pixel count, shape, options) is checked in the request's
+own thread before it reaches the batch, so a bad request gets its 4xx and never costs anyone else theirs.
+Decoding, resizing and drawing run in worker threads through one bounded pool, never on the event loop.
+Anything unexpected answers a bare 500 with an id; the traceback goes to the server's log under that id.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import binascii
-import hashlib
+import ipaddress
+import logging
+import math
 import os
 import queue
+import secrets
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, AsyncIterator
 
 import anyio
 import numpy as np
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from PIL import Image
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import __version__
 from .data import ImageError, ImageTooLarge, expand_inputs, load_image
@@ -41,10 +47,19 @@ MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; decompression bomb
 MAX_BATCH_SIZE = 16
 BATCH_WAIT_MS = 20.0  # long enough for a client's next request to make the batch (docs/BENCHMARKS.md)
 MAX_QUEUE = 256
+MAX_ASPECT = 20  # longer side / shorter side: panoramas pass; a 20000x1 strip would resize to gigabytes
+INFLIGHT_OFF_LOOPBACK = 8  # --max-inflight-per-client when serving other machines and not given
+API_KEY_ENV = "CAPTIONER_API_KEY"
+
+log = logging.getLogger(__name__)
 
 
 class Busy(RuntimeError):
     """The batcher's queue is full: the server answers 503 rather than letting latency and memory grow."""
+
+
+class Closed(RuntimeError):
+    """The batcher has been closed (the server is shutting down): new work is refused, never left waiting."""
 
 
 @dataclass
@@ -69,7 +84,11 @@ class Batcher:
     """Dynamic batching: the first request of a batch waits at most `max_wait_ms` for others, then all of
     them (up to `max_batch_size`, grouped by decoding options) run as one batch. Alone, a client pays at most
     the wait; under load, requests share passes, so throughput grows with the number of clients.
-    `max_batch_size=1` turns batching off. One thread runs the model, so its CPU threads never compete."""
+    `max_batch_size=1` turns batching off. One thread runs the model, so its CPU threads never compete.
+
+    Any thread may submit, start and close: one lock covers the worker, the queue limit and the closed flag,
+    so two threads never start two workers, the limit is exact, and a job is either queued before the
+    worker's stop signal (and run) or refused with `Closed`."""
 
     def __init__(self, captioner: Captioner, max_batch_size: int = MAX_BATCH_SIZE, max_wait_ms: float = BATCH_WAIT_MS,
                  max_queue: int = MAX_QUEUE) -> None:
@@ -80,26 +99,40 @@ class Batcher:
         self.batches = self.images = 0
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._closed = False
 
     def start(self) -> None:
+        """Start the worker unless it runs (submit does this; calling it first saves the first request the wait)."""
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:  # the caller holds the lock
+        if self._closed:
+            raise Closed("the server is shutting down; no new work is taken")
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._work, name="captioner-batcher", daemon=True)
             self._thread.start()
 
     def close(self) -> None:
-        """Finish the queued work, then stop the worker."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        """Refuse new work, finish the queued work, then stop the worker. Safe to call more than once."""
+        with self._lock:
+            if not self._closed and self._thread is not None:
+                self._queue.put(None)  # after every job already queued: those still run
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            thread.join()
 
     def submit(self, pixels: torch.Tensor, opts: DecodingOptions) -> Future:
-        """Queue one preprocessed image (3, S, S); the future gives its `Result`."""
-        if self._queue.qsize() >= self.max_queue:
-            raise Busy(f"{self.max_queue} images are waiting for the model; try again shortly")
-        self.start()
+        """Queue one preprocessed image (3, S, S); the future gives its `Result`. Raises Busy when the queue
+        is full and Closed after `close`."""
         future: Future = Future()
-        self._queue.put(_Job(pixels, opts, future, time.perf_counter()))
+        with self._lock:
+            self._start()
+            if self._queue.qsize() >= self.max_queue:
+                raise Busy(f"{self.max_queue} images are waiting for the model; try again shortly")
+            self._queue.put(_Job(pixels, opts, future, time.perf_counter()))
         return future
 
     async def caption(self, pixels: torch.Tensor, opts: DecodingOptions) -> Result:
@@ -154,8 +187,10 @@ def _limit(name: str) -> Any:
 
 
 class Options(BaseModel):
-    """Decoding options of a request; any left out take the model's defaults."""
+    """Decoding options of a request; any left out take the model's defaults. Unknown fields are refused:
+    a misspelt option silently ignored would hand the client default decoding it did not ask for."""
 
+    model_config = ConfigDict(extra="forbid")
     beam_size: int | None = _limit("beam_size")
     max_length: int | None = _limit("max_length")
     num_captions: int | None = _limit("num_captions")
@@ -195,23 +230,78 @@ class CaptionResponse(BaseModel):
 
 def model_info(captioner: Captioner) -> dict[str, Any]:
     """Name, content hash (the model's version: any retrained or re-exported model gets a new one) and shape."""
-    digest = ""
-    if captioner.path is not None and (captioner.path / "model.safetensors").exists():
-        with open(captioner.path / "model.safetensors", "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()[:12]
     h, w = captioner.encoder.grid()
-    return {"name": captioner.name, "version": digest, "encoder": captioner.encoder.name,
+    return {"name": captioner.name, "version": captioner.version, "encoder": captioner.encoder.name,
             "decoder": type(captioner.decoder).__name__, "grid": [h, w], "vocab_size": len(captioner.vocab)}
 
 
 def invalid(err: ValidationError) -> RequestValidationError:
-    """Pydantic's errors as FastAPI's 422, each located in the body like FastAPI's own."""
-    return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in err.errors(include_url=False)])
+    """Pydantic's errors as FastAPI's 422, each located in the body like FastAPI's own; an unknown field's
+    message lists the known ones, so a misspelling is easy to fix."""
+    known = f"unknown field; the fields are {', '.join(JsonRequest.model_fields)}"
+    return RequestValidationError([echo({**e, "loc": ("body", *e["loc"]), "msg": known if e["type"] == "extra_forbidden"
+                                         else e["msg"]}) for e in err.errors(include_url=False)])
+
+
+def echo(value: Any, limit: int = 100) -> Any:
+    """A request's value as a 422 can quote it: JSON has no Infinity or NaN, a body need not be UTF-8, and
+    a client needs the start of a long value (a whole base64 photo) to find it, not all of it."""
+    if isinstance(value, dict):
+        return {str(k): echo(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [echo(v, limit) for v in value]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value if value is None or isinstance(value, (bool, int, float)) else echo(repr(value), limit)
 
 
 def invalid_field(field: str, message: str, value: Any) -> RequestValidationError:
     """A 422 for one field, in the same form as pydantic's."""
-    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message, "input": value}])
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message,
+                                    "input": echo(value)}])
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding to `host` serves this machine only (access control then defaults off)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def access_control(host: str, api_key: str | None, max_inflight_per_client: int | None
+                   ) -> tuple[dict[str, Any], str]:
+    """`captioner serve`'s access settings for `create_app`, and a warning for the console or "".
+
+    The key comes from the flag, else from CAPTIONER_API_KEY (which keeps it out of the process list). The
+    per-client limit is as given (0: off); not given, it is off on loopback and INFLIGHT_OFF_LOOPBACK when
+    the server takes other machines' requests, where serving without a key earns the warning."""
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    local = is_loopback(host)
+    if max_inflight_per_client is None:
+        max_inflight_per_client = None if local else INFLIGHT_OFF_LOOPBACK
+    warning = "" if local or key else (f"{host} takes requests from other machines and anyone who reaches it may "
+                                       f"use it; set {API_KEY_ENV} (or --api-key) to require a key")
+    return {"api_key": key, "max_inflight_per_client": max_inflight_per_client or None}, warning
+
+
+def decode_slots() -> anyio.CapacityLimiter:
+    """The pool that decodes, resizes and draws: it bounds how many decoded images are in memory at once."""
+    return anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+
+def read_photo(source: bytes | str, name: str, max_pixels: int) -> Image.Image:
+    """An uploaded image, refused (ImageError) when over `max_pixels` from its header, unreadable, or so narrow
+    that resizing its short side to the encoder's would take more memory than any real photo."""
+    image = load_image(source, max_pixels=max_pixels, name=name)
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        raise ImageError(f"{name}: {image.width}x{image.height} is too narrow to caption; the longer side may be "
+                         f"at most {MAX_ASPECT} times the shorter")
+    return image
 
 
 def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, max_pixels: int) -> torch.Tensor:
@@ -221,7 +311,7 @@ def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, 
     if len(data) > max_bytes:
         raise HTTPException(413, f"{name}: {len(data)} bytes is more than the limit of {max_bytes}")
     try:
-        image = load_image(data, max_pixels=max_pixels, name=name)
+        image = read_photo(data, name, max_pixels)
     except ImageError as err:
         raise HTTPException(413 if isinstance(err, ImageTooLarge) else 400, str(err)) from None
     return captioner.encoder.preprocess(image)
@@ -229,11 +319,20 @@ def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, 
 
 def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, batch_wait_ms: float = BATCH_WAIT_MS,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_queue: int = MAX_QUEUE,
-               examples: list[Path] | None = None, ui: bool = True) -> Any:
-    """The FastAPI app: /api/caption, /api/health, OpenAPI docs at /docs, and the Gradio UI at /."""
+               examples: list[Path] | None = None, ui: bool = True, api_key: str | None = None,
+               max_inflight_per_client: int | None = None) -> Any:
+    """The FastAPI app: /api/caption, /api/health, OpenAPI docs at /docs, and the Gradio UI at /.
+
+    With `api_key`, /api/caption takes only requests bearing it (`Authorization: Bearer KEY`) and the page asks
+    for it as a password; /api/health stays open for load balancers. `max_inflight_per_client` caps the
+    captioning requests one client address may have in flight (429 beyond it)."""
+    if max_inflight_per_client is not None and max_inflight_per_client < 1:
+        raise ValueError("max_inflight_per_client must be >= 1")
+    if api_key is not None and not api_key:
+        raise ValueError("api_key must not be empty")
     batcher = Batcher(captioner, max_batch_size, batch_wait_ms, max_queue)
     info = model_info(captioner)
-    decode_slots = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))  # bounds decoded pixels in memory at once
+    slots = decode_slots()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202 - the batcher starts with the first request
@@ -244,7 +343,36 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
     app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan,
                          description="Image captioning with a Show, Attend and Tell model. The browser UI is at /.")
     app.state.batcher = batcher
+    app.state.max_inflight_per_client = max_inflight_per_client
     app.add_middleware(BodyLimit, limit=max_upload_bytes * 4 // 3 + 65536, prefix="/api/")
+    app.add_middleware(InternalErrors)  # outermost: it also covers the middleware and the page
+    guards = []
+    if api_key:
+        bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
+
+        async def check_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+            given = credentials.credentials.encode() if credentials else b""
+            if not secrets.compare_digest(given, api_key.encode()):  # constant time: no guessing byte by byte
+                raise HTTPException(401, "this server needs its API key: send the header Authorization: Bearer KEY",
+                                    headers={"WWW-Authenticate": "Bearer"})
+        guards.append(Depends(check_key))
+    if max_inflight_per_client:
+        inflight: dict[str, int] = {}  # client address -> requests being answered (only the event loop touches it)
+
+        async def limit_inflight(request: Request) -> AsyncIterator[None]:
+            client = request.client.host if request.client else ""
+            if inflight.get(client, 0) >= max_inflight_per_client:
+                raise HTTPException(429, f"{max_inflight_per_client} requests from {client} are already in flight, "
+                                         "the most this server takes from one client; send the next when one "
+                                         "has been answered", headers={"Retry-After": "1"})
+            inflight[client] = inflight.get(client, 0) + 1
+            try:
+                yield
+            finally:
+                inflight[client] -= 1
+                if not inflight[client]:
+                    del inflight[client]
+        guards.append(Depends(limit_inflight))
 
     async def read_request(request: Request) -> tuple[bytes, str, dict]:
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -265,11 +393,15 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
                 parsed = JsonRequest.model_validate_json(body)
             except ValidationError as err:
                 raise invalid(err) from None
-            text = parsed.image.split(",", 1)[1] if parsed.image.startswith("data:") else parsed.image
+            text = parsed.image
+            if text.startswith("data:"):
+                _, comma, text = text.partition(",")
+                if not comma:
+                    raise invalid_field("image", "a data: URL needs a comma before the base64 data", parsed.image)
             try:
                 data = base64.b64decode(text, validate=True)
             except (binascii.Error, ValueError):
-                raise invalid_field("image", "image is not valid base64", text[:40]) from None
+                raise invalid_field("image", "image is not valid base64", text) from None
             return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
         if not kind and not await request.body():
             raise HTTPException(400, "empty body: send the image as multipart field 'image' or as JSON")
@@ -280,11 +412,15 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
             "image": {"type": "string", "format": "binary"}, **Options.model_json_schema()["properties"]}}},
         "application/json": {"schema": JsonRequest.model_json_schema()}}}}
 
-    @app.post("/api/caption", response_model=CaptionResponse, openapi_extra=openapi_body,
-              responses={400: {"description": "not an image, corrupt or truncated, or an empty body"},
+    @app.post("/api/caption", response_model=CaptionResponse, openapi_extra=openapi_body, dependencies=guards,
+              responses={400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
+                         401: {"description": "the server has an API key and the request did not bear it"},
                          413: {"description": "file or pixel count over the server's limits"},
-                         415: {"description": "neither multipart nor JSON"}, 422: {"description": "bad option"},
-                         503: {"description": "the queue is full"}})
+                         415: {"description": "neither multipart nor JSON"},
+                         422: {"description": "bad or unknown option"},
+                         429: {"description": "this client has the most requests in flight the server allows"},
+                         500: {"description": "a fault of the server; its log has the details under error_id"},
+                         503: {"description": "the queue is full, or the server is shutting down"}})
     async def caption(request: Request) -> CaptionResponse:
         """Caption one image: a multipart upload (field `image`) or JSON with the image in base64, and the
         decoding options as fields."""
@@ -298,11 +434,11 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
         except OptionError as err:
             raise invalid_field(err.field, str(err), fields.get(err.field)) from None
         pixels = await anyio.to_thread.run_sync(decode_upload, data, name, captioner, max_upload_bytes, max_pixels,
-                                                limiter=decode_slots)
+                                                limiter=slots)
         decoded = time.perf_counter()
         try:
             result = await batcher.caption(pixels, opts)
-        except Busy as err:
+        except (Busy, Closed) as err:
             raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
         attention = None
         if options.attention:
@@ -322,16 +458,46 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
                 "batching": {"max_batch_size": batcher.max_batch_size, "max_wait_ms": batcher.max_wait * 1000,
                              "batches": batcher.batches, "images": batcher.images}}
 
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, err: Exception) -> JSONResponse:
-        return JSONResponse({"detail": f"internal error: {type(err).__name__}: {err}"}, status_code=500)
-
     if ui:
         import gradio as gr
 
-        app = gr.mount_gradio_app(app, build_ui(batcher, examples or [], max_pixels), path="/",
-                                  max_file_size=max_upload_bytes, footer_links=["api"], run_history=False)
+        login = None
+        if api_key:
+            def login(user: str, password: str) -> bool:  # the page's login form: the key is the password
+                return secrets.compare_digest(password.encode(), api_key.encode())
+
+        app = gr.mount_gradio_app(app, build_ui(batcher, examples or [], max_pixels, slots), path="/",
+                                  max_file_size=max_upload_bytes, footer_links=["api"], run_history=False,
+                                  auth=login, auth_message="Any user name; the password is the server's API key.")
     return app
+
+
+class InternalErrors:
+    """ASGI middleware: an unexpected exception answers a generic 500 with an id and goes to the log, with
+    its traceback, under that id. Its text (file paths, device messages) stays on the server."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        started = False
+
+        async def watched(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as err:  # noqa: BLE001 - the one place unexpected errors end
+            if scope["type"] != "http":
+                raise
+            error_id = secrets.token_hex(4)
+            log.error("internal error %s answering %s %s", error_id, scope.get("method"), scope.get("path"),
+                      exc_info=err)
+            if not started:  # otherwise the client sees the answer cut short
+                body = {"detail": "internal error; the server's log has the details", "error_id": error_id}
+                await JSONResponse(body, status_code=500)(scope, receive, send)
 
 
 class BodyLimit:
@@ -361,33 +527,42 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXELS) -> Any:
+def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXELS,
+             slots: anyio.CapacityLimiter | None = None) -> Any:
     """The Gradio page: a photo (upload, webcam, clipboard or an example), beam size and length sliders,
-    the n-best captions, and one attention heatmap per word of the best caption."""
+    the n-best captions, and one attention heatmap per word of the best caption.
+
+    Gradio hands over the photo's file path, not its pixels, so the pixel limit is checked from the header
+    before anything is decoded; decoding, resizing and the heatmaps run in `slots`, the pool the API decodes
+    in, so a large photo on the page never holds up the event loop that answers everyone else."""
     import gradio as gr
 
-    from .visualize import attention_overlay
+    from . import visualize
 
     captioner = batcher.captioner
+    slots = slots or decode_slots()
 
-    async def run(image: Image.Image | None, beam_size: float, max_length: float, num_captions: float
+    def prepare(photo: str) -> tuple[torch.Tensor, Image.Image]:
+        picture = read_photo(photo, Path(photo).name, max_pixels)  # by its name: no server paths in messages
+        return captioner.encoder.preprocess(picture), captioner.encoder.crop(picture)
+
+    def draw(crop: Image.Image, words: list[str], alphas: np.ndarray) -> list[tuple[Image.Image, str]]:
+        return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
+
+    async def run(photo: str | None, beam_size: float, max_length: float, num_captions: float
                   ) -> tuple[str, list[list], list[tuple[Image.Image, str]]]:
-        if image is None:
+        if photo is None:
             raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
-        try:
-            picture = load_image(image, max_pixels=max_pixels)
-        except ImageError as err:
-            raise gr.Error(str(err)) from None
         beam = int(beam_size)
         opts = captioner.options(beam_size=beam, max_length=int(max_length), num_captions=min(int(num_captions), beam))
         try:
-            result = await batcher.caption(captioner.encoder.preprocess(picture), opts)
-        except Busy as err:
+            pixels, crop = await anyio.to_thread.run_sync(prepare, photo, limiter=slots)
+            result = await batcher.caption(pixels, opts)
+        except (ImageError, Busy, Closed) as err:
             raise gr.Error(str(err)) from None
         nbest = captioner.as_dicts(result.captions)
         words, alphas = captioner.attention_maps(result.captions[0])
-        crop = captioner.encoder.crop(picture)
-        heatmaps = [(attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
+        heatmaps = await anyio.to_thread.run_sync(draw, crop, words, alphas, limiter=slots)
         table = [[rank, c["generated_text"], c["score"]] for rank, c in enumerate(nbest, 1)]
         return nbest[0]["generated_text"], table, heatmaps
 
@@ -398,8 +573,9 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                     "REST API: [/docs](/docs).")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="pil", sources=["upload", "webcam", "clipboard"], label="Photo",
-                                 elem_id="photo", height=320)
+                # a file path, and image_mode=None so Gradio does not convert (decode) the photo itself
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                                 label="Photo", elem_id="photo", height=320)
                 beam_size = gr.Slider(1, 10, value=defaults.beam_size, step=1, label="Beam size")
                 max_length = gr.Slider(5, int(LIMITS["max_length"][1]), value=defaults.max_length, step=1,
                                        label="Maximum length (words)")

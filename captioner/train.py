@@ -21,8 +21,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Iterator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,7 +38,8 @@ from .decoding import beam_search
 from .encoders import Encoder, create_encoder
 from .features import TODO, Prepared, open_prepared
 from .metrics import score_captions
-from .models import DecoderOutput, decoder_from_config, decoding_defaults, load_model, save_model
+from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
+                     load_model, save_model)
 from .objectives import Batch, make_objective
 from .pipeline import DecodingOptions
 
@@ -427,6 +427,23 @@ def start_finetune(cfg: Config, decoder: nn.Module, prepared: Prepared, device: 
     return encoder, optimizer, scheduler
 
 
+def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
+    """Start from a trained model's decoder weights (self-critical training starts from a cross-entropy
+    model): the same family and sizes, trained on the same vocabulary and features."""
+    loaded = load_model(path)
+    if loaded.vocab.itos != prepared.vocab.itos:
+        raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root}")
+    check_encoder_spec(loaded.encoder_spec, prepared.spec, f"init_from {path} (against {prepared.root})")
+    if loaded.decoder.family != decoder.family:
+        raise ValueError(f"init_from {path} is a {loaded.decoder.family} decoder, the config asks for {decoder.family}")
+    try:
+        decoder.load_state_dict(loaded.decoder.state_dict())
+    except RuntimeError as err:  # other sizes: name the arguments that differ
+        theirs, ours = loaded.decoder.arguments(), decoder.arguments()
+        differ = [f"{k} {v!r} (model) != {ours.get(k)!r} (config)" for k, v in theirs.items() if ours.get(k) != v]
+        raise ValueError(f"init_from {path} does not fit the configured decoder: {'; '.join(differ) or err}") from None
+
+
 def wrap(module: nn.Module, device: torch.device, world: int) -> nn.Module:
     if world == 1:
         return module
@@ -520,8 +537,17 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
 
     data = CaptionSet(prepared, "train")
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
+    if cfg.init_from and cfg.pretrain != "none":
+        raise ValueError(f"init_from ({cfg.init_from}) and pretrain ({cfg.pretrain}) both set the decoder's start: "
+                         "choose one")
+    if cfg.init_from and not resume:  # a resumed run has its own weights in the checkpoint
+        init_decoder_from(decoder, cfg.init_from, prepared)
+    if cfg.pretrain != "none" and not resume:  # a resumed run's decoder, image side included, is in last.pt
+        from .contrastive import pretrain_image_side
+
+        pretrain_image_side(cfg, decoder, prepared, device, log)
     model = wrap(decoder, device, world)
-    objective = make_objective(cfg)
+    objective = make_objective(cfg, prepared)
     inputs: Callable = lambda rows: data.features(rows).to(device, non_blocking=True)
     optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
     steps = len(data.batches(cfg.batch_size, 0, rank, world))
@@ -633,7 +659,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
     prepared = open_prepared(cfg.prepared)
     data = CaptionSet(prepared, "train")
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device).train()
-    objective = make_objective(cfg)
+    objective = make_objective(cfg, prepared)
     optimizer = make_optimizer(cfg, list(decoder.parameters()), start_lr)
     batches = data.batches(cfg.batch_size, cfg.seed)
     factor = (end_lr / start_lr) ** (1 / max(1, steps - 1))

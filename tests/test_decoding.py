@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from captioner.models import State
+from captioner.config import Config
+from captioner.models import DECODERS, State, decoder_class, decoder_from_config
 from captioner.models.lstm import AttentionLSTM, LSTMArgs, MeanLSTM
-from captioner.decoding import Caption, beam_search, greedy
+from captioner.decoding import Caption, beam_search, greedy, sample
 
 PAD, START, END, UNK = 0, 1, 2, 3
 A, B, C, D, E, F, G = range(4, 11)  # the words of the hand-made decoders
@@ -215,6 +216,80 @@ def test_decoder_without_attention_gives_empty_alphas() -> None:
 def test_num_captions_must_fit_in_the_beam() -> None:
     with pytest.raises(ValueError, match="num_captions"):
         beam_search(attention_decoder(), features(), beam_size=2, num_captions=3)
+
+
+def test_samples_end_with_end_and_are_masked_after_it() -> None:
+    decoder, images = attention_decoder().train(), features(batch=4)
+    torch.manual_seed(0)
+    tokens, logprobs, lengths = sample(decoder, images, k=5, max_length=8)
+    assert tokens.shape == logprobs.shape == (20, int(lengths.max())) and lengths.shape == (20,)
+    finished = tokens.gather(1, lengths.unsqueeze(1) - 1).squeeze(1) == END  # or cut at max_length
+    assert finished.any() and (lengths[~finished] == 8).all() and not finished.all()
+    for row, n in enumerate(lengths.tolist()):
+        assert END not in tokens[row, : n - 1].tolist() and PAD not in tokens[row, :n].tolist()
+        assert (tokens[row, n:] == PAD).all() and (logprobs[row, n:] == 0).all() and (logprobs[row, :n] < 0).all()
+
+
+def test_sample_logprobs_are_the_decoders_and_carry_gradients() -> None:
+    decoder, images = attention_decoder().train(), features(batch=3)
+    torch.manual_seed(1)
+    tokens, logprobs, lengths = sample(decoder, images, k=4, max_length=8)
+    for row, n in enumerate(lengths.tolist()):  # row b * k + j belongs to image b
+        finished = tokens[row, n - 1] == END
+        words = tokens[row, : n - 1 if finished else n].tolist()
+        expected, _ = rescore(decoder, images[row // 4], words, bool(finished))
+        assert logprobs[row].sum().item() == pytest.approx(expected, abs=1e-4)
+    logprobs.sum().backward()
+    assert decoder.out.weight.grad is not None and decoder.out.weight.grad.abs().sum() > 0
+
+
+def test_greedy_sampling_is_greedy_decoding() -> None:
+    decoder, images = attention_decoder(), features(batch=6)
+    tokens, _, lengths = sample(decoder, images, k=1, max_length=8, greedy=True)
+    for row, (caption, n) in enumerate(zip(greedy(decoder, images, max_length=8), lengths.tolist())):
+        assert tokens[row, :n].tolist() == caption.tokens + ([END] if caption.finished else [])
+
+
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_sampling_works_for_every_decoder_family(family: str) -> None:
+    small = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
+                 encoder_layers=1, ff_dim=32)
+    names = set(decoder_class(family).Args.__dataclass_fields__)
+    torch.manual_seed(3)
+    decoder = decoder_from_config(Config(decoder=family, **{k: v for k, v in small.items() if k in names}), 12, 8).eval()
+    images = features(batch=3, locations=9)  # a 3 x 3 grid, as the transformer wants
+    tokens, logprobs, lengths = sample(decoder, images, k=4, max_length=6)
+    for row, n in enumerate(lengths.tolist()):  # the state of image b was repeated for rows 4b..4b+3
+        finished = bool(tokens[row, n - 1] == END)
+        expected, _ = rescore(decoder, images[row // 4], tokens[row, : n - finished].tolist(), finished)
+        assert logprobs[row].sum().item() == pytest.approx(expected, abs=1e-4)
+    tokens, _, lengths = sample(decoder, images, k=1, max_length=6, greedy=True)
+    for row, (caption, n) in enumerate(zip(greedy(decoder, images, max_length=6), lengths.tolist())):
+        assert tokens[row, :n].tolist() == caption.tokens + ([END] if caption.finished else [])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5])
+def test_samples_follow_the_distribution(temperature: float) -> None:
+    # the first word: A, B or C with 0.6 : 0.3 : 0.1 once <unk> (forbidden) is left out, then <end>
+    decoder = BigramDecoder({START: {A: 0.45, B: 0.225, C: 0.075, UNK: 0.25}, A: {END: 1}, B: {END: 1}, C: {END: 1}})
+    torch.manual_seed(2)
+    tokens, logprobs, lengths = sample(decoder, features(batch=2), k=5000, max_length=5, temperature=temperature)
+    assert (lengths == 2).all() and (tokens[:, 1] == END).all()
+    tempered = torch.tensor([0.6, 0.3, 0.1]) ** (1 / temperature)
+    expected = tempered / tempered.sum()
+    share = torch.stack([(tokens[:, 0] == w).float().mean() for w in (A, B, C)])
+    # a share of 10,000 draws has a standard deviation of at most 0.005: this allows 4 of them
+    torch.testing.assert_close(share, expected, atol=0.02, rtol=0)
+    # the log-probability is the model's own, not the tempered or renormalised one
+    for word, p in ((A, 0.45), (B, 0.225), (C, 0.075)):
+        assert logprobs[tokens[:, 0] == word, 0].allclose(torch.tensor(p).log())
+
+
+def test_sample_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="k and max_length"):
+        sample(attention_decoder(), features(), k=0)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(attention_decoder(), features(), temperature=0.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -9,6 +9,7 @@ import pytest
 from captioner.config import Config
 from captioner.evaluate import evaluate_model
 from captioner.features import prepare
+from captioner.metrics import fluency
 from captioner.train import train
 
 from conftest import ROOT, write_flickr_dataset
@@ -35,7 +36,7 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
                              "--nearest-neighbour", "--block-trigrams", "--length-penalty", "0.5"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    table = [l for l in result.stdout.splitlines() if l.startswith("|")]
+    table = [l for l in result.stdout[result.stdout.find("| Model |"):].splitlines() if l.startswith("|")]
     assert table[0].startswith("| Model | BLEU-1") and "CIDEr" in table[0]
     assert [l.split("|")[1].strip() for l in table[2:]] == ["beam 1", "nearest neighbour"]
     results = json.loads((out / "results.json").read_text())
@@ -44,6 +45,9 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
     assert results["decoding"] == {"max_length": 6, "length_penalty": 0.5, "block_trigrams": True}
     captions = json.loads((out / "captions_beam1.json").read_text())
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions.values())
+    assert results["fluency"]["beam 1"] == fluency(list(captions.values()))
+    assert set(results["fluency"]) == {"references (the first of each image)", "beam 1"}
+    assert "| beam 1 |" in result.stdout and "| Captions | Ends in a function word |" in result.stdout
 
 
 def test_evaluate_refuses_a_model_of_another_vocabulary(trained, tmp_path):

@@ -3,7 +3,7 @@ import shutil
 import pytest
 
 from captioner import metrics
-from captioner.metrics import METRICS, format_table, score_captions
+from captioner.metrics import METRICS, fluency, format_fluency_table, format_table, score_captions
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="coco-caption needs Java")
 
@@ -77,4 +77,34 @@ def test_format_table_prints_percentages():
         "|---|---:|---:|---:|---:|---:|---:|---:|\n"
         "| human | 63.6 | 44.6 | 30.5 | 20.9 | 25.0 | 48.8 | 78.9 |\n"
         "| nn | - | - | - | 12.3 | - | - | 123.5 |\n"
+    )
+
+
+def test_fluency_counts_what_each_figure_says():
+    captions = [
+        "a dog runs on the",  # ends in a function word
+        "a man in a red shirt and a red hat",  # repeats the bigram "a red"
+        "a dog runs on the",  # the same caption again
+        "the the",  # both: ends in "the", but "the the" is one bigram, not repeated
+        "a dog a dog",  # repeats "a dog"
+        "",  # empty: neither
+    ]
+    figures = fluency(captions)
+    assert figures == {"ends_in_function_word": 3 / 6, "repeated_bigram": 2 / 6, "distinct_captions": 5,
+                       "captions": 6, "vocabulary": len({"a", "dog", "runs", "on", "the", "man", "in", "red",
+                                                         "shirt", "and", "hat"})}
+    # words, not characters: extra spaces change nothing, and "an" or "at" inside a word do not count
+    assert fluency(["a  dog ", "a dog", "a cat sat"]) == {"ends_in_function_word": 0.0, "repeated_bigram": 0.0,
+                                                          "distinct_captions": 2, "captions": 3, "vocabulary": 4}
+    with pytest.raises(ValueError, match="no captions"):
+        fluency([])
+
+
+def test_format_fluency_table():
+    row = {"ends_in_function_word": 0.0123, "repeated_bigram": 0.25, "distinct_captions": 412, "captions": 1000,
+           "vocabulary": 387}
+    assert format_fluency_table([("beam 3", row)]) == (
+        "| Captions | Ends in a function word | Repeated bigram | Distinct captions | Vocabulary |\n"
+        "|---|---:|---:|---:|---:|\n"
+        "| beam 3 | 1.2% | 25.0% | 412 / 1000 | 387 |\n"
     )

@@ -46,6 +46,54 @@ def test_one_call_from_any_image_input_to_text(model_dir):
     assert len(batch) == 3 and batch[0] == out
 
 
+def test_arrays_and_tensors_of_the_documented_shapes(model_dir):
+    import torch
+
+    captioner = Captioner.from_pretrained(model_dir, device="cpu")
+    hwc = np.array(Image.open(PHOTOS / "chelsea.jpg").convert("RGB"))
+    gray = np.array(Image.open(PHOTOS / "coffee.jpg").convert("L"))
+    text, gray_text = captioner(hwc)[0]["generated_text"], captioner(Image.fromarray(gray))[0]["generated_text"]
+    chw = torch.from_numpy(hwc).permute(2, 0, 1)
+    singles = [hwc.astype(np.float32) / 255, chw, chw.float() / 255, chw.permute(1, 2, 0), chw.to(torch.float16) / 255]
+    assert all(captioner(x)[0]["generated_text"] == text for x in singles)
+    assert captioner(torch.from_numpy(gray))[0]["generated_text"] == gray_text  # HxW tensors too
+    assert captioner(gray.astype(np.float64) / 255)[0]["generated_text"] == gray_text
+    other = np.asarray(Image.open(PHOTOS / "coffee.jpg").convert("RGB").resize(hwc.shape[1::-1]))
+    expected = [captioner(hwc), captioner(other)]
+    batches = [np.stack([hwc, other]), torch.from_numpy(np.stack([hwc, other])).permute(0, 3, 1, 2),
+               torch.from_numpy(np.stack([hwc, other]))]
+    for batch in batches:  # a batch counts as a list: one n-best list per image
+        assert captioner(batch, batch_size=1) == expected
+    assert captioner([chw, hwc]) == [expected[0], expected[0]]
+    assert captioner.attention(chw)["generated_text"] == text
+
+
+@pytest.mark.parametrize("bad, error, says", [
+    (42, TypeError, "got int"),
+    (None, TypeError, "got NoneType"),
+    ({"image": "a.jpg"}, TypeError, "got dict"),
+    (["a.jpg", 3.5], TypeError, r"inputs\[1\].*got float"),
+    ("bytearray", TypeError, "got bytearray"),
+    ("int64", ValueError, "dtype int64"),
+    ("5-d", ValueError, r"shape \(1, 1, 3, 8, 8\)"),
+    ("2 channels", ValueError, r"shape \(2, 8, 8\)"),
+    ("normalised", ValueError, "float pixels must lie in \\[0, 1\\]"),
+])
+def test_other_inputs_get_an_error_saying_what_is_accepted(model_dir, bad, error, says):
+    import torch
+
+    made = {"bytearray": bytearray(b"\x89PNG"), "int64": torch.zeros(3, 8, 8, dtype=torch.int64),
+            "5-d": torch.zeros(1, 1, 3, 8, 8), "2 channels": torch.zeros(2, 8, 8),
+            "normalised": torch.linspace(-2, 2, 192).reshape(3, 8, 8)}  # ImageNet-normalised, not pixels
+    captioner = Captioner.from_pretrained(model_dir, device="cpu")
+    with pytest.raises(error, match=says) as caught:
+        captioner(made.get(bad, bad) if isinstance(bad, str) else bad)
+    if error is TypeError:  # it lists what is accepted
+        assert all(kind in str(caught.value) for kind in ("path", "bytes", "PIL image", "numpy array", "torch tensor"))
+    else:
+        assert str(caught.value).startswith("<tensor>: ")
+
+
 def test_n_best_and_option_errors_name_the_field(model_dir):
     captioner = Captioner.from_pretrained(model_dir, device="cpu")
     best = captioner(PHOTOS / "coffee.jpg", beam_size=3, num_captions=3)

@@ -1,4 +1,5 @@
 """The REST API and the batcher, through FastAPI's test client and the shipped model."""
+import asyncio
 import base64
 import hashlib
 import struct
@@ -252,14 +253,12 @@ def test_ui_is_served_at_the_root(captioner: Captioner) -> None:
 
 def test_ui_function_returns_captions_and_one_heatmap_per_word(captioner: Captioner) -> None:
     pytest.importorskip("gradio")
-    import asyncio
-
     from captioner.serve import build_ui
 
     batcher = Batcher(captioner, max_wait_ms=0)
     demo = build_ui(batcher, [])
     run = next(fn.fn for fn in demo.fns.values() if fn.api_name == "caption")
-    best, table, heatmaps = asyncio.run(run(Image.open(PHOTOS / "rocket.jpg"), 5, 20, 7))
+    best, table, heatmaps = asyncio.run(run(str(PHOTOS / "rocket.jpg"), 5, 20, 7))  # Gradio gives a file path
     batcher.close()
     assert best == table[0][1] and len(table) == 5  # num_captions is capped at the beam size
     assert [word for _, word in heatmaps] == best.split()
@@ -303,3 +302,366 @@ def test_spaces_app_builds_the_same_page() -> None:
     demo = runpy.run_path(str(PHOTOS.parent.parent / "app.py"))["demo"]  # not __main__: builds, does not launch
     assert isinstance(demo, gr.Blocks)
     assert any(fn.api_name == "caption" for fn in demo.fns.values())
+
+
+# --- errors: bad input is a 4xx, anything unexpected a 500 that tells the client nothing internal ---
+
+@pytest.mark.parametrize("image, status", [
+    ("data:image/jpeg;base64", 422),  # no comma: no data
+    ("data:", 422),
+    ("data:image/png;base64,", 400),  # a comma, then nothing: an empty image
+])
+def test_malformed_data_urls_are_a_4xx_on_the_image_field(client: TestClient, image: str, status: int) -> None:
+    r = client.post("/api/caption", json={"image": image})
+    assert r.status_code == status, r.text
+    if status == 422:
+        assert r.json()["detail"][0]["loc"] == ["body", "image"] and "comma" in r.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize("body, loc", [
+    (b'{"image": "%s", "length_penalty": Infinity}', ["body", "length_penalty"]),
+    (b'{"image": "%s", "length_penalty": NaN}', ["body", "length_penalty"]),
+    (b'{"image": "%s", "beam_size": 1e309}', ["body", "beam_size"]),
+    (b'{"image": "\xff\xfe not utf-8"}', ["body"]),
+    (b'{"image": "%s", "beam_size": 3', ["body"]),  # cut short: the whole body is the bad "input"
+])
+def test_json_that_cannot_be_echoed_back_is_still_a_422(client: TestClient, body: bytes, loc: list) -> None:
+    photo = base64.b64encode((PHOTOS / "coffee.jpg").read_bytes())
+    r = client.post("/api/caption", content=body.replace(b"%s", photo), headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"] == loc and len(r.content) < 2000  # the photo is not echoed
+
+
+def test_images_too_narrow_to_crop_are_a_4xx_not_gigabytes(client: TestClient) -> None:
+    """A 20000x1 PNG is a few hundred bytes, but resizing its short side to the encoder's takes gigabytes."""
+    strip = Image.new("RGB", (20_000, 1))
+    data = __import__("io").BytesIO()
+    strip.save(data, "PNG")
+    r = post_file(client, data.getvalue(), "strip.png")
+    assert r.status_code == 400 and "strip.png: 20000x1" in r.json()["detail"]
+
+
+@pytest.mark.parametrize("where", ["decoding", "model"])
+def test_unexpected_errors_answer_a_generic_500_and_log_the_traceback(
+        captioner: Captioner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str) -> None:
+    from captioner import serve
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert in /home/alice/secret/model.py")
+    if where == "decoding":
+        monkeypatch.setattr(serve, "decode_upload", broken)
+    else:
+        monkeypatch.setattr(captioner, "generate", broken)
+    with TestClient(create_app(captioner, ui=False, batch_wait_ms=0), raise_server_exceptions=False) as c:
+        r = post_file(c, (PHOTOS / "coffee.jpg").read_bytes())
+    assert r.status_code == 500
+    assert "secret" not in r.text and "CUDA" not in r.text and "RuntimeError" not in r.text
+    error_id = r.json()["error_id"]
+    logged = [rec for rec in caplog.records if rec.name == "captioner.serve" and rec.exc_info]
+    assert len(logged) == 1 and error_id in logged[0].getMessage()
+    assert "/home/alice/secret/model.py" in str(logged[0].exc_info[1])  # the operator sees it all
+
+
+@pytest.mark.parametrize("fields, field", [
+    ({"beamsize": 5}, "beamsize"),
+    ({"beam_size": 2, "lenght_penalty": 1}, "lenght_penalty"),
+])
+def test_unknown_fields_get_a_422_naming_them(client: TestClient, fields: dict, field: str) -> None:
+    photo = (PHOTOS / "rocket.jpg").read_bytes()
+    answers = [post_file(client, photo, **fields),
+               client.post("/api/caption", json={"image": base64.b64encode(photo).decode(), **fields})]
+    for r in answers:
+        assert r.status_code == 422, r.text
+        error = r.json()["detail"][0]
+        assert error["loc"] == ["body", field] and "beam_size" in error["msg"]  # it lists the real options
+
+
+# --- the page's work runs off the event loop ---
+
+def page_function(app):
+    """The function behind the page's Caption button, from the app that mounts the page."""
+    from starlette.routing import Mount
+
+    mount = next(r for r in app.routes if isinstance(r, Mount) and r.path == "")
+    return next(fn.fn for fn in mount.app.get_blocks().fns.values() if fn.api_name == "caption")
+
+
+@pytest.mark.parametrize("slow", ["load_image", "attention_overlay"])
+def test_a_slow_page_job_does_not_stall_the_api(captioner: Captioner, monkeypatch: pytest.MonkeyPatch,
+                                                slow: str) -> None:
+    """The page's decoding and heatmaps are slowed until the API has answered: if they ran on the event loop,
+    the API could not answer and the wait would time out."""
+    pytest.importorskip("gradio")
+    import anyio
+    import httpx
+
+    from captioner import serve, visualize
+
+    entered, api_answered, seen = threading.Event(), threading.Event(), []
+    module = serve if slow == "load_image" else visualize
+    real = getattr(module, slow)
+
+    def slowed(source, *args, **kwargs):
+        if not isinstance(source, bytes) and not entered.is_set():  # the page's photo, not the API's upload
+            entered.set()
+            seen.append(api_answered.wait(10))
+        return real(source, *args, **kwargs)
+    monkeypatch.setattr(module, slow, slowed)
+    app = create_app(captioner, batch_wait_ms=0)
+    run = page_function(app)
+    photo = (PHOTOS / "coffee.jpg").read_bytes()
+
+    async def main() -> tuple[int, str]:
+        async with anyio.create_task_group() as tasks:
+            page: list = []
+
+            async def click() -> None:
+                page.append(await run(str(PHOTOS / "rocket.jpg"), 3, 20, 1))
+            tasks.start_soon(click)
+            assert await anyio.to_thread.run_sync(entered.wait, 10), "the page job never started"
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+                r = await http.post("/api/caption", files={"image": ("coffee.jpg", photo, "image/jpeg")})
+            api_answered.set()
+        return r.status_code, page[0][0]
+
+    try:
+        status, page_caption = anyio.run(main)
+    finally:
+        app.state.batcher.close()
+    assert status == 200 and seen and all(seen), "the API waited for the page's job"
+    assert page_caption == captioner(str(PHOTOS / "rocket.jpg"))[0]["generated_text"]
+
+
+def test_the_page_refuses_images_over_the_pixel_limit_before_decoding(captioner: Captioner, tmp_path: Path) -> None:
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from captioner.serve import build_ui
+
+    (tmp_path / "big.png").write_bytes(png_header(8_000, 8_000))  # no pixel data: decoding it would fail
+    batcher = Batcher(captioner)
+    run = next(fn.fn for fn in build_ui(batcher, []).fns.values() if fn.api_name == "caption")
+    with pytest.raises(gr.Error, match="^'?big.png: 8000x8000 pixels is more than the limit"):
+        asyncio.run(run(str(tmp_path / "big.png"), 3, 20, 1))
+    batcher.close()
+
+
+# --- the batcher under threads: one worker, an exact queue limit, and no hang at shutdown ---
+
+@pytest.fixture
+def fast_switching():
+    """Switch threads every microsecond, so check-then-act races show within a few rounds."""
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+def hammer(action, threads: int = 8) -> list:
+    """Run `action(i)` in `threads` threads at once; what each returned or raised, failing if any hangs."""
+    barrier, out = threading.Barrier(threads), [None] * threads
+
+    def go(i: int) -> None:
+        barrier.wait(10)
+        try:
+            out[i] = action(i)
+        except Exception as err:  # noqa: BLE001 - the test looks at what was raised
+            out[i] = err
+    workers = [threading.Thread(target=go, args=(i,), daemon=True) for i in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(30)
+        assert not w.is_alive(), "a thread hung"
+    return out
+
+
+def within(seconds: float, action) -> None:
+    """Run `action()` in a thread, failing the test if it has not returned after `seconds`."""
+    thread = threading.Thread(target=action, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{action.__name__} hung"
+
+
+def batcher_threads() -> int:
+    return sum(t.name == "captioner-batcher" for t in threading.enumerate())
+
+
+def test_concurrent_starts_run_one_worker(fast_switching) -> None:
+    before = batcher_threads()
+    for _ in range(30):
+        batcher = Batcher(SlowModel())  # type: ignore[arg-type]
+        hammer(lambda i: batcher.start())
+        within(10, batcher.close)  # stops the one worker it knows of; a second would be left running
+        assert batcher_threads() == before, "two workers were started"
+
+
+def test_queue_limit_holds_under_concurrent_submits(fast_switching) -> None:
+    import torch
+
+    for _ in range(200):
+        model = SlowModel()
+        batcher = Batcher(model, max_batch_size=1, max_wait_ms=0, max_queue=3)  # type: ignore[arg-type]
+        held = batcher.submit(torch.zeros(3, 2, 2), DecodingOptions())
+        deadline = time.time() + 10
+        while batcher._queue.qsize() and time.time() < deadline:  # the worker takes it and blocks in generate
+            time.sleep(0.001)
+        out = hammer(lambda i: batcher.submit(torch.zeros(3, 2, 2), DecodingOptions()), threads=12)
+        accepted = [f for f in out if not isinstance(f, Exception)]
+        assert all(isinstance(f, Busy) for f in out if isinstance(f, Exception))
+        model.release.set()
+        assert len(accepted) == 3, f"{len(accepted)} jobs queued past a limit of 3"
+        assert all(f.result(timeout=10).batch_size == 1 for f in [held, *accepted])
+        batcher.close()
+
+
+def test_submits_racing_close_get_an_answer_or_an_error_never_a_hang(fast_switching) -> None:
+    import torch
+
+    before = batcher_threads()
+    for _ in range(20):
+        model = SlowModel()
+        model.release.set()
+        batcher = Batcher(model, max_batch_size=4, max_wait_ms=0)  # type: ignore[arg-type]
+
+        def act(i: int):
+            if i == 0:
+                return batcher.close()
+            return [batcher.submit(torch.zeros(3, 2, 2), DecodingOptions()) for _ in range(5)]
+        out = hammer(act)
+        for answer in out[1:]:
+            if isinstance(answer, Exception):
+                assert "shutting down" in str(answer), answer
+            else:
+                assert all(f.result(timeout=10).captions for f in answer), "a submitted job was never run"
+        with pytest.raises(RuntimeError, match="shutting down"):
+            batcher.submit(torch.zeros(3, 2, 2), DecodingOptions())
+        assert batcher_threads() == before, "a worker outlived close"
+
+
+def test_requests_after_shutdown_get_a_503(captioner: Captioner) -> None:
+    app = create_app(captioner, ui=False)
+    with TestClient(app) as c:
+        pass  # the lifespan ends: the batcher closes
+    r = post_file(TestClient(app), (PHOTOS / "coffee.jpg").read_bytes())
+    assert r.status_code == 503 and "shutting down" in r.json()["detail"]
+
+
+# --- access control: an API key and a limit on requests in flight per client ---
+
+def test_api_key_is_required_as_a_bearer_token_when_set(captioner: Captioner) -> None:
+    photo = (PHOTOS / "coffee.jpg").read_bytes()
+    with TestClient(create_app(captioner, ui=False, api_key="s3cret-key")) as c:
+        for headers in [{}, {"authorization": "Bearer wrong"}, {"authorization": "Basic s3cret-key"},
+                        {"authorization": "Bearer s3cret-keyX"}]:
+            r = c.post("/api/caption", files={"image": ("c.jpg", photo)}, headers=headers)
+            assert r.status_code == 401, (headers, r.text)
+            assert r.headers["www-authenticate"] == "Bearer" and "s3cret" not in r.text
+        ok = c.post("/api/caption", files={"image": ("c.jpg", photo)}, headers={"authorization": "Bearer s3cret-key"})
+        assert ok.status_code == 200, ok.text
+        assert c.get("/api/health").status_code == 200  # open: load balancers probe it without secrets
+        assert "bearer" in str(c.get("/openapi.json").json()["components"]["securitySchemes"]).lower()
+
+
+def test_without_a_key_the_api_is_open(client: TestClient) -> None:
+    assert post_file(client, (PHOTOS / "coffee.jpg").read_bytes()).status_code == 200
+
+
+def test_the_page_asks_for_the_key_when_one_is_set(captioner: Captioner) -> None:
+    pytest.importorskip("gradio")
+    with TestClient(create_app(captioner, api_key="s3cret-key")) as c:
+        assert c.get("/config").status_code == 401  # the page's data, before logging in
+        assert c.post("/login", data={"username": "me", "password": "wrong"}).status_code == 400
+        assert c.post("/login", data={"username": "me", "password": "s3cret-key"}).status_code == 200
+        assert c.get("/config").status_code == 200
+
+
+def test_requests_in_flight_per_client_are_limited(captioner: Captioner) -> None:
+    """Requests are held after decoding until released: two from one address fill its allowance, a third
+    gets a 429 at once, another address still gets in, and answered requests free their places."""
+    import anyio
+    import httpx
+
+    app = create_app(captioner, ui=False, max_inflight_per_client=2)
+    batcher, release, held = app.state.batcher, anyio.Event(), []
+    real = batcher.caption
+
+    async def caption_when_released(*args):
+        held.append(args)
+        await release.wait()
+        return await real(*args)
+    batcher.caption = caption_when_released
+    photo = {"image": ("coffee.jpg", (PHOTOS / "coffee.jpg").read_bytes(), "image/jpeg")}
+
+    def client(address: str) -> httpx.AsyncClient:
+        return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(address, 1)), base_url="http://test")
+
+    async def until_held(n: int) -> None:
+        with anyio.fail_after(20):
+            while len(held) < n:
+                await anyio.sleep(0.01)
+
+    async def main() -> tuple[list[int], httpx.Response, int]:
+        answers: list[int] = []
+        async with client("10.0.0.1") as alice, client("10.0.0.2") as bob, anyio.create_task_group() as tasks:
+            async def ask(who: httpx.AsyncClient) -> None:
+                answers.append((await who.post("/api/caption", files=photo)).status_code)
+            tasks.start_soon(ask, alice)
+            tasks.start_soon(ask, alice)
+            await until_held(2)
+            third = await alice.post("/api/caption", files=photo)
+            tasks.start_soon(ask, bob)  # another address has its own allowance
+            await until_held(3)
+            release.set()
+        async with client("10.0.0.1") as alice:
+            again = (await alice.post("/api/caption", files=photo)).status_code
+        return answers, third, again
+
+    try:
+        answers, third, again = anyio.run(main)
+    finally:
+        batcher.close()
+    assert third.status_code == 429 and third.headers["retry-after"] == "1", third.text
+    assert "2 requests from 10.0.0.1 are already in flight" in third.json()["detail"]
+    assert answers == [200, 200, 200] and again == 200
+
+
+def test_serve_help_lists_the_access_flags(capsys: pytest.CaptureFixture) -> None:
+    from captioner import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--api-key" in out and "CAPTIONER_API_KEY" in out and "--max-inflight-per-client" in out
+
+
+@pytest.mark.parametrize("host, env, flags, limit, warns", [
+    ("127.0.0.1", None, [], None, False),  # loopback: both off
+    ("0.0.0.0", "k3y", [], 8, False),  # other machines: the limit is on, the key comes from the environment
+    ("0.0.0.0", None, ["--max-inflight-per-client", "0"], None, True),  # no key: a warning
+    ("::1", None, ["--max-inflight-per-client", "3"], 3, False),
+])
+def test_serve_command_access_settings(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, host: str,
+                                       env: str | None, flags: list[str], limit: int | None, warns: bool) -> None:
+    import uvicorn
+
+    from captioner import cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app))
+    if env:
+        monkeypatch.setenv("CAPTIONER_API_KEY", env)
+    else:
+        monkeypatch.delenv("CAPTIONER_API_KEY", raising=False)
+    assert cli.main(["serve", "--host", host, "--no-ui", "--device", "cpu", *flags]) == 0
+    assert seen["app"].state.max_inflight_per_client == limit
+    assert ("warning: 0.0.0.0 takes requests from other machines" in capsys.readouterr().err) == warns
+    photo = {"image": ("c.jpg", (PHOTOS / "coffee.jpg").read_bytes())}
+    with TestClient(seen["app"]) as c:
+        assert c.post("/api/caption", files=photo).status_code == (401 if env else 200)
+        if env:
+            assert c.post("/api/caption", files=photo, headers={"authorization": f"Bearer {env}"}).status_code == 200

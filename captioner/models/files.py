@@ -12,6 +12,7 @@ Version 1 folders (captioner 0.1, which stored the whole training config) still 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -89,6 +90,12 @@ def check_encoder_spec(saved: dict[str, Any], actual: dict[str, Any], model: str
         raise ValueError(f"{model} was trained on other encoder features: {'; '.join(diff)}")
 
 
+def weights_sha256(path: Path) -> str:
+    """The hex sha256 of a weights file: what a model's version and an export's origin are named by."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def tied_keys(module: torch.nn.Module) -> set[str]:
     """State-dict keys naming a tensor that an earlier key already names (tied weights): stored once."""
     seen: set[int] = set()
@@ -158,6 +165,8 @@ def _read_model(folder: Path, path: Path, device: str | torch.device) -> LoadedM
     from safetensors.torch import load_file
 
     meta = read_model_json(folder)
+    if "onnx" in meta and not (folder / "model.safetensors").exists():
+        raise ValueError(f"{path} is an ONNX export without PyTorch weights: load it with backend='onnx' (--backend onnx)")
     vocab = Vocab.load(folder / "vocab.json")
     tensors = load_file(str(folder / "model.safetensors"), device="cpu")
     decoder = build_decoder(meta["decoder"]["family"], meta["decoder"]["args"], len(vocab), meta["encoder"]["channels"],

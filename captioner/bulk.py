@@ -1,0 +1,306 @@
+"""Bulk captioning of a photo library: `captioner caption LIBRARY/ --output captions.jsonl`.
+
+Made for libraries of hundreds of thousands of files, so nothing grows with the library but the output
+and, on a resume, the set of files already done (16 bytes each):
+- streaming: the tree is walked lazily, each folder in name order (the same order on every run), and each
+  image's JSON line is written and flushed when its batch is done; the list of files and the results are
+  never held whole.
+- overlapped: worker threads read and resize the next images while the model runs (Pillow and numpy
+  release the GIL), at most `PREFETCH_BATCHES` batches ahead.
+- resumable: a rerun skips the files the output already holds and cuts off a half-written last line (the
+  process was killed mid-write), so each image ends up in the output exactly once.
+- sharded: under torchrun each rank takes the files whose path hash falls to it (stable when files are
+  added, so a resumed rank never takes over another's work), writes its own part `OUTPUT.rank0-of-2`,
+  and rank 0 merges the parts into OUTPUT once every rank is done (a gloo barrier).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import IMAGE_SUFFIXES, ImageError, load_image
+from .pipeline import Captioner, DecodingOptions
+
+PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
+BARRIER_TIMEOUT = timedelta(days=7)  # ranks that finish early wait for the slowest; torchrun ends them if one dies
+
+
+def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None) -> Iterator[str]:
+    """Relative POSIX paths of the image files under `root`, lazily, depth first, each folder in name order.
+
+    Only the folders on the current path are listed in memory at any time. Hidden entries (`.thumbnails`,
+    macOS `._IMG.jpg` forks) and symlinked folders (which can loop) are skipped; a folder that cannot be
+    listed is reported to `on_error` and the walk goes on."""
+
+    def visit(folder: str, prefix: str) -> Iterator[str]:
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as err:
+            if not prefix:
+                raise
+            if on_error is not None:
+                on_error(f"{prefix}: cannot list folder: {err.strerror or err}")
+            return
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                yield from visit(entry.path, f"{prefix}{entry.name}/")
+            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
+                yield prefix + entry.name
+
+    yield from visit(os.fspath(root), "")
+
+
+def path_hash(key: str) -> bytes:
+    """16-byte hash of a relative path: what the done set stores and what decides a file's rank."""
+    return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+
+
+def rank_of(digest: bytes, world: int) -> int:
+    return int.from_bytes(digest[:8], "big") % world
+
+
+class DoneSet:
+    """The files an output already holds, as a sorted array of their 16-byte path hashes: 16 bytes a file
+    (16 MB for a million) where a set of path strings would take about ten times that. A false "done"
+    needs a 128-bit collision (about 1e-27 for a million files)."""
+
+    def __init__(self, hashes: bytes | bytearray = b"") -> None:
+        self._hashes = np.unique(np.frombuffer(bytes(hashes), dtype="S16"))  # sorted, each once
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def __contains__(self, digest: bytes) -> bool:
+        i = int(np.searchsorted(self._hashes, digest))
+        # numpy gives "S" items back without their trailing NUL bytes; strip ours the same way to compare
+        return i < len(self._hashes) and self._hashes[i] == digest.rstrip(b"\0")
+
+
+@dataclass
+class Summary:
+    """What one rank did: images captioned and files that failed in this run, files found already done."""
+
+    captioned: int = 0
+    failed: int = 0
+    already_done: int = 0
+    seconds: float = 0.0
+
+
+def part_path(output: Path, rank: int, world: int) -> Path:
+    return output.with_name(f"{output.name}.rank{rank}-of-{world}")
+
+
+def existing_parts(output: Path) -> list[Path]:
+    """Parts of this output left by any run, in name order."""
+    if not output.parent.is_dir():
+        return []
+    prefix = output.name + ".rank"
+    return sorted(p for p in output.parent.iterdir() if p.name.startswith(prefix) and "-of-" in p.name)
+
+
+def read_lines(path: Path) -> Iterator[tuple[int, bytes, dict]]:
+    """(end offset, raw line, record) of each complete line of an output file; a last line without its
+    newline was cut short by a kill and is left out. A damaged line elsewhere raises, naming file and line."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        offset = 0
+        for number, line in enumerate(f, 1):
+            if not line.endswith(b"\n"):
+                return
+            offset += len(line)
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+                    raise ValueError("no 'file' field")
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number}: not a caption record ({err}); fix or delete the line, "
+                                 "then run again") from None
+            yield offset, line, record
+
+
+def read_done(captioner: Captioner, output: Path, target: Path, rank: int, world: int) -> DoneSet:
+    """This rank's files already captioned (or failed): in the merged output, in its own part (whose
+    half-written last line is cut off here), and in parts left by a run with another number of ranks.
+    Other ranks' parts of this run hold none of its files, so they are not read."""
+    sources = [p for p in existing_parts(output) if p != target and not p.name.endswith(f"-of-{world}")]
+    hashes = bytearray()
+    for source in ([output] if output != target else []) + sources + [target]:
+        end = 0
+        for end, _, record in read_lines(source):
+            digest = path_hash(record["file"])
+            if rank_of(digest, world) != rank:
+                continue
+            model = record.get("model"), record.get("version")
+            if "error" not in record and model != (captioner.name, captioner.version):
+                raise ValueError(f"{source}: has captions by model {model[0]!r} version {model[1]!r}, but this run "
+                                 f"uses {captioner.name!r} version {captioner.version!r}; give another --output, "
+                                 "or delete it to start over")
+            hashes += digest
+        if source == target and source.exists() and source.stat().st_size > end:
+            with open(source, "r+b") as f:
+                f.truncate(end)
+            tqdm.write(f"{source}: cut off a half-written last line; its image is captioned again", file=sys.stderr)
+    return DoneSet(hashes)
+
+
+def caption_share(captioner: Captioner, library: str | Path, output: str | Path, opts: DecodingOptions,
+                  batch_size: int = 16, workers: int = 2, rank: int = 0, world: int = 1,
+                  progress: bool = True) -> Summary:
+    """Caption this rank's share of the library's images not yet in the output, appending one JSON line
+    per image to the output (one process) or to this rank's part (several)."""
+    library, output = Path(library), Path(output)
+    if not library.is_dir():
+        raise FileNotFoundError(f"{library}: not a folder (a .jsonl --output captions one library folder)")
+    if batch_size < 1 or workers < 1:
+        raise ValueError("batch_size and workers must be at least 1")
+    target = output if world == 1 else part_path(output, rank, world)
+    done = read_done(captioner, output, target, rank, world)
+    summary = Summary(already_done=len(done))
+
+    def todo(report: bool) -> Iterator[str]:
+        warn = (lambda msg: tqdm.write(f"skipped {msg}", file=sys.stderr)) if report else None
+        for key in walk_library(library, on_error=warn):
+            digest = path_hash(key)
+            if rank_of(digest, world) == rank and digest not in done:
+                yield key
+
+    def load(key: str) -> torch.Tensor:
+        return captioner.encoder.preprocess(load_image(library / key, name=key))
+
+    start = time.perf_counter()
+    tty = sys.stderr.isatty()
+    # The ETA needs the number of files to do: a second walk counts them in the background, and the bar
+    # gets its total (and its ETA) when the count is in, instead of the run waiting for a full listing.
+    with ThreadPoolExecutor(1) as counter, ThreadPoolExecutor(workers) as pool, \
+            open(target, "a", encoding="utf-8") as out, \
+            tqdm(unit="img", desc=f"rank {rank}" if world > 1 else "captions", disable=not progress,
+                 mininterval=0.5 if tty else 30, dynamic_ncols=True) as bar:
+        stop = threading.Event()
+
+        def count() -> int:
+            """Files still to do; gives up when the run ends first (Ctrl-C, on a slow network share)."""
+            return sum(1 for _ in itertools.takewhile(lambda _: not stop.is_set(), todo(False)))
+
+        total: Future | None = counter.submit(count)
+        keys = todo(True)
+        pending: deque[tuple[str, Future]] = deque()
+        batch: list[tuple[str, torch.Tensor]] = []
+
+        def fill() -> None:
+            while len(pending) < PREFETCH_BATCHES * batch_size and (key := next(keys, None)) is not None:
+                pending.append((key, pool.submit(load, key)))
+
+        fill()
+        try:
+            while pending or batch:
+                if pending:
+                    key, future = pending.popleft()
+                    fill()
+                    try:
+                        batch.append((key, future.result()))
+                    except ImageError as err:
+                        out.write(json.dumps({"file": key, "error": str(err)}) + "\n")
+                        out.flush()
+                        summary.failed += 1
+                        bar.update(1)
+                if batch and (len(batch) == batch_size or not pending):
+                    nbest = captioner.generate(torch.stack([x for _, x in batch]), opts)
+                    out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(captions),
+                                                  "model": captioner.name, "version": captioner.version}) + "\n"
+                                      for (key, _), captions in zip(batch, nbest)))
+                    out.flush()
+                    summary.captioned += len(batch)
+                    bar.update(len(batch))
+                    batch = []
+                if total is not None and total.done():
+                    bar.total, total = total.result(), None
+                    bar.refresh()
+        finally:
+            stop.set()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def merge_parts(output: str | Path) -> int:
+    """Append the parts' lines to the output, each file once, then delete the parts; returns the lines added.
+
+    The merged file is written beside the output and renamed over it, so a kill mid-merge leaves either
+    the old output and all parts, or the merged output and parts whose lines it already holds (skipped on
+    the next merge)."""
+    output = Path(output)
+    parts = existing_parts(output)
+    if not parts:
+        return 0
+    hashes, end = bytearray(), 0
+    for end, _, record in read_lines(output):
+        hashes += path_hash(record["file"])
+    merged, added = DoneSet(hashes), 0
+    scratch = output.with_name(output.name + ".merging")
+    if end:
+        shutil.copyfile(output, scratch)
+    with open(scratch, "r+b" if end else "wb") as out:
+        out.truncate(end)  # without a half-written last line
+        out.seek(end)
+        for part in parts:
+            for _, line, record in read_lines(part):
+                if path_hash(record["file"]) not in merged:
+                    out.write(line)
+                    added += 1
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(scratch, output)
+    for part in parts:
+        part.unlink()
+    return added
+
+
+def shard() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; one process without it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_device(name: str) -> str:
+    """'auto' under torchrun on a GPU machine means this rank's own GPU, not all ranks on cuda:0."""
+    if name == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return name
+
+
+def caption_library(captioner: Captioner, library: str | Path, output: str | Path, opts: DecodingOptions,
+                    batch_size: int = 16, workers: int = 2) -> Summary:
+    """The whole job for this process: its share (all of it without torchrun), then, once every rank is
+    done, rank 0 merges the parts (also parts an earlier run left) into the output."""
+    rank, world = shard()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)  # CPU-only: it only carries the barrier
+    try:
+        summary = caption_share(captioner, library, output, opts, batch_size=batch_size, workers=workers,
+                                rank=rank, world=world, progress=rank == 0)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            merge_parts(output)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+    return summary

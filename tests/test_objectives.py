@@ -1,0 +1,194 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from captioner.cider import CiderD
+from captioner.config import Config
+from captioner.decoding import sample
+from captioner.features import open_prepared, prepare
+from captioner.models import decoder_from_config, decoding_defaults, load_model, save_model
+from captioner.objectives import Batch, CaptionReward, SelfCritical, advantages, make_objective
+from captioner.train import CaptionSet, make_optimizer, train, train_step
+from captioner.vocab import Vocab, tokenize
+
+from conftest import SHAPES
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+START, END, A, B = 1, 2, 4, 5
+
+
+class TableDecoder(nn.Module):
+    """A decoder whose next word depends only on the previous one, through a learnable logit table."""
+
+    def __init__(self, first: dict[int, float], vocab_size: int = 6) -> None:
+        super().__init__()
+        table = torch.full((vocab_size, vocab_size), -20.0)
+        table[:, END] = 0.0  # after the first word: <end>
+        table[START] = -20.0
+        for word, p in first.items():
+            table[START, word] = float(np.log(p))
+        self.table = nn.Parameter(table)
+
+    def init_state(self, features: Tensor) -> dict[str, Tensor]:
+        return {"features": features}
+
+    def step(self, words: Tensor, state: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        return F.log_softmax(self.table[words], dim=1), state, state["features"].new_zeros(len(words), 0)
+
+    def first_word_probability(self, word: int) -> float:
+        return float(F.softmax(self.table[START], dim=0)[word])
+
+
+def a_is_right(rows: np.ndarray, tokens: Tensor) -> np.ndarray:
+    """Reward 1 for a caption starting with A, 0 for any other."""
+    return (tokens[:, 0] == A).double().numpy()
+
+
+def image_batch(images: int) -> Batch:
+    return Batch(torch.zeros(images, 3, 8), np.arange(images), torch.zeros(0, dtype=torch.long),
+                 torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+def test_mean_baseline_advantages_sum_to_zero_per_image():
+    rewards = torch.rand(4, 5, generator=torch.Generator().manual_seed(0))
+    found = advantages(rewards)
+    torch.testing.assert_close(found.sum(dim=1), torch.zeros(4), atol=1e-6, rtol=0)
+    for i in range(4):
+        for j in range(5):
+            others = torch.cat([rewards[i, :j], rewards[i, j + 1:]])
+            assert found[i, j] == pytest.approx(float(rewards[i, j] - others.mean()), abs=1e-6)
+    greedy = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    torch.testing.assert_close(advantages(rewards, greedy), rewards - greedy.unsqueeze(1))
+
+
+@pytest.mark.parametrize("baseline", ["mean", "greedy"])
+def test_a_better_sample_gets_its_logprob_pushed_up(baseline):
+    # A and B are about equally likely; greedy takes A, so with the greedy baseline only B loses
+    decoder = TableDecoder({A: 0.52, B: 0.48})
+    objective = SelfCritical(a_is_right, samples=8, baseline=baseline, max_length=4)
+    torch.manual_seed(0)
+    result = objective(decoder, image_batch(3))
+    assert result.n == 24
+    reward = float(result.logs["reward"]) / result.n
+    assert 0 < reward < 1  # both kinds were sampled
+    if baseline == "greedy":
+        assert float(result.logs["greedy_reward"]) / result.n == 1.0 and decoder.training
+    result.loss.backward()
+    assert decoder.table.grad[START, A] < 0 < decoder.table.grad[START, B]  # descent raises A, lowers B
+    before = decoder.first_word_probability(A)
+    with torch.no_grad():
+        decoder.table -= 0.5 * decoder.table.grad
+    assert decoder.first_word_probability(A) > before
+
+
+def test_the_loss_is_the_advantage_weighted_caption_logprob():
+    decoder = TableDecoder({A: 0.3, B: 0.7})
+    objective = SelfCritical(a_is_right, samples=4, baseline="mean", max_length=4)
+    torch.manual_seed(1)
+    result = objective(decoder, image_batch(2))
+    torch.manual_seed(1)  # the same samples again
+    tokens, logprobs, _ = sample(decoder, torch.zeros(2, 3, 8), 4, 4)
+    expected = -(advantages(torch.from_numpy(a_is_right(np.arange(8), tokens)).float().view(2, 4)).view(-1)
+                 * logprobs.sum(dim=1)).mean()
+    assert float(result.loss) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_caption_reward_is_cider_d_of_the_decoded_words():
+    vocab = Vocab(["a", "red", "circle", "square", "blue"])
+    references = {10: ["A red circle.", "a red circle on the left"], 11: ["a blue square", "blue square"]}
+    ids = [[vocab.stoi[w] for w in words] for words in (["a", "red", "circle"], ["blue", "square"], [])]
+    tokens = torch.tensor([row + [vocab.end] + [vocab.pad] * (3 - len(row)) for row in ids])
+    rows = np.array([10, 10, 11])
+    words = {r: [tokenize(c) for c in caps] for r, caps in references.items()}
+    expected = CiderD(words).score([10, 10, 11], [["a", "red", "circle"], ["blue", "square"], []])
+    np.testing.assert_allclose(CaptionReward(references, vocab)(rows, tokens), expected, rtol=0, atol=1e-12)
+    assert expected[0] > expected[1] == expected[2] == 0.0
+    mixed = CaptionReward(references, vocab, bleu_weight=0.5)(rows, tokens)
+    assert mixed[0] > expected[0] and mixed[2] == 0.0  # an exact BLEU match adds, an empty caption gets nothing
+
+
+def test_make_objective_checks_the_scst_options(shapes):
+    prepared = open_prepared(shapes["prepared"])
+    with pytest.raises(ValueError, match="scst_baseline must be mean or greedy, not 'max'"):
+        make_objective(Config(objective="scst", scst_baseline="max"), prepared)
+    with pytest.raises(ValueError, match="scst_samples must be at least 2 with the mean baseline, not 1"):
+        make_objective(Config(objective="scst", scst_samples=1), prepared)
+    with pytest.raises(ValueError, match="objective must be xe or scst"):
+        make_objective(Config(objective="rl"), prepared)
+    objective = make_objective(Config(objective="scst", scst_samples=3, scst_baseline="greedy"), prepared)
+    assert (objective.samples, objective.baseline) == (3, "greedy")
+
+
+# ---------------------------------------------------------------- on the shapes set
+
+def tiny(prepared: Path, **kw) -> Config:
+    values = dict(prepared=str(prepared), batch_size=40, embed_dim=32, attention_dim=32, hidden_dim=32, context_dim=32,
+                  max_length=12, lr=3e-3, val_beam_size=1)
+    return Config(**{**values, **kw})
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict[str, Path]:
+    """The shapes set prepared at 96 px, and a decoder trained on it by cross-entropy for a few steps."""
+    root = tmp_path_factory.mktemp("scst")
+    prepare(Config(data=str(SHAPES), prepared=str(root / "prepared"), min_count=1, image_size=96), log=lambda s: None)
+    prepared = open_prepared(root / "prepared")
+    cfg = tiny(root / "prepared")
+    torch.manual_seed(0)
+    decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"]).train()
+    objective, data = make_objective(cfg, prepared), CaptionSet(prepared, "train")
+    optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
+    for epoch in range(6):
+        for images in data.batches(cfg.batch_size, epoch):
+            rows, owner, captions, lengths = data.batch(images)
+            train_step(decoder, objective, optimizer, Batch(data.features(rows), rows, owner, captions, lengths), 5.0)
+    save_model(root / "xe", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg))
+    return {"prepared": root / "prepared", "xe": root / "xe"}
+
+
+def mean_sample_reward(decoder: nn.Module, objective: SelfCritical, data: CaptionSet) -> float:
+    torch.manual_seed(123)
+    rows = np.array(data.rows)
+    with torch.no_grad():
+        tokens, _, _ = sample(decoder, data.features(rows), 5, objective.max_length)
+    return float(objective.reward(np.repeat(rows, 5), tokens).mean())
+
+
+def test_scst_steps_raise_the_reward_of_samples_on_the_training_images(shapes):
+    prepared = open_prepared(shapes["prepared"])
+    cfg = tiny(shapes["prepared"], objective="scst", lr=3e-3)
+    objective, data = make_objective(cfg, prepared), CaptionSet(prepared, "train")
+    decoder = load_model(shapes["xe"]).decoder.train()
+    optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
+    before = mean_sample_reward(decoder, objective, data)
+    torch.manual_seed(0)
+    for epoch in range(5):  # 25 steps: +0.09 to +0.18 with seeds 0 to 4 of both trainings
+        for images in data.batches(cfg.batch_size, epoch):
+            rows, owner, captions, lengths = data.batch(images)
+            logs = train_step(decoder, objective, optimizer, Batch(data.features(rows), rows, owner, captions, lengths), 5.0)
+            assert set(logs) == {"loss", "reward", "n"} and logs["n"] == 5 * len(images)
+    after = mean_sample_reward(decoder, objective, data)
+    assert after > before + 0.05, (before, after)
+
+
+def test_train_command_runs_scst_from_a_cross_entropy_model(shapes, tmp_path):
+    # lr 0: the run's best model is the one it started from, so init_from loaded every weight
+    cfg = tiny(shapes["prepared"], objective="scst", init_from=str(shapes["xe"]), epochs=1, lr=0.0,
+               scst_baseline="greedy", scst_samples=2, run_dir=str(tmp_path / "run"))
+    state = train(cfg, log=lambda s: None)
+    assert {"train_loss", "train_reward", "train_greedy_reward", "val_CIDEr"} <= set(state.history[0])
+    started, best = load_model(shapes["xe"]).decoder.state_dict(), load_model(tmp_path / "run" / "best").decoder.state_dict()
+    assert all(torch.equal(started[k], best[k]) for k in started)
+
+
+def test_init_from_refuses_a_model_that_does_not_fit(shapes, tmp_path):
+    cfg = tiny(shapes["prepared"], init_from=str(shapes["xe"]), hidden_dim=16, epochs=1, run_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"does not fit the configured decoder: hidden_dim 32 \(model\) != 16 \(config\)"):
+        train(cfg, log=lambda s: None)
+    both = tiny(shapes["prepared"], init_from=str(shapes["xe"]), pretrain="contrastive", run_dir=str(tmp_path / "run2"))
+    with pytest.raises(ValueError, match="init_from .* and pretrain .* choose one"):
+        train(both, log=lambda s: None)
