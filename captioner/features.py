@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import replace_file
 from .config import Config, resolve_device
 from .data import ImageError, Record, load_dataset, load_image
 from .encoders import Encoder, create_encoder
@@ -50,16 +52,17 @@ class Prepared:
 
 
 def _write_json(path: Path, data: object) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def _save_status(path: Path, status: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, status)
-    os.replace(tmp, path)
+    replace_file(path, lambda tmp: tmp.write_bytes(_npy_bytes(status)))
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def assign_splits(records: list[Record]) -> list[Record]:
@@ -124,10 +127,12 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
         if old["shape"] != meta["shape"]:  # prepare() has already refused other records
             raise ValueError(f"{root} holds features of another shape; use another --prepared folder")
         batch_size = old["batch_size"]  # the same batch boundaries give bit-identical features on resume
-        features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
         status = np.load(status_path)
+        _recover_short_file(feat_path, status, shape, status_path, log)
+        features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
     else:
-        features = np.memmap(feat_path, dtype=np.float16, mode="w+", shape=shape)
+        _allocate(feat_path, int(np.prod(shape)) * 2)
+        features = np.memmap(feat_path, dtype=np.float16, mode="r+", shape=shape)
         status = np.zeros(len(records), dtype=np.uint8)
         _save_status(status_path, status)
         _write_json(meta_path, meta)
@@ -161,6 +166,33 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
     return features, status
 
 
+def _recover_short_file(feat_path: Path, status: np.ndarray, shape: tuple[int, ...], status_path: Path,
+                        log: Callable[[str], None]) -> None:
+    """A feature file shorter than its shape (cut by a kill, a full disk or a copy): the rows it lost go
+    back to TODO, and the file is brought back to full length so they can be encoded again."""
+    row_bytes = int(np.prod(shape[1:])) * 2
+    size = feat_path.stat().st_size if feat_path.exists() else 0
+    if size >= shape[0] * row_bytes:
+        return
+    whole = size // row_bytes
+    lost = int((status[whole:] != TODO).sum())
+    if lost:
+        log(f"{feat_path} is cut short ({size} of {shape[0] * row_bytes} bytes): encoding {lost} image(s) again")
+    status[whole:] = TODO
+    _save_status(status_path, status)
+    _allocate(feat_path, shape[0] * row_bytes)
+
+
+def _allocate(path: Path, size: int) -> None:
+    """The feature file at full size, its blocks reserved where the OS can: a disk too small then fails
+    here with ENOSPC, not with a SIGBUS in the middle of extraction (writes into a memory map have no
+    other way to report a full disk)."""
+    with open(path, "ab") as f:
+        f.truncate(size)
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(f.fileno(), 0, size)
+
+
 def _describe(spec: dict) -> str:
     return f"{spec['encoder']} at {spec['image_size']}px (layer {spec['layer']})"
 
@@ -183,7 +215,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     if records_path.exists() and json.loads(records_path.read_text()) != _records_to_json(records):
         raise ValueError(f"{root} was prepared from other data; use another --prepared folder or delete it")
     _write_json(records_path, _records_to_json(records))
-    vocab.save(root / "vocab.json")
+    replace_file(root / "vocab.json", vocab.save)
 
     encoder = create_encoder(cfg.encoder, pretrained=True, image_size=cfg.image_size, layer=cfg.feature_layer)
     device = resolve_device(cfg.device)

@@ -4,17 +4,24 @@ Stage 1 trains the decoder on cached features with the encoder frozen; stage 2 (
 `finetune_epochs`) then fine-tunes the top encoder blocks end to end on images at a lower learning
 rate. Every epoch ends with real decoding of the dev split scored by coco-caption, which drives the
 learning-rate plateau schedule, early stopping and the choice of the best model. Checkpoints hold
-everything needed to continue exactly: model, optimizer, scheduler, epoch, history and RNG states.
+everything needed to continue exactly: model, optimizer, scheduler, the stage and its boundaries,
+history and every process's RNG states; with `deterministic` (the default) a seed gives the same
+weights run after run, and a killed run resumed gives the weights of an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
+import io
 import math
 import os
+import pickle
 import random
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,15 +31,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .atomic import replace_file, settled
 from .config import Config, resolve_device
 from .data import load_image
 from .decoding import beam_search
 from .encoders import Encoder, create_encoder
-from .features import Prepared, open_prepared
+from .features import TODO, Prepared, open_prepared
 from .metrics import score_captions
 from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
                      load_model, save_model)
 from .objectives import Batch, make_objective
+from .pipeline import DecodingOptions
 
 
 # ---------------------------------------------------------------- data
@@ -115,6 +124,9 @@ def teacher_forcing_ratio(cfg: Config, epoch: int) -> float:
 @dataclass
 class TrainState:
     epoch: int = 0  # epochs completed
+    epochs: int = 0  # stage 1's length: cfg.epochs, or what a resumed run changed it to where it could
+    stage: str = "train"  # the stage of the next epoch: train (stage 1) or finetune (stage 2)
+    stage_start: int = 0  # the epoch after which the current stage began
     best_score: float = -math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
@@ -147,35 +159,89 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
     raise ValueError(f"schedule must be plateau, onecycle, warmup or none, not {cfg.schedule!r}")
 
 
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # CPU and every CUDA device
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Each DDP rank's own stream, so ranks draw different dropout masks and scheduled-sampling choices."""
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's random states as plain tensors, numbers and lists (not numpy or tuples), so a
+    checkpoint loads with torch.load(weights_only=True)."""
+    version, keys, gauss = random.getstate()
+    _, mt, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [version, list(keys), gauss],
+             "numpy": [torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Back to a state rng_state() took. The byte tensors must be on the CPU, as load_checkpoint leaves them."""
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    mt, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state(("MT19937", mt.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
+
+
+def gather_rng_states(world: int) -> list[dict]:
+    """Every rank's rng_state(), in rank order (a collective: all ranks call it)."""
+    if world == 1:
+        return [rng_state()]
+    states: list = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Deterministic kernels only (a kernel that has none warns instead of stopping the run), restoring
+    the caller's setting afterwards: train() is also a library call."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
 
 
 def save_checkpoint(path: Path, **state: object) -> None:
-    """Temp file then rename: a crash mid-write never leaves a broken checkpoint behind."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Through atomic.replace_file: a crash or a full disk mid-write leaves the previous checkpoint whole.
+    Serialised in memory first: torch.save writing to a full disk raises a RuntimeError about zip
+    offsets, where a plain write raises OSError(ENOSPC), which says what happened."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    replace_file(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """On the CPU, where the RNG byte tensors must be (load_state_dict moves the rest to the model's
+    device), and with weights_only=True: a checkpoint holds tensors, numbers, strings, lists and dicts,
+    nothing that could run code when loaded."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a checkpoint this captioner can load safely ({str(err).splitlines()[0]}); "
+                         "start a new --run-dir") from None
 
 
 # ---------------------------------------------------------------- evaluation during training
 
 @torch.inference_mode()
-def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], beam_size: int, max_length: int,
+def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: DecodingOptions,
                  device: torch.device, encoder: Encoder | None = None, batch_size: int = 100) -> dict[str, str]:
-    """Caption the given rows, {image name: caption}: from cached features, or from the images through
-    `encoder` once stage 2 has changed it."""
+    """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
+    images through `encoder` once stage 2 has changed it."""
     was_training = decoder.training
     decoder.eval()
     out = {}
@@ -186,7 +252,8 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], beam_s
         else:
             encoder.eval()
             feats = encoder.regions(image_inputs(encoder, prepared, device)(chunk))
-        results = beam_search(decoder, feats, beam_size=beam_size, max_length=max_length)
+        results = beam_search(decoder, feats, beam_size=opts.beam_size, max_length=opts.max_length,
+                              length_penalty=opts.length_penalty, block_trigrams=opts.block_trigrams)
         for row, best in zip(chunk, results):
             out[prepared.records[row].name] = prepared.vocab.decode(best[0].tokens)
     decoder.train(was_training)
@@ -195,24 +262,56 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], beam_s
 
 def validate(decoder: nn.Module, prepared: Prepared, cfg: Config, device: torch.device,
              encoder: Encoder | None = None) -> dict[str, float]:
+    """Dev scores of the model as it will caption (its decoding options), at val_beam_size."""
     rows = prepared.indices("val")
     if cfg.val_images:
         rows = rows[: cfg.val_images]
-    predictions = decode_split(decoder, prepared, rows, cfg.val_beam_size, cfg.max_length, device, encoder)
+    opts = DecodingOptions(**{**decoding_defaults(cfg), "beam_size": cfg.val_beam_size})
+    predictions = decode_split(decoder, prepared, rows, opts, device, encoder)
     return score_captions(predictions, prepared.references(rows), metrics=("Bleu_4", "CIDEr"))
+
+
+def check_before_training(cfg: Config, prepared: Prepared) -> None:
+    """What would otherwise fail only after a whole epoch (or a whole stage 1) fails now, saying how to
+    fix it. The options themselves were checked when the config was read."""
+    todo = int((prepared.status == TODO).sum())
+    if todo:
+        raise ValueError(f"{prepared.root}: `captioner prepare` did not finish ({todo} of {len(prepared.status)} "
+                         "images still to encode); run it again to complete the folder")
+    if not prepared.indices("val"):
+        raise ValueError(f"{prepared.root}: the val split has no images, and every epoch is scored on it; "
+                         "prepare a dataset with a dev split (one without splits gets 5% of its images as dev)")
+    if shutil.which("java") is None:
+        raise FileNotFoundError("java: not found; every epoch is scored by coco-caption, which needs Java: "
+                                "install it (e.g. `apt-get install default-jre-headless`)")
+    if importlib.util.find_spec("pycocoevalcap") is None:
+        raise FileNotFoundError("pycocoevalcap: not installed; every epoch is scored by coco-caption: "
+                                "`pip install 'captioner[train]'`")
+    if cfg.finetune_epochs:
+        missing = [str(prepared.records[i].image) for split in ("train", "val") for i in prepared.indices(split)
+                   if not prepared.records[i].image.exists()]
+        if missing:
+            raise FileNotFoundError(f"stage 2 (finetune_epochs {cfg.finetune_epochs}) reads the images again, and "
+                                    f"{len(missing)} are missing, e.g. {missing[0]}; restore them or set "
+                                    "--finetune-epochs 0")
 
 
 # ---------------------------------------------------------------- logging
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
-    """metrics.csv and curves.png, rewritten from the full history so a resumed run stays whole."""
+    """metrics.csv and curves.png, rewritten from the full history so a resumed run stays whole, each
+    through atomic.replace_file."""
     if not history:
         return
     keys = list(history[0])
-    with open(run_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+
+    replace_file(run_dir / "metrics.csv", write_csv)
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -229,7 +328,7 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(run_dir / "curves.png", dpi=80)
+    replace_file(run_dir / "curves.png", lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
     plt.close(fig)
 
 
@@ -352,8 +451,21 @@ def wrap(module: nn.Module, device: torch.device, world: int) -> nn.Module:
 
 
 # What a resumed run may change: how long it runs, where, and where it finds its files; not what it trains.
-RESUME_MAY_CHANGE = frozenset({"epochs", "finetune_epochs", "patience", "device", "num_workers", "val_images",
+RESUME_MAY_CHANGE = frozenset({"epochs", "finetune_epochs", "patience", "device", "num_workers", "val_images", "deterministic",
                                "amp", "data", "images", "prepared", "run_dir"})
+
+
+@contextlib.contextmanager
+def saving(run_dir: Path, what: str, resumable: bool) -> Iterator[None]:
+    """A full disk or a read-only run folder ends the run with what to do, not a traceback (the CLI
+    prints OSErrors); every write is atomic, so what is on disk is still whole."""
+    try:
+        yield
+    except OSError as err:
+        again = "the same command with --resume" if resumable else "the same command again"
+        where = f" ({err.filename})" if err.filename else ""
+        raise OSError(err.errno, f"cannot save {what} in {run_dir}: {err.strerror or err}{where}; the files there "
+                      f"are whole: free space or make the folder writable, then run {again}") from err
 
 
 def check_resumed_config(saved: Config, cfg: Config, run_dir: Path) -> None:
@@ -366,8 +478,48 @@ def check_resumed_config(saved: Config, cfg: Config, run_dir: Path) -> None:
                          "run's own options (its config.json) or start a new --run-dir")
 
 
+def check_resumed_stage(state: TrainState, cfg: Config, run_dir: Path) -> None:
+    """A resumed run may lengthen or shorten stage 1 only while it is in stage 1 and its schedule does
+    not depend on the length; anything else is refused, naming the option (finetune_epochs may always change)."""
+    if cfg.epochs == state.epochs:
+        return
+    if state.stage == "finetune":
+        raise ValueError(f"--epochs {cfg.epochs}: {run_dir} ended stage 1 after epoch {state.stage_start} and is "
+                         f"fine-tuning, so stage 1 cannot change; resume with --epochs {state.epochs} "
+                         "(--finetune-epochs may change)")
+    if cfg.schedule == "onecycle":
+        raise ValueError(f"--epochs {cfg.epochs}: the one-cycle schedule of {run_dir} spans {state.epochs} stage-1 "
+                         f"epochs and cannot be stretched or cut; resume with --epochs {state.epochs}")
+    state.epochs = cfg.epochs
+
+
+def next_stage(state: TrainState, cfg: Config) -> str | None:
+    """The stage of the next epoch, moving on to stage 2 once stage 1 has run its epochs; None when
+    training is over (all epochs run, or no better dev score for `patience` epochs)."""
+    if state.bad_epochs >= cfg.patience:
+        return None
+    if state.stage == "train" and state.epoch >= state.epochs:
+        if cfg.finetune_epochs == 0:
+            return None
+        state.stage, state.stage_start, state.bad_epochs = "finetune", state.epoch, 0
+    if state.stage == "finetune" and state.epoch >= state.stage_start + cfg.finetune_epochs:
+        return None
+    return state.stage
+
+
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> TrainState:
-    """Train as `cfg` says, writing checkpoints, the best model and curves into cfg.run_dir."""
+    """Train as `cfg` says, writing checkpoints, the best model and curves into cfg.run_dir.
+
+    With cfg.deterministic a seed gives bit-identical weights: deterministic kernels, and on CUDA a
+    fixed cuBLAS workspace, which cuBLAS reads from the environment when CUDA starts, so it is set here,
+    before this process touches CUDA."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    with deterministic_algorithms(cfg.deterministic):
+        return _train(cfg, resume, log)
+
+
+def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
     device, rank, world = setup_distributed(cfg)
     run_dir = Path(cfg.run_dir)
     if is_main():
@@ -379,11 +531,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         raise ValueError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     if resume and (run_dir / "config.json").exists():
         check_resumed_config(Config.load(run_dir / "config.json"), cfg, run_dir)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-
     prepared = open_prepared(cfg.prepared)
+    check_before_training(cfg, prepared)
+    seed_everything(cfg.seed)  # the same initial weights on every rank
+
     data = CaptionSet(prepared, "train")
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
     if cfg.init_from and cfg.pretrain != "none":
@@ -401,9 +552,10 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
     optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
     steps = len(data.batches(cfg.batch_size, 0, rank, world))
     scheduler = make_scheduler(cfg, optimizer, steps, cfg.epochs)
-    state = TrainState()
+    state = TrainState(epochs=cfg.epochs)
     encoder: Encoder | None = None
-    total_epochs = cfg.epochs + cfg.finetune_epochs
+    if world > 1:
+        seed_everything(rank_seed(cfg.seed, rank))
 
     def enter_finetune() -> None:
         nonlocal encoder, optimizer, scheduler, model, inputs
@@ -412,8 +564,9 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         inputs = image_inputs(encoder, prepared, device)
 
     if resume:
-        ckpt = torch.load(last_path, map_location=device, weights_only=False)
+        ckpt = load_checkpoint(last_path)
         state = TrainState(**ckpt["train_state"])
+        check_resumed_stage(state, cfg, run_dir)
         decoder.load_state_dict(ckpt["decoder"])
         if ckpt["stage"] == "finetune":
             enter_finetune()
@@ -421,25 +574,33 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         optimizer.load_state_dict(ckpt["optimizer"])
         if scheduler is not None and ckpt["scheduler"] is not None:
             scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"])
+        if len(ckpt["rng"]) == world:
+            set_rng_state(ckpt["rng"][rank])
+        else:  # batches are dealt to ranks by the world size too: the run goes on, not bit for bit
+            log(f"note: {last_path} was written by {len(ckpt['rng'])} process(es), this run has {world}: "
+                "it goes on, but will not match an uninterrupted run exactly")
+            seed_everything(rank_seed(cfg.seed + state.epoch, rank))
         log(f"resumed {run_dir} after epoch {state.epoch}")
 
     if is_main():
-        cfg.save(run_dir / "config.json")
+        with saving(run_dir, "the run's config", resume):
+            cfg.save(run_dir / "config.json")
         n_params = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
         log(f"training on {device} ({world} process{'es' if world > 1 else ''}): {len(data)} captions, "
             f"{len(prepared.vocab)} words, decoder {n_params / 1e6:.1f}M parameters")
-    while state.epoch < total_epochs:
-        stage = "finetune" if state.epoch >= cfg.epochs else "train"
+    while (stage := next_stage(state, cfg)) is not None:
         if stage == "finetune" and encoder is None:
-            if (run_dir / "best").exists():  # fine-tune from the best stage-1 decoder, not the last
+            if world > 1:
+                dist.barrier()  # rank 0 writes best/ at the end of stage 1; the others read it here
+            if settled(run_dir / "best").exists():  # fine-tune from the best stage-1 decoder, not the last
                 decoder.load_state_dict(load_model(run_dir / "best", device).decoder.state_dict())
             enter_finetune()
         tf_ratio = teacher_forcing_ratio(cfg, state.epoch)
         batches = data.batches(cfg.batch_size, cfg.seed * 1000 + state.epoch, rank, world)
+        planned = state.epochs + cfg.finetune_epochs if stage == "train" else state.stage_start + cfg.finetune_epochs
         start = time.time()
         stats = run_epoch(model, objective, data, batches, optimizer, scheduler, cfg, device, tf_ratio, inputs,
-                          desc=f"epoch {state.epoch + 1}/{total_epochs} {stage}")
+                          desc=f"epoch {state.epoch + 1}/{planned} {stage}")
         seconds = time.time() - start
         scores = validate(decoder, prepared, cfg, device, encoder) if is_main() else {}
         if world > 1:
@@ -460,26 +621,26 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
             state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
         else:
             state.bad_epochs += 1
-        stop = state.bad_epochs >= cfg.patience
-        if stop and stage == "train" and cfg.finetune_epochs > 0:
+        if state.bad_epochs >= cfg.patience and stage == "train" and cfg.finetune_epochs > 0:
             log(f"no better dev {cfg.val_metric} for {cfg.patience} epochs: on to fine-tuning")
-            state.epoch, state.bad_epochs, stop = cfg.epochs, 0, False
+            state.stage, state.stage_start, state.bad_epochs = "finetune", state.epoch, 0
+        rng = gather_rng_states(world)
         if is_main():
-            if improved:
-                save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
-                           encoder_state=encoder.state_dict() if encoder is not None else None)
-            save_checkpoint(last_path, stage=stage, decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
-                            scheduler=scheduler.state_dict() if scheduler is not None else None,
-                            encoder=encoder.state_dict() if encoder is not None else None,
-                            train_state=vars(state), rng=rng_state())
-            write_history(run_dir, state.history)
+            with saving(run_dir, f"epoch {state.epoch}", last_path.exists()):
+                if improved:
+                    save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
+                               encoder_state=encoder.state_dict() if encoder is not None else None)
+                save_checkpoint(last_path, stage=stage, decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
+                                scheduler=scheduler.state_dict() if scheduler is not None else None,
+                                encoder=encoder.state_dict() if encoder is not None else None,
+                                train_state=vars(state), rng=rng)
+                write_history(run_dir, state.history)
             train_logs = " ".join(f"{key.removeprefix('train_')} {value:.3f}" for key, value in stats.items())
             log(f"epoch {state.epoch}: {train_logs} "
                 f"dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}"
                 f"{' (best)' if improved else ''} [{seconds:.0f}s, {row['captions_per_s']} captions/s]")
-        if stop:
-            log(f"early stop: no better dev {cfg.val_metric} for {cfg.patience} epochs")
-            break
+            if state.bad_epochs >= cfg.patience:
+                log(f"early stop: no better dev {cfg.val_metric} for {cfg.patience} epochs")
     if is_main():
         hours = sum(h["seconds"] for h in state.history) / 3600
         log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run_dir / 'best'} "

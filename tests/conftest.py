@@ -37,3 +37,31 @@ def write_flickr_dataset(folder: Path, n: int = 12, size: int = 48) -> Path:
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_flickr_dataset(tmp_path / "data")
+
+
+def write_synthetic_prepared(root: Path, train_images: int, val_images: int, words: int = 2500, channels: int = 512,
+                             seed: int = 0) -> None:
+    """A prepared folder of random 7x7 feature maps and random captions (5 per image, 6-14 words from a
+    vocabulary of about `words`): training at a real vocabulary and width without encoding any image."""
+    from captioner.data import Record
+    from captioner.features import DONE, _records_to_json, _save_status, _write_json
+    from captioner.vocab import Vocab
+
+    rng = np.random.default_rng(seed)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    lexicon = sorted({"".join(rng.choice(syllables, size=3)) for _ in range(2 * words)})[:words]
+    images = root / "images"
+    records = [Record(image=images / f"im{i:05d}.jpg", split="train" if i < train_images else "val", root=images,
+                      captions=tuple(" ".join(rng.choice(lexicon, size=rng.integers(6, 15))) for _ in range(5)))
+               for i in range(train_images + val_images)]
+    root.mkdir(parents=True)
+    Vocab.build([c for r in records if r.split == "train" for c in r.captions], min_count=1).save(root / "vocab.json")
+    shape = (len(records), 49, channels)
+    features = np.memmap(root / "features.f16", dtype=np.float16, mode="w+", shape=shape)
+    features[:] = rng.standard_normal(shape).astype(np.float16)
+    features.flush()
+    _save_status(root / "status.npy", np.full(len(records), DONE, dtype=np.uint8))
+    _write_json(root / "records.json", _records_to_json(records))
+    spec = {"encoder": "synthetic", "image_size": 224, "layer": "head", "channels": channels, "grid": [7, 7],
+            "preprocess": "none", "weights": "none"}
+    _write_json(root / "features.json", {"spec": spec, "shape": list(shape), "batch_size": 32})

@@ -33,7 +33,8 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
     out = tmp_path / "eval"
     result = subprocess.run([sys.executable, "-m", "captioner.cli", "evaluate", "--model", str(model), "--prepared",
                              str(prepared), "--split", "test", "--beam-sizes", "1", "--output", str(out),
-                             "--nearest-neighbour"], capture_output=True, text=True, cwd=ROOT)
+                             "--nearest-neighbour", "--block-trigrams", "--length-penalty", "0.5"],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     table = [l for l in result.stdout[result.stdout.find("| Model |"):].splitlines() if l.startswith("|")]
     assert table[0].startswith("| Model | BLEU-1") and "CIDEr" in table[0]
@@ -41,6 +42,7 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 2 and set(results["scores"]["beam 1"]) == {
         "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
+    assert results["decoding"] == {"max_length": 6, "length_penalty": 0.5, "block_trigrams": True}
     captions = json.loads((out / "captions_beam1.json").read_text())
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions.values())
     assert results["fluency"]["beam 1"] == fluency(list(captions.values()))
@@ -55,3 +57,29 @@ def test_evaluate_refuses_a_model_of_another_vocabulary(trained, tmp_path):
     prepare(Config(data=str(other), prepared=str(tmp_path / "p2"), min_count=1), log=lambda s: None)
     with pytest.raises(ValueError, match="another vocabulary"):
         evaluate_model(model, tmp_path / "p2", beam_sizes=(1,), log=lambda s: None)
+
+
+def test_evaluate_decodes_with_the_models_own_options_unless_overridden(trained, tmp_path, monkeypatch):
+    """The scores must describe what `caption` and `serve` give: the model's beam size, maximum length,
+    length penalty and trigram blocking, each overridable. (Scoring is stubbed: the decoding is the point.)"""
+    from captioner import evaluate as evaluate_mod, train as train_mod
+
+    monkeypatch.setattr(evaluate_mod, "score_captions", lambda predictions, references: {"Bleu_4": 0.0, "CIDEr": 0.0})
+
+    prepared, model = trained
+    custom = tmp_path / "model"
+    shutil.copytree(model, custom)
+    meta = json.loads((custom / "model.json").read_text())
+    meta["decoding"] = {"beam_size": 2, "max_length": 5, "length_penalty": 0.7, "block_trigrams": True}
+    (custom / "model.json").write_text(json.dumps(meta))
+    calls = []
+    real = train_mod.beam_search
+    monkeypatch.setattr(train_mod, "beam_search", lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    evaluate_model(custom, prepared, out_dir=tmp_path / "a", log=lambda s: None)
+    assert calls == [{"beam_size": 2, "max_length": 5, "length_penalty": 0.7, "block_trigrams": True}]
+    calls.clear()
+    evaluate_model(custom, prepared, beam_sizes=(1, 3), out_dir=tmp_path / "b", log=lambda s: None, max_length=4,
+                   block_trigrams=False)
+    assert calls == [{"beam_size": k, "max_length": 4, "length_penalty": 0.7, "block_trigrams": False} for k in (1, 3)]
+    with pytest.raises(ValueError, match="length_penalty must be a number from 0 to 5"):
+        evaluate_model(custom, prepared, out_dir=tmp_path / "c", log=lambda s: None, length_penalty=9.0)

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from ..atomic import read_folder, replace_folder
 from ..vocab import Vocab
 from .base import CaptionDecoder, decoder_class
 
@@ -111,29 +110,28 @@ def tied_keys(module: torch.nn.Module) -> set[str]:
 def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_spec: dict[str, Any],
                decoding: dict[str, Any], encoder_state: dict[str, Tensor] | None = None,
                dtype: torch.dtype = torch.float32) -> None:
-    """Write a model folder to a temp folder, then rename it into place, so a reader never sees half a model."""
-    from safetensors.torch import save_file
+    """Write a model folder through atomic.replace_folder: a reader (or a crash) never sees half a model.
+    The weights are serialised in memory, then written: safetensors writing to a full disk raises its own
+    error type, a plain write raises OSError(ENOSPC)."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     tied = tied_keys(decoder)
     tensors = {f"decoder.{k}": v for k, v in decoder.state_dict().items() if k not in tied}
     if encoder_state is not None:
         tensors.update({f"encoder.{k}": v for k, v in encoder_state.items()})
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(tmp / "model.safetensors"))
     meta = {"format": FORMAT, "version": VERSION,
             "decoder": {"family": decoder.family, "args": decoder.arguments()},
             "encoder": encoder_spec, "fine_tuned_encoder": encoder_state is not None,
             "vocab": {"size": len(vocab), "pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
             "decoding": {key: decoding[key] for key in DECODING_KEYS}}
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
-    vocab.save(tmp / "vocab.json")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+
+    def write(folder: Path) -> None:
+        (folder / "model.safetensors").write_bytes(save(tensors))
+        (folder / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+        vocab.save(folder / "vocab.json")
+
+    replace_folder(path, write)
 
 
 def read_model_json(path: Path) -> dict[str, Any]:
@@ -158,21 +156,25 @@ def read_model_json(path: Path) -> dict[str, Any]:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
-    """A model folder on any device, whatever device the model was trained on."""
+    """A model folder on any device, whatever device the model was trained on. Read through
+    atomic.read_folder: one whole version even while training swaps in a new best model."""
+    return read_folder(path, lambda folder: _read_model(folder, Path(path), device))
+
+
+def _read_model(folder: Path, path: Path, device: str | torch.device) -> LoadedModel:
     from safetensors.torch import load_file
 
-    path = Path(path)
-    meta = read_model_json(path)
-    if "onnx" in meta and not (path / "model.safetensors").exists():
+    meta = read_model_json(folder)
+    if "onnx" in meta and not (folder / "model.safetensors").exists():
         raise ValueError(f"{path} is an ONNX export without PyTorch weights: load it with backend='onnx' (--backend onnx)")
-    vocab = Vocab.load(path / "vocab.json")
-    tensors = load_file(str(path / "model.safetensors"), device="cpu")
+    vocab = Vocab.load(folder / "vocab.json")
+    tensors = load_file(str(folder / "model.safetensors"), device="cpu")
     decoder = build_decoder(meta["decoder"]["family"], meta["decoder"]["args"], len(vocab), meta["encoder"]["channels"],
-                            source=str(path / "model.json"))
+                            source=str(folder / "model.json"))
     weights = {k.removeprefix("decoder."): v.float() for k, v in tensors.items() if k.startswith("decoder.")}
     missing, unexpected = decoder.load_state_dict(weights, strict=False)
     if set(missing) != tied_keys(decoder) or unexpected:
-        raise ValueError(f"{path / 'model.safetensors'} does not fit its model.json: missing "
+        raise ValueError(f"{folder / 'model.safetensors'} does not fit its model.json: missing "
                          f"{sorted(set(missing) - tied_keys(decoder))}, unexpected {sorted(unexpected)}")
     encoder_state = {k.removeprefix("encoder."): v.float() if v.is_floating_point() else v
                      for k, v in tensors.items() if k.startswith("encoder.")} or None
