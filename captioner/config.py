@@ -155,6 +155,8 @@ class Config:
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
         if self.num_captions > self.beam_size:
             raise ValueError(f"option num_captions ({self.num_captions}) must be at most beam_size ({self.beam_size})")
+        if self.scst_baseline == "mean" and self.scst_samples < 2:  # the mean of the *other* samples
+            raise ValueError(f"option scst_samples must be at least 2 with scst_baseline mean, got {self.scst_samples}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

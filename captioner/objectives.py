@@ -151,16 +151,7 @@ def make_objective(cfg: Config, prepared: Prepared) -> CrossEntropy | SelfCritic
     references of `prepared`."""
     if cfg.objective == "xe":
         return CrossEntropy(cfg.label_smoothing)
-    if cfg.objective == "scst":
-        if cfg.scst_baseline not in ("mean", "greedy"):
-            raise ValueError(f"scst_baseline must be mean or greedy, not {cfg.scst_baseline!r}")
-        fewest = 2 if cfg.scst_baseline == "mean" else 1  # the mean baseline needs another sample
-        if cfg.scst_samples < fewest:
-            raise ValueError(f"scst_samples must be at least {fewest} with the {cfg.scst_baseline} baseline, "
-                             f"not {cfg.scst_samples}")
-        if cfg.scst_max_length < 1 or cfg.scst_bleu_weight < 0:
-            raise ValueError(f"scst_max_length must be at least 1 and scst_bleu_weight at least 0, not "
-                             f"{cfg.scst_max_length} and {cfg.scst_bleu_weight}")
+    if cfg.objective == "scst":  # its options were checked with the Config
         references = {row: list(prepared.records[row].captions) for row in prepared.indices("train")}
         reward = CaptionReward(references, prepared.vocab, cfg.scst_bleu_weight)
         return SelfCritical(reward, cfg.scst_samples, cfg.scst_baseline, cfg.scst_max_length)

@@ -111,14 +111,15 @@ def test_caption_reward_is_cider_d_of_the_decoded_words():
     assert mixed[0] > expected[0] and mixed[2] == 0.0  # an exact BLEU match adds, an empty caption gets nothing
 
 
-def test_make_objective_checks_the_scst_options(shapes):
+def test_the_scst_options_are_checked_with_the_config_and_reach_the_objective(shapes):
     prepared = open_prepared(shapes["prepared"])
-    with pytest.raises(ValueError, match="scst_baseline must be mean or greedy, not 'max'"):
-        make_objective(Config(objective="scst", scst_baseline="max"), prepared)
-    with pytest.raises(ValueError, match="scst_samples must be at least 2 with the mean baseline, not 1"):
-        make_objective(Config(objective="scst", scst_samples=1), prepared)
-    with pytest.raises(ValueError, match="objective must be xe or scst"):
-        make_objective(Config(objective="rl"), prepared)
+    with pytest.raises(ValueError, match="option scst_baseline must be one of mean, greedy, got 'max'"):
+        Config(objective="scst", scst_baseline="max")
+    with pytest.raises(ValueError, match="option scst_samples must be at least 2 with scst_baseline mean, got 1"):
+        Config(objective="scst", scst_samples=1)
+    assert Config(objective="scst", scst_samples=1, scst_baseline="greedy").scst_samples == 1
+    with pytest.raises(ValueError, match="option objective must be one of xe, scst"):
+        Config(objective="rl")
     objective = make_objective(Config(objective="scst", scst_samples=3, scst_baseline="greedy"), prepared)
     assert (objective.samples, objective.baseline) == (3, "greedy")
 
