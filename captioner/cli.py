@@ -207,15 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="coco-caption scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on a split")
     p.add_argument("--model", help="model folder (e.g. runs/NAME/best)")
-    p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset (default: prepared)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default: test)")
     p.add_argument("--beam-sizes", help="comma-separated beam sizes to score, e.g. 1,3,5 (default: the model's own)")
     p.add_argument("--max-length", type=int, help="most words per caption (default: the model's own)")
     p.add_argument("--length-penalty", type=float, help="rank beams by log-probability / length**penalty "
                                                         "(default: the model's own)")
     p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
                    help="forbid a beam to repeat a word trigram (default: the model's own)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--output", help="folder for results.json and captions (default: MODEL/eval_SPLIT)")
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
     p.set_defaults(func=cmd_evaluate)

@@ -194,13 +194,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
-def gather_rng_states(world: int) -> list[dict]:
-    """Every rank's rng_state(), in rank order (a collective: all ranks call it)."""
+def share_scores_and_rng(scores: dict[str, float], world: int) -> tuple[dict[str, float], list[dict]]:
+    """Rank 0's dev scores for every rank, and every rank's rng_state() (in rank order) for the
+    checkpoint: one collective that all ranks call."""
     if world == 1:
-        return [rng_state()]
-    states: list = [None] * world
-    dist.all_gather_object(states, rng_state())
-    return states
+        return scores, [rng_state()]
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, (scores, rng_state()))
+    return gathered[0][0], [state for _, state in gathered]
 
 
 @contextlib.contextmanager
@@ -603,10 +604,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
                           desc=f"epoch {state.epoch + 1}/{planned} {stage}")
         seconds = time.time() - start
         scores = validate(decoder, prepared, cfg, device, encoder) if is_main() else {}
-        if world > 1:
-            box = [scores]
-            dist.broadcast_object_list(box, src=0)
-            scores = box[0]
+        scores, rng = share_scores_and_rng(scores, world)
         score = scores[cfg.val_metric]
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step(score)
@@ -624,7 +622,6 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         if state.bad_epochs >= cfg.patience and stage == "train" and cfg.finetune_epochs > 0:
             log(f"no better dev {cfg.val_metric} for {cfg.patience} epochs: on to fine-tuning")
             state.stage, state.stage_start, state.bad_epochs = "finetune", state.epoch, 0
-        rng = gather_rng_states(world)
         if is_main():
             with saving(run_dir, f"epoch {state.epoch}", last_path.exists()):
                 if improved:
@@ -646,6 +643,9 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run_dir / 'best'} "
             f"({hours:.2f} h of training epochs)")
     if dist.is_initialized():
+        # Every rank waits here (without the GIL) until gloo has let go of the last collective's tensors:
+        # tearing the group down while a gloo thread still frees them deadlocks on the GIL.
+        dist.barrier()
         dist.destroy_process_group()
     return state
 
