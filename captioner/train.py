@@ -643,10 +643,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run_dir / 'best'} "
             f"({hours:.2f} h of training epochs)")
     if dist.is_initialized():
-        # Every rank waits here (without the GIL) until gloo has let go of the last collective's tensors:
-        # tearing the group down while a gloo thread still frees them deadlocks on the GIL.
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier()  # every rank has finished writing before any process ends
     return state
 
 
