@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -46,6 +45,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .atomic import replace_folder
 from .encoders import image_transforms
 from .models.base import CaptionDecoder, State
 from .models.files import read_model_json, weights_sha256
@@ -411,10 +411,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
     reference = Captioner.from_pretrained(model_dir, device="cpu")
     image_transforms(reference.encoder.spec())  # refuses an encoder whose preprocessing needs its network
     meta = {k: v for k, v in read_model_json(model_dir).items() if k != "config"}
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    def write(tmp: Path) -> None:  # the folder appears only whole and checked, as any model folder (atomic.py)
         log(f"exporting {GRAPHS['encoder']}")
         features = export_encoder(reference.encoder, tmp, weights)
         log(f"exporting {GRAPHS['init']} and {GRAPHS['step']}")
@@ -426,12 +423,8 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
         _write_meta(tmp, {**meta, "onnx": info})
         if quantize == "int8":
             quantize_decoder(tmp, reference, images, log)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+
+    replace_folder(out, write)
     return read_model_json(out)["onnx"]
 
 

@@ -33,28 +33,11 @@ from captioner.data import load_image
 from captioner.decoding import beam_search
 from captioner.features import open_prepared
 from captioner.metrics import score_captions
-from captioner.models import State
 from captioner.onnx_backend import check_images, export_onnx, quantize_decoder, quantize_graphs
 from captioner.pipeline import DEFAULT_MODEL, Captioner
 
-
-class TimedDecoder:
-    """A decoder whose init_state and step calls add up their wall time."""
-
-    def __init__(self, decoder) -> None:
-        self.decoder, self.spent = decoder, 0.0
-
-    def init_state(self, features: torch.Tensor) -> State:
-        start = time.perf_counter()
-        state = self.decoder.init_state(features)
-        self.spent += time.perf_counter() - start
-        return state
-
-    def step(self, words: torch.Tensor, state: State) -> tuple[torch.Tensor, State, torch.Tensor]:
-        start = time.perf_counter()
-        out = self.decoder.step(words, state)
-        self.spent += time.perf_counter() - start
-        return out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decoding import TimedDecoder  # noqa: E402  (the same timing wrapper, one copy)
 
 
 def size_mib(path: Path, backend: str) -> float:
@@ -69,7 +52,7 @@ def size_mib(path: Path, backend: str) -> float:
 
 def caption_files(captioner: Captioner, paths: list[Path], beam_size: int, batch_size: int) -> tuple[list[str], dict]:
     """Best captions of the files, and seconds spent per stage."""
-    timed = TimedDecoder(captioner.decoder)
+    timed = TimedDecoder(captioner.decoder, time.perf_counter)
     spent = {"load": 0.0, "encoder": 0.0, "search": 0.0}
     texts = []
     with torch.inference_mode():
