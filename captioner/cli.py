@@ -32,7 +32,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train(config_from_args(args), resume=args.resume)
     if dist.is_initialized():
         # Under torchrun, end the process without destroying the gloo group: its destructor joins a gloo
-        # thread that waits for the GIL the destructor holds, a deadlock seen (gdb) in about 1 run in 10.
+        # thread that waits for the GIL the destructor holds: a deadlock seen with gdb in a hung test run.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
