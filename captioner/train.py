@@ -589,6 +589,13 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         n_params = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
         log(f"training on {device} ({world} process{'es' if world > 1 else ''}): {len(data)} captions, "
             f"{len(prepared.vocab)} words, decoder {n_params / 1e6:.1f}M parameters")
+    if cfg.init_from and not resume:  # the start is epoch 0, so a worse first epoch is never kept as best
+        scores, _ = share_scores_and_rng(validate(decoder, prepared, cfg, device) if is_main() else {}, world)
+        state.best_score, state.best_epoch = scores[cfg.val_metric], 0
+        if is_main():
+            with saving(run_dir, "epoch 0", False):
+                save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg))
+            log(f"epoch 0 ({cfg.init_from}): dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}")
     while (stage := next_stage(state, cfg)) is not None:
         if stage == "finetune" and encoder is None:
             if world > 1:

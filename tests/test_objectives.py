@@ -103,12 +103,27 @@ def test_caption_reward_is_cider_d_of_the_decoded_words():
     ids = [[vocab.stoi[w] for w in words] for words in (["a", "red", "circle"], ["blue", "square"], [])]
     tokens = torch.tensor([row + [vocab.end] + [vocab.pad] * (3 - len(row)) for row in ids])
     rows = np.array([10, 10, 11])
-    words = {r: [tokenize(c) for c in caps] for r, caps in references.items()}
-    expected = CiderD(words).score([10, 10, 11], [["a", "red", "circle"], ["blue", "square"], []])
+    words = {r: [tokenize(c) + ["<end>"] for c in caps] for r, caps in references.items()}
+    candidates = [["a", "red", "circle", "<end>"], ["blue", "square", "<end>"], ["<end>"]]
+    expected = CiderD(words).score([10, 10, 11], candidates)
     np.testing.assert_allclose(CaptionReward(references, vocab)(rows, tokens), expected, rtol=0, atol=1e-12)
     assert expected[0] > expected[1] == expected[2] == 0.0
     mixed = CaptionReward(references, vocab, bleu_weight=0.5)(rows, tokens)
     assert mixed[0] > expected[0] and mixed[2] == 0.0  # an exact BLEU match adds, an empty caption gets nothing
+
+
+def test_caption_reward_counts_the_end_of_a_caption_as_a_word():
+    # the same words score higher when the caption ended where the references end than when it was
+    # cut off at the length limit, and a caption that stops after "a" loses to one that does not
+    vocab = Vocab(["a", "dog", "runs", "on", "the", "grass"])
+    reward = CaptionReward({0: ["a dog runs on the grass", "a dog runs", "the dog runs on grass"],
+                            1: ["a cat sleeps on a bed", "a cat on the bed"]}, vocab)
+    ids = lambda words, ended: [vocab.stoi[w] for w in words] + ([vocab.end] if ended else [])
+    rows = [ids("a dog runs".split(), True), ids("a dog runs".split(), False), ids("a dog runs on a".split(), True)]
+    width = max(map(len, rows))
+    tokens = torch.tensor([r + [vocab.pad] * (width - len(r)) for r in rows])
+    ended, cut, dangling = reward(np.zeros(3, dtype=int), tokens)
+    assert ended > cut and ended > dangling
 
 
 def test_the_scst_options_are_checked_with_the_config_and_reach_the_objective(shapes):
@@ -180,8 +195,12 @@ def test_train_command_runs_scst_from_a_cross_entropy_model(shapes, tmp_path):
     # lr 0: the run's best model is the one it started from, so init_from loaded every weight
     cfg = tiny(shapes["prepared"], objective="scst", init_from=str(shapes["xe"]), epochs=1, lr=0.0,
                scst_baseline="greedy", scst_samples=2, run_dir=str(tmp_path / "run"))
-    state = train(cfg, log=lambda s: None)
+    lines: list[str] = []
+    state = train(cfg, log=lines.append)
     assert {"train_loss", "train_reward", "train_greedy_reward", "val_CIDEr"} <= set(state.history[0])
+    # the start was scored as epoch 0, and an epoch that is no better does not replace it as best
+    assert any(line.startswith(f"epoch 0 ({shapes['xe']}): dev BLEU-4") for line in lines)
+    assert state.best_epoch == 0 and state.history[0]["val_CIDEr"] == pytest.approx(state.best_score)
     started, best = load_model(shapes["xe"]).decoder.state_dict(), load_model(tmp_path / "run" / "best").decoder.state_dict()
     assert all(torch.equal(started[k], best[k]) for k in started)
 
