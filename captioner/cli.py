@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
                    help="forbid a beam to repeat a word trigram (default: the model's own)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
-    p.add_argument("--output", help="folder for results.json and captions (default: MODEL/eval_SPLIT)")
+    p.add_argument("--output", help="folder for results.json and captions (default: MODEL-eval_SPLIT beside the model)")
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
     p.set_defaults(func=cmd_evaluate)
 

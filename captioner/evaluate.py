@@ -47,7 +47,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         check_encoder_spec(loaded.encoder_spec, prepared.spec, f"{model} (against {prepared_dir})")
     rows = prepared.indices(split)
     refs = prepared.references(rows)
-    out = Path(out_dir) if out_dir else Path(model) / f"eval_{split}"
+    # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
+    out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
     table = []
     fluent = [("references (the first of each image)", fluency([" ".join(tokenize(c[0])) for c in refs.values()]))]

@@ -697,7 +697,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
         ax.set_ylabel("training loss (smoothed)")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(run_dir / "lr_find.png", dpi=80)
+        replace_file(run_dir / "lr_find.png", lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
         plt.close(fig)
     except ImportError:
         pass

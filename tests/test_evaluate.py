@@ -75,8 +75,10 @@ def test_evaluate_decodes_with_the_models_own_options_unless_overridden(trained,
     calls = []
     real = train_mod.beam_search
     monkeypatch.setattr(train_mod, "beam_search", lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
-    evaluate_model(custom, prepared, out_dir=tmp_path / "a", log=lambda s: None)
+    evaluate_model(custom, prepared, log=lambda s: None)
     assert calls == [{"beam_size": 2, "max_length": 5, "length_penalty": 0.7, "block_trigrams": True}]
+    # results go beside the model folder, which a training run may swap out whole (best/)
+    assert (tmp_path / "model-eval_test" / "results.json").exists() and not list(custom.glob("eval*"))
     calls.clear()
     evaluate_model(custom, prepared, beam_sizes=(1, 3), out_dir=tmp_path / "b", log=lambda s: None, max_length=4,
                    block_trigrams=False)
