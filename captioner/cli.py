@@ -73,14 +73,18 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
+        if args.average:
+            raise SystemExit("captioner export: --average writes safetensors; average first, then export that to onnx")
         return export_onnx_folder(args)
     if args.quantize != "none" or args.check_images:
         raise SystemExit("captioner export: --quantize and --check-images go with --format onnx")
     import torch
 
-    from .models import load_model, save_model
+    from .models import average_models, load_model, save_model
 
     model = load_model(args.model)
+    if args.average:
+        model = average_models([model, *map(load_model, args.average)])
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     save_model(args.output, model.decoder, model.vocab, model.encoder_spec, model.decoding, model.encoder_state, dtype)
     size = sum(f.stat().st_size for f in Path(args.output).iterdir())
@@ -287,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: int8 decoder weights (dynamic quantization)")
     p.add_argument("--check-images", nargs="+", metavar="PATH",
                    help="onnx: images to check the graphs against PyTorch on (default: 3 generated ones)")
+    p.add_argument("--average", nargs="+", metavar="MODEL",
+                   help="safetensors: write the mean of MODEL's and these models' weights (runs from one start, "
+                        "such as seeds of self-critical training)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -78,6 +78,29 @@ def test_every_family_saves_and_loads_to_the_same_outputs(family, tmp_path):
                                    decoder(features, captions, lengths, owner).logits)
 
 
+def test_export_average_writes_the_mean_of_the_weights_and_refuses_models_that_differ(tmp_path, capsys):
+    from captioner.cli import main
+
+    vocab = Vocab([f"w{i}" for i in range(16)])
+    spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
+    decoding = {"beam_size": 3, "max_length": 12, "length_penalty": 0.0, "block_trigrams": False}
+    decoders = [small_decoder("attention", seed=seed) for seed in (1, 2, 3)]
+    for i, decoder in enumerate(decoders):
+        save_model(tmp_path / f"m{i}", decoder, vocab, spec, decoding)
+    assert main(["export", str(tmp_path / "m0"), str(tmp_path / "mean"), "--dtype", "float32",
+                 "--average", str(tmp_path / "m1"), str(tmp_path / "m2")]) == 0
+    mean = load_model(tmp_path / "mean").decoder.state_dict()
+    for key, value in decoders[0].state_dict().items():
+        expected = sum(d.state_dict()[key] for d in decoders) / 3
+        torch.testing.assert_close(mean[key], expected)
+    save_model(tmp_path / "wide", small_decoder("mean"), vocab, spec, decoding)  # another family
+    save_model(tmp_path / "other", decoders[1], Vocab([f"v{i}" for i in range(16)]), spec, decoding)
+    for name, what in (("wide", "decoder"), ("other", "vocabulary")):
+        assert main(["export", str(tmp_path / "m0"), str(tmp_path / "x"), "--average", str(tmp_path / name)]) == 2
+        assert f"cannot average {tmp_path / 'm0'} and {tmp_path / name}: their {what} differs" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
 def test_registry_refuses_a_second_family_of_the_same_name_and_names_the_known_ones():
     with pytest.raises(ValueError, match="registered twice"):
         register_decoder("attention")(type("Other", (CaptionDecoder,), {}))

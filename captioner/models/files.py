@@ -155,6 +155,35 @@ def read_model_json(path: Path) -> dict[str, Any]:
     return meta
 
 
+def average_models(models: list[LoadedModel]) -> LoadedModel:
+    """The first model with every weight replaced by the mean over all of them: a uniform "model soup".
+    It only makes sense for runs that share a start (seeds of self-critical training from one
+    cross-entropy model), whose weights stay close enough for their mean to be a model too; the
+    family, architecture, vocabulary and encoder must agree, and are refused by name if not."""
+    first = models[0]
+    for other in models[1:]:
+        for what, a, b in (("decoder", _architecture(first), _architecture(other)), ("vocabulary", first.vocab.itos,
+                           other.vocab.itos), ("encoder", first.encoder_spec, other.encoder_spec),
+                           ("fine-tuned encoder", first.encoder_state is None, other.encoder_state is None)):
+            if a != b:
+                raise ValueError(f"cannot average {first.path} and {other.path}: their {what} differs")
+    first.decoder.load_state_dict(_mean_state([m.decoder.state_dict() for m in models]))
+    if first.encoder_state is not None:
+        first.encoder_state = _mean_state([m.encoder_state for m in models])
+    return first
+
+
+def _mean_state(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """Element-wise mean of floating tensors (in float32); integer ones, such as BatchNorm's batch
+    count, are the first state's."""
+    return {k: torch.stack([s[k].float() for s in states]).mean(0).to(v.dtype) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+
+
+def _architecture(model: LoadedModel) -> tuple[str, dict[str, Any]]:
+    return model.decoder.family, vars(model.decoder.args)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedModel:
     """A model folder on any device, whatever device the model was trained on. Read through
     atomic.read_folder: one whole version even while training swaps in a new best model."""
