@@ -147,6 +147,12 @@ def format_table(rows: list[tuple[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def repeated_bigrams(words: list[str]) -> int:
+    """How many of the caption's word bigrams already occurred earlier in it."""
+    bigrams = list(zip(words, words[1:]))
+    return len(bigrams) - len(set(bigrams))
+
+
 def fluency(captions: Sequence[str]) -> dict[str, float]:
     """What n-gram overlap does not show, over captions written as words separated by spaces (as the
     model writes them): the share ending in a function word ("a dog on the"), the share repeating a
@@ -157,7 +163,7 @@ def fluency(captions: Sequence[str]) -> dict[str, float]:
     words = [c.split() for c in captions]
     return {
         "ends_in_function_word": sum(bool(w) and w[-1] in FUNCTION_WORDS for w in words) / len(words),
-        "repeated_bigram": sum(len(set(zip(w, w[1:]))) < len(w) - 1 for w in words) / len(words),
+        "repeated_bigram": sum(repeated_bigrams(w) > 0 for w in words) / len(words),
         "distinct_captions": len({tuple(w) for w in words}),
         "captions": len(words),
         "vocabulary": len({x for w in words for x in w}),

@@ -20,6 +20,7 @@ from .cider import CiderD
 from .config import Config
 from .decoding import sample
 from .features import Prepared
+from .metrics import repeated_bigrams
 from .models import CaptionDecoder
 from .vocab import END, Vocab, tokenize
 
@@ -61,8 +62,8 @@ class CrossEntropy:
 
 
 class CaptionReward:
-    """CIDEr-D, plus bleu_weight x sentence BLEU-4 if asked, of sampled captions against all the
-    references of their images. The document frequencies come from every image given (the train
+    """CIDEr-D, plus bleu_weight x sentence BLEU-4 and less repeat_penalty per repeated bigram if asked,
+    of sampled captions against all the references of their images. The document frequencies come from every image given (the train
     split), worked out once.
 
     CIDEr-D sees the end of a caption as a word (`<end>`, closing every reference and every sample
@@ -70,10 +71,11 @@ class CaptionReward:
     learned endings like "sitting in a brown" within 300 steps on Flickr8k (docs/RESULTS.md). With
     it, "a brown <end>" is an n-gram no reference has."""
 
-    def __init__(self, references: dict[int, list[str]], vocab: Vocab, bleu_weight: float = 0.0) -> None:
+    def __init__(self, references: dict[int, list[str]], vocab: Vocab, bleu_weight: float = 0.0,
+                 repeat_penalty: float = 0.0) -> None:
         words = {row: [tokenize(c) for c in captions] for row, captions in references.items()}
         self.cider = CiderD({row: [w + [END] for w in ws] for row, ws in words.items()})
-        self.vocab, self.bleu_weight = vocab, bleu_weight
+        self.vocab, self.bleu_weight, self.repeat_penalty = vocab, bleu_weight, repeat_penalty
         self.references = {row: [" ".join(w) for w in ws] for row, ws in words.items()} if bleu_weight else {}
 
     def __call__(self, rows: np.ndarray, tokens: Tensor) -> np.ndarray:
@@ -84,6 +86,8 @@ class CaptionReward:
         reward = self.cider.score(rows.tolist(), ended)
         if self.bleu_weight:
             reward = reward + self.bleu_weight * self.bleu4(rows, candidates)
+        if self.repeat_penalty:
+            reward = reward - self.repeat_penalty * np.array([repeated_bigrams(w) for w in candidates])
         return reward
 
     def bleu4(self, rows: np.ndarray, candidates: list[list[str]]) -> np.ndarray:
@@ -160,6 +164,6 @@ def make_objective(cfg: Config, prepared: Prepared) -> CrossEntropy | SelfCritic
         return CrossEntropy(cfg.label_smoothing)
     if cfg.objective == "scst":  # its options were checked with the Config
         references = {row: list(prepared.records[row].captions) for row in prepared.indices("train")}
-        reward = CaptionReward(references, prepared.vocab, cfg.scst_bleu_weight)
+        reward = CaptionReward(references, prepared.vocab, cfg.scst_bleu_weight, cfg.scst_repeat_penalty)
         return SelfCritical(reward, cfg.scst_samples, cfg.scst_baseline, cfg.scst_max_length)
     raise ValueError(f"objective must be xe or scst, not {cfg.objective!r}")

@@ -34,6 +34,17 @@ def write_flickr_dataset(folder: Path, n: int = 12, size: int = 48) -> Path:
     return folder
 
 
+def prepare_tiny_flickr(root: Path) -> Path:
+    """`captioner prepare` of a 15-image write_flickr_dataset in root: a prepared folder to train on."""
+    from captioner.config import Config
+    from captioner.features import prepare
+
+    out = root / "prepared"
+    prepare(Config(data=str(write_flickr_dataset(root / "data", n=15, size=40)), prepared=str(out), min_count=1),
+            log=lambda s: None)
+    return out
+
+
 @pytest.fixture
 def tiny_dataset(tmp_path: Path) -> Path:
     return write_flickr_dataset(tmp_path / "data")

@@ -20,12 +20,12 @@ from captioner.config import Config
 from captioner.contrastive import (PooledHead, info_nce, pretrain, retrieval_recall, sentence_embeddings,
                                    split_recall)
 from captioner.data import Record
-from captioner.features import DONE, Prepared, prepare
+from captioner.features import DONE, Prepared
 from captioner.models import decoder_from_config, load_model
 from captioner.train import train
 from captioner.vocab import Vocab
 
-from conftest import write_flickr_dataset
+from conftest import prepare_tiny_flickr
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -220,11 +220,7 @@ def test_short_pretraining_raises_recall_well_above_chance(tmp_path, fake_minilm
 
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("contrastive")
-    data = write_flickr_dataset(root / "data", n=15, size=40)
-    out = root / "prepared"
-    prepare(Config(data=str(data), prepared=str(out), min_count=1), log=lambda s: None)
-    return out
+    return prepare_tiny_flickr(tmp_path_factory.mktemp("contrastive"))
 
 
 def small(prepared: Path, run_dir: Path, **kw) -> Config:

@@ -126,6 +126,18 @@ def test_caption_reward_counts_the_end_of_a_caption_as_a_word():
     assert ended > cut and ended > dangling
 
 
+def test_the_repeat_penalty_takes_its_weight_off_per_repeated_bigram():
+    vocab = Vocab(["a", "man", "rides", "bike", "on"])
+    references = {0: ["a man rides a bike", "a man on a bike"], 1: ["a man", "a bike"]}
+    captions = [["a", "man", "rides", "a", "bike", "on", "a", "bike"], ["a", "man", "rides", "a", "bike"]]
+    tokens = torch.tensor([[vocab.stoi[w] for w in c] + [vocab.end] + [vocab.pad] * (8 - len(c)) for c in captions])
+    rows = np.zeros(2, dtype=int)
+    plain = CaptionReward(references, vocab)(rows, tokens)
+    penalised = CaptionReward(references, vocab, repeat_penalty=0.25)(rows, tokens)
+    np.testing.assert_allclose(penalised, plain - [0.25, 0.0])  # "a bike" comes twice in the first
+    assert penalised[1] > penalised[0]
+
+
 def test_the_scst_options_are_checked_with_the_config_and_reach_the_objective(shapes):
     prepared = open_prepared(shapes["prepared"])
     with pytest.raises(ValueError, match="option scst_baseline must be one of mean, greedy, got 'max'"):

@@ -13,21 +13,17 @@ import torch
 from captioner import train as train_mod
 from captioner.config import Config
 from captioner.models import load_model
-from captioner.features import open_prepared, prepare
+from captioner.features import open_prepared
 from captioner.train import sortish_batches, teacher_forcing_ratio, train
 
-from conftest import ROOT, write_flickr_dataset, write_synthetic_prepared
+from conftest import ROOT, prepare_tiny_flickr, write_synthetic_prepared
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    data = write_flickr_dataset(root / "data", n=15, size=40)
-    out = root / "prepared"
-    prepare(Config(data=str(data), prepared=str(out), min_count=1), log=lambda s: None)
-    return out
+    return prepare_tiny_flickr(tmp_path_factory.mktemp("train"))
 
 
 def small(prepared: Path, run_dir: Path, **kw) -> Config:
