@@ -95,6 +95,8 @@ class Config:
     scst_max_length: int = option(16, "scst: words sampled at most, <end> included", range=(1, None))
     scst_repeat_penalty: float = option(0.0, "scst: subtracted from the reward once per repeated word bigram of "
                                         "a sample (CIDEr-D alone rewards 'riding a bike on a bike')", range=(0.0, None))
+    scst_xe_weight: float = option(0.0, "scst: loss = policy gradient + this x the cross-entropy of the batch's "
+                                   "human captions, which keeps the words fluent", range=(0.0, None))
 
     # contrastive pretraining of the decoder's image side (contrastive.py), before caption training
     pretrain: str = option("none", "contrastive: InfoNCE of the image side against MiniLM sentence embeddings "

@@ -52,7 +52,11 @@ class CrossEntropy:
     label_smoothing: float = 0.0
 
     def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
-        out = model(batch.inputs, batch.captions, batch.lengths, image_index=batch.owner,
+        return self.on(model, batch.inputs, batch)
+
+    def on(self, model: nn.Module, inputs: Tensor, batch: Batch) -> StepResult:
+        """The loss of `model` (a decoder, or train.EndToEnd) on inputs, the batch's captions."""
+        out = model(inputs, batch.captions, batch.lengths, image_index=batch.owner,
                     teacher_forcing=batch.teacher_forcing)
         logits = out.logits.float()
         ce = F.cross_entropy(logits, out.targets, label_smoothing=self.label_smoothing)
@@ -118,12 +122,17 @@ class SelfCritical:
     gradients, reward each with CIDEr-D against its image's references, and raise the log-probability
     of those that beat the baseline, lower the others': loss = -(reward - baseline) x (sum of the
     caption's log-probabilities), averaged over the samples. Logs the loss and the mean reward of the
-    samples (and of the greedy captions with the greedy baseline) per sample."""
+    samples (and of the greedy captions with the greedy baseline) per sample.
+
+    With xe_weight the teacher-forced cross-entropy of the batch's human captions is added: on
+    Flickr8k's 6,000 images the policy gradient alone drifts into broken phrases ("playing on a in the
+    water") within an epoch (docs/RESULTS.md), and the human captions hold the language in place."""
 
     reward: Callable[[np.ndarray, Tensor], np.ndarray]  # (rows (N,), tokens (N, T)) -> rewards (N,)
     samples: int = 5
     baseline: str = "mean"  # mean | greedy
     max_length: int = 16
+    xe_weight: float = 0.0
 
     def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
         decoder, features = self._decoder_and_features(model, batch.inputs)
@@ -143,6 +152,10 @@ class SelfCritical:
         advantage = advantages(rewards, greedy_reward).view(-1).to(logprobs.device)
         loss = -(advantage * logprobs.sum(dim=1)).mean()
         n = images * k
+        if self.xe_weight:
+            xe = CrossEntropy().on(decoder, features, batch)
+            loss = loss + self.xe_weight * xe.loss
+            logs["xe"] = xe.logs["loss"] / xe.n * n  # per token, logged per sample like the others
         return StepResult(loss, {"loss": loss.detach() * n, **logs}, n)
 
     @staticmethod
@@ -165,5 +178,5 @@ def make_objective(cfg: Config, prepared: Prepared) -> CrossEntropy | SelfCritic
     if cfg.objective == "scst":  # its options were checked with the Config
         references = {row: list(prepared.records[row].captions) for row in prepared.indices("train")}
         reward = CaptionReward(references, prepared.vocab, cfg.scst_bleu_weight, cfg.scst_repeat_penalty)
-        return SelfCritical(reward, cfg.scst_samples, cfg.scst_baseline, cfg.scst_max_length)
+        return SelfCritical(reward, cfg.scst_samples, cfg.scst_baseline, cfg.scst_max_length, cfg.scst_xe_weight)
     raise ValueError(f"objective must be xe or scst, not {cfg.objective!r}")

@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--val-images", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    for name in ("lr", "scst_repeat_penalty", "scst_bleu_weight"):
+    for name in ("lr", "scst_repeat_penalty", "scst_bleu_weight", "scst_xe_weight"):
         parser.add_argument("--" + name.replace("_", "-"), type=float)
     for name in ("scst_baseline",):
         parser.add_argument("--" + name.replace("_", "-"))
@@ -58,10 +58,11 @@ def main() -> None:
         scores = score_captions(predictions, prepared.references(rows), metrics=("Bleu_4", "CIDEr"))
         captions = list(predictions.values())
         recent = {k: np.mean([log[k] for log in logs[-args.every:]]) if logs and k in logs[-1] else np.nan
-                  for k in ("reward", "greedy_reward")}
+                  for k in ("reward", "greedy_reward", "xe")}
         print(f"step {step}: dev greedy CIDEr {100 * scores['CIDEr']:.1f} BLEU-4 {100 * scores['Bleu_4']:.1f}, "
               f"{np.mean([len(c.split()) for c in captions]):.1f} words, {len(set(captions))} distinct; "
-              f"train reward of samples {recent['reward']:.3f}, of greedy {recent['greedy_reward']:.3f} "
+              f"train reward of samples {recent['reward']:.3f}, of greedy {recent['greedy_reward']:.3f}, "
+              f"cross-entropy {recent['xe']:.2f} "
               f"[{time.time() - start:.0f}s] e.g. {captions[1]!r}", flush=True)
 
     start = time.time()

@@ -203,6 +203,24 @@ def test_scst_steps_raise_the_reward_of_samples_on_the_training_images(shapes):
     assert after > before + 0.05, (before, after)
 
 
+def test_scst_xe_weight_adds_the_cross_entropy_of_the_human_captions(shapes):
+    prepared = open_prepared(shapes["prepared"])
+    data = CaptionSet(prepared, "train")
+    rows, owner, captions, lengths = data.batch(data.batches(40, 0)[0])
+    batch = Batch(data.features(rows), rows, owner, captions, lengths)
+    decoder = load_model(shapes["xe"]).decoder.eval()  # no dropout: the same loss each call
+    plain = make_objective(tiny(shapes["prepared"], objective="scst"), prepared)
+    mixed = make_objective(tiny(shapes["prepared"], objective="scst", scst_xe_weight=0.3), prepared)
+    torch.manual_seed(0)
+    without = plain(decoder, batch)
+    torch.manual_seed(0)  # the same samples
+    with_xe = mixed(decoder, batch)
+    xe = make_objective(tiny(shapes["prepared"]), prepared)(decoder, batch)
+    assert float(with_xe.loss) == pytest.approx(float(without.loss) + 0.3 * float(xe.loss), abs=1e-5)
+    assert float(with_xe.logs["xe"]) / with_xe.n == pytest.approx(float(xe.logs["loss"]) / xe.n, rel=1e-5)
+    assert "xe" not in without.logs
+
+
 def test_train_command_runs_scst_from_a_cross_entropy_model(shapes, tmp_path):
     # lr 0: the run's best model is the one it started from, so init_from loaded every weight
     cfg = tiny(shapes["prepared"], objective="scst", init_from=str(shapes["xe"]), epochs=1, lr=0.0,
