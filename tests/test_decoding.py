@@ -231,7 +231,7 @@ def test_samples_end_with_end_and_are_masked_after_it() -> None:
 
 
 def test_sample_logprobs_are_the_decoders_and_carry_gradients() -> None:
-    decoder, images = attention_decoder().train(), features(batch=3)
+    decoder, images = attention_decoder(), features(batch=3)  # eval: rescoring draws no other dropout mask
     torch.manual_seed(1)
     tokens, logprobs, lengths = sample(decoder, images, k=4, max_length=8)
     for row, n in enumerate(lengths.tolist()):  # row b * k + j belongs to image b
@@ -241,6 +241,21 @@ def test_sample_logprobs_are_the_decoders_and_carry_gradients() -> None:
         assert logprobs[row].sum().item() == pytest.approx(expected, abs=1e-4)
     logprobs.sum().backward()
     assert decoder.out.weight.grad is not None and decoder.out.weight.grad.abs().sum() > 0
+
+
+def test_the_lstm_step_drops_out_in_training_as_its_forward_does() -> None:
+    # self-critical training samples through step in train mode: its samples get forward's regulariser
+    decoder, images = attention_decoder(), features(batch=2)
+    words = torch.tensor([START, START])
+
+    def step_twice() -> tuple[Tensor, Tensor]:
+        return tuple(decoder.step(words, decoder.init_state(images))[0] for _ in range(2))
+
+    first, second = step_twice()
+    assert torch.equal(first, second)
+    decoder.train()
+    first, second = step_twice()
+    assert not torch.allclose(first, second)
 
 
 def test_greedy_sampling_is_greedy_decoding() -> None:

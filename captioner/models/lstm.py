@@ -109,7 +109,7 @@ class AttentionLSTM(CaptionDecoder):
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         """Feed the previous words (B,); return log-probabilities (B, V), the new state and alpha (B, L)."""
         h, c, alpha = self._advance(self.word_gates(words), state)
-        logprobs = F.log_softmax(self.out(h), dim=-1)
+        logprobs = F.log_softmax(self.out(self.dropout(h)), dim=-1)  # as in forward: self-critical samples train with it
         return logprobs, {**state, "h": h, "c": c}, alpha
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None,
