@@ -6,7 +6,8 @@ points after 100 steps, below the start after 300), which the epoch-level valida
 train` does not show. Steps and batches are those of `captioner train --objective scst`; dev is the
 first --val-images images of the dev split. Not a benchmark: a tuning aid, its figures are noisy.
 Usage: python scripts/probe_scst.py --config configs/flickr8k-scst.yaml --init-from MODEL [--steps 300]
-       [--every 50] [--lr 1e-5] [--scst-baseline greedy] [--scst-repeat-penalty 0.5] [--val-images 500]
+       [--every 50] [--lr 5e-5] [--scst-baseline greedy] [--scst-repeat-penalty 0.5] [--scst-xe-weight 0.5]
+       [--val-images 500]
 """
 from __future__ import annotations
 
