@@ -139,6 +139,8 @@ class Config:
                                   range=(0, None))
     finetune_blocks: int = option(2, "encoder blocks trained in stage 2", range=(0, None))
     finetune_lr: float = option(1e-4, "stage 2 learning rate", range=(0.0, None))
+    finetune_mirror: bool = option(True, "stage 2: mirror each image with probability 1/2 and swap 'left' and "
+                                         "'right' in its captions, so that they still describe it")
     num_workers: int = option(0, "unused (batches come from the in-memory feature cache); kept so older "
                                  "config files load", range=(0, None))
     amp: bool = option(True, "bfloat16 mixed precision where the device has native bfloat16 "

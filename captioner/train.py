@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_
                      load_model, save_model)
 from .objectives import Batch, make_objective
 from .pipeline import DecodingOptions
+from .vocab import Vocab
 
 
 # ---------------------------------------------------------------- data
@@ -377,9 +379,11 @@ def train_step(model: nn.Module, objective: Callable, optimizer: torch.optim.Opt
 
 def run_epoch(model: nn.Module, objective: Callable, data: CaptionSet, batches: list[list[int]],
               optimizer: torch.optim.Optimizer, scheduler, cfg: Config, device: torch.device, tf_ratio: float,
-              inputs: Callable[[np.ndarray], Tensor], desc: str = "train") -> dict[str, float]:
+              inputs: Callable[[np.ndarray], Tensor], desc: str = "train",
+              augment: Callable[[Batch], Batch] | None = None) -> dict[str, float]:
     """One pass over the batches; `inputs` turns feature rows into what the model takes: cached
-    features in stage 1, images in stage 2. Returns the objective's logs averaged over the epoch."""
+    features in stage 1, images in stage 2, where `augment` may change each batch.
+    Returns the objective's logs averaged over the epoch."""
     model.train()
     use_amp = cfg.amp and bf16_supported(device)
     totals: dict[str, float] = {}
@@ -388,6 +392,8 @@ def run_epoch(model: nn.Module, objective: Callable, data: CaptionSet, batches: 
     for idx in bar:
         rows, owner, captions, lengths = data.batch(idx)
         batch = Batch(inputs(rows), rows, owner.to(device), captions.to(device), lengths.to(device), tf_ratio)
+        if augment is not None:
+            batch = augment(batch)
         logs = train_step(model, objective, optimizer, batch, cfg.grad_clip, use_amp)
         if scheduler is not None and not isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             scheduler.step()  # the per-batch schedules
@@ -414,6 +420,27 @@ def image_inputs(encoder: Encoder, prepared: Prepared, device: torch.device) -> 
     def inputs(rows: np.ndarray) -> Tensor:
         return torch.stack([encoder.preprocess(load_image(prepared.records[r].image)) for r in rows]).to(device)
     return inputs
+
+
+MIRRORED_WORDS = (("left", "right"),)
+
+
+def mirror_batch(vocab: Vocab) -> Callable[[Batch], Batch]:
+    """Stage 2's augmentation: each image mirrored with probability 1/2 (the global torch RNG, which
+    checkpoints save), and its captions' "left" and "right" swapped, so mirroring never teaches the
+    decoder that a dog on the left is "on the right"."""
+    swap = torch.arange(len(vocab))
+    for a, b in MIRRORED_WORDS:
+        if a in vocab.stoi and b in vocab.stoi:
+            swap[vocab.stoi[a]], swap[vocab.stoi[b]] = vocab.stoi[b], vocab.stoi[a]
+
+    def augment(batch: Batch) -> Batch:
+        flip = (torch.rand(len(batch.rows)) < 0.5).to(batch.inputs.device)
+        images = torch.where(flip[:, None, None, None], batch.inputs.flip(-1), batch.inputs)
+        captions = torch.where(flip[batch.owner][:, None], swap.to(batch.captions.device)[batch.captions],
+                               batch.captions)
+        return dataclasses.replace(batch, inputs=images, captions=captions)
+    return augment
 
 
 def start_finetune(cfg: Config, decoder: nn.Module, prepared: Prepared, device: torch.device):
@@ -555,14 +582,16 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
     scheduler = make_scheduler(cfg, optimizer, steps, cfg.epochs)
     state = TrainState(epochs=cfg.epochs)
     encoder: Encoder | None = None
+    augment: Callable[[Batch], Batch] | None = None  # stage 2 only
     if world > 1:
         seed_everything(rank_seed(cfg.seed, rank))
 
     def enter_finetune() -> None:
-        nonlocal encoder, optimizer, scheduler, model, inputs
+        nonlocal encoder, optimizer, scheduler, model, inputs, augment
         encoder, optimizer, scheduler = start_finetune(cfg, decoder, prepared, device)
         model = wrap(EndToEnd(encoder, decoder), device, world)
         inputs = image_inputs(encoder, prepared, device)
+        augment = mirror_batch(prepared.vocab) if cfg.finetune_mirror else None
 
     if resume:
         ckpt = load_checkpoint(last_path)
@@ -608,7 +637,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         planned = state.epochs + cfg.finetune_epochs if stage == "train" else state.stage_start + cfg.finetune_epochs
         start = time.time()
         stats = run_epoch(model, objective, data, batches, optimizer, scheduler, cfg, device, tf_ratio, inputs,
-                          desc=f"epoch {state.epoch + 1}/{planned} {stage}")
+                          desc=f"epoch {state.epoch + 1}/{planned} {stage}", augment=augment)
         seconds = time.time() - start
         scores = validate(decoder, prepared, cfg, device, encoder) if is_main() else {}
         scores, rng = share_scores_and_rng(scores, world)

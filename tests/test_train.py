@@ -157,6 +157,49 @@ def test_stage_two_fine_tunes_the_encoder(prepared, tmp_path):
     assert [h["stage"] for h in more.history] == ["train", "finetune", "finetune"]
 
 
+def test_mirror_batch_flips_images_and_swaps_left_and_right_in_their_captions_only():
+    from captioner.objectives import Batch
+    from captioner.vocab import Vocab
+
+    vocab = Vocab(["a", "dog", "on", "the", "left", "right"])
+    ids = [vocab.encode("a dog on the left right")[1:-1]] * 4
+    images = torch.arange(4 * 3 * 2 * 5, dtype=torch.float32).reshape(4, 3, 2, 5)
+    owner = torch.tensor([0, 1, 2, 3, 3])
+    captions = torch.tensor([ids[0]] * 5)
+    batch = Batch(images, np.arange(4), owner, captions, torch.full((5,), 6))
+    torch.manual_seed(0)
+    draws = torch.rand(4) < 0.5
+    torch.manual_seed(0)
+    out = train_mod.mirror_batch(vocab)(batch)
+    assert 0 < draws.sum() < 4  # this seed mirrors some images and keeps others, so both paths are checked
+    left, right = vocab.stoi["left"], vocab.stoi["right"]
+    for k in range(4):
+        assert torch.equal(out.inputs[k], images[k].flip(-1) if draws[k] else images[k])
+    for j, k in enumerate(owner.tolist()):
+        want = [right if t == left else left if t == right else t for t in ids[0]] if draws[k] else ids[0]
+        assert out.captions[j].tolist() == want
+    assert torch.equal(batch.captions, captions) and torch.equal(batch.inputs, images)  # the input batch is not changed
+
+
+@pytest.mark.parametrize("mirror", [True, False])
+def test_stage_two_mirrors_its_batches_when_asked_and_stage_one_never(prepared, tmp_path, monkeypatch, mirror):
+    seen = []
+
+    def spy(vocab):
+        augment = mirror_batch(vocab)
+        def counted(batch):
+            seen.append(batch.inputs.dim())
+            return augment(batch)
+        return counted
+
+    mirror_batch = train_mod.mirror_batch
+    monkeypatch.setattr(train_mod, "mirror_batch", spy)
+    train(small(prepared, tmp_path / "run", epochs=1, finetune_epochs=1, finetune_blocks=1, batch_size=8,
+                finetune_mirror=mirror), log=lambda s: None)
+    assert seen == ([4] * len(seen) if mirror else [])  # images (I, 3, S, S) only: never stage 1's features
+    assert (len(seen) > 0) == mirror
+
+
 def test_resume_refuses_to_stretch_a_one_cycle_schedule(prepared, tmp_path):
     train(small(prepared, tmp_path / "run", epochs=1, schedule="onecycle"), log=lambda s: None)
     with pytest.raises(ValueError, match=r"--epochs 2: the one-cycle schedule .* spans 1 stage-1 epochs"):
