@@ -73,6 +73,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
+        if any(getattr(args, key) is not None for key in ("beam_size", "max_length", "length_penalty", "block_trigrams")):
+            raise SystemExit("captioner export: --format onnx keeps the model's decoding defaults; export to "
+                             "safetensors with new decoding defaults first, then that to onnx")
         if args.average:
             raise SystemExit("captioner export: --average writes safetensors; average first, then export that to onnx")
         return export_onnx_folder(args)
@@ -82,13 +85,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .models import average_models, load_model, save_model
 
+    from .pipeline import DecodingOptions
+
     model = load_model(args.model)
     if args.average:
         model = average_models([model, *map(load_model, args.average)])
+    changes = {key: getattr(args, key) for key in ("beam_size", "max_length", "length_penalty", "block_trigrams")
+               if getattr(args, key) is not None}
+    decoding = {**model.decoding, **changes}
+    DecodingOptions(**decoding)  # an option out of range fails here, naming it, not when the model is used
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    save_model(args.output, model.decoder, model.vocab, model.encoder_spec, model.decoding, model.encoder_state, dtype)
+    save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype)
     size = sum(f.stat().st_size for f in Path(args.output).iterdir())
-    print(f"{args.output}: {args.dtype} weights, {size / 2**20:.1f} MiB")
+    print(f"{args.output}: {args.dtype} weights, {size / 2**20:.1f} MiB; decoding "
+          + ", ".join(f"{key} {value}" for key, value in decoding.items()))
     return 0
 
 
@@ -294,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average", nargs="+", metavar="MODEL",
                    help="safetensors: write the mean of MODEL's and these models' weights (runs from one start, "
                         "such as seeds of self-critical training)")
+    p.add_argument("--beam-size", type=int, help="safetensors: the exported model's default beam size "
+                                                 "(default: the model's own)")
+    p.add_argument("--max-length", type=int, help="safetensors: its default most words per caption")
+    p.add_argument("--length-penalty", type=float, help="safetensors: its default length penalty")
+    p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
+                   help="safetensors: whether it forbids repeated word trigrams by default")
     p.set_defaults(func=cmd_export)
     return parser
 

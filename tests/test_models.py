@@ -101,6 +101,26 @@ def test_export_average_writes_the_mean_of_the_weights_and_refuses_models_that_d
     assert not (tmp_path / "x").exists()
 
 
+def test_export_sets_the_decoding_defaults_it_is_given_and_keeps_the_rest(tmp_path, capsys):
+    from captioner.cli import main
+
+    decoder = small_decoder("attention")
+    vocab = Vocab([f"w{i}" for i in range(16)])
+    spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
+    save_model(tmp_path / "m", decoder, vocab, spec,
+               {"beam_size": 3, "max_length": 12, "length_penalty": 0.0, "block_trigrams": False})
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "tuned"), "--length-penalty", "0.5",
+                 "--block-trigrams"]) == 0
+    assert load_model(tmp_path / "tuned").decoding == {"beam_size": 3, "max_length": 12, "length_penalty": 0.5,
+                                                       "block_trigrams": True}
+    assert "length_penalty 0.5, block_trigrams True" in capsys.readouterr().out
+    assert main(["export", str(tmp_path / "m"), str(tmp_path / "bad"), "--beam-size", "0"]) == 2
+    assert "beam_size must be an integer from 1 to 20, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    with pytest.raises(SystemExit, match="--format onnx keeps the model's decoding defaults"):
+        main(["export", str(tmp_path / "m"), str(tmp_path / "onnx"), "--format", "onnx", "--beam-size", "5"])
+
+
 def test_registry_refuses_a_second_family_of_the_same_name_and_names_the_known_ones():
     with pytest.raises(ValueError, match="registered twice"):
         register_decoder("attention")(type("Other", (CaptionDecoder,), {}))
