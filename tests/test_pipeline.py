@@ -168,14 +168,16 @@ def test_shipped_default_model_loads_without_arguments_and_is_small():
     words = out[0]["generated_text"].split()
     assert 3 <= len(words) <= 20 and "<unk>" not in words
     assert {"man", "woman", "boy", "girl", "person", "child"} & set(words)  # Flickr8k's people: it sees one
-    # The score is the model's own log-probability of exactly these words (length penalty 0).
+    # The score is the model's own log-probability of exactly these words, over (words + <end>) ** its
+    # default length penalty, which is chosen on dev and stored with the model.
     vocab = captioner.vocab
     tokens = torch.tensor([[vocab.start] + [vocab.stoi[w] for w in words] + [vocab.end]])
     with torch.inference_mode():
         image = captioner.encoder.preprocess(load_image(PHOTOS / "astronaut.jpg"))[None]
         result = captioner.decoder(captioner.encoder.regions(image), tokens, torch.tensor([tokens.shape[1]]))
         logprob = torch.log_softmax(result.logits.float(), dim=-1).gather(1, result.targets[:, None]).sum()
-    assert abs(float(logprob) - out[0]["score"]) < 1e-3
+    penalty = captioner.defaults.length_penalty
+    assert abs(float(logprob) / (len(words) + 1) ** penalty - out[0]["score"]) < 1e-3
 
 
 @pytest.mark.skipif(not os.environ.get("CAPTIONER_FLICKR8K"), reason="set CAPTIONER_FLICKR8K to a Flickr8k folder")
