@@ -73,7 +73,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
-        if any(getattr(args, key) is not None for key in ("beam_size", "max_length", "length_penalty", "block_trigrams")):
+        from .models.files import DECODING_KEYS
+
+        if any(getattr(args, key) is not None for key in DECODING_KEYS):
             raise SystemExit("captioner export: --format onnx keeps the model's decoding defaults; export to "
                              "safetensors with new decoding defaults first, then that to onnx")
         if args.average:
@@ -84,14 +86,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from .models import average_models, load_model, save_model
-
+    from .models.files import DECODING_KEYS
     from .pipeline import DecodingOptions
 
     model = load_model(args.model)
     if args.average:
         model = average_models([model, *map(load_model, args.average)])
-    changes = {key: getattr(args, key) for key in ("beam_size", "max_length", "length_penalty", "block_trigrams")
-               if getattr(args, key) is not None}
+    changes = {key: getattr(args, key) for key in DECODING_KEYS if getattr(args, key) is not None}
     decoding = {**model.decoding, **changes}
     DecodingOptions(**decoding)  # an option out of range fails here, naming it, not when the model is used
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]

@@ -22,8 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -439,7 +438,7 @@ def mirror_batch(vocab: Vocab) -> Callable[[Batch], Batch]:
         images = torch.where(flip[:, None, None, None], batch.inputs.flip(-1), batch.inputs)
         captions = torch.where(flip[batch.owner][:, None], swap.to(batch.captions.device)[batch.captions],
                                batch.captions)
-        return dataclasses.replace(batch, inputs=images, captions=captions)
+        return replace(batch, inputs=images, captions=captions)
     return augment
 
 
