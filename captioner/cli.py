@@ -72,9 +72,9 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    if args.format == "onnx":
-        from .models.files import DECODING_KEYS
+    from .models.files import DECODING_KEYS
 
+    if args.format == "onnx":
         if any(getattr(args, key) is not None for key in DECODING_KEYS):
             raise SystemExit("captioner export: --format onnx keeps the model's decoding defaults; export to "
                              "safetensors with new decoding defaults first, then that to onnx")
@@ -86,7 +86,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     from .models import average_models, load_model, save_model
-    from .models.files import DECODING_KEYS
     from .pipeline import DecodingOptions
 
     model = load_model(args.model)

@@ -424,7 +424,7 @@ def image_inputs(encoder: Encoder, prepared: Prepared, device: torch.device) -> 
 MIRRORED_WORDS = (("left", "right"),)
 
 
-def mirror_batch(vocab: Vocab) -> Callable[[Batch], Batch]:
+def mirror_batch(vocab: Vocab, device: torch.device) -> Callable[[Batch], Batch]:
     """Stage 2's augmentation: each image mirrored with probability 1/2 (the global torch RNG, which
     checkpoints save), and its captions' "left" and "right" swapped, so mirroring never teaches the
     decoder that a dog on the left is "on the right"."""
@@ -432,12 +432,12 @@ def mirror_batch(vocab: Vocab) -> Callable[[Batch], Batch]:
     for a, b in MIRRORED_WORDS:
         if a in vocab.stoi and b in vocab.stoi:
             swap[vocab.stoi[a]], swap[vocab.stoi[b]] = vocab.stoi[b], vocab.stoi[a]
+    swap = swap.to(device)
 
     def augment(batch: Batch) -> Batch:
-        flip = (torch.rand(len(batch.rows)) < 0.5).to(batch.inputs.device)
+        flip = (torch.rand(len(batch.rows)) < 0.5).to(device)
         images = torch.where(flip[:, None, None, None], batch.inputs.flip(-1), batch.inputs)
-        captions = torch.where(flip[batch.owner][:, None], swap.to(batch.captions.device)[batch.captions],
-                               batch.captions)
+        captions = torch.where(flip[batch.owner][:, None], swap[batch.captions], batch.captions)
         return replace(batch, inputs=images, captions=captions)
     return augment
 
@@ -590,7 +590,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         encoder, optimizer, scheduler = start_finetune(cfg, decoder, prepared, device)
         model = wrap(EndToEnd(encoder, decoder), device, world)
         inputs = image_inputs(encoder, prepared, device)
-        augment = mirror_batch(prepared.vocab) if cfg.finetune_mirror else None
+        augment = mirror_batch(prepared.vocab, device) if cfg.finetune_mirror else None
 
     if resume:
         ckpt = load_checkpoint(last_path)

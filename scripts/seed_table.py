@@ -23,7 +23,7 @@ def cell(values: list[float], scale: float = 100.0, digits: int = 1) -> str:
     return mean if len(values) < 2 else f"{mean} ({scale * statistics.stdev(values):.{digits}f})"
 
 
-def run_of(result: dict, folder: Path) -> tuple[float, int] | None:
+def run_of(result: dict) -> tuple[float, int] | None:
     """(summed epoch seconds, best epoch) of the training run that made the evaluated model, if found."""
     model = Path(result["model"])
     metrics = model.parent / "metrics.csv"
@@ -53,7 +53,7 @@ def main() -> None:
             result = json.loads(path.read_text())
             if key not in result["scores"]:
                 raise SystemExit(f"{path}: no {key} scores (it has {', '.join(result['scores'])})")
-            results.append((result, run_of(result, Path(folder))))
+            results.append((result, run_of(result)))
         scores = [r["scores"][key] for r, _ in results]
         cells = [cell([s[m] for s in scores]) for m in METRICS]
         cells.append(cell([r["fluency"][key]["repeated_bigram"] for r, _ in results]) + "%")

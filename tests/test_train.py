@@ -157,6 +157,20 @@ def test_stage_two_fine_tunes_the_encoder(prepared, tmp_path):
     assert [h["stage"] for h in more.history] == ["train", "finetune", "finetune"]
 
 
+def test_stage_two_alone_starts_from_a_trained_model(prepared, tmp_path):
+    # configs/flickr8k-finetune.yaml: epochs 0 and init_from, so fine-tuning begins at once from that
+    # model, which is scored as epoch 0; lr 0 leaves every weight where it started
+    train(small(prepared, tmp_path / "stage1", epochs=1, batch_size=8), log=lambda s: None)
+    start = load_model(tmp_path / "stage1" / "best").decoder.state_dict()
+    state = train(small(prepared, tmp_path / "run", epochs=0, finetune_epochs=1, finetune_blocks=1, batch_size=8,
+                        init_from=str(tmp_path / "stage1" / "best"), finetune_lr=0.0), log=lambda s: None)
+    assert [h["stage"] for h in state.history] == ["finetune"]
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    for key, value in start.items():
+        torch.testing.assert_close(last["decoder"][key], value)
+    assert last["encoder"] is not None
+
+
 def test_mirror_batch_flips_images_and_swaps_left_and_right_in_their_captions_only():
     from captioner.objectives import Batch
     from captioner.vocab import Vocab
@@ -170,7 +184,7 @@ def test_mirror_batch_flips_images_and_swaps_left_and_right_in_their_captions_on
     torch.manual_seed(0)
     draws = torch.rand(4) < 0.5
     torch.manual_seed(0)
-    out = train_mod.mirror_batch(vocab)(batch)
+    out = train_mod.mirror_batch(vocab, torch.device("cpu"))(batch)
     assert 0 < draws.sum() < 4  # this seed mirrors some images and keeps others, so both paths are checked
     left, right = vocab.stoi["left"], vocab.stoi["right"]
     for k in range(4):
@@ -185,8 +199,8 @@ def test_mirror_batch_flips_images_and_swaps_left_and_right_in_their_captions_on
 def test_stage_two_mirrors_its_batches_when_asked_and_stage_one_never(prepared, tmp_path, monkeypatch, mirror):
     seen = []
 
-    def spy(vocab):
-        augment = mirror_batch(vocab)
+    def spy(vocab, device):
+        augment = mirror_batch(vocab, device)
         def counted(batch):
             seen.append(batch.inputs.dim())
             return augment(batch)
