@@ -26,7 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -136,10 +136,11 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes, dict]]:
             yield offset, line, record
 
 
-def read_done(captioner: Captioner, output: Path, target: Path, rank: int, world: int) -> DoneSet:
+def read_done(captioner: Captioner, decoding: dict, output: Path, target: Path, rank: int, world: int) -> DoneSet:
     """This rank's files already captioned (or failed): in the merged output, in its own part (whose
     half-written last line is cut off here), and in parts left by a run with another number of ranks.
-    Other ranks' parts of this run hold none of its files, so they are not read."""
+    Other ranks' parts of this run hold none of its files, so they are not read. Captions by another
+    model, or by this one under other decoding options, are refused: a resume must not mix two."""
     sources = [p for p in existing_parts(output) if p != target and not p.name.endswith(f"-of-{world}")]
     hashes = bytearray()
     for source in ([output] if output != target else []) + sources + [target]:
@@ -153,6 +154,11 @@ def read_done(captioner: Captioner, output: Path, target: Path, rank: int, world
                 raise ValueError(f"{source}: has captions by model {model[0]!r} version {model[1]!r}, but this run "
                                  f"uses {captioner.name!r} version {captioner.version!r}; give another --output, "
                                  "or delete it to start over")
+            if "error" not in record and "decoding" in record and record["decoding"] != decoding:
+                changed = ", ".join(f"{k} {record['decoding'].get(k)!r} -> {v!r}" for k, v in decoding.items()
+                                    if record["decoding"].get(k) != v)
+                raise ValueError(f"{source}: has captions decoded with other options ({changed}); one output holds "
+                                 "one decoding, so give another --output, the same options, or delete it to start over")
             hashes += digest
         if source == target and source.exists() and source.stat().st_size > end:
             with open(source, "r+b") as f:
@@ -172,7 +178,8 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
     if batch_size < 1 or workers < 1:
         raise ValueError("batch_size and workers must be at least 1")
     target = output if world == 1 else part_path(output, rank, world)
-    done = read_done(captioner, output, target, rank, world)
+    decoding = asdict(opts)
+    done = read_done(captioner, decoding, output, target, rank, world)
     summary = Summary(already_done=len(done))
 
     def todo(report: bool) -> Iterator[str]:
@@ -224,7 +231,8 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
                 if batch and (len(batch) == batch_size or not pending):
                     nbest = captioner.generate(torch.stack([x for _, x in batch]), opts)
                     out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(captions),
-                                                  "model": captioner.name, "version": captioner.version}) + "\n"
+                                                  "model": captioner.name, "version": captioner.version,
+                                                  "decoding": decoding}) + "\n"
                                       for (key, _), captions in zip(batch, nbest)))
                     out.flush()
                     summary.captioned += len(batch)

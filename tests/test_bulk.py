@@ -193,6 +193,20 @@ def test_refuses_to_resume_an_output_from_another_model(library, model_dir, tmp_
     assert result.returncode == 2 and f"{output}, line 1" in result.stderr
 
 
+def test_refuses_to_resume_an_output_decoded_with_other_options(library, model_dir, tmp_path):
+    photos, reference = library
+    line = next(r for r in reference.values())
+    assert line["decoding"]["beam_size"] == 2  # the model's default, which the reference run used
+    output = tmp_path / "captions.jsonl"
+    output.write_text(json.dumps(line) + "\n")
+    result = run(photos, output, model_dir, "--beam-size", "3")
+    assert result.returncode == 2 and str(output) in result.stderr and "beam_size 2 -> 3" in result.stderr
+    assert output.read_text() == json.dumps(line) + "\n"  # untouched
+    result = run(photos, output, model_dir)  # the same options as before: goes on
+    assert result.returncode == 0, result.stderr
+    assert len(output.read_text().splitlines()) == len(reference)
+
+
 def test_jsonl_output_takes_one_library_folder(model_dir, tmp_path):
     photo = ROOT / "examples" / "photos" / "chelsea.jpg"
     result = run(photo, tmp_path / "out.jsonl", model_dir)
