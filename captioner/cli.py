@@ -55,7 +55,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         beams = [int(b) for b in args.beam_sizes.split(",")] if args.beam_sizes else None
         rows += evaluate_model(args.model, args.prepared, args.split, beams, args.device, args.output,
                                max_length=args.max_length, length_penalty=args.length_penalty,
-                               block_trigrams=args.block_trigrams)
+                               block_trigrams=args.block_trigrams, ensemble=args.ensemble)
     if args.nearest_neighbour:
         rows.append(("nearest neighbour", evaluate_nearest_neighbour(args.prepared, args.split)))
     if not rows:
@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forbid a beam to repeat a word trigram (default: the model's own)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
     p.add_argument("--output", help="folder for results.json and captions (default: MODEL-eval_SPLIT beside the model)")
+    p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR",
+                   help="more models on the same features: each word's probabilities are averaged with --model's")
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
     p.set_defaults(func=cmd_evaluate)
 

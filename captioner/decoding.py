@@ -22,12 +22,13 @@ mean log-probability per word; values in between trade the two off.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .models.base import State
 
@@ -39,6 +40,35 @@ class Decoder(Protocol):
     def init_state(self, features: Tensor) -> State: ...
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]: ...
+
+
+class Ensemble(nn.Module):
+    """Several decoders over the same features, decoded as one: each word's distribution is the mean of
+    the members' probabilities, so greedy decoding and beam search take it like any decoder. Members
+    must share the vocabulary. Each member's state tensors keep their identity under a prefixed name,
+    so beam search still leaves the unchanging ones alone. The attention shown is the members' mean."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 decoders, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def init_state(self, features: Tensor) -> State:
+        return {f"{i}.{name}": v for i, m in enumerate(self.members) for name, v in m.init_state(features).items()}
+
+    def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
+        logprobs, alphas, new = [], [], {}
+        for i, member in enumerate(self.members):
+            prefix = f"{i}."
+            own = {name[len(prefix):]: v for name, v in state.items() if name.startswith(prefix)}
+            lp, own, alpha = member.step(words, own)
+            logprobs.append(lp.float())
+            alphas.append(alpha.float())
+            new.update({prefix + name: v for name, v in own.items()})
+        mean = torch.logsumexp(torch.stack(logprobs), dim=0) - math.log(len(logprobs))
+        shown = [a for a in alphas if a.shape[1]] or alphas[:1]  # a member without attention has none to show
+        return mean, new, torch.stack(shown).mean(dim=0)
 
 
 @dataclass

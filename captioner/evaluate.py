@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import nn
 
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
 from .config import resolve_device
+from .decoding import Ensemble
 from .features import open_prepared
 from .metrics import fluency, format_fluency_table, score_captions
 from .models import check_encoder_spec, load_model
@@ -29,22 +31,32 @@ from .vocab import tokenize
 
 def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test",
                    beam_sizes: Sequence[int] | None = None, device: str = "auto", out_dir: str | Path | None = None,
-                   log: Callable[[str], None] = print, **overrides: Any) -> list[tuple[str, dict[str, float]]]:
+                   log: Callable[[str], None] = print, ensemble: Sequence[str | Path] = (),
+                   **overrides: Any) -> list[tuple[str, dict[str, float]]]:
     """Score `model` on `split` at each beam size (default: the model's own), decoding as `caption` and
     `serve` do: with the model's decoding options (maximum length, length penalty, trigram blocking),
     `overrides` of the same names on top (None: the model's). A model with a fine-tuned encoder
-    re-encodes the images."""
+    re-encodes the images. `ensemble` names more models on the same features whose word
+    probabilities are averaged with the model's (decoding.Ensemble); its decoding options apply."""
     dev = resolve_device(device)
     prepared = open_prepared(prepared_dir)
     loaded = load_model(model, dev)
-    if loaded.vocab.itos != prepared.vocab.itos:
-        raise ValueError(f"{model} was trained with another vocabulary than {prepared_dir}")
     base = dataclasses.replace(DecodingOptions(**loaded.decoding), **{k: v for k, v in overrides.items() if v is not None})
     encoder = None
+    decoder: nn.Module = loaded.decoder
+    members = [(model, loaded)] + [(path, load_model(path, dev)) for path in ensemble]
+    for path, member in members:
+        if member.vocab.itos != prepared.vocab.itos:
+            raise ValueError(f"{path} was trained with another vocabulary than {prepared_dir}")
+        if member.encoder_state is not None and len(members) > 1:
+            raise ValueError(f"{path} has a fine-tuned encoder: an ensemble's members must share the cached features")
     if loaded.encoder_state is not None:  # fine-tuned: the cached features are not what it sees
         encoder = loaded.encoder(dev)
     else:
-        check_encoder_spec(loaded.encoder_spec, prepared.spec, f"{model} (against {prepared_dir})")
+        for path, member in members:
+            check_encoder_spec(member.encoder_spec, prepared.spec, f"{path} (against {prepared_dir})")
+    if ensemble:
+        decoder = Ensemble([member.decoder for _, member in members])
     rows = prepared.indices(split)
     refs = prepared.references(rows)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
@@ -55,7 +67,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     for k in beam_sizes or [base.beam_size]:
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
-        predictions = decode_split(loaded.decoder, prepared, rows, opts, dev, encoder)
+        predictions = decode_split(decoder, prepared, rows, opts, dev, encoder)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)
@@ -64,7 +76,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         log(f"beam {k}: BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f} "
             f"({len(rows)} images decoded in {seconds:.1f}s)")
     decoding = {key: value for key, value in vars(base).items() if key not in ("beam_size", "num_captions")}
-    results = {"model": str(model), "split": split, "images": len(rows), "max_length": base.max_length,
+    results = {"model": str(model), **({"ensemble": [str(p) for p in ensemble]} if ensemble else {}), "split": split, "images": len(rows), "max_length": base.max_length,
                "decoding": decoding, "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
     _write_json(out / "results.json", results, indent=1)
     log(format_fluency_table(fluent))

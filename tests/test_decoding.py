@@ -10,7 +10,7 @@ from torch import Tensor
 from captioner.config import Config
 from captioner.models import DECODERS, State, decoder_class, decoder_from_config
 from captioner.models.lstm import AttentionLSTM, LSTMArgs, MeanLSTM
-from captioner.decoding import Caption, beam_search, greedy, sample
+from captioner.decoding import Caption, Ensemble, beam_search, greedy, sample
 
 PAD, START, END, UNK = 0, 1, 2, 3
 A, B, C, D, E, F, G = range(4, 11)  # the words of the hand-made decoders
@@ -321,3 +321,30 @@ def test_cuda_gives_the_cpu_results() -> None:
     on_gpu = beam_search(decoder.cuda(), images.cuda(), beam_size=3, max_length=8, num_captions=2)
     for a, b in zip(itertools.chain(*on_cpu), itertools.chain(*on_gpu)):
         assert_same(a, b)
+
+
+def test_an_ensemble_averages_the_members_probabilities_word_by_word() -> None:
+    one, two = attention_decoder(seed=9), attention_decoder(seed=10)
+    ensemble = Ensemble([one, two])
+    image = features(batch=1)[0]
+    caption = beam_search(ensemble, image.unsqueeze(0), beam_size=3)[0][0]
+    # the ensemble's log-probability of its caption is, word by word, log((p_one + p_two) / 2)
+    with torch.no_grad():
+        states = [d.init_state(image.unsqueeze(0)) for d in (one, two)]
+        total = 0.0
+        for prev, word in zip([START, *caption.tokens], [*caption.tokens, END]):
+            steps = [d.step(torch.tensor([prev]), s) for d, s in zip((one, two), states)]
+            states = [s for _, s, _ in steps]
+            total += float(((steps[0][0][0, word].exp() + steps[1][0][0, word].exp()) / 2).log())
+    assert caption.finished and caption.logprob == pytest.approx(total, abs=1e-5)
+    assert torch.allclose(caption.alphas.sum(dim=1), torch.ones(len(caption.tokens)))
+
+
+def test_an_ensemble_of_a_decoder_with_itself_finds_the_decoders_captions() -> None:
+    decoder, images = attention_decoder(), features(batch=4)
+    alone = beam_search(decoder, images, beam_size=3, num_captions=2)
+    doubled = beam_search(Ensemble([decoder, decoder]), images, beam_size=3, num_captions=2)
+    for a, b in zip(itertools.chain(*alone), itertools.chain(*doubled)):
+        assert_same(a, b)
+    with pytest.raises(ValueError, match="at least 2"):
+        Ensemble([decoder])

@@ -85,3 +85,25 @@ def test_evaluate_decodes_with_the_models_own_options_unless_overridden(trained,
     assert calls == [{"beam_size": k, "max_length": 4, "length_penalty": 0.7, "block_trigrams": False} for k in (1, 3)]
     with pytest.raises(ValueError, match="length_penalty must be a number from 0 to 5"):
         evaluate_model(custom, prepared, out_dir=tmp_path / "c", log=lambda s: None, length_penalty=9.0)
+
+
+def test_evaluate_scores_an_ensemble_and_refuses_members_of_another_vocabulary(trained, tmp_path, monkeypatch):
+    from captioner import evaluate as evaluate_mod
+
+    monkeypatch.setattr(evaluate_mod, "score_captions", lambda predictions, references: {"Bleu_4": 0.0, "CIDEr": 0.0})
+    prepared, model = trained
+    alone, twice = tmp_path / "alone", tmp_path / "twice"
+    evaluate_model(model, prepared, beam_sizes=(2,), out_dir=alone, log=lambda s: None)
+    evaluate_model(model, prepared, beam_sizes=(2,), out_dir=twice, log=lambda s: None, ensemble=[model])
+    # a model averaged with itself is the model: the same captions
+    assert (twice / "captions_beam2.json").read_text() == (alone / "captions_beam2.json").read_text()
+    assert json.loads((twice / "results.json").read_text())["ensemble"] == [str(model)]
+
+    other = write_flickr_dataset(tmp_path / "other", n=9, size=32)
+    (other / "Flickr8k.token.txt").write_text((other / "Flickr8k.token.txt").read_text().replace("noise", "static"))
+    prepare(Config(data=str(other), prepared=str(tmp_path / "p2"), min_count=1), log=lambda s: None)
+    cfg = Config(prepared=str(tmp_path / "p2"), run_dir=str(tmp_path / "run2"), epochs=1, batch_size=4, embed_dim=16,
+                 attention_dim=16, hidden_dim=16, context_dim=16, max_length=6)
+    train(cfg, log=lambda s: None)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'run2' / 'best'} was trained with another vocabulary"):
+        evaluate_model(model, prepared, beam_sizes=(1,), log=lambda s: None, ensemble=[tmp_path / "run2" / "best"])
