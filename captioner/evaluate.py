@@ -42,21 +42,19 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     prepared = open_prepared(prepared_dir)
     loaded = load_model(model, dev)
     base = dataclasses.replace(DecodingOptions(**loaded.decoding), **{k: v for k, v in overrides.items() if v is not None})
-    encoder = None
-    decoder: nn.Module = loaded.decoder
     members = [(model, loaded)] + [(path, load_model(path, dev)) for path in ensemble]
     for path, member in members:
         if member.vocab.itos != prepared.vocab.itos:
             raise ValueError(f"{path} was trained with another vocabulary than {prepared_dir}")
         if member.encoder_state is not None and len(members) > 1:
             raise ValueError(f"{path} has a fine-tuned encoder: an ensemble's members must share the cached features")
+    encoder = None
     if loaded.encoder_state is not None:  # fine-tuned: the cached features are not what it sees
         encoder = loaded.encoder(dev)
     else:
         for path, member in members:
             check_encoder_spec(member.encoder_spec, prepared.spec, f"{path} (against {prepared_dir})")
-    if ensemble:
-        decoder = Ensemble([member.decoder for _, member in members])
+    decoder: nn.Module = Ensemble([member.decoder for _, member in members]) if ensemble else loaded.decoder
     rows = prepared.indices(split)
     refs = prepared.references(rows)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
@@ -76,8 +74,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         log(f"beam {k}: BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f} "
             f"({len(rows)} images decoded in {seconds:.1f}s)")
     decoding = {key: value for key, value in vars(base).items() if key not in ("beam_size", "num_captions")}
-    results = {"model": str(model), **({"ensemble": [str(p) for p in ensemble]} if ensemble else {}), "split": split, "images": len(rows), "max_length": base.max_length,
-               "decoding": decoding, "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
+    results = {"model": str(model), **({"ensemble": [str(p) for p in ensemble]} if ensemble else {}),
+               "split": split, "images": len(rows), "max_length": base.max_length, "decoding": decoding, "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
     _write_json(out / "results.json", results, indent=1)
     log(format_fluency_table(fluent))
     return table
