@@ -184,15 +184,39 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
-        """Read a YAML or JSON file of options (a flat mapping)."""
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of option: value")
-        return cls.from_dict(values, source=str(path))
+        """Read a YAML or JSON file of options (a flat mapping). `base: OTHER.yaml` (a path relative to
+        the file) reads that file's options first and lets this one override them, so a variant of a
+        recipe states only how it differs."""
+        return cls.from_dict(_read_options(Path(path), ()), source=str(path))
+
+
+def _read_options(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    """The options of a config file with its `base` chain folded in. Each file's options are checked
+    against the fields here, so an error names the file that holds the bad line."""
+    if path.resolve() in chain:
+        raise ValueError(f"{path}: base files form a loop: {' -> '.join(map(str, (*chain, path.resolve())))}")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    except OSError as err:
+        raise ValueError(f"{path}{f' (the base of {chain[-1]})' if chain else ''}: {err.strerror}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value")
+    base = values.pop("base", None)
+    known = {f.name: f for f in fields(Config)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {', '.join(unknown)}")
+    try:
+        values = {k: _checked(known[k], v) for k, v in values.items()}
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    if base is None:
+        return values
+    if not isinstance(base, str):
+        raise ValueError(f"{path}: base must be the path of another config file, got {base!r}")
+    return {**_read_options(path.parent / base, (*chain, path.resolve())), **values}
 
 
 def _checked(f: dataclasses.Field, value: Any) -> Any:

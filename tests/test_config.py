@@ -2,8 +2,10 @@ import argparse
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
+import yaml
 
 from captioner.config import Config, add_config_flags, config_from_args
 
@@ -35,6 +37,44 @@ def test_bad_config_names_file_and_field(tmp_path, text, message):
     with pytest.raises(ValueError, match=message) as err:
         Config.load(path)
     assert "bad.yaml" in str(err.value)
+
+
+def test_a_base_file_is_read_first_and_overridden(tmp_path):
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "main.yaml").write_text("lr: 0.001\nbatch_size: 16\nepochs: 7\n")
+    (tmp_path / "variant.yaml").write_text("base: recipes/main.yaml\nbatch_size: 32\n")  # relative to variant.yaml
+    (tmp_path / "deeper.yaml").write_text("base: variant.yaml\nepochs: 2\n")
+    cfg = Config.load(tmp_path / "deeper.yaml")
+    assert (cfg.lr, cfg.batch_size, cfg.epochs) == (0.001, 32, 2)
+    assert Config.load(tmp_path / "variant.yaml").epochs == 7
+
+
+@pytest.mark.parametrize("files, message, named", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "lrr: 0.1\n"}, "unknown option", "b.yaml"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "batch_size: many\n"}, "batch_size", "b.yaml"),
+    ({"a.yaml": "base: missing.yaml\n"}, "the base of", "missing.yaml"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "loop", "b.yaml"),
+    ({"a.yaml": "base: 3\n"}, "base must be", "a.yaml"),
+])
+def test_a_bad_base_names_the_file_at_fault(tmp_path, files, message, named):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message) as err:
+        Config.load(tmp_path / "a.yaml")
+    assert named in str(err.value)
+
+
+def test_the_variant_configs_state_only_how_they_differ_from_their_base():
+    """A config in configs/ that names a base sets nothing to the value its base file already sets."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    variants = [p for p in sorted(folder.glob("*.yaml")) if "base" in yaml.safe_load(p.read_text())]
+    assert len(variants) >= 5
+    for path in variants:
+        own = yaml.safe_load(path.read_text())
+        base = yaml.safe_load((path.parent / own.pop("base")).read_text())
+        same = sorted(k for k, v in own.items() if base.get(k, object()) == v)
+        assert not same, f"{path.name} repeats its base's {', '.join(same)}"
+        assert Config.load(path) != Config.load(path.parent / yaml.safe_load(path.read_text())["base"])
 
 
 def test_save_load_round_trip(tmp_path):
