@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import add_config_flags, config_from_args
 
 PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "min_count", "max_caption_length",
-                 "encoder", "image_size", "feature_layer", "prepare_batch_size", "device"]
+                 "encoder", "image_size", "feature_layer", "prepare_batch_size", "encoder_from", "device"]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

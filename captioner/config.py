@@ -58,6 +58,9 @@ class Config:
     image_size: int = option(0, "input side in pixels; 0: the encoder's native resolution", range=(0, None))
     feature_layer: str = option("head", "which feature map attention looks at", choices=("head", "stage6", "stage5"))
     prepare_batch_size: int = option(32, "images per encoder pass in `prepare`", range=(1, None))
+    encoder_from: str = option("", "prepare: a model folder whose fine-tuned encoder (stage 2) extracts the "
+                                   "features, so self-critical training can follow fine-tuning; empty: the "
+                                   "pretrained encoder")
 
     # decoder
     decoder: str = option("attention", "attention: Show, Attend and Tell; mean: the no-attention baseline; "

@@ -35,8 +35,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
                    **overrides: Any) -> list[tuple[str, dict[str, float]]]:
     """Score `model` on `split` at each beam size (default: the model's own), decoding as `caption` and
     `serve` do: with the model's decoding options (maximum length, length penalty, trigram blocking),
-    `overrides` of the same names on top (None: the model's). A model with a fine-tuned encoder
-    re-encodes the images. `ensemble` names more models on the same features whose word
+    `overrides` of the same names on top (None: the model's). A model whose fine-tuned encoder did
+    not make the cached features (`prepare --encoder-from`) re-encodes the images. `ensemble` names more models on the same features whose word
     probabilities are averaged with the model's (decoding.Ensemble); its decoding options apply."""
     dev = resolve_device(device)
     prepared = open_prepared(prepared_dir)
@@ -46,14 +46,12 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     for path, member in members:
         if member.vocab.itos != prepared.vocab.itos:
             raise ValueError(f"{path} was trained with another vocabulary than {prepared_dir}")
-        if member.encoder_state is not None and len(members) > 1:
-            raise ValueError(f"{path} has a fine-tuned encoder: an ensemble's members must share the cached features")
     encoder = None
-    if loaded.encoder_state is not None:  # fine-tuned: the cached features are not what it sees
-        encoder = loaded.encoder(dev)
+    if len(members) == 1 and loaded.encoder_state is not None and loaded.features_spec != prepared.spec:
+        encoder = loaded.encoder(dev)  # fine-tuned after these features were cached: re-encode the images
     else:
         for path, member in members:
-            check_encoder_spec(member.encoder_spec, prepared.spec, f"{path} (against {prepared_dir})")
+            check_encoder_spec(member.features_spec, prepared.spec, f"{path} (against {prepared_dir})")
     decoder: nn.Module = Ensemble([member.decoder for _, member in members]) if ensemble else loaded.decoder
     rows = prepared.indices(split)
     refs = prepared.references(rows)

@@ -29,6 +29,7 @@ from .encoders import Encoder, create_encoder
 from .vocab import Vocab
 
 TODO, DONE, FAILED = 0, 1, 2
+ENCODER_FILE = "encoder.safetensors"  # a fine-tuned encoder's weights, beside the features it made
 
 
 @dataclass
@@ -49,6 +50,25 @@ class Prepared:
     def references(self, rows: list[int]) -> dict[str, list[str]]:
         """{image name: all its reference captions}, the form coco-caption scores against."""
         return {self.records[r].name: list(self.records[r].captions) for r in rows}
+
+    def encoder_state(self) -> dict[str, torch.Tensor] | None:
+        """The fine-tuned encoder weights the features were extracted with (`prepare --encoder-from`),
+        which every model trained on them must carry; None for a pretrained encoder's features."""
+        from .models import tuned_weights
+
+        path = self.root / ENCODER_FILE
+        if not self.spec["weights"].startswith("fine-tuned"):
+            return None
+        if not path.exists():
+            raise FileNotFoundError(f"{self.root}: its features come from a fine-tuned encoder, whose weights "
+                                    f"({ENCODER_FILE}) are missing; run `captioner prepare --encoder-from MODEL` again")
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+        if tuned_weights(state) != self.spec["weights"]:
+            raise ValueError(f"{path} is not the encoder the features in {self.root} were extracted with "
+                             f"({tuned_weights(state)}, not {self.spec['weights']}); run prepare again")
+        return state
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -194,7 +214,26 @@ def _allocate(path: Path, size: int) -> None:
 
 
 def _describe(spec: dict) -> str:
-    return f"{spec['encoder']} at {spec['image_size']}px (layer {spec['layer']})"
+    return f"{spec['encoder']} at {spec['image_size']}px (layer {spec['layer']}, weights {spec['weights']})"
+
+
+def _encoder_to_prepare(cfg: Config) -> tuple[Encoder, dict[str, torch.Tensor] | None]:
+    """The pretrained encoder the config names, or the fine-tuned one of `cfg.encoder_from` with its
+    weights (which then travel into every model trained on these features)."""
+    if not cfg.encoder_from:
+        return create_encoder(cfg.encoder, pretrained=True, image_size=cfg.image_size, layer=cfg.feature_layer), None
+    from .models import load_model
+
+    model = load_model(cfg.encoder_from)
+    if model.encoder_state is None:
+        raise ValueError(f"encoder_from {cfg.encoder_from} has no fine-tuned encoder (its decoder was trained on "
+                         "cached features); leave encoder_from empty for the pretrained encoder's features")
+    spec = model.encoder_spec
+    asked = {"encoder": cfg.encoder, "layer": cfg.feature_layer, **({"image_size": cfg.image_size} if cfg.image_size else {})}
+    differ = [f"{k} {v!r} (config) != {spec[k]!r} (model)" for k, v in asked.items() if spec[k] != v]
+    if differ:
+        raise ValueError(f"encoder_from {cfg.encoder_from} has another encoder than the config: {'; '.join(differ)}")
+    return model.encoder(), model.encoder_state
 
 
 def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
@@ -217,9 +256,13 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     _write_json(records_path, _records_to_json(records))
     replace_file(root / "vocab.json", vocab.save)
 
-    encoder = create_encoder(cfg.encoder, pretrained=True, image_size=cfg.image_size, layer=cfg.feature_layer)
+    encoder, state = _encoder_to_prepare(cfg)
     device = resolve_device(cfg.device)
     features, status = extract(records, encoder, root, cfg.prepare_batch_size, device, log)
+    if state is not None:  # after extract(), which refuses a folder holding other features
+        from safetensors.torch import save
+
+        replace_file(root / ENCODER_FILE, lambda tmp: tmp.write_bytes(save(state)))
     failed = [records[i].name for i in np.flatnonzero(status == FAILED)]
     counts = {s: sum(1 for r in records if r.split == s) for s in ("train", "val", "test")}
     log(f"{dataset.format} dataset: {len(records)} images "

@@ -446,6 +446,9 @@ def start_finetune(cfg: Config, decoder: nn.Module, prepared: Prepared, device: 
     """Stage 2: the encoder the features came from, its top blocks unfrozen, a new optimizer at finetune_lr."""
     spec = prepared.spec
     encoder = create_encoder(spec["encoder"], pretrained=True, image_size=spec["image_size"], layer=spec["layer"])
+    tuned = prepared.encoder_state()
+    if tuned is not None:  # the features came from an encoder fine-tuned before: go on from it
+        encoder.load_state_dict(tuned)
     encoder.set_trainable_blocks(cfg.finetune_blocks)
     encoder.to(device)
     params = list(decoder.parameters()) + [p for p in encoder.parameters() if p.requires_grad]
@@ -460,7 +463,7 @@ def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepa
     loaded = load_model(path)
     if loaded.vocab.itos != prepared.vocab.itos:
         raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root}")
-    check_encoder_spec(loaded.encoder_spec, prepared.spec, f"init_from {path} (against {prepared.root})")
+    check_encoder_spec(loaded.features_spec, prepared.spec, f"init_from {path} (against {prepared.root})")
     if loaded.decoder.family != decoder.family:
         raise ValueError(f"init_from {path} is a {loaded.decoder.family} decoder, the config asks for {decoder.family}")
     try:
@@ -560,6 +563,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         check_resumed_config(Config.load(run_dir / "config.json"), cfg, run_dir)
     prepared = open_prepared(cfg.prepared)
     check_before_training(cfg, prepared)
+    features_encoder = prepared.encoder_state()  # a fine-tuned encoder made the features: models carry it
     seed_everything(cfg.seed)  # the same initial weights on every rank
 
     data = CaptionSet(prepared, "train")
@@ -622,7 +626,8 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         state.best_score, state.best_epoch = scores[cfg.val_metric], 0
         if is_main():
             with saving(run_dir, "epoch 0", False):
-                save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg))
+                save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
+                           encoder_state=features_encoder)
             log(f"epoch 0 ({cfg.init_from}): dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}")
     while (stage := next_stage(state, cfg)) is not None:
         if stage == "finetune" and encoder is None:
@@ -661,7 +666,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
             with saving(run_dir, f"epoch {state.epoch}", last_path.exists()):
                 if improved:
                     save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
-                               encoder_state=encoder.state_dict() if encoder is not None else None)
+                               encoder_state=encoder.state_dict() if encoder is not None else features_encoder)
                 save_checkpoint(last_path, stage=stage, decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
                                 scheduler=scheduler.state_dict() if scheduler is not None else None,
                                 encoder=encoder.state_dict() if encoder is not None else None,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from captioner import encoders
@@ -65,7 +66,8 @@ def test_killed_prepare_process_resumes(tmp_path):
     out = tmp_path / "p"
     cmd = [sys.executable, "-m", "captioner.cli", "prepare", "--data", str(data), "--prepared", str(out),
            "--prepare-batch-size", "2", "--min-count", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # features are bit-equal at equal thread counts
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
         if (out / "status.npy").exists() and (np.load(out / "status.npy") == DONE).sum() >= 4:
@@ -74,7 +76,7 @@ def test_killed_prepare_process_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert (np.load(out / "status.npy") == 0).any(), "the run ended before it could be killed"
-    assert subprocess.run(cmd, capture_output=True, cwd=ROOT).returncode == 0
+    assert subprocess.run(cmd, capture_output=True, cwd=ROOT, env=env).returncode == 0
     prepare(config(data, tmp_path / "whole", prepare_batch_size=2), log=lambda s: None)
     assert (out / "features.f16").read_bytes() == (tmp_path / "whole" / "features.f16").read_bytes()
 

@@ -13,6 +13,7 @@ import torch
 from captioner import train as train_mod
 from captioner.config import Config
 from captioner.models import load_model
+from captioner.data import load_image
 from captioner.features import open_prepared
 from captioner.train import sortish_batches, teacher_forcing_ratio, train
 
@@ -346,3 +347,83 @@ def test_training_on_cuda_is_bit_identical_and_resumes_exactly(prepared, tmp_pat
     run("cut", 2, "--resume")
     assert_same_weights(weights_of(tmp_path / "first"), weights_of(tmp_path / "second"))
     assert_same_weights(weights_of(tmp_path / "first"), weights_of(tmp_path / "cut"))
+
+
+@pytest.fixture(scope="module")
+def stage_two_model(prepared, tmp_path_factory) -> Path:
+    """A model folder with a fine-tuned encoder: stage 2's last weights (its best/ may still be stage 1's)."""
+    from captioner.models import decoder_from_config, save_model
+
+    tmp_path = tmp_path_factory.mktemp("stage2")
+    cfg = small(prepared, tmp_path / "stage2", epochs=1, finetune_epochs=1, finetune_blocks=1, batch_size=8)
+    train(cfg, log=lambda s: None)
+    last = torch.load(tmp_path / "stage2" / "last.pt", weights_only=True)
+    folder = open_prepared(prepared)
+    decoder = decoder_from_config(cfg, len(folder.vocab), folder.spec["channels"])
+    decoder.load_state_dict(last["decoder"])
+    save_model(tmp_path / "stage2-model", decoder, folder.vocab, folder.spec, {"beam_size": 1, "max_length": 8,
+               "length_penalty": 0.0, "block_trigrams": False}, encoder_state=last["encoder"])
+    return tmp_path / "stage2-model"
+
+
+def test_features_from_a_fine_tuned_encoder_let_training_follow_stage_two(prepared, stage_two_model, tmp_path,
+                                                                          monkeypatch):
+    """prepare --encoder-from: stage 2's tuned encoder makes the cached features; a run on them starts
+    from the stage-2 model, its best/ carries that encoder, and evaluate reads the cached features."""
+    from captioner.evaluate import evaluate_model
+    from captioner.features import prepare
+    from captioner.models.files import LoadedModel
+
+    model = stage_two_model
+    stage2 = load_model(model)
+    assert stage2.encoder_state is not None
+    records = open_prepared(prepared).records
+    data = str(records[0].root.parent)
+    tuned_dir = tmp_path / "tuned"
+    prepare(Config(data=data, prepared=str(tuned_dir), min_count=1, encoder_from=str(model)), log=lambda s: None)
+    tuned, plain = open_prepared(tuned_dir), open_prepared(prepared)
+    assert tuned.spec == stage2.features_spec and tuned.spec["weights"].startswith("fine-tuned")
+    assert {k: v for k, v in tuned.spec.items() if k != "weights"} == {k: v for k, v in plain.spec.items() if k != "weights"}
+    assert not np.array_equal(tuned.features, plain.features)  # the tuned top blocks give other features
+    encoder = stage2.encoder()
+    with torch.no_grad():
+        want = encoder.regions(encoder.preprocess(load_image(records[0].image))[None])[0].numpy()
+    np.testing.assert_allclose(tuned.features[0].astype(np.float32), want, rtol=1e-2, atol=1e-2)
+
+    # from the stage-2 model on its own features; not on the pretrained encoder's
+    with pytest.raises(ValueError, match="init_from .* other encoder features: weights 'fine-tuned"):
+        train(small(prepared, tmp_path / "wrong", epochs=1, batch_size=8, init_from=str(model)),
+              log=lambda s: None)
+    train(small(tuned_dir, tmp_path / "next", epochs=1, batch_size=8, init_from=str(model)), log=lambda s: None)
+    best = load_model(tmp_path / "next" / "best")
+    assert best.features_spec == tuned.spec
+    for key, value in stage2.encoder_state.items():
+        assert torch.equal(best.encoder_state[key], value)
+
+    def no_reencoding(self, device="cpu"):
+        raise AssertionError("evaluate re-encoded the images although the cached features fit")
+
+    monkeypatch.setattr(LoadedModel, "encoder", no_reencoding)
+    rows = evaluate_model(tmp_path / "next" / "best", tuned_dir, split="val", beam_sizes=[1], device="cpu",
+                          out_dir=tmp_path / "eval", log=lambda s: None)
+    assert rows[0][0] == "beam 1"
+
+
+def test_encoder_from_refuses_what_cannot_give_tuned_features(prepared, stage_two_model, tmp_path):
+    from captioner.features import ENCODER_FILE, prepare
+    from captioner.models import save_model
+
+    plain = load_model(stage_two_model)
+    save_model(tmp_path / "plain", plain.decoder, plain.vocab, plain.encoder_spec, plain.decoding)  # no encoder
+    data = str(open_prepared(prepared).records[0].root.parent)
+    with pytest.raises(ValueError, match="has no fine-tuned encoder"):
+        prepare(Config(data=data, prepared=str(tmp_path / "p"), min_count=1, encoder_from=str(tmp_path / "plain")),
+                log=lambda s: None)
+    model = str(stage_two_model)
+    with pytest.raises(ValueError, match=r"another encoder than the config: encoder 'efficientnet_lite1' \(config\)"):
+        prepare(Config(data=data, prepared=str(tmp_path / "p"), min_count=1, encoder="efficientnet_lite1",
+                       encoder_from=model), log=lambda s: None)
+    prepare(Config(data=data, prepared=str(tmp_path / "p"), min_count=1, encoder_from=model), log=lambda s: None)
+    (tmp_path / "p" / ENCODER_FILE).unlink()  # the weights lost: training says so before any work
+    with pytest.raises(FileNotFoundError, match=f"{ENCODER_FILE}.* missing"):
+        train(small(tmp_path / "p", tmp_path / "run", epochs=1, batch_size=8), log=lambda s: None)

@@ -67,6 +67,14 @@ class LoadedModel:
     decoding: dict[str, Any]  # default decoding options
     path: Path
 
+    @property
+    def features_spec(self) -> dict[str, Any]:
+        """The spec of the features this model's encoder gives: its training spec, with the weights named
+        by their digest when the encoder was fine-tuned. Cached features fit the model iff they have it."""
+        if self.encoder_state is None:
+            return self.encoder_spec
+        return {**self.encoder_spec, "weights": tuned_weights(self.encoder_state)}
+
     def encoder(self, device: str | torch.device = "cpu") -> Encoder:
         """Rebuild the encoder the model was trained on (pretrained, or its fine-tuned weights) and
         refuse it if it would not give the features the decoder learned from."""
@@ -77,6 +85,7 @@ class LoadedModel:
                                  image_size=spec["image_size"], layer=spec["layer"])
         if self.encoder_state is not None:
             encoder.load_state_dict(self.encoder_state)
+            encoder.weights = tuned_weights(self.encoder_state)
         check_encoder_spec(spec, encoder.spec(), str(self.path), weights=self.encoder_state is None)
         return encoder.to(device).eval()
 
@@ -88,6 +97,16 @@ def check_encoder_spec(saved: dict[str, Any], actual: dict[str, Any], model: str
     diff = [f"{k} {saved[k]!r} (model) != {actual.get(k)!r}" for k in keys if saved[k] != actual.get(k)]
     if diff:
         raise ValueError(f"{model} was trained on other encoder features: {'; '.join(diff)}")
+
+
+def tuned_weights(state: dict[str, Tensor]) -> str:
+    """How a fine-tuned encoder's spec names its weights: a digest of the tensors (as float32), so
+    features extracted with it are tied to exactly these weights."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return f"fine-tuned (sha256 {digest.hexdigest()[:16]})"
 
 
 def weights_sha256(path: Path) -> str:
