@@ -36,8 +36,9 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     """Score `model` on `split` at each beam size (default: the model's own), decoding as `caption` and
     `serve` do: with the model's decoding options (maximum length, length penalty, trigram blocking),
     `overrides` of the same names on top (None: the model's). A model whose fine-tuned encoder did
-    not make the cached features (`prepare --encoder-from`) re-encodes the images. `ensemble` names more models on the same features whose word
-    probabilities are averaged with the model's (decoding.Ensemble); its decoding options apply."""
+    not make the cached features (`prepare --encoder-from`) re-encodes the images. `ensemble` names
+    more models on the same features whose word probabilities are averaged with the model's
+    (decoding.Ensemble); its decoding options apply."""
     dev = resolve_device(device)
     prepared = open_prepared(prepared_dir)
     loaded = load_model(model, dev)
