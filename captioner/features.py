@@ -54,20 +54,20 @@ class Prepared:
     def encoder_state(self) -> dict[str, torch.Tensor] | None:
         """The fine-tuned encoder weights the features were extracted with (`prepare --encoder-from`),
         which every model trained on them must carry; None for a pretrained encoder's features."""
-        from .models import tuned_weights
+        from safetensors.torch import load_file
 
-        path = self.root / ENCODER_FILE
-        if not self.spec["weights"].startswith("fine-tuned"):
+        from .models import TUNED, tuned_weights
+
+        if not self.spec["weights"].startswith(TUNED):
             return None
+        path = self.root / ENCODER_FILE
         if not path.exists():
             raise FileNotFoundError(f"{self.root}: its features come from a fine-tuned encoder, whose weights "
                                     f"({ENCODER_FILE}) are missing; run `captioner prepare --encoder-from MODEL` again")
-        from safetensors.torch import load_file
-
         state = load_file(str(path))
-        if tuned_weights(state) != self.spec["weights"]:
+        if (found := tuned_weights(state)) != self.spec["weights"]:
             raise ValueError(f"{path} is not the encoder the features in {self.root} were extracted with "
-                             f"({tuned_weights(state)}, not {self.spec['weights']}); run prepare again")
+                             f"({found}, not {self.spec['weights']}); run prepare again")
         return state
 
 
@@ -229,7 +229,9 @@ def _encoder_to_prepare(cfg: Config) -> tuple[Encoder, dict[str, torch.Tensor] |
         raise ValueError(f"encoder_from {cfg.encoder_from} has no fine-tuned encoder (its decoder was trained on "
                          "cached features); leave encoder_from empty for the pretrained encoder's features")
     spec = model.encoder_spec
-    asked = {"encoder": cfg.encoder, "layer": cfg.feature_layer, **({"image_size": cfg.image_size} if cfg.image_size else {})}
+    asked = {"encoder": cfg.encoder, "layer": cfg.feature_layer}
+    if cfg.image_size:  # 0: whatever the model was trained at
+        asked["image_size"] = cfg.image_size
     differ = [f"{k} {v!r} (config) != {spec[k]!r} (model)" for k, v in asked.items() if spec[k] != v]
     if differ:
         raise ValueError(f"encoder_from {cfg.encoder_from} has another encoder than the config: {'; '.join(differ)}")

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "captioner", 2
 DECODING_KEYS = ("beam_size", "max_length", "length_penalty", "block_trigrams")
+TUNED = "fine-tuned"  # how a spec's weights begin when they are a fine-tuned encoder's (tuned_weights)
 
 
 def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_dim: int,
@@ -106,7 +107,7 @@ def tuned_weights(state: dict[str, Tensor]) -> str:
     for key in sorted(state):
         digest.update(key.encode())
         digest.update(state[key].detach().float().cpu().contiguous().numpy().tobytes())
-    return f"fine-tuned (sha256 {digest.hexdigest()[:16]})"
+    return f"{TUNED} (sha256 {digest.hexdigest()[:16]})"
 
 
 def weights_sha256(path: Path) -> str:
