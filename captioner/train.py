@@ -442,12 +442,13 @@ def mirror_batch(vocab: Vocab, device: torch.device) -> Callable[[Batch], Batch]
     return augment
 
 
-def start_finetune(cfg: Config, decoder: nn.Module, prepared: Prepared, device: torch.device):
-    """Stage 2: the encoder the features came from, its top blocks unfrozen, a new optimizer at finetune_lr."""
+def start_finetune(cfg: Config, decoder: nn.Module, prepared: Prepared, device: torch.device,
+                   tuned: dict[str, Tensor] | None):
+    """Stage 2: the encoder the features came from (`tuned`: its weights, when it was fine-tuned before),
+    its top blocks unfrozen, a new optimizer at finetune_lr."""
     spec = prepared.spec
     encoder = create_encoder(spec["encoder"], pretrained=True, image_size=spec["image_size"], layer=spec["layer"])
-    tuned = prepared.encoder_state()
-    if tuned is not None:  # the features came from an encoder fine-tuned before: go on from it
+    if tuned is not None:  # go on from the earlier fine-tuning
         encoder.load_state_dict(tuned)
     encoder.set_trainable_blocks(cfg.finetune_blocks)
     encoder.to(device)
@@ -591,7 +592,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
 
     def enter_finetune() -> None:
         nonlocal encoder, optimizer, scheduler, model, inputs, augment
-        encoder, optimizer, scheduler = start_finetune(cfg, decoder, prepared, device)
+        encoder, optimizer, scheduler = start_finetune(cfg, decoder, prepared, device, features_encoder)
         model = wrap(EndToEnd(encoder, decoder), device, world)
         inputs = image_inputs(encoder, prepared, device)
         augment = mirror_batch(prepared.vocab, device) if cfg.finetune_mirror else None

@@ -400,6 +400,15 @@ def test_features_from_a_fine_tuned_encoder_let_training_follow_stage_two(prepar
     for key, value in stage2.encoder_state.items():
         assert torch.equal(best.encoder_state[key], value)
 
+    # stage 2 again on these features goes on from the tuned encoder (lr 0: it stays exactly that one)
+    train(small(tuned_dir, tmp_path / "again", epochs=0, finetune_epochs=1, finetune_blocks=1, batch_size=8,
+                init_from=str(model), finetune_lr=0.0), log=lambda s: None)
+    again = torch.load(tmp_path / "again" / "last.pt", weights_only=True)["encoder"]
+    learned = [k for k in stage2.encoder_state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert "_conv_head.weight" in learned  # tuned by stage 2, so a pretrained start would differ here
+    for key in learned:  # BatchNorm statistics of the unfrozen block move even at lr 0
+        torch.testing.assert_close(again[key], stage2.encoder_state[key])
+
     def no_reencoding(self, device="cpu"):
         raise AssertionError("evaluate re-encoded the images although the cached features fit")
 
