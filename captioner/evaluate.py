@@ -48,11 +48,12 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         if member.vocab.itos != prepared.vocab.itos:
             raise ValueError(f"{path} was trained with another vocabulary than {prepared_dir}")
     encoder = None
-    if len(members) == 1 and loaded.encoder_state is not None and loaded.features_spec != prepared.spec:
+    specs = [member.features_spec for _, member in members]  # a fine-tuned encoder's is a digest: once each
+    if len(members) == 1 and loaded.encoder_state is not None and specs[0] != prepared.spec:
         encoder = loaded.encoder(dev)  # fine-tuned after these features were cached: re-encode the images
     else:
-        for path, member in members:
-            check_encoder_spec(member.features_spec, prepared.spec, f"{path} (against {prepared_dir})")
+        for (path, _), spec in zip(members, specs):
+            check_encoder_spec(spec, prepared.spec, f"{path} (against {prepared_dir})")
     decoder: nn.Module = Ensemble([member.decoder for _, member in members]) if ensemble else loaded.decoder
     rows = prepared.indices(split)
     refs = prepared.references(rows)
