@@ -47,6 +47,8 @@ class Config:
     images: str = option("", "image folder, when it is not found next to the annotations")
     prepared: str = option("prepared", "folder made by `prepare`: records, vocabulary, feature cache")
     skip_missing: bool = option(False, "drop records whose image file is missing instead of failing")
+    holdout_words: str = option("", "comma-separated words: train images whose captions mention any of them are "
+                                    "left out, so the model never learns those words (novel-object evaluation)")
 
     # vocabulary
     min_count: int = option(5, "words seen fewer times in the train split become <unk>", range=(1, None))

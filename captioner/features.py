@@ -26,7 +26,7 @@ from .atomic import replace_file
 from .config import Config, resolve_device
 from .data import ImageError, Record, load_dataset, load_image
 from .encoders import Encoder, create_encoder
-from .vocab import Vocab
+from .vocab import Vocab, tokenize
 
 TODO, DONE, FAILED = 0, 1, 2
 ENCODER_FILE = "encoder.safetensors"  # a fine-tuned encoder's weights, beside the features it made
@@ -238,6 +238,17 @@ def _encoder_to_prepare(cfg: Config) -> tuple[Encoder, dict[str, torch.Tensor] |
     return model.encoder(), model.encoder_state
 
 
+def held_out(records: list[Record], words: str, log: Callable[[str], None]) -> list[Record]:
+    """Records without the train images whose captions mention any of `words` (comma-separated, matched
+    as whole tokens), as the novel-object protocol asks: the model must never see those words."""
+    banned = {w.strip().lower() for w in words.split(",") if w.strip()}
+    if not banned:
+        return records
+    kept = [r for r in records if r.split != "train" or not any(banned & set(tokenize(c)) for c in r.captions)]
+    log(f"held out {len(records) - len(kept)} train images mentioning {', '.join(sorted(banned))}")
+    return kept
+
+
 def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     """Read the dataset, build the vocabulary and cache the frozen encoder's features."""
     dataset = load_dataset(cfg.data, format=cfg.format, images=cfg.images or None, skip_missing=cfg.skip_missing)
@@ -245,7 +256,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
         log(f"note: {problem}")
     if dataset.missing:
         log(f"skipped {len(dataset.missing)} records whose image is missing (--skip-missing)")
-    records = assign_splits(dataset.records)
+    records = held_out(assign_splits(dataset.records), cfg.holdout_words, log)
     root = Path(cfg.prepared)
     root.mkdir(parents=True, exist_ok=True)
     train_captions = [c for r in records if r.split == "train" for c in r.captions]
