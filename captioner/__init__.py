@@ -1,4 +1,4 @@
-"""captioner: neural image captioning (Show, Attend and Tell) on EfficientNet-Lite features."""
+"""captioner: neural image captioning on EfficientNet-Lite features (Show, Attend and Tell or a transformer decoder)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any

@@ -34,8 +34,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .atomic import replace_file
 from .data import IMAGE_SUFFIXES, ImageError, load_image
-from .pipeline import Captioner, DecodingOptions
+from .decoding_options import DecodingOptions
+from .pipeline import Captioner
+from .runtime import join_barrier, shard, wait_for_all
 
 PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks that finish early wait for the slowest; torchrun ends them if one dies
@@ -250,7 +253,7 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
 def merge_parts(output: str | Path) -> int:
     """Append the parts' lines to the output, each file once, then delete the parts; returns the lines added.
 
-    The merged file is written beside the output and renamed over it, so a kill mid-merge leaves either
+    The merged file is written beside the output and renamed over it (atomic.py), so a kill mid-merge leaves either
     the old output and all parts, or the merged output and parts whose lines it already holds (skipped on
     the next merge)."""
     output = Path(output)
@@ -261,35 +264,24 @@ def merge_parts(output: str | Path) -> int:
     for end, _, record in read_lines(output):
         hashes += path_hash(record["file"])
     merged, added = DoneSet(hashes), 0
-    scratch = output.with_name(output.name + ".merging")
-    if end:
-        shutil.copyfile(output, scratch)
-    with open(scratch, "r+b" if end else "wb") as out:
-        out.truncate(end)  # without a half-written last line
-        out.seek(end)
-        for part in parts:
-            for _, line, record in read_lines(part):
-                if path_hash(record["file"]) not in merged:
-                    out.write(line)
-                    added += 1
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(scratch, output)
+
+    def write(scratch: Path) -> None:
+        nonlocal added
+        if end:
+            shutil.copyfile(output, scratch)
+        with open(scratch, "r+b" if end else "wb") as out:
+            out.truncate(end)  # without a half-written last line
+            out.seek(end)
+            for part in parts:
+                for _, line, record in read_lines(part):
+                    if path_hash(record["file"]) not in merged:
+                        out.write(line)
+                        added += 1
+
+    replace_file(output, write)
     for part in parts:
         part.unlink()
     return added
-
-
-def shard() -> tuple[int, int]:
-    """(rank, world size) from torchrun's environment; one process without it."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank_device(name: str) -> str:
-    """'auto' under torchrun on a GPU machine means this rank's own GPU, not all ranks on cuda:0."""
-    if name == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
-    return name
 
 
 def caption_library(captioner: Captioner, library: str | Path, output: str | Path, opts: DecodingOptions,
@@ -298,17 +290,11 @@ def caption_library(captioner: Captioner, library: str | Path, output: str | Pat
     done, rank 0 merges the parts (also parts an earlier run left) into the output."""
     rank, world = shard()
     if world > 1:
-        import torch.distributed as dist
-
-        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)  # CPU-only: it only carries the barrier
-    try:
-        summary = caption_share(captioner, library, output, opts, batch_size=batch_size, workers=workers,
-                                rank=rank, world=world, progress=rank == 0)
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            merge_parts(output)
-    finally:
-        if world > 1:
-            dist.destroy_process_group()
+        join_barrier(BARRIER_TIMEOUT)
+    summary = caption_share(captioner, library, output, opts, batch_size=batch_size, workers=workers,
+                            rank=rank, world=world, progress=rank == 0)
+    if world > 1:
+        wait_for_all()
+    if rank == 0:
+        merge_parts(output)
     return summary

@@ -4,12 +4,19 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 
-from .config import add_config_flags, config_from_args
+from .config import BACKENDS, add_config_flags, config_from_args
+from .decoding_options import MODEL_KEYS, add_decoding_flags, given
 
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N or mps (default: auto)"
+BACKEND_HELP = "torch, or onnx for a folder `export --format onnx` wrote (default: torch)"
+# What Ctrl-C leaves, per command that can pick up where it stopped.
+RESUME = {"prepare": "run the same command again to resume",
+          "train": "add --resume to the same command to go on from the last checkpoint",
+          "caption": "with a .jsonl --output, run the same command again to resume"}
+EVALUATE_KEYS = ("max_length", "length_penalty", "block_trigrams")  # beam sizes: --beam-sizes
 PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "min_count", "max_caption_length",
                  "encoder", "image_size", "feature_layer", "prepare_batch_size", "encoder_from", "device"]
 
@@ -25,17 +32,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import torch.distributed as dist
-
+    from .runtime import exit_distributed
     from .train import train
 
     train(config_from_args(args), resume=args.resume)
-    if dist.is_initialized():
-        # Under torchrun, end the process without destroying the gloo group: its destructor joins a gloo
-        # thread that waits for the GIL the destructor holds: a deadlock seen with gdb in a hung test run.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+    exit_distributed()
     return 0
 
 
@@ -54,8 +55,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         beams = [int(b) for b in args.beam_sizes.split(",")] if args.beam_sizes else None
         rows += evaluate_model(args.model, args.prepared, args.split, beams, args.device, args.output,
-                               max_length=args.max_length, length_penalty=args.length_penalty,
-                               block_trigrams=args.block_trigrams, ensemble=args.ensemble)
+                               ensemble=args.ensemble, **given(args, EVALUATE_KEYS))
     if args.nearest_neighbour:
         rows.append(("nearest neighbour", evaluate_nearest_neighbour(args.prepared, args.split)))
     if not rows:
@@ -72,10 +72,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .models.files import DECODING_KEYS
-
     if args.format == "onnx":
-        if any(getattr(args, key) is not None for key in DECODING_KEYS):
+        if given(args, MODEL_KEYS):
             raise SystemExit("captioner export: --format onnx keeps the model's decoding defaults; export to "
                              "safetensors with new decoding defaults first, then that to onnx")
         if args.average:
@@ -85,14 +83,13 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit("captioner export: --quantize and --check-images go with --format onnx")
     import torch
 
+    from .decoding_options import DecodingOptions
     from .models import average_models, load_model, save_model
-    from .pipeline import DecodingOptions
 
     model = load_model(args.model)
     if args.average:
         model = average_models([model, *map(load_model, args.average)])
-    changes = {key: getattr(args, key) for key in DECODING_KEYS if getattr(args, key) is not None}
-    decoding = {**model.decoding, **changes}
+    decoding = {**model.decoding, **given(args, MODEL_KEYS)}
     DecodingOptions(**decoding)  # an option out of range fails here, naming it, not when the model is used
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype)
@@ -104,7 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def export_onnx_folder(args: argparse.Namespace) -> int:
     from .data import expand_inputs, load_image
-    from .onnx_backend import export_onnx
+    from .onnx_export import export_onnx
 
     images = None
     if args.check_images:
@@ -130,8 +127,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         raise SystemExit("captioner caption: no images found in " + " ".join(args.inputs))
     captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
-    opts = captioner.options(beam_size=args.beam_size, max_length=args.max_length,
-                             length_penalty=args.length_penalty, num_captions=args.num_captions)
+    opts = captioner.options(**given(args))
     failed = 0
     results: list[tuple[Path, list[dict]]] = []
     for s in range(0, len(paths), args.batch_size):
@@ -170,21 +166,22 @@ def caption_library(args: argparse.Namespace) -> int:
     """`caption LIBRARY/ --output captions.jsonl`: streaming, resumable, sharded under torchrun (bulk.py)."""
     from . import bulk
     from .pipeline import Captioner
+    from .runtime import exit_distributed, rank_device, shard
 
     if len(args.inputs) != 1 or not Path(args.inputs[0]).is_dir():
         raise SystemExit("captioner caption: a .jsonl --output takes one library folder, got " + " ".join(args.inputs))
     if args.json or args.attention:
         raise SystemExit("captioner caption: --json and --attention do not go with a .jsonl --output")
-    captioner = Captioner.from_pretrained(args.model, device=bulk.rank_device(args.device), backend=args.backend)
-    opts = captioner.options(beam_size=args.beam_size, max_length=args.max_length,
-                             length_penalty=args.length_penalty, num_captions=args.num_captions)
+    captioner = Captioner.from_pretrained(args.model, device=rank_device(args.device), backend=args.backend)
+    opts = captioner.options(**given(args))
     summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
                              workers=args.workers)
-    rank, world = bulk.shard()
+    rank, world = shard()
     who = f"rank {rank} of {world}: " if world > 1 else ""
     rate = summary.captioned / max(summary.seconds, 1e-9)
     print(f"captioner caption: {who}{summary.captioned} images captioned, {summary.failed} unreadable (listed with "
           f"their error), {summary.already_done} already done; {rate:.1f} images/s", file=sys.stderr)
+    exit_distributed()
     return 0
 
 
@@ -223,9 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("lr-find", help="learning-rate range test: plot loss against learning rate")
     add_config_flags(p)
-    p.add_argument("--start-lr", type=float, default=1e-7)
-    p.add_argument("--end-lr", type=float, default=1.0)
-    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--start-lr", type=float, default=1e-7, help="first learning rate tried (default: 1e-7)")
+    p.add_argument("--end-lr", type=float, default=1.0, help="last learning rate tried (default: 1.0)")
+    p.add_argument("--steps", type=int, default=100, help="batches, one per rate, spaced geometrically (default: 100)")
     p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("evaluate", help="coco-caption scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr) on a split")
@@ -233,12 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepared", default="prepared", help="prepared folder of the dataset (default: prepared)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to score (default: test)")
     p.add_argument("--beam-sizes", help="comma-separated beam sizes to score, e.g. 1,3,5 (default: the model's own)")
-    p.add_argument("--max-length", type=int, help="most words per caption (default: the model's own)")
-    p.add_argument("--length-penalty", type=float, help="rank beams by log-probability / length**penalty "
-                                                        "(default: the model's own)")
-    p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
-                   help="forbid a beam to repeat a word trigram (default: the model's own)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: auto)")
+    add_decoding_flags(p, EVALUATE_KEYS)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--output", help="folder for results.json and captions (default: MODEL-eval_SPLIT beside the model)")
     p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR",
                    help="more models on the same features: each word's probabilities are averaged with --model's")
@@ -255,13 +248,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("caption", help="caption image files, folders or globs with a trained model")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or globs")
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
-    p.add_argument("--beam-size", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--length-penalty", type=float)
-    p.add_argument("--num-captions", type=int, help="n-best captions per image (with --json or --output)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--backend", default="torch", help="torch, or onnx for a folder `export --format onnx` wrote")
-    p.add_argument("--batch-size", type=int, default=8)
+    add_decoding_flags(p)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--batch-size", type=int, default=8, help="images per model pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print JSON with n-best captions and scores")
     p.add_argument("--output", help="NAME.jsonl: caption a whole library folder, one JSON line per image as it "
                    "goes, resumable, sharded under torchrun; any other name: also write a CSV (file, rank, "
@@ -275,8 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--backend", default="torch", help="torch, or onnx for a folder `export --format onnx` wrote")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP)
     p.add_argument("--max-batch-size", type=int, help="images per model pass (16); 1 turns batching off")
     p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for more requests (20)")
     p.add_argument("--max-upload-mb", type=float, help="largest image file accepted (10)")
@@ -306,12 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average", nargs="+", metavar="MODEL",
                    help="safetensors: write the mean of MODEL's and these models' weights (runs from one start, "
                         "such as seeds of self-critical training)")
-    p.add_argument("--beam-size", type=int, help="safetensors: the exported model's default beam size "
-                                                 "(default: the model's own)")
-    p.add_argument("--max-length", type=int, help="safetensors: its default most words per caption")
-    p.add_argument("--length-penalty", type=float, help="safetensors: its default length penalty")
-    p.add_argument("--block-trigrams", action=argparse.BooleanOptionalAction,
-                   help="safetensors: whether it forbids repeated word trigrams by default")
+    add_decoding_flags(p, MODEL_KEYS, default="safetensors: the exported model keeps the model's own")
     p.set_defaults(func=cmd_export)
     return parser
 
@@ -324,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"captioner {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ncaptioner {args.command}: interrupted; run the same command again to resume", file=sys.stderr)
+        how = RESUME.get(args.command, "nothing was lost")
+        print(f"\ncaptioner {args.command}: interrupted; {how}", file=sys.stderr)
         return 130
 
 

@@ -10,20 +10,19 @@ import json
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from .atomic import replace_file
-
-if TYPE_CHECKING:
-    import torch
-
+from .decoding_options import OPTIONS, DecodingOptions, OptionError, config_field
 
 # The few option spaces the CLI and the validator share. Encoders are a registry (plus timm:NAME), so
 # `encoder` is checked where the encoder is built; the others are closed sets known here, without torch.
+BACKENDS = ("torch", "onnx")  # what runs a model: PyTorch, or onnxruntime on an exported folder
 FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco", "custom")
 VAL_METRICS = ("Bleu_4", "CIDEr")  # what per-epoch validation computes (METEOR's JVM is too slow per epoch)
+UNUSED = ("num_workers",)  # fields old config files may hold, which nothing reads
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -118,7 +117,7 @@ class Config:
                        range=(0, 2**32 - 1))
     deterministic: bool = option(True, "bit-identical runs for a seed (deterministic kernels; on CUDA also "
                                        "CUBLAS_WORKSPACE_CONFIG=:4096:8)")
-    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda, cuda:N or mps")
     epochs: int = option(20, "stage 1 epochs, on cached features with the encoder frozen", range=(0, None))
     batch_size: int = option(80, "captions per batch (whole images with all their captions)", range=(1, None))
     optimizer: str = option("adam", "optimizer", choices=("adam", "adamw", "rmsprop"))
@@ -147,25 +146,26 @@ class Config:
     finetune_mirror: bool = option(True, "stage 2: mirror each image with probability 1/2 and swap 'left' and "
                                          "'right' in its captions, so that they still describe it")
     num_workers: int = option(0, "unused (batches come from the in-memory feature cache); kept so older "
-                                 "config files load", range=(0, None))
+                                 "config files load, and not offered as a flag", range=(0, None))
     amp: bool = option(True, "bfloat16 mixed precision where the device has native bfloat16 "
                              "(CUDA, AVX512-BF16 CPUs)")
 
-    # decoding (the defaults a trained model keeps for caption, serve and evaluate)
-    beam_size: int = option(3, "beam size", range=(1, 20))
-    max_length: int = option(20, "most words per caption", range=(1, 100))
-    length_penalty: float = option(0.0, "beams ranked by log-probability / length**penalty; 0: total "
-                                        "log-probability", range=(0.0, 5.0))
-    block_trigrams: bool = option(False, "forbid a beam to repeat a word trigram")
-    num_captions: int = option(1, "n-best captions per image (at most beam_size)", range=(1, 20))
+    # decoding (the defaults a trained model keeps for caption, serve and evaluate): decoding_options.py's table
+    beam_size: int = config_field("beam_size")
+    max_length: int = config_field("max_length")
+    length_penalty: float = config_field("length_penalty")
+    block_trigrams: bool = config_field("block_trigrams")
+    num_captions: int = config_field("num_captions")
 
     def __post_init__(self) -> None:
         """Every value is checked when a Config is made (from a file, flags or code), not where it is
         first used, so a bad option fails before any work."""
         for f in fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
-        if self.num_captions > self.beam_size:
-            raise ValueError(f"option num_captions ({self.num_captions}) must be at most beam_size ({self.beam_size})")
+        try:
+            DecodingOptions(**{name: getattr(self, name) for name in OPTIONS})
+        except OptionError as err:
+            raise ValueError(f"option {err}") from None
         if self.scst_baseline == "mean" and self.scst_samples < 2:  # the mean of the *other* samples
             raise ValueError(f"option scst_samples must be at least 2 with scst_baseline mean, got {self.scst_samples}")
 
@@ -256,7 +256,7 @@ def add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None = 
     field's help, choices or range, and default."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of options; flags given here override it")
     for f in fields(Config):
-        if names is not None and f.name not in names:
+        if (names is not None and f.name not in names) or f.name in UNUSED:
             continue
         flag = "--" + f.name.replace("_", "-")
         text = f.metadata["help"]
@@ -279,12 +279,3 @@ def config_from_args(args: argparse.Namespace) -> Config:
         return dataclasses.replace(cfg, **given)
     except ValueError as err:
         raise ValueError(f"{args.config + ' with ' if args.config else ''}the flags given: {err}") from None
-
-
-def resolve_device(name: str) -> "torch.device":
-    """'auto' picks CUDA when present, so the same command runs on a laptop and a GPU box."""
-    import torch  # here, not at the top: `captioner --help` should not wait for torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .config import Config, resolve_device
+from .atomic import replace_file
+from .config import Config
 from .features import Prepared, open_prepared
 from .models import build_decoder, check_encoder_spec
-from .train import bf16_supported, is_main, make_optimizer, save_checkpoint
+from .runtime import bf16_supported, is_main, load_checkpoint, make_optimizer, resolve_device, save_checkpoint
 
 SENTENCE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CACHE = "sentences-minilm"  # PREPARED/sentences-minilm.npy (float16) + .json (model, caption count, digest)
@@ -95,13 +96,13 @@ def sentence_embeddings(prepared: Prepared, model: str = SENTENCE_MODEL, device:
     if not chunks:
         raise ValueError(f"{prepared.root}: no captions to embed")
     table = np.concatenate(chunks)
-    tmp = table_path.with_name(table_path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, table)
-    os.replace(tmp, table_path)
-    meta_tmp = meta_path.with_name(meta_path.name + ".tmp")
-    meta_tmp.write_text(json.dumps({**want, "dim": int(table.shape[1])}, indent=1) + "\n")
-    os.replace(meta_tmp, meta_path)  # written last: a cache without its json is never read
+    def write_table(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.save would add .npy to the name
+            np.save(f, table)
+
+    replace_file(table_path, write_table)
+    meta = json.dumps({**want, "dim": int(table.shape[1])}, indent=1) + "\n"
+    replace_file(meta_path, lambda tmp: tmp.write_text(meta))  # written last: a cache without its json is never read
     log(f"sentence embeddings: {table.shape[0]} captions x {table.shape[1]} ({model}) -> {table_path}")
     return table
 
@@ -206,7 +207,8 @@ def pretrain(cfg: Config, image_side: nn.Module, region_dim: int, prepared: Prep
     validate = bool(prepared.indices("val"))
     captions, _ = split_captions(prepared, rows)
     head = PooledHead(region_dim, sentences.shape[1]).to(device)
-    optimizer = make_optimizer(cfg, list(image_side.parameters()) + list(head.parameters()), cfg.pretrain_lr)
+    optimizer = make_optimizer(cfg.optimizer, list(image_side.parameters()) + list(head.parameters()), cfg.pretrain_lr,
+                               cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.pretrain_batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps_per_epoch * cfg.pretrain_epochs))
     use_amp = cfg.amp and bf16_supported(device)
@@ -272,7 +274,7 @@ def pretrain_image_side(cfg: Config, decoder: nn.Module, prepared: Prepared, dev
     path = Path(cfg.run_dir) / PRETRAIN_FILE
     settings = pretrain_settings(cfg, decoder)
     if path.exists():
-        result = torch.load(path, map_location="cpu", weights_only=False)
+        result = load_checkpoint(path)
         changed = [f"{key} ({result['settings'].get(key)!r} -> {value!r})" for key, value in settings.items()
                    if result["settings"].get(key) != value]
         if changed:
@@ -306,7 +308,7 @@ def load_pretrained(path: str | Path, device: torch.device) -> tuple[nn.Module, 
         path = path / PRETRAIN_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no contrastive pretraining here (train with --pretrain contrastive)")
-    result = torch.load(path, map_location="cpu", weights_only=False)
+    result = load_checkpoint(path)
     decoder = build_decoder(result["decoder"]["family"], result["decoder"]["args"], result["vocab_size"],
                             result["feature_dim"], source=str(path))
     side = decoder.image_side()

@@ -30,7 +30,9 @@ from typing import Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
+from .decoding_options import DecodingOptions
 from .models.base import State
+from .vocab import END_ID, NEVER_WRITTEN, START_ID
 
 INF = float("inf")
 Number = TypeVar("Number", Tensor, float)
@@ -83,8 +85,8 @@ class Caption:
 
 
 @torch.no_grad()
-def greedy(decoder: Decoder, features: Tensor, max_length: int = 20, end: int = 2, start: int = 1,
-           forbid: Sequence[int] = (0, 1, 3)) -> list[Caption]:
+def greedy(decoder: Decoder, features: Tensor, max_length: int = 20, end: int = END_ID, start: int = START_ID,
+           forbid: Sequence[int] = NEVER_WRITTEN) -> list[Caption]:
     """The most probable allowed word at every step, for each of the B images in features (B, L, C).
 
     The fast baseline, and exactly what beam search with beam_size=1 finds. `forbid` lists words never
@@ -116,7 +118,7 @@ def greedy(decoder: Decoder, features: Tensor, max_length: int = 20, end: int = 
 
 
 def sample(decoder: Decoder, features: Tensor, k: int = 1, max_length: int = 20, temperature: float = 1.0,
-           greedy: bool = False, start: int = 1, end: int = 2, forbid: Sequence[int] = (0, 1, 3)
+           greedy: bool = False, start: int = START_ID, end: int = END_ID, forbid: Sequence[int] = NEVER_WRITTEN
            ) -> tuple[Tensor, Tensor, Tensor]:
     """k captions per image of features (B, L, C), sampled word by word, for self-critical training.
 
@@ -227,11 +229,10 @@ class _Backpointers:
 
 
 @torch.no_grad()
-def beam_search(decoder: Decoder, features: Tensor, beam_size: int = 3, max_length: int = 20,
-                length_penalty: float = 0.0, block_trigrams: bool = False, num_captions: int = 1,
-                start: int = 1, end: int = 2, forbid: Sequence[int] = (0, 1, 3)) -> list[list[Caption]]:
+def beam_search(decoder: Decoder, features: Tensor, options: DecodingOptions = DecodingOptions(),
+                forbid: Sequence[int] = NEVER_WRITTEN) -> list[list[Caption]]:
     """The num_captions best captions of at most max_length words for each image in features (B, L, C),
-    best first.
+    best first, with the other `options` as below.
 
     Each step extends the K = beam_size live hypotheses of an image by every allowed word and keeps the
     K best extensions. An <end> among those K finishes a caption (so beam_size=1 is greedy decoding),
@@ -244,6 +245,8 @@ def beam_search(decoder: Decoder, features: Tensor, beam_size: int = 3, max_leng
     block_trigrams forbids a word that would repeat a trigram of the hypothesis. `forbid` is as in
     `greedy`.
     """
+    beam_size, max_length, num_captions = options.beam_size, options.max_length, options.num_captions
+    length_penalty, block_trigrams, start, end = options.length_penalty, options.block_trigrams, START_ID, END_ID
     if not 1 <= num_captions <= beam_size:
         raise ValueError(f"num_captions must be between 1 and beam_size ({beam_size}), not {num_captions}")
     if max_length < 1:

@@ -15,18 +15,41 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
-from .config import resolve_device
-from .decoding import Ensemble
-from .features import open_prepared
+from .decoding import Ensemble, beam_search
+from .decoding_options import DecodingOptions
+from .encoders import Encoder
+from .features import Prepared, image_inputs, open_prepared
 from .metrics import fluency, format_fluency_table, score_captions
 from .models import check_encoder_spec, load_model
-from .pipeline import DecodingOptions
-from .train import decode_split
+from .runtime import resolve_device
 from .vocab import tokenize
+
+
+@torch.inference_mode()
+def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: DecodingOptions,
+                 device: torch.device, encoder: Encoder | None = None, batch_size: int = 100) -> dict[str, str]:
+    """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
+    images through `encoder` once stage 2 has changed it."""
+    was_training = decoder.training
+    decoder.eval()
+    out = {}
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        if encoder is None:
+            feats = torch.from_numpy(prepared.features[chunk].astype(np.float32)).to(device)
+        else:
+            encoder.eval()
+            feats = encoder.regions(image_inputs(encoder, prepared, device)(chunk))
+        results = beam_search(decoder, feats, opts)
+        for row, best in zip(chunk, results):
+            out[prepared.records[row].name] = prepared.vocab.decode(best[0].tokens)
+    decoder.train(was_training)
+    return out
 
 
 def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test",

@@ -23,12 +23,13 @@ import torch
 from tqdm import tqdm
 
 from .atomic import replace_file
-from .config import Config, resolve_device
+from .config import Config
 from .data import ImageError, Record, load_dataset, load_image
 from .encoders import Encoder, create_encoder
+from .runtime import resolve_device
 from .vocab import Vocab, tokenize
 
-TODO, DONE, FAILED = 0, 1, 2
+PENDING, DONE, FAILED = 0, 1, 2  # an image's state in status.npy
 ENCODER_FILE = "encoder.safetensors"  # a fine-tuned encoder's weights, beside the features it made
 
 
@@ -41,7 +42,7 @@ class Prepared:
     vocab: Vocab
     spec: dict
     features: np.ndarray  # (N, H*W, C) float16 memmap, row i belongs to records[i]
-    status: np.ndarray  # (N,) TODO / DONE / FAILED
+    status: np.ndarray  # (N,) PENDING / DONE / FAILED
 
     def indices(self, split: str) -> list[int]:
         """Rows of `split` whose features were extracted."""
@@ -158,7 +159,7 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
         _write_json(meta_path, meta)
 
     batches = [range(s, min(s + batch_size, len(records))) for s in range(0, len(records), batch_size)]
-    todo = [b for b in batches if (status[b.start:b.stop] == TODO).any()]
+    todo = [b for b in batches if (status[b.start:b.stop] == PENDING).any()]
     if len(todo) < len(batches):
         log(f"resuming: {len(batches) - len(todo)} of {len(batches)} batches already done")
     encoder.to(device).eval()
@@ -189,16 +190,16 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
 def _recover_short_file(feat_path: Path, status: np.ndarray, shape: tuple[int, ...], status_path: Path,
                         log: Callable[[str], None]) -> None:
     """A feature file shorter than its shape (cut by a kill, a full disk or a copy): the rows it lost go
-    back to TODO, and the file is brought back to full length so they can be encoded again."""
+    back to PENDING, and the file is brought back to full length so they can be encoded again."""
     row_bytes = int(np.prod(shape[1:])) * 2
     size = feat_path.stat().st_size if feat_path.exists() else 0
     if size >= shape[0] * row_bytes:
         return
     whole = size // row_bytes
-    lost = int((status[whole:] != TODO).sum())
+    lost = int((status[whole:] != PENDING).sum())
     if lost:
         log(f"{feat_path} is cut short ({size} of {shape[0] * row_bytes} bytes): encoding {lost} image(s) again")
-    status[whole:] = TODO
+    status[whole:] = PENDING
     _save_status(status_path, status)
     _allocate(feat_path, shape[0] * row_bytes)
 
@@ -289,3 +290,12 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     log(f"ready: {root}")
     return open_prepared(root)
 
+
+def image_inputs(encoder: Encoder, prepared: Prepared, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:
+    """Feature rows -> the batch of their images as the encoder takes it: what stage 2 and a fine-tuned
+    encoder's evaluation read instead of the cached features."""
+
+    def inputs(rows: np.ndarray) -> torch.Tensor:
+        return torch.stack([encoder.preprocess(load_image(prepared.records[r].image)) for r in rows]).to(device)
+
+    return inputs

@@ -8,8 +8,6 @@
 from __future__ import annotations
 
 import functools
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -17,54 +15,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import resolve_device
+from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
-from .models import load_model, weights_sha256
+from .decoding_options import DecodingOptions
+from .models import decoder_class, load_model, weights_sha256
+from .models.files import read_model_json
+from .runtime import resolve_device
 
 if TYPE_CHECKING:
     from .encoders import Encoder
     from .onnx_backend import OnnxEncoder
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
-BACKENDS = ("torch", "onnx")
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray, torch.Tensor]
 ACCEPTED = "a path (str or Path), the bytes of an image file, a PIL image, a numpy array or a torch tensor"
-
-
-# The one table of allowed decoding options: DecodingOptions checks it, the REST API documents it.
-LIMITS: dict[str, tuple[float, float]] = {"beam_size": (1, 20), "max_length": (1, 100), "num_captions": (1, 20),
-                                          "length_penalty": (0.0, 5.0)}
-
-
-class OptionError(ValueError):
-    """A decoding option out of range; `field` names it so the CLI and the API can say which."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True)
-class DecodingOptions:
-    """Validated decoding options (frozen, so requests with equal options can be batched together)."""
-
-    beam_size: int = 3
-    max_length: int = 20
-    length_penalty: float = 0.0
-    num_captions: int = 1
-    block_trigrams: bool = False
-
-    def __post_init__(self) -> None:
-        for name, (low, high) in LIMITS.items():
-            value = getattr(self, name)
-            kind = float if name == "length_penalty" else int
-            if isinstance(value, bool) or not isinstance(value, (kind, int)) or not low <= value <= high:
-                what = "a number" if kind is float else "an integer"
-                raise OptionError(name, f"{name} must be {what} from {low:g} to {high:g}, got {value!r}")
-        if self.num_captions > self.beam_size:
-            raise OptionError("num_captions", f"num_captions must be at most beam_size={self.beam_size}, "
-                                              f"got {self.num_captions}")
 
 
 class Captioner:
@@ -108,8 +73,14 @@ class Captioner:
             return ""
         if (self.path / "model.safetensors").exists():
             return weights_sha256(self.path / "model.safetensors")[:12]
-        onnx = json.loads((self.path / "model.json").read_text()).get("onnx", {})
+        onnx = read_model_json(self.path).get("onnx", {})
         return onnx.get("weights_sha256", "")[:12] + ("-int8" if onnx.get("quantized") else "")
+
+    @functools.cached_property
+    def title(self) -> str:
+        """What the page and the API description call the model: its decoder family's title."""
+        family = read_model_json(self.path)["decoder"]["family"] if self.path is not None else self.decoder.family
+        return decoder_class(family).title
 
     def options(self, **overrides: Any) -> DecodingOptions:
         values = {k: v for k, v in overrides.items() if v is not None}
@@ -125,9 +96,7 @@ class Captioner:
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
         features = self.encoder.regions(batch)
-        return beam_search(self.decoder, features, beam_size=opts.beam_size, max_length=opts.max_length,
-                           length_penalty=opts.length_penalty, block_trigrams=opts.block_trigrams,
-                           num_captions=opts.num_captions)
+        return beam_search(self.decoder, features, opts)
 
     def __call__(self, inputs: ImageInput | list[ImageInput], batch_size: int = 16, **options: Any) -> list:
         """Caption one image or many; options as in DecodingOptions.

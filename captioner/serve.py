@@ -21,10 +21,10 @@ import secrets
 import threading
 import time
 from concurrent.futures import Future
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import anyio
 import numpy as np
@@ -35,12 +35,13 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi_offline import FastAPIOffline
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__
 from .data import ImageError, ImageTooLarge, expand_inputs, load_image
 from .decoding import Caption
-from .pipeline import LIMITS, Captioner, DecodingOptions, OptionError
+from .decoding_options import LIMITS, OPTIONS, DecodingOptions, OptionError
+from .pipeline import Captioner
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; decompression bombs (gigapixels) do not
@@ -180,22 +181,29 @@ class Batcher:
             job.future.set_result(Result(nbest, len(jobs), (start - job.queued) * 1000, model_ms))
 
 
-# What /api/caption takes and answers; the ranges come from the pipeline's one table, LIMITS.
-def _limit(name: str) -> Any:
+# What /api/caption takes and answers. The decoding options' names, types, ranges and help come from
+# their one table (decoding_options.py).
+def _option_field(name: str) -> tuple[Any, Any]:
+    f = OPTIONS[name]
+    text = f.metadata["help"]
+    if name not in LIMITS:
+        return type(f.default) | None, Field(None, description=f"{text}; default: the model's")
     low, high = LIMITS[name]
-    return Field(None, ge=low, le=high, description=f"{low:g} to {high:g}; default: the model's")
+    return type(f.default) | None, Field(None, ge=low, le=high, description=f"{text}; {low:g} to {high:g}; "
+                                                                             "default: the model's")
 
 
-class Options(BaseModel):
-    """Decoding options of a request; any left out take the model's defaults. Unknown fields are refused:
-    a misspelt option silently ignored would hand the client default decoding it did not ask for."""
+class _Strict(BaseModel):
+    """Unknown fields are refused: a misspelt option silently ignored would hand the client default
+    decoding it did not ask for."""
 
     model_config = ConfigDict(extra="forbid")
-    beam_size: int | None = _limit("beam_size")
-    max_length: int | None = _limit("max_length")
-    num_captions: int | None = _limit("num_captions")
-    length_penalty: float | None = _limit("length_penalty")
-    attention: bool = Field(False, description="also answer each word's attention map of the best caption")
+
+
+Options = create_model("Options", __base__=_Strict, __doc__="Decoding options of a request; any left out take "
+                       "the model's defaults.", **{name: _option_field(name) for name in OPTIONS},
+                       attention=(bool, Field(False, description="also answer each word's attention map of the "
+                                                                 "best caption")))
 
 
 class JsonRequest(Options):
@@ -317,6 +325,89 @@ def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, 
     return captioner.encoder.preprocess(image)
 
 
+# The request body as /docs shows it (the route reads the body itself, to take multipart and JSON alike).
+OPENAPI_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
+        "image": {"type": "string", "format": "binary"}, **Options.model_json_schema()["properties"]}}},
+    "application/json": {"schema": JsonRequest.model_json_schema()}}}}
+CAPTION_ERRORS = {400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
+                  401: {"description": "the server has an API key and the request did not bear it"},
+                  413: {"description": "file or pixel count over the server's limits"},
+                  415: {"description": "neither multipart nor JSON"},
+                  422: {"description": "bad or unknown option"},
+                  429: {"description": "this client has the most requests in flight the server allows"},
+                  500: {"description": "a fault of the server; its log has the details under error_id"},
+                  503: {"description": "the queue is full, or the server is shutting down"}}
+
+
+def key_guard(api_key: str) -> Callable:
+    """A route dependency that lets through only requests bearing the key (Authorization: Bearer KEY)."""
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
+
+    async def check_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
+        given = credentials.credentials.encode() if credentials else b""
+        if not secrets.compare_digest(given, api_key.encode()):  # constant time: no guessing byte by byte
+            raise HTTPException(401, "this server needs its API key: send the header Authorization: Bearer KEY",
+                                headers={"WWW-Authenticate": "Bearer"})
+    return check_key
+
+
+def inflight_guard(limit: int) -> Callable:
+    """A route dependency that answers 429 to a client address with `limit` requests already in flight."""
+    inflight: dict[str, int] = {}  # client address -> requests being answered (only the event loop touches it)
+
+    async def limit_inflight(request: Request) -> AsyncIterator[None]:
+        client = request.client.host if request.client else ""
+        if inflight.get(client, 0) >= limit:
+            raise HTTPException(429, f"{limit} requests from {client} are already in flight, "
+                                     "the most this server takes from one client; send the next when one "
+                                     "has been answered", headers={"Retry-After": "1"})
+        inflight[client] = inflight.get(client, 0) + 1
+        try:
+            yield
+        finally:
+            inflight[client] -= 1
+            if not inflight[client]:
+                del inflight[client]
+    return limit_inflight
+
+
+async def read_request(request: Request) -> tuple[bytes, str, dict]:
+    """The image file, its name and the option fields of a multipart or JSON request; a body that is
+    neither, or is empty, is refused with the status that says why."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(400, "multipart body has no file field 'image'")
+        data = await upload.read()
+        await form.close()
+        fields = {k: v for k, v in form.items() if k != "image" and v != ""}
+        return data, upload.filename or "image", fields
+    if kind == "application/json":
+        body = await request.body()
+        if not body:
+            raise HTTPException(400, "empty body: send JSON {\"image\": \"<base64>\", ...}")
+        try:
+            parsed = JsonRequest.model_validate_json(body)
+        except ValidationError as err:
+            raise invalid(err) from None
+        text = parsed.image
+        if text.startswith("data:"):
+            _, comma, text = text.partition(",")
+            if not comma:
+                raise invalid_field("image", "a data: URL needs a comma before the base64 data", parsed.image)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid_field("image", "image is not valid base64", text) from None
+        return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
+    if not kind and not await request.body():
+        raise HTTPException(400, "empty body: send the image as multipart field 'image' or as JSON")
+    raise HTTPException(415, f"content type {kind or '(none)'} is not multipart/form-data or application/json")
+
+
 def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, batch_wait_ms: float = BATCH_WAIT_MS,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_queue: int = MAX_QUEUE,
                examples: list[Path] | None = None, ui: bool = True, api_key: str | None = None,
@@ -341,86 +432,16 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
 
     # FastAPIOffline: the /docs page from packaged Swagger UI files, not a CDN, so it works offline too
     app = FastAPIOffline(title="captioner", version=__version__, lifespan=lifespan,
-                         description="Image captioning with a Show, Attend and Tell model. The browser UI is at /.")
+                         description=f"Image captioning with {captioner.title}. The browser UI is at /.")
     app.state.batcher = batcher
     app.state.max_inflight_per_client = max_inflight_per_client
     app.add_middleware(BodyLimit, limit=max_upload_bytes * 4 // 3 + 65536, prefix="/api/")
     app.add_middleware(InternalErrors)  # outermost: it also covers the middleware and the page
-    guards = []
-    if api_key:
-        bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
+    guards = ([Depends(key_guard(api_key))] if api_key else []) + \
+        ([Depends(inflight_guard(max_inflight_per_client))] if max_inflight_per_client else [])
 
-        async def check_key(credentials: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
-            given = credentials.credentials.encode() if credentials else b""
-            if not secrets.compare_digest(given, api_key.encode()):  # constant time: no guessing byte by byte
-                raise HTTPException(401, "this server needs its API key: send the header Authorization: Bearer KEY",
-                                    headers={"WWW-Authenticate": "Bearer"})
-        guards.append(Depends(check_key))
-    if max_inflight_per_client:
-        inflight: dict[str, int] = {}  # client address -> requests being answered (only the event loop touches it)
-
-        async def limit_inflight(request: Request) -> AsyncIterator[None]:
-            client = request.client.host if request.client else ""
-            if inflight.get(client, 0) >= max_inflight_per_client:
-                raise HTTPException(429, f"{max_inflight_per_client} requests from {client} are already in flight, "
-                                         "the most this server takes from one client; send the next when one "
-                                         "has been answered", headers={"Retry-After": "1"})
-            inflight[client] = inflight.get(client, 0) + 1
-            try:
-                yield
-            finally:
-                inflight[client] -= 1
-                if not inflight[client]:
-                    del inflight[client]
-        guards.append(Depends(limit_inflight))
-
-    async def read_request(request: Request) -> tuple[bytes, str, dict]:
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind == "multipart/form-data":
-            form = await request.form(max_files=1, max_fields=10)
-            upload = form.get("image")
-            if upload is None or isinstance(upload, str):
-                raise HTTPException(400, "multipart body has no file field 'image'")
-            data = await upload.read()
-            await form.close()
-            fields = {k: v for k, v in form.items() if k != "image" and v != ""}
-            return data, upload.filename or "image", fields
-        if kind == "application/json":
-            body = await request.body()
-            if not body:
-                raise HTTPException(400, "empty body: send JSON {\"image\": \"<base64>\", ...}")
-            try:
-                parsed = JsonRequest.model_validate_json(body)
-            except ValidationError as err:
-                raise invalid(err) from None
-            text = parsed.image
-            if text.startswith("data:"):
-                _, comma, text = text.partition(",")
-                if not comma:
-                    raise invalid_field("image", "a data: URL needs a comma before the base64 data", parsed.image)
-            try:
-                data = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raise invalid_field("image", "image is not valid base64", text) from None
-            return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
-        if not kind and not await request.body():
-            raise HTTPException(400, "empty body: send the image as multipart field 'image' or as JSON")
-        raise HTTPException(415, f"content type {kind or '(none)'} is not multipart/form-data or application/json")
-
-    openapi_body = {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-            "image": {"type": "string", "format": "binary"}, **Options.model_json_schema()["properties"]}}},
-        "application/json": {"schema": JsonRequest.model_json_schema()}}}}
-
-    @app.post("/api/caption", response_model=CaptionResponse, openapi_extra=openapi_body, dependencies=guards,
-              responses={400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
-                         401: {"description": "the server has an API key and the request did not bear it"},
-                         413: {"description": "file or pixel count over the server's limits"},
-                         415: {"description": "neither multipart nor JSON"},
-                         422: {"description": "bad or unknown option"},
-                         429: {"description": "this client has the most requests in flight the server allows"},
-                         500: {"description": "a fault of the server; its log has the details under error_id"},
-                         503: {"description": "the queue is full, or the server is shutting down"}})
+    @app.post("/api/caption", response_model=CaptionResponse, openapi_extra=OPENAPI_BODY, dependencies=guards,
+              responses=CAPTION_ERRORS)
     async def caption(request: Request) -> CaptionResponse:
         """Caption one image: a multipart upload (field `image`) or JSON with the image in base64, and the
         decoding options as fields."""
@@ -549,12 +570,15 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
     def draw(crop: Image.Image, words: list[str], alphas: np.ndarray) -> list[tuple[Image.Image, str]]:
         return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
 
-    async def run(photo: str | None, beam_size: float, max_length: float, num_captions: float
-                  ) -> tuple[str, list[list], list[tuple[Image.Image, str]]]:
+    async def run(photo: str | None, *values: float | bool) -> tuple[str, list[list], list[tuple[Image.Image, str]]]:
         if photo is None:
             raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
-        beam = int(beam_size)
-        opts = captioner.options(beam_size=beam, max_length=int(max_length), num_captions=min(int(num_captions), beam))
+        chosen = {name: type(OPTIONS[name].default)(value) for name, value in zip(OPTIONS, values)}
+        chosen["num_captions"] = min(chosen["num_captions"], chosen["beam_size"])
+        try:
+            opts = captioner.options(**chosen)
+        except OptionError as err:
+            raise gr.Error(str(err)) from None
         try:
             pixels, crop = await anyio.to_thread.run_sync(prepare, photo, limiter=slots)
             result = await batcher.caption(pixels, opts)
@@ -568,7 +592,7 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
 
     defaults = captioner.defaults
     with gr.Blocks(title="captioner") as demo:
-        gr.Markdown(f"## captioner\nShow, Attend and Tell, model `{captioner.name}`. "
+        gr.Markdown(f"## captioner\n{captioner.title[0].upper()}{captioner.title[1:]}, model `{captioner.name}`. "
                     "Pick a photo; the captions come with a heatmap of where the model looked for each word. "
                     "REST API: [/docs](/docs).")
         with gr.Row():
@@ -576,11 +600,7 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                 # a file path, and image_mode=None so Gradio does not convert (decode) the photo itself
                 image = gr.Image(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
                                  label="Photo", elem_id="photo", height=320)
-                beam_size = gr.Slider(1, 10, value=defaults.beam_size, step=1, label="Beam size")
-                max_length = gr.Slider(5, int(LIMITS["max_length"][1]), value=defaults.max_length, step=1,
-                                       label="Maximum length (words)")
-                num_captions = gr.Slider(1, 10, value=3, step=1, label="Captions to show",
-                                         info="at most the beam size")
+                controls = [page_control(gr, name, defaults) for name in OPTIONS]
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example photos")
@@ -589,10 +609,24 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                 table = gr.Dataframe(headers=["rank", "caption", "score"], label="Beam search's n-best",
                                      interactive=False, elem_id="nbest")
                 gallery = gr.Gallery(label="Attention, word by word", columns=5, height="auto", elem_id="attention")
-        inputs, outputs = [image, beam_size, max_length, num_captions], [best, table, gallery]
+        inputs, outputs = [image, *controls], [best, table, gallery]
         button.click(run, inputs, outputs, concurrency_limit=None, api_name="caption")
         image.upload(run, inputs, outputs, concurrency_limit=None, api_visibility="private")
     return demo
+
+
+def page_control(gr: Any, name: str, defaults: DecodingOptions) -> Any:
+    """The page's control of one decoding option, from its row in the table: a slider over its range,
+    or a checkbox. The page shows 3 captions unless the beam is narrower."""
+    f = OPTIONS[name]
+    label, value = name.replace("_", " ").capitalize(), getattr(defaults, name)
+    if name == "num_captions":
+        value = min(3, defaults.beam_size)
+    if name not in LIMITS:
+        return gr.Checkbox(value=value, label=label, info=f.metadata["help"])
+    low, high = LIMITS[name]
+    step = 1 if type(f.default) is int else 0.1
+    return gr.Slider(low, high, value=value, step=step, label=label, info=f.metadata["help"], elem_id=name)
 
 
 def example_photos(folder: str | Path | None = None) -> list[Path]:

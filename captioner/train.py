@@ -13,17 +13,15 @@ from __future__ import annotations
 import contextlib
 import csv
 import importlib.util
-import io
 import math
 import os
-import pickle
-import random
 import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,16 +30,18 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .atomic import replace_file, settled
-from .config import Config, resolve_device
-from .data import load_image
-from .decoding import beam_search
+from .config import Config
+from .decoding_options import DecodingOptions
 from .encoders import Encoder, create_encoder
-from .features import TODO, Prepared, open_prepared
+from .evaluate import decode_split
+from .features import PENDING, Prepared, image_inputs, open_prepared
 from .metrics import score_captions
 from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
                      load_model, save_model)
 from .objectives import Batch, make_objective
-from .pipeline import DecodingOptions
+from .runtime import (bf16_supported, deterministic_algorithms, is_main, load_checkpoint, make_optimizer, rank_seed,
+                      resolve_device, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
+                      share_scores_and_rng)
 from .vocab import Vocab
 
 
@@ -134,17 +134,6 @@ class TrainState:
     history: list[dict] = field(default_factory=list)
 
 
-def make_optimizer(cfg: Config, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
-    raise ValueError(f"optimizer must be adam, adamw or rmsprop, not {cfg.optimizer!r}")
-
-
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs: int):
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
@@ -160,107 +149,7 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
     raise ValueError(f"schedule must be plateau, onecycle, warmup or none, not {cfg.schedule!r}")
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # CPU and every CUDA device
-
-
-def rank_seed(seed: int, rank: int) -> int:
-    """Each DDP rank's own stream, so ranks draw different dropout masks and scheduled-sampling choices."""
-    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
-
-
-def rng_state() -> dict:
-    """This process's random states as plain tensors, numbers and lists (not numpy or tuples), so a
-    checkpoint loads with torch.load(weights_only=True)."""
-    version, keys, gauss = random.getstate()
-    _, mt, pos, has_gauss, cached = np.random.get_state()
-    state = {"python": [version, list(keys), gauss],
-             "numpy": [torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Back to a state rng_state() took. The byte tensors must be on the CPU, as load_checkpoint leaves them."""
-    version, keys, gauss = state["python"]
-    random.setstate((version, tuple(keys), gauss))
-    mt, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", mt.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
-
-
-def share_scores_and_rng(scores: dict[str, float], world: int) -> tuple[dict[str, float], list[dict]]:
-    """Rank 0's dev scores for every rank, and every rank's rng_state() (in rank order) for the
-    checkpoint: one collective that all ranks call."""
-    if world == 1:
-        return scores, [rng_state()]
-    gathered: list = [None] * world
-    dist.all_gather_object(gathered, (scores, rng_state()))
-    return gathered[0][0], [state for _, state in gathered]
-
-
-@contextlib.contextmanager
-def deterministic_algorithms(enabled: bool) -> Iterator[None]:
-    """Deterministic kernels only (a kernel that has none warns instead of stopping the run), restoring
-    the caller's setting afterwards: train() is also a library call."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(enabled, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-
-
-def save_checkpoint(path: Path, **state: object) -> None:
-    """Through atomic.replace_file: a crash or a full disk mid-write leaves the previous checkpoint whole.
-    Serialised in memory first: torch.save writing to a full disk raises a RuntimeError about zip
-    offsets, where a plain write raises OSError(ENOSPC), which says what happened."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    replace_file(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
-
-
-def load_checkpoint(path: Path) -> dict:
-    """On the CPU, where the RNG byte tensors must be (load_state_dict moves the rest to the model's
-    device), and with weights_only=True: a checkpoint holds tensors, numbers, strings, lists and dicts,
-    nothing that could run code when loaded."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a checkpoint this captioner can load safely ({str(err).splitlines()[0]}); "
-                         "start a new --run-dir") from None
-
-
 # ---------------------------------------------------------------- evaluation during training
-
-@torch.inference_mode()
-def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: DecodingOptions,
-                 device: torch.device, encoder: Encoder | None = None, batch_size: int = 100) -> dict[str, str]:
-    """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
-    images through `encoder` once stage 2 has changed it."""
-    was_training = decoder.training
-    decoder.eval()
-    out = {}
-    for s in range(0, len(rows), batch_size):
-        chunk = rows[s:s + batch_size]
-        if encoder is None:
-            feats = torch.from_numpy(prepared.features[chunk].astype(np.float32)).to(device)
-        else:
-            encoder.eval()
-            feats = encoder.regions(image_inputs(encoder, prepared, device)(chunk))
-        results = beam_search(decoder, feats, beam_size=opts.beam_size, max_length=opts.max_length,
-                              length_penalty=opts.length_penalty, block_trigrams=opts.block_trigrams)
-        for row, best in zip(chunk, results):
-            out[prepared.records[row].name] = prepared.vocab.decode(best[0].tokens)
-    decoder.train(was_training)
-    return out
-
 
 def validate(decoder: nn.Module, prepared: Prepared, cfg: Config, device: torch.device,
              encoder: Encoder | None = None) -> dict[str, float]:
@@ -276,7 +165,7 @@ def validate(decoder: nn.Module, prepared: Prepared, cfg: Config, device: torch.
 def check_before_training(cfg: Config, prepared: Prepared) -> None:
     """What would otherwise fail only after a whole epoch (or a whole stage 1) fails now, saying how to
     fix it. The options themselves were checked when the config was read."""
-    todo = int((prepared.status == TODO).sum())
+    todo = int((prepared.status == PENDING).sum())
     if todo:
         raise ValueError(f"{prepared.root}: `captioner prepare` did not finish ({todo} of {len(prepared.status)} "
                          "images still to encode); run it again to complete the folder")
@@ -336,32 +225,6 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
 
 # ---------------------------------------------------------------- the loop
 
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def setup_distributed(cfg: Config) -> tuple[torch.device, int, int]:
-    """Under torchrun (WORLD_SIZE > 1) join the process group; else a single process."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return resolve_device(cfg.device), 0, 1
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available() and cfg.device != "cpu":
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl")
-        return torch.device("cuda", local), rank, world
-    dist.init_process_group("gloo")
-    return torch.device("cpu"), rank, world
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """bfloat16 autocast pays on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX): about 1.5x
-    faster training here with the same loss curve to three decimals."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
 def train_step(model: nn.Module, objective: Callable, optimizer: torch.optim.Optimizer, batch: Batch,
                grad_clip: float = 0.0, use_amp: bool = False) -> dict[str, Tensor | int]:
     """One optimizer step on one batch: the objective under bfloat16 autocast if use_amp, backward,
@@ -415,12 +278,6 @@ class EndToEnd(nn.Module):
         return self.decoder(self.encoder.regions(images), captions, lengths, image_index, teacher_forcing)
 
 
-def image_inputs(encoder: Encoder, prepared: Prepared, device: torch.device) -> Callable[[np.ndarray], Tensor]:
-    def inputs(rows: np.ndarray) -> Tensor:
-        return torch.stack([encoder.preprocess(load_image(prepared.records[r].image)) for r in rows]).to(device)
-    return inputs
-
-
 MIRRORED_WORDS = (("left", "right"),)
 
 
@@ -440,22 +297,6 @@ def mirror_batch(vocab: Vocab, device: torch.device) -> Callable[[Batch], Batch]
         captions = torch.where(flip[batch.owner][:, None], swap[batch.captions], batch.captions)
         return replace(batch, inputs=images, captions=captions)
     return augment
-
-
-def start_finetune(cfg: Config, decoder: nn.Module, prepared: Prepared, device: torch.device,
-                   tuned: dict[str, Tensor] | None):
-    """Stage 2: the encoder the features came from (`tuned`: its weights, when it was fine-tuned before),
-    its top blocks unfrozen, a new optimizer at finetune_lr."""
-    spec = prepared.spec
-    encoder = create_encoder(spec["encoder"], pretrained=True, image_size=spec["image_size"], layer=spec["layer"])
-    if tuned is not None:  # go on from the earlier fine-tuning
-        encoder.load_state_dict(tuned)
-    encoder.set_trainable_blocks(cfg.finetune_blocks)
-    encoder.to(device)
-    params = list(decoder.parameters()) + [p for p in encoder.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params, cfg.finetune_lr)
-    scheduler = make_scheduler(cfg, optimizer, 1, 1) if cfg.schedule == "plateau" else None
-    return encoder, optimizer, scheduler
 
 
 def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
@@ -550,8 +391,76 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         return _train(cfg, resume, log)
 
 
-def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
-    device, rank, world = setup_distributed(cfg)
+@dataclass
+class Run:
+    """What stays the same for a whole run: its options and folder, the data, the decoder it trains and
+    the processes it runs on."""
+
+    cfg: Config
+    dir: Path
+    prepared: Prepared
+    data: CaptionSet
+    decoder: CaptionDecoder
+    device: torch.device
+    rank: int
+    world: int
+    features_encoder: dict[str, Tensor] | None  # the fine-tuned encoder that made the features: models carry it
+    log: Callable[[str], None]
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    def save_best(self, encoder: Encoder | None) -> None:
+        state = encoder.state_dict() if encoder is not None else self.features_encoder
+        save_model(self.dir / "best", self.decoder, self.prepared.vocab, self.prepared.spec,
+                   decoding_defaults(self.cfg), encoder_state=state)
+
+
+@dataclass
+class Stage:
+    """What one stage trains and how it makes its inputs: stage 1 ("train") the decoder on cached
+    features, stage 2 ("finetune") the encoder's top blocks with it, on images."""
+
+    name: str
+    model: nn.Module  # what the optimizer steps: the decoder, or encoder and decoder (under DDP, wrapped)
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    inputs: Callable[[np.ndarray], Tensor]  # feature rows -> the model's input
+    encoder: Encoder | None = None
+    augment: Callable[[Batch], Batch] | None = None
+
+
+def stage_one(run: Run) -> Stage:
+    cfg = run.cfg
+    model = wrap(run.decoder, run.device, run.world)
+    optimizer = make_optimizer(cfg.optimizer, run.decoder.parameters(), cfg.lr, cfg.weight_decay)
+    steps = len(run.data.batches(cfg.batch_size, 0, run.rank, run.world))
+    return Stage("train", model, optimizer, make_scheduler(cfg, optimizer, steps, cfg.epochs),
+                 lambda rows: run.data.features(rows).to(run.device, non_blocking=True))
+
+
+def stage_two(run: Run) -> Stage:
+    """The encoder the features came from (its fine-tuned weights, when it was fine-tuned before), its
+    top blocks unfrozen, a new optimizer at finetune_lr, images mirrored at random."""
+    cfg, spec, device = run.cfg, run.prepared.spec, run.device
+    encoder = create_encoder(spec["encoder"], pretrained=True, image_size=spec["image_size"], layer=spec["layer"])
+    if run.features_encoder is not None:  # go on from the earlier fine-tuning
+        encoder.load_state_dict(run.features_encoder)
+    encoder.set_trainable_blocks(cfg.finetune_blocks)
+    encoder.to(device)
+    params = list(run.decoder.parameters()) + [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg.optimizer, params, cfg.finetune_lr, cfg.weight_decay)
+    scheduler = make_scheduler(cfg, optimizer, 1, 1) if cfg.schedule == "plateau" else None
+    return Stage("finetune", wrap(EndToEnd(encoder, run.decoder), device, run.world), optimizer, scheduler,
+                 image_inputs(encoder, run.prepared, device), encoder,
+                 mirror_batch(run.prepared.vocab, device) if cfg.finetune_mirror else None)
+
+
+def start_run(cfg: Config, resume: bool, log: Callable[[str], None]) -> Run:
+    """Join the processes, check the folder against --resume, open the data and build the decoder
+    (from init_from or a contrastive pretraining when the options say so)."""
+    device, rank, world = setup_distributed(cfg.device)
     run_dir = Path(cfg.run_dir)
     if is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -564,9 +473,8 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         check_resumed_config(Config.load(run_dir / "config.json"), cfg, run_dir)
     prepared = open_prepared(cfg.prepared)
     check_before_training(cfg, prepared)
-    features_encoder = prepared.encoder_state()  # a fine-tuned encoder made the features: models carry it
+    features_encoder = prepared.encoder_state()
     seed_everything(cfg.seed)  # the same initial weights on every rank
-
     data = CaptionSet(prepared, "train")
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
     if cfg.init_from and cfg.pretrain != "none":
@@ -578,110 +486,135 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
         from .contrastive import pretrain_image_side
 
         pretrain_image_side(cfg, decoder, prepared, device, log)
-    model = wrap(decoder, device, world)
-    objective = make_objective(cfg, prepared)
-    inputs: Callable = lambda rows: data.features(rows).to(device, non_blocking=True)
-    optimizer = make_optimizer(cfg, list(decoder.parameters()), cfg.lr)
-    steps = len(data.batches(cfg.batch_size, 0, rank, world))
-    scheduler = make_scheduler(cfg, optimizer, steps, cfg.epochs)
-    state = TrainState(epochs=cfg.epochs)
-    encoder: Encoder | None = None
-    augment: Callable[[Batch], Batch] | None = None  # stage 2 only
-    if world > 1:
-        seed_everything(rank_seed(cfg.seed, rank))
+    return Run(cfg, run_dir, prepared, data, decoder, device, rank, world, features_encoder, log)
 
-    def enter_finetune() -> None:
-        nonlocal encoder, optimizer, scheduler, model, inputs, augment
-        encoder, optimizer, scheduler = start_finetune(cfg, decoder, prepared, device, features_encoder)
-        model = wrap(EndToEnd(encoder, decoder), device, world)
-        inputs = image_inputs(encoder, prepared, device)
-        augment = mirror_batch(prepared.vocab, device) if cfg.finetune_mirror else None
 
-    if resume:
-        ckpt = load_checkpoint(last_path)
-        state = TrainState(**ckpt["train_state"])
-        check_resumed_stage(state, cfg, run_dir)
-        decoder.load_state_dict(ckpt["decoder"])
-        if ckpt["stage"] == "finetune":
-            enter_finetune()
-            encoder.load_state_dict(ckpt["encoder"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt["scheduler"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        if len(ckpt["rng"]) == world:
-            set_rng_state(ckpt["rng"][rank])
-        else:  # batches are dealt to ranks by the world size too: the run goes on, not bit for bit
-            log(f"note: {last_path} was written by {len(ckpt['rng'])} process(es), this run has {world}: "
+def resume_run(run: Run, stage: Stage) -> tuple[TrainState, Stage]:
+    """The state and stage of the run in last.pt, with every process's random state where it was."""
+    ckpt = load_checkpoint(run.last)
+    state = TrainState(**ckpt["train_state"])
+    check_resumed_stage(state, run.cfg, run.dir)
+    run.decoder.load_state_dict(ckpt["decoder"])
+    if ckpt["stage"] == "finetune":
+        stage = stage_two(run)
+        stage.encoder.load_state_dict(ckpt["encoder"])
+    stage.optimizer.load_state_dict(ckpt["optimizer"])
+    if stage.scheduler is not None and ckpt["scheduler"] is not None:
+        stage.scheduler.load_state_dict(ckpt["scheduler"])
+    if len(ckpt["rng"]) == run.world:
+        set_rng_state(ckpt["rng"][run.rank])
+    else:  # batches are dealt to ranks by the world size too: the run goes on, not bit for bit
+        run.log(f"note: {run.last} was written by {len(ckpt['rng'])} process(es), this run has {run.world}: "
                 "it goes on, but will not match an uninterrupted run exactly")
-            seed_everything(rank_seed(cfg.seed + state.epoch, rank))
-        log(f"resumed {run_dir} after epoch {state.epoch}")
+        seed_everything(rank_seed(run.cfg.seed + state.epoch, run.rank))
+    run.log(f"resumed {run.dir} after epoch {state.epoch}")
+    return state, stage
 
+
+def score_start(run: Run, state: TrainState) -> None:
+    """A run from init_from starts at epoch 0 with the model it was given, so a worse first epoch is
+    never kept as best."""
+    scores, _ = share_scores_and_rng(validate(run.decoder, run.prepared, run.cfg, run.device) if is_main() else {},
+                                     run.world)
+    state.best_score, state.best_epoch = scores[run.cfg.val_metric], 0
     if is_main():
-        with saving(run_dir, "the run's config", resume):
-            cfg.save(run_dir / "config.json")
-        n_params = sum(p.numel() for p in decoder.parameters() if p.requires_grad)
-        log(f"training on {device} ({world} process{'es' if world > 1 else ''}): {len(data)} captions, "
-            f"{len(prepared.vocab)} words, decoder {n_params / 1e6:.1f}M parameters")
-    if cfg.init_from and not resume:  # the start is epoch 0, so a worse first epoch is never kept as best
-        scores, _ = share_scores_and_rng(validate(decoder, prepared, cfg, device) if is_main() else {}, world)
-        state.best_score, state.best_epoch = scores[cfg.val_metric], 0
-        if is_main():
-            with saving(run_dir, "epoch 0", False):
-                save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
-                           encoder_state=features_encoder)
-            log(f"epoch 0 ({cfg.init_from}): dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}")
-    while (stage := next_stage(state, cfg)) is not None:
-        if stage == "finetune" and encoder is None:
-            if world > 1:
-                dist.barrier()  # rank 0 writes best/ at the end of stage 1; the others read it here
-            if settled(run_dir / "best").exists():  # fine-tune from the best stage-1 decoder, not the last
-                decoder.load_state_dict(load_model(run_dir / "best", device).decoder.state_dict())
-            enter_finetune()
-        tf_ratio = teacher_forcing_ratio(cfg, state.epoch)
-        batches = data.batches(cfg.batch_size, cfg.seed * 1000 + state.epoch, rank, world)
-        planned = state.epochs + cfg.finetune_epochs if stage == "train" else state.stage_start + cfg.finetune_epochs
-        start = time.time()
-        stats = run_epoch(model, objective, data, batches, optimizer, scheduler, cfg, device, tf_ratio, inputs,
-                          desc=f"epoch {state.epoch + 1}/{planned} {stage}", augment=augment)
-        seconds = time.time() - start
-        scores = validate(decoder, prepared, cfg, device, encoder) if is_main() else {}
-        scores, rng = share_scores_and_rng(scores, world)
-        score = scores[cfg.val_metric]
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(score)
-        state.epoch += 1
-        row = {"epoch": state.epoch, "stage": stage, **stats, "val_Bleu_4": scores["Bleu_4"],
-               "val_CIDEr": scores["CIDEr"], "teacher_forcing": tf_ratio,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1),
-               "captions_per_s": round(sum(len(data.captions_of[i]) for b in batches for i in b) * world / seconds, 1)}
-        state.history.append(row)
-        improved = score > state.best_score
+        with saving(run.dir, "epoch 0", False):
+            run.save_best(None)
+        run.log(f"epoch 0 ({run.cfg.init_from}): dev BLEU-4 {100 * scores['Bleu_4']:.1f} "
+                f"CIDEr {100 * scores['CIDEr']:.1f}")
+
+
+def enter_stage_two(run: Run) -> Stage:
+    """Stage 2 fine-tunes from the best stage-1 decoder, not the last."""
+    if run.world > 1:
+        dist.barrier()  # rank 0 writes best/ at the end of stage 1; the others read it here
+    if settled(run.dir / "best").exists():
+        run.decoder.load_state_dict(load_model(run.dir / "best", run.device).decoder.state_dict())
+    return stage_two(run)
+
+
+def train_epoch(run: Run, stage: Stage, state: TrainState, objective: Callable) -> tuple[dict, dict, list[dict]]:
+    """One epoch of `stage`, then the dev scores: the history row, the scores and every rank's RNG state."""
+    cfg = run.cfg
+    tf_ratio = teacher_forcing_ratio(cfg, state.epoch)
+    batches = run.data.batches(cfg.batch_size, cfg.seed * 1000 + state.epoch, run.rank, run.world)
+    planned = (state.epochs if stage.name == "train" else state.stage_start) + cfg.finetune_epochs
+    start = time.time()
+    stats = run_epoch(stage.model, objective, run.data, batches, stage.optimizer, stage.scheduler, cfg, run.device,
+                      tf_ratio, stage.inputs, desc=f"epoch {state.epoch + 1}/{planned} {stage.name}",
+                      augment=stage.augment)
+    seconds = time.time() - start
+    scores = validate(run.decoder, run.prepared, cfg, run.device, stage.encoder) if is_main() else {}
+    scores, rng = share_scores_and_rng(scores, run.world)
+    if isinstance(stage.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        stage.scheduler.step(scores[cfg.val_metric])
+    captions = sum(len(run.data.captions_of[i]) for b in batches for i in b) * run.world
+    row = {"epoch": state.epoch + 1, "stage": stage.name, **stats, "val_Bleu_4": scores["Bleu_4"],
+           "val_CIDEr": scores["CIDEr"], "teacher_forcing": tf_ratio, "lr": stage.optimizer.param_groups[0]["lr"],
+           "seconds": round(seconds, 1), "captions_per_s": round(captions / seconds, 1)}
+    return row, scores, rng
+
+
+def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict, scores: dict, rng: list[dict]) -> None:
+    """Count the epoch, keep the best model, move to stage 2 or stop when the dev score stalls, and save
+    the checkpoint and curves (rank 0)."""
+    cfg = run.cfg
+    state.epoch += 1
+    state.history.append(row)
+    score = scores[cfg.val_metric]
+    improved = score > state.best_score
+    if improved:
+        state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
+    else:
+        state.bad_epochs += 1
+    if state.bad_epochs >= cfg.patience and stage.name == "train" and cfg.finetune_epochs > 0:
+        run.log(f"no better dev {cfg.val_metric} for {cfg.patience} epochs: on to fine-tuning")
+        state.stage, state.stage_start, state.bad_epochs = "finetune", state.epoch, 0
+    if not is_main():
+        return
+    with saving(run.dir, f"epoch {state.epoch}", run.last.exists()):
         if improved:
-            state.best_score, state.best_epoch, state.bad_epochs = score, state.epoch, 0
-        else:
-            state.bad_epochs += 1
-        if state.bad_epochs >= cfg.patience and stage == "train" and cfg.finetune_epochs > 0:
-            log(f"no better dev {cfg.val_metric} for {cfg.patience} epochs: on to fine-tuning")
-            state.stage, state.stage_start, state.bad_epochs = "finetune", state.epoch, 0
-        if is_main():
-            with saving(run_dir, f"epoch {state.epoch}", last_path.exists()):
-                if improved:
-                    save_model(run_dir / "best", decoder, prepared.vocab, prepared.spec, decoding_defaults(cfg),
-                               encoder_state=encoder.state_dict() if encoder is not None else features_encoder)
-                save_checkpoint(last_path, stage=stage, decoder=decoder.state_dict(), optimizer=optimizer.state_dict(),
-                                scheduler=scheduler.state_dict() if scheduler is not None else None,
-                                encoder=encoder.state_dict() if encoder is not None else None,
-                                train_state=vars(state), rng=rng)
-                write_history(run_dir, state.history)
-            train_logs = " ".join(f"{key.removeprefix('train_')} {value:.3f}" for key, value in stats.items())
-            log(f"epoch {state.epoch}: {train_logs} "
-                f"dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr {100 * scores['CIDEr']:.1f}"
-                f"{' (best)' if improved else ''} [{seconds:.0f}s, {row['captions_per_s']} captions/s]")
-            if state.bad_epochs >= cfg.patience:
-                log(f"early stop: no better dev {cfg.val_metric} for {cfg.patience} epochs")
+            run.save_best(stage.encoder)
+        save_checkpoint(run.last, stage=stage.name, decoder=run.decoder.state_dict(),
+                        optimizer=stage.optimizer.state_dict(),
+                        scheduler=stage.scheduler.state_dict() if stage.scheduler is not None else None,
+                        encoder=stage.encoder.state_dict() if stage.encoder is not None else None,
+                        train_state=vars(state), rng=rng)
+        write_history(run.dir, state.history)
+    train_logs = " ".join(f"{key.removeprefix('train_')} {value:.3f}" for key, value in row.items()
+                          if key.startswith("train_"))
+    run.log(f"epoch {state.epoch}: {train_logs} dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr "
+            f"{100 * scores['CIDEr']:.1f}{' (best)' if improved else ''} [{row['seconds']:.0f}s, "
+            f"{row['captions_per_s']} captions/s]")
+    if state.bad_epochs >= cfg.patience:
+        run.log(f"early stop: no better dev {cfg.val_metric} for {cfg.patience} epochs")
+
+
+def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
+    run = start_run(cfg, resume, log)
+    objective = make_objective(cfg, run.prepared)
+    stage = stage_one(run)
+    state = TrainState(epochs=cfg.epochs)
+    if run.world > 1:
+        seed_everything(rank_seed(cfg.seed, run.rank))
+    if resume:
+        state, stage = resume_run(run, stage)
+    if is_main():
+        with saving(run.dir, "the run's config", resume):
+            cfg.save(run.dir / "config.json")
+        n_params = sum(p.numel() for p in run.decoder.parameters() if p.requires_grad)
+        log(f"training on {run.device} ({run.world} process{'es' if run.world > 1 else ''}): {len(run.data)} "
+            f"captions, {len(run.prepared.vocab)} words, decoder {n_params / 1e6:.1f}M parameters")
+    if cfg.init_from and not resume:
+        score_start(run, state)
+    while (name := next_stage(state, cfg)) is not None:
+        if name != stage.name:
+            stage = enter_stage_two(run)
+        row, scores, rng = train_epoch(run, stage, state, objective)
+        end_epoch(run, stage, state, row, scores, rng)
     if is_main():
         hours = sum(h["seconds"] for h in state.history) / 3600
-        log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run_dir / 'best'} "
+        log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run.dir / 'best'} "
             f"({hours:.2f} h of training epochs)")
     if dist.is_initialized():
         dist.barrier()  # every rank has finished writing before any process ends
@@ -692,13 +625,13 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
             log: Callable[[str], None] = print) -> tuple[list[float], list[float], float]:
     """Learning-rate range test (Smith 2017): raise the rate exponentially batch by batch and watch the
     loss; a good rate sits a little below where the loss falls fastest. Writes lr_find.png."""
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     prepared = open_prepared(cfg.prepared)
     data = CaptionSet(prepared, "train")
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device).train()
     objective = make_objective(cfg, prepared)
-    optimizer = make_optimizer(cfg, list(decoder.parameters()), start_lr)
+    optimizer = make_optimizer(cfg.optimizer, list(decoder.parameters()), start_lr, cfg.weight_decay)
     batches = data.batches(cfg.batch_size, cfg.seed)
     factor = (end_lr / start_lr) ** (1 / max(1, steps - 1))
     lrs, losses, smooth, best = [], [], 0.0, math.inf

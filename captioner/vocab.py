@@ -14,6 +14,8 @@ from pathlib import Path
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
+PAD_ID, START_ID, END_ID, UNK_ID = range(len(SPECIALS))  # every vocabulary's first four ids
+NEVER_WRITTEN = (PAD_ID, START_ID, UNK_ID)  # what decoding forbids by default
 
 # A word (with inner hyphens, apostrophes or dots), a clitic standing alone ("dog 's"), or one symbol.
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-'.][a-z0-9]+)*|'(?:s|re|ve|ll|d|m)\b|\S")
@@ -44,7 +46,7 @@ class Vocab:
         self.min_count = min_count
         self.max_length = max_length
 
-    pad, start, end, unk = 0, 1, 2, 3
+    pad, start, end, unk = PAD_ID, START_ID, END_ID, UNK_ID
 
     def __len__(self) -> int:
         return len(self.itos)

@@ -19,6 +19,7 @@ import torch
 
 from captioner.data import load_image
 from captioner.decoding import beam_search
+from captioner.decoding_options import DecodingOptions
 from captioner.pipeline import Captioner
 
 
@@ -52,7 +53,8 @@ def main() -> None:
         with torch.inference_mode():
             features = captioner.encoder.regions(batch)
             t2 = time.perf_counter()
-            beam_search(captioner.decoder, features, beam_size=args.beam_size, max_length=opts.max_length)
+            beam_search(captioner.decoder, features, DecodingOptions(beam_size=args.beam_size,
+                        max_length=opts.max_length))
         t3 = time.perf_counter()
         load_s, encode_s, decode_s = load_s + t1 - t0, encode_s + t2 - t1, decode_s + t3 - t2
     total = load_s + encode_s + decode_s

@@ -21,6 +21,7 @@ from captioner.models import CaptionDecoder, State
 from captioner.models.lstm import AttentionLSTM, LSTMArgs
 from captioner.models.transformer import TransformerArgs, TransformerCaptioner
 from captioner.decoding import beam_search, greedy
+from captioner.decoding_options import DecodingOptions
 
 
 class TimedDecoder:
@@ -65,8 +66,8 @@ def main() -> None:
     features = torch.randn(args.batch, 49, 1280)
     searches: dict[str, Callable[[], object]] = {
         "greedy": lambda: greedy(decoder, features, args.max_length),
-        "beam 3": lambda: beam_search(decoder, features, 3, args.max_length),
-        "beam 5": lambda: beam_search(decoder, features, 5, args.max_length),
+        "beam 3": lambda: beam_search(decoder, features, DecodingOptions(beam_size=3, max_length=args.max_length)),
+        "beam 5": lambda: beam_search(decoder, features, DecodingOptions(beam_size=5, max_length=args.max_length)),
     }
     caches = [True, False] if args.decoder == "transformer" else [True]
     with torch.inference_mode():

@@ -31,9 +31,10 @@ import torch
 
 from captioner.data import load_image
 from captioner.decoding import beam_search
+from captioner.decoding_options import DecodingOptions
 from captioner.features import open_prepared
 from captioner.metrics import score_captions
-from captioner.onnx_backend import check_images, export_onnx, quantize_decoder, quantize_graphs
+from captioner.onnx_export import check_images, export_onnx, quantize_decoder, quantize_graphs
 from captioner.pipeline import DEFAULT_MODEL, Captioner
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -62,7 +63,8 @@ def caption_files(captioner: Captioner, paths: list[Path], beam_size: int, batch
             t1 = time.perf_counter()
             features = captioner.encoder.regions(batch)
             t2 = time.perf_counter()
-            found = beam_search(timed, features, beam_size=beam_size, max_length=captioner.defaults.max_length)
+            found = beam_search(timed, features, DecodingOptions(beam_size=beam_size,
+                                max_length=captioner.defaults.max_length))
             t3 = time.perf_counter()
             spent["load"] += t1 - t0
             spent["encoder"] += t2 - t1

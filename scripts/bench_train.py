@@ -23,7 +23,8 @@ from captioner.config import Config
 from captioner.models import decoder_from_config
 from captioner.objectives import Batch, CrossEntropy
 from captioner.features import open_prepared
-from captioner.train import CaptionSet, bf16_supported, train_step
+from captioner.runtime import bf16_supported
+from captioner.train import CaptionSet, train_step
 
 
 def run(data: CaptionSet, cfg: Config, batches: list[list[int]], amp: bool, every: int = 0) -> float:

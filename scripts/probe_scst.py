@@ -22,9 +22,11 @@ from captioner.config import Config
 from captioner.features import open_prepared
 from captioner.models import decoder_from_config
 from captioner.objectives import Batch, make_objective
-from captioner.pipeline import DecodingOptions
+from captioner.decoding_options import DecodingOptions
 from captioner.metrics import score_captions
-from captioner.train import CaptionSet, decode_split, init_decoder_from, make_optimizer, train_step
+from captioner.evaluate import decode_split
+from captioner.runtime import make_optimizer
+from captioner.train import CaptionSet, init_decoder_from, train_step
 
 
 def main() -> None:
@@ -48,7 +50,7 @@ def main() -> None:
     decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos)
     init_decoder_from(decoder, args.init_from, prepared)
     data, objective = CaptionSet(prepared, "train"), make_objective(cfg, prepared)
-    optimizer, device = make_optimizer(cfg, list(decoder.parameters()), cfg.lr), torch.device("cpu")
+    optimizer, device = make_optimizer(cfg.optimizer, decoder.parameters(), cfg.lr), torch.device("cpu")
     batches = [b for epoch in range(args.steps // 300 + 2) for b in data.batches(cfg.batch_size, epoch)][: args.steps]
     logs: list[dict[str, float]] = []
 

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +17,10 @@ SHAPES = ROOT / "examples" / "shapes"
 FLICKR8K = os.environ.get("CAPTIONER_FLICKR8K")
 
 torch.set_num_threads(2)
+
+# Training scores every epoch with coco-caption, which runs Java: files that train carry this mark.
+needs_java = pytest.mark.skipif(shutil.which("java") is None,
+                                reason="training scores every epoch with coco-caption, which needs Java")
 
 
 def write_flickr_dataset(folder: Path, n: int = 12, size: int = 48) -> Path:
@@ -43,6 +50,30 @@ def prepare_tiny_flickr(root: Path) -> Path:
     prepare(Config(data=str(write_flickr_dataset(root / "data", n=15, size=40)), prepared=str(out), min_count=1),
             log=lambda s: None)
     return out
+
+
+def train_tiny_model(root: Path, images: int = 9, image_size: int = 0, **train: object) -> tuple[Path, Path]:
+    """A tiny model (16-wide decoder) trained for one epoch on a write_flickr_dataset of `images` images in
+    root, with `train` options on top: real weights files, a real vocabulary. Returns the prepared folder
+    and the model folder."""
+    from captioner.config import Config
+    from captioner.features import prepare
+    from captioner.train import train as run_training
+
+    if shutil.which("java") is None:
+        pytest.skip("training scores every epoch with coco-caption, which needs Java")
+    data = write_flickr_dataset(root / "data", n=images, size=40)
+    prepare(Config(data=str(data), prepared=str(root / "p"), min_count=1, image_size=image_size), log=lambda s: None)
+    options = {"epochs": 1, "batch_size": 6, "embed_dim": 16, "attention_dim": 16, "hidden_dim": 16,
+               "context_dim": 16, "max_length": 6, "beam_size": 2, **train}
+    run_training(Config(prepared=str(root / "p"), run_dir=str(root / "run"), **options), log=lambda s: None)
+    return root / "p", root / "run" / "best"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`captioner ARGS` in a child process from the repository root."""
+    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=timeout)
 
 
 @pytest.fixture

@@ -14,11 +14,8 @@ import pytest
 from PIL import Image
 
 from captioner import bulk
-from captioner.config import Config
-from captioner.features import prepare
-from captioner.train import train
 
-from conftest import ROOT, write_flickr_dataset
+from conftest import ROOT, train_tiny_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread per process keeps runs steady
 
@@ -27,13 +24,7 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread pe
 def model_dir(tmp_path_factory) -> Path:
     """A tiny model (64 px encoder input, 16-wide decoder) trained for one epoch: captions hundreds of
     images in seconds."""
-    root = tmp_path_factory.mktemp("bulk-model")
-    data = write_flickr_dataset(root / "data", n=9, size=40)
-    prepare(Config(data=str(data), prepared=str(root / "p"), min_count=1, image_size=64), log=lambda s: None)
-    cfg = Config(prepared=str(root / "p"), run_dir=str(root / "run"), epochs=1, batch_size=6, embed_dim=16,
-                 attention_dim=16, hidden_dim=16, context_dim=16, max_length=6, beam_size=2)
-    train(cfg, log=lambda s: None)
-    return root / "run" / "best"
+    return train_tiny_model(tmp_path_factory.mktemp("bulk-model"), image_size=64)[1]
 
 
 def make_library(root: Path, n: int) -> list[str]:

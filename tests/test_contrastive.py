@@ -25,9 +25,9 @@ from captioner.models import decoder_from_config, load_model
 from captioner.train import train
 from captioner.vocab import Vocab
 
-from conftest import prepare_tiny_flickr
+from conftest import needs_java, prepare_tiny_flickr
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 def word_vector(word: str, dim: int = 16) -> np.ndarray:
@@ -246,7 +246,7 @@ def test_train_pretrains_then_starts_the_captioner_from_the_image_side(prepared_
     logs = []
     run = tmp_path / "run"
     train(small(prepared_dir, run, **family), log=logs.append)
-    pretrained = torch.load(run / "pretrain.pt", weights_only=False)
+    pretrained = torch.load(run / "pretrain.pt", weights_only=True)  # tensors, numbers and strings only
     assert [h["epoch"] for h in pretrained["history"]] == [1, 2]
     assert seen and seen[0].keys() == pretrained["image_side"].keys()
     for key, value in pretrained["image_side"].items():
@@ -260,6 +260,25 @@ def test_train_pretrains_then_starts_the_captioner_from_the_image_side(prepared_
                      "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "| image -> caption |" in out and "| caption -> image |" in out and "R@10" in out
+
+
+class Payload:
+    """Unpickling this creates a file: what a pickle from elsewhere could do with any code instead."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_retrieve_refuses_a_pretraining_file_that_would_run_code(prepared_dir, tmp_path, capsys):
+    marker, run = tmp_path / "ran", tmp_path / "run"
+    run.mkdir()
+    torch.save({"image_side": {}, "payload": Payload(marker)}, run / "pretrain.pt")
+    assert cli.main(["retrieve", "--run", str(run), "--prepared", str(prepared_dir), "--device", "cpu"]) == 2
+    assert not marker.exists()
+    assert "not a checkpoint this captioner can load safely" in capsys.readouterr().err
 
 
 def test_a_restarted_run_reuses_its_finished_pretraining(prepared_dir, tmp_path, fake_minilm, monkeypatch):

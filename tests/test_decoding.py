@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import functools
 import itertools
 
 import pytest
@@ -11,9 +10,19 @@ from captioner.config import Config
 from captioner.models import DECODERS, State, decoder_class, decoder_from_config
 from captioner.models.lstm import AttentionLSTM, LSTMArgs, MeanLSTM
 from captioner.decoding import Caption, Ensemble, beam_search, greedy, sample
+from captioner.decoding_options import DecodingOptions
 
 PAD, START, END, UNK = 0, 1, 2, 3
 A, B, C, D, E, F, G = range(4, 11)  # the words of the hand-made decoders
+
+
+def options(**values) -> DecodingOptions:
+    """Options as beam search reads them, also past what users may ask for (a beam of 30, a negative
+    length penalty): the search itself has no such limits, and its tests go beyond them."""
+    opts = DecodingOptions()
+    for name, value in values.items():
+        object.__setattr__(opts, name, value)
+    return opts
 
 
 def attention_decoder(vocab_size: int = 12, attention: bool = True, seed: int = 9) -> AttentionLSTM:
@@ -78,7 +87,7 @@ def test_beam_size_1_is_greedy() -> None:
     decoder, images = attention_decoder(), features(batch=6)
     found = greedy(decoder, images, max_length=8)
     assert {c.finished for c in found} == {True, False}  # both ways of stopping are covered
-    for g, (b,) in zip(found, beam_search(decoder, images, beam_size=1, max_length=8)):
+    for g, (b,) in zip(found, beam_search(decoder, images, options(beam_size=1, max_length=8))):
         assert_same(g, b)
 
 
@@ -89,7 +98,7 @@ def test_beam_search_beats_myopic_greedy() -> None:
                              C: {END: 0.6, D: 0.4}, B: {END: 0.9, C: 0.1}, D: {END: 1.0}})
     images = features(batch=1)
     (g,) = greedy(decoder, images)
-    ((b,),) = beam_search(decoder, images, beam_size=2)
+    ((b,),) = beam_search(decoder, images, options(beam_size=2))
     assert g.tokens == [A, C] and b.tokens == [B]
     assert b.logprob == pytest.approx(torch.tensor(0.36).log().item(), abs=1e-5)
     assert g.logprob == pytest.approx(torch.tensor(0.18).log().item(), abs=1e-5)
@@ -98,8 +107,8 @@ def test_beam_search_beats_myopic_greedy() -> None:
 @pytest.mark.parametrize("length_penalty", [0.0, 0.7])
 def test_scores_are_logprobs_over_length_and_sorted(length_penalty: float) -> None:
     decoder, images = attention_decoder(), features()
-    results = beam_search(decoder, images, beam_size=4, max_length=8, length_penalty=length_penalty,
-                          num_captions=4)
+    results = beam_search(decoder, images, options(beam_size=4, max_length=8, length_penalty=length_penalty,
+                          num_captions=4))
     for image, captions in zip(images, results):
         assert len(captions) == 4
         assert len({tuple(c.tokens) for c in captions}) == 4
@@ -122,8 +131,8 @@ def test_a_beam_wider_than_the_search_space_finds_the_best_captions(length_penal
     # every hypothesis, so the n-best must be exactly the best of all finished captions, however
     # early the search stopped.
     decoder, images = attention_decoder(vocab_size=6), features(batch=2)
-    results = beam_search(decoder, images, beam_size=30, max_length=4, length_penalty=length_penalty,
-                          num_captions=num_captions)
+    results = beam_search(decoder, images, options(beam_size=30, max_length=4, length_penalty=length_penalty,
+                          num_captions=num_captions))
     for image, captions in zip(images, results):
         every = [list(words) for n in range(4) for words in itertools.product([A, B], repeat=n)]
         scores = [rescore(decoder, image, tokens, True)[0] / (len(tokens) + 1) ** length_penalty
@@ -146,18 +155,17 @@ def test_a_beam_wider_than_the_search_space_finds_the_best_captions(length_penal
 def test_search_goes_on_while_a_live_hypothesis_can_still_win(length_penalty: float,
                                                               next_word: dict[int, dict[int, float]],
                                                               best: list[int]) -> None:
-    ((caption,),) = beam_search(BigramDecoder(next_word), features(batch=1), beam_size=2, max_length=8,
-                                length_penalty=length_penalty)
+    ((caption,),) = beam_search(BigramDecoder(next_word), features(batch=1), options(beam_size=2, max_length=8,
+                                length_penalty=length_penalty))
     assert caption.tokens == best and caption.finished
 
 
 def test_batched_results_equal_per_image_results() -> None:
     decoder, images = attention_decoder(), features(batch=3)
-    search = functools.partial(beam_search, decoder, beam_size=3, max_length=10, length_penalty=0.5,
-                               num_captions=2, block_trigrams=True)
-    together = search(images)
+    opts = DecodingOptions(beam_size=3, max_length=10, length_penalty=0.5, num_captions=2, block_trigrams=True)
+    together = beam_search(decoder, images, opts)
     for i in range(3):
-        (alone,) = search(images[i : i + 1])
+        (alone,) = beam_search(decoder, images[i : i + 1], opts)
         assert len(alone) == len(together[i]) == 2
         for a, b in zip(alone, together[i]):
             assert_same(a, b)
@@ -177,7 +185,7 @@ def test_without_end_the_best_unfinished_captions_come_back(kind: str) -> None:
     images = features(batch=2)
     for caption in greedy(decoder, images, max_length=6):
         assert not caption.finished and len(caption.tokens) == 6 and caption.alphas.shape == (6, 5)
-    for captions in beam_search(decoder, images, beam_size=3, max_length=6, num_captions=3):
+    for captions in beam_search(decoder, images, options(beam_size=3, max_length=6, num_captions=3)):
         assert len({tuple(c.tokens) for c in captions}) == 3
         assert all(not c.finished and len(c.tokens) == 6 for c in captions)
         assert [c.score for c in captions] == sorted((c.score for c in captions), reverse=True)
@@ -187,12 +195,12 @@ def test_trigram_blocking_stops_a_loop() -> None:
     # After B, A (0.6) beats C (0.4, then <end>), so a beam of 1 loops on A B until max_length.
     decoder = BigramDecoder({START: {A: 1.0}, A: {B: 1.0}, B: {A: 0.6, C: 0.4}, C: {END: 1.0}})
     images = features(batch=1)
-    ((looping,),) = beam_search(decoder, images, beam_size=1, max_length=8)
-    ((blocked,),) = beam_search(decoder, images, beam_size=1, max_length=8, block_trigrams=True)
+    ((looping,),) = beam_search(decoder, images, options(beam_size=1, max_length=8))
+    ((blocked,),) = beam_search(decoder, images, options(beam_size=1, max_length=8, block_trigrams=True))
     assert looping.tokens == [A, B, A, B, A, B, A, B]
     assert blocked.tokens == [A, B, A, B, C] and blocked.finished  # A would repeat A B A
-    for captions in beam_search(decoder, images, beam_size=3, max_length=8, length_penalty=1.0,
-                                block_trigrams=True, num_captions=3):
+    for captions in beam_search(decoder, images, options(beam_size=3, max_length=8, length_penalty=1.0,
+                                block_trigrams=True, num_captions=3)):
         assert not any(has_repeated_trigram(c.tokens) for c in captions)
 
 
@@ -200,22 +208,22 @@ def test_forbidden_words_never_appear() -> None:
     decoder = BigramDecoder({START: {PAD: 0.3, START: 0.3, UNK: 0.3, A: 0.1}, A: {END: 1.0}, UNK: {END: 1.0}})
     images = features(batch=2)
     assert [c.tokens for c in greedy(decoder, images)] == [[A], [A]]
-    assert [c[0].tokens for c in beam_search(decoder, images, beam_size=2)] == [[A], [A]]
+    assert [c[0].tokens for c in beam_search(decoder, images, options(beam_size=2))] == [[A], [A]]
     assert greedy(decoder, images, forbid=(PAD, START))[0].tokens == [UNK]
-    assert beam_search(decoder, images, beam_size=2, forbid=(PAD, START))[0][0].tokens == [UNK]
+    assert beam_search(decoder, images, options(beam_size=2), forbid=(PAD, START))[0][0].tokens == [UNK]
 
 
 def test_decoder_without_attention_gives_empty_alphas() -> None:
     decoder, images = attention_decoder(attention=False), features()
     for caption in greedy(decoder, images, max_length=8):
         assert caption.alphas.shape == (len(caption.tokens), 0)
-    for captions in beam_search(decoder, images, beam_size=3, max_length=8, num_captions=2):
+    for captions in beam_search(decoder, images, options(beam_size=3, max_length=8, num_captions=2)):
         assert [c.alphas.shape for c in captions] == [(len(c.tokens), 0) for c in captions]
 
 
 def test_num_captions_must_fit_in_the_beam() -> None:
     with pytest.raises(ValueError, match="num_captions"):
-        beam_search(attention_decoder(), features(), beam_size=2, num_captions=3)
+        beam_search(attention_decoder(), features(), options(beam_size=2, num_captions=3))
 
 
 def test_samples_end_with_end_and_are_masked_after_it() -> None:
@@ -317,8 +325,8 @@ def test_sample_refuses_bad_arguments() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gives_the_cpu_results() -> None:
     decoder, images = attention_decoder(), features()
-    on_cpu = beam_search(decoder, images, beam_size=3, max_length=8, num_captions=2)
-    on_gpu = beam_search(decoder.cuda(), images.cuda(), beam_size=3, max_length=8, num_captions=2)
+    on_cpu = beam_search(decoder, images, options(beam_size=3, max_length=8, num_captions=2))
+    on_gpu = beam_search(decoder.cuda(), images.cuda(), options(beam_size=3, max_length=8, num_captions=2))
     for a, b in zip(itertools.chain(*on_cpu), itertools.chain(*on_gpu)):
         assert_same(a, b)
 
@@ -327,7 +335,7 @@ def test_an_ensemble_averages_the_members_probabilities_word_by_word() -> None:
     one, two = attention_decoder(seed=9), attention_decoder(seed=10)
     ensemble = Ensemble([one, two])
     image = features(batch=1)[0]
-    caption = beam_search(ensemble, image.unsqueeze(0), beam_size=3)[0][0]
+    caption = beam_search(ensemble, image.unsqueeze(0), options(beam_size=3))[0][0]
     # the ensemble's log-probability of its caption is, word by word, log((p_one + p_two) / 2)
     with torch.no_grad():
         states = [d.init_state(image.unsqueeze(0)) for d in (one, two)]
@@ -342,8 +350,8 @@ def test_an_ensemble_averages_the_members_probabilities_word_by_word() -> None:
 
 def test_an_ensemble_of_a_decoder_with_itself_finds_the_decoders_captions() -> None:
     decoder, images = attention_decoder(), features(batch=4)
-    alone = beam_search(decoder, images, beam_size=3, num_captions=2)
-    doubled = beam_search(Ensemble([decoder, decoder]), images, beam_size=3, num_captions=2)
+    alone = beam_search(decoder, images, options(beam_size=3, num_captions=2))
+    doubled = beam_search(Ensemble([decoder, decoder]), images, options(beam_size=3, num_captions=2))
     for a, b in zip(itertools.chain(*alone), itertools.chain(*doubled)):
         assert_same(a, b)
     with pytest.raises(ValueError, match="at least 2"):

@@ -12,20 +12,15 @@ from captioner.features import prepare
 from captioner.metrics import fluency
 from captioner.train import train
 
-from conftest import ROOT, write_flickr_dataset
+from conftest import ROOT, needs_java, train_tiny_model, write_flickr_dataset
 
-pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="coco-caption needs Java")
+pytestmark = needs_java
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("evaluate")
-    data = write_flickr_dataset(root / "data", n=12, size=40)
-    prepare(Config(data=str(data), prepared=str(root / "p"), min_count=1), log=lambda s: None)
-    cfg = Config(prepared=str(root / "p"), run_dir=str(root / "run"), epochs=2, batch_size=4, embed_dim=16,
-                 attention_dim=16, hidden_dim=16, context_dim=16, max_length=6, lr=3e-3)
-    train(cfg, log=lambda s: None)
-    return root / "p", root / "run" / "best"
+    return train_tiny_model(tmp_path_factory.mktemp("evaluate"), images=12, epochs=2, batch_size=4, lr=3e-3,
+                            beam_size=3)
 
 
 def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
@@ -62,7 +57,7 @@ def test_evaluate_refuses_a_model_of_another_vocabulary(trained, tmp_path):
 def test_evaluate_decodes_with_the_models_own_options_unless_overridden(trained, tmp_path, monkeypatch):
     """The scores must describe what `caption` and `serve` give: the model's beam size, maximum length,
     length penalty and trigram blocking, each overridable. (Scoring is stubbed: the decoding is the point.)"""
-    from captioner import evaluate as evaluate_mod, train as train_mod
+    from captioner import evaluate as evaluate_mod
 
     monkeypatch.setattr(evaluate_mod, "score_captions", lambda predictions, references: {"Bleu_4": 0.0, "CIDEr": 0.0})
 
@@ -73,8 +68,13 @@ def test_evaluate_decodes_with_the_models_own_options_unless_overridden(trained,
     meta["decoding"] = {"beam_size": 2, "max_length": 5, "length_penalty": 0.7, "block_trigrams": True}
     (custom / "model.json").write_text(json.dumps(meta))
     calls = []
-    real = train_mod.beam_search
-    monkeypatch.setattr(train_mod, "beam_search", lambda *args, **kwargs: calls.append(kwargs) or real(*args, **kwargs))
+    real = evaluate_mod.beam_search
+    keys = ("beam_size", "max_length", "length_penalty", "block_trigrams")
+
+    def record(decoder, features, options):
+        calls.append({key: getattr(options, key) for key in keys})
+        return real(decoder, features, options)
+    monkeypatch.setattr(evaluate_mod, "beam_search", record)
     evaluate_model(custom, prepared, log=lambda s: None)
     assert calls == [{"beam_size": 2, "max_length": 5, "length_penalty": 0.7, "block_trigrams": True}]
     # results go beside the model folder, which a training run may swap out whole (best/)

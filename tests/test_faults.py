@@ -22,9 +22,9 @@ from captioner.config import Config
 from captioner.features import DONE, prepare
 from captioner.models import load_model
 
-from conftest import ROOT, write_flickr_dataset
+from conftest import ROOT, needs_java, prepare_tiny_flickr, write_flickr_dataset
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 KILLER = r"""
 import functools, importlib, os, signal, sys
@@ -87,10 +87,7 @@ def same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults")
-    data = write_flickr_dataset(root / "data", n=15, size=40)
-    prepare(Config(data=str(data), prepared=str(root / "prepared"), min_count=1), log=lambda s: None)
-    return root / "prepared"
+    return prepare_tiny_flickr(tmp_path_factory.mktemp("faults"))
 
 
 def train_args(prepared: Path, run: Path) -> list[str]:

@@ -188,15 +188,16 @@ def test_inference_refuses_an_encoder_that_differs_from_the_saved_spec(tmp_path)
 
 def test_the_transformer_key_value_cache_gives_the_same_captions_as_rerunning_the_prefix():
     from captioner.decoding import beam_search
+    from captioner.decoding_options import DecodingOptions
 
     decoder = small_decoder("transformer", seed=3).eval()
     with torch.no_grad():
         decoder.out.bias.add_(torch.linspace(-2, 2, 20))  # a spread of word probabilities, so captions differ
     features = captions_batch()[0]
-    options = dict(beam_size=3, max_length=9, num_captions=2, block_trigrams=True, length_penalty=0.7)
-    cached = beam_search(decoder, features, **options)
+    options = DecodingOptions(beam_size=3, max_length=9, num_captions=2, block_trigrams=True, length_penalty=0.7)
+    cached = beam_search(decoder, features, options)
     decoder.kv_cache = False
-    rerun = beam_search(decoder, features, **options)
+    rerun = beam_search(decoder, features, options)
     for mine, theirs in zip(cached, rerun):
         assert [c.tokens for c in mine] == [c.tokens for c in theirs]
         for a, b in zip(mine, theirs):

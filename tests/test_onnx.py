@@ -19,9 +19,11 @@ onnx = pytest.importorskip("onnx")
 from captioner.config import Config  # noqa: E402
 from captioner.encoders import create_encoder, image_transforms  # noqa: E402
 from captioner.decoding import beam_search  # noqa: E402
+from captioner.decoding_options import DecodingOptions  # noqa: E402
 from captioner.models import DECODERS, decoder_class, decoder_from_config, save_model  # noqa: E402
-from captioner.onnx_backend import (GRAPHS, TOLERANCE, OnnxDecoder, _stamp, compare, export_decoder,  # noqa: E402
-                                    open_session, quantize_decoder, require_onnxruntime, verify, weights_sha256)
+from captioner.models import weights_sha256  # noqa: E402
+from captioner.onnx_backend import GRAPHS, OnnxDecoder, open_session, require_onnxruntime  # noqa: E402
+from captioner.onnx_export import TOLERANCE, _stamp, compare, export_decoder, quantize_decoder, verify  # noqa: E402
 from captioner.pipeline import Captioner  # noqa: E402
 from captioner.vocab import Vocab  # noqa: E402
 
@@ -106,8 +108,8 @@ def test_every_family_exports_and_searches_alike(family, tmp_path):
                           info["state"], info["step_outputs"])
     features = torch.randn(3, 49, 8)
     with torch.inference_mode():
-        ours = beam_search(decoder, features, beam_size=4, max_length=12, num_captions=2)
-        theirs = beam_search(runtime, features, beam_size=4, max_length=12, num_captions=2)
+        ours = beam_search(decoder, features, DecodingOptions(beam_size=4, max_length=12, num_captions=2))
+        theirs = beam_search(runtime, features, DecodingOptions(beam_size=4, max_length=12, num_captions=2))
         state = runtime.init_state(features)
         logprobs, new, alpha = runtime.step(torch.tensor([1, 1, 1]), state)
     assert [[c.tokens for c in r] for r in ours] == [[c.tokens for c in r] for r in theirs]

@@ -1,8 +1,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,27 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.config import Config
 from captioner.data import load_image
-from captioner.features import prepare
 from captioner.pipeline import Captioner
-from captioner.train import train
 
-from conftest import ROOT, write_flickr_dataset
+from conftest import ROOT, run_cli, train_tiny_model
 
 PHOTOS = ROOT / "examples" / "photos"
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    """A tiny model trained for one epoch: real weights files, real vocabulary."""
-    root = tmp_path_factory.mktemp("pipeline")
-    data = write_flickr_dataset(root / "data", n=9, size=40)
-    prepare(Config(data=str(data), prepared=str(root / "p"), min_count=1), log=lambda s: None)
-    cfg = Config(prepared=str(root / "p"), run_dir=str(root / "run"), epochs=1, batch_size=6, embed_dim=16,
-                 attention_dim=16, hidden_dim=16, context_dim=16, max_length=6, beam_size=2)
-    train(cfg, log=lambda s: None)
-    return root / "run" / "best"
+    return train_tiny_model(tmp_path_factory.mktemp("pipeline"))[1]
 
 
 def test_one_call_from_any_image_input_to_text(model_dir):
@@ -111,10 +99,6 @@ def test_attention_maps_per_word(model_dir):
     assert att["alphas"].shape == (len(att["words"]), 7, 7)
     assert np.allclose(att["alphas"].reshape(len(att["words"]), -1).sum(axis=1), 1, atol=1e-4)
     assert att["image"].size == (224, 224) and att["generated_text"] == " ".join(att["words"])
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True, cwd=ROOT)
 
 
 def test_caption_command_files_folders_globs_and_bad_files(model_dir, tmp_path):

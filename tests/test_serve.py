@@ -15,7 +15,8 @@ from PIL import Image
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from captioner.pipeline import DEFAULT_MODEL, Captioner, DecodingOptions  # noqa: E402
+from captioner.decoding_options import LIMITS, OPTIONS, DecodingOptions  # noqa: E402
+from captioner.pipeline import DEFAULT_MODEL, Captioner  # noqa: E402
 from captioner.serve import Batcher, Busy, create_app  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
@@ -251,6 +252,11 @@ def test_ui_is_served_at_the_root(captioner: Captioner) -> None:
         assert "/api/caption" in client.get("/openapi.json").json()["paths"]
 
 
+def page_values(**chosen: float | bool) -> list[float | bool]:
+    """What the page's controls send, in the table's order: `chosen`, else each option's default."""
+    return [chosen.get(name, f.default) for name, f in OPTIONS.items()]
+
+
 def test_ui_function_returns_captions_and_one_heatmap_per_word(captioner: Captioner) -> None:
     pytest.importorskip("gradio")
     from captioner.serve import build_ui
@@ -258,13 +264,40 @@ def test_ui_function_returns_captions_and_one_heatmap_per_word(captioner: Captio
     batcher = Batcher(captioner, max_wait_ms=0)
     demo = build_ui(batcher, [])
     run = next(fn.fn for fn in demo.fns.values() if fn.api_name == "caption")
-    best, table, heatmaps = asyncio.run(run(str(PHOTOS / "rocket.jpg"), 5, 20, 7))  # Gradio gives a file path
+    values = page_values(beam_size=5, max_length=20, length_penalty=0.5, num_captions=7, block_trigrams=True)
+    best, table, heatmaps = asyncio.run(run(str(PHOTOS / "rocket.jpg"), *values))  # Gradio gives a file path
     batcher.close()
     assert best == table[0][1] and len(table) == 5  # num_captions is capped at the beam size
     assert [word for _, word in heatmaps] == best.split()
     assert heatmaps[0][0].size == (224, 224)
     pixels = [np.asarray(im, dtype=np.float32) for im, _ in heatmaps[:2]]
     assert np.abs(pixels[0] - pixels[1]).mean() > 1  # each word has its own map
+
+
+def test_the_page_and_the_api_offer_every_decoding_option_with_its_range(captioner: Captioner) -> None:
+    """Both come from the one table (decoding_options.py): a new option or range reaches them by itself."""
+    pytest.importorskip("gradio")
+    import gradio as gr
+
+    from captioner.serve import Options, build_ui
+
+    schema = Options.model_json_schema()["properties"]
+    for name, f in OPTIONS.items():
+        if name in LIMITS:
+            ranged = next(s for s in schema[name]["anyOf"] if s["type"] != "null")
+            assert (ranged["minimum"], ranged["maximum"]) == LIMITS[name], name
+        assert f.metadata["help"] in schema[name]["description"], name
+    batcher = Batcher(captioner, max_wait_ms=0)
+    demo = build_ui(batcher, [])
+    batcher.close()
+    run = next(fn for fn in demo.fns.values() if fn.api_name == "caption")
+    controls = run.inputs[1:]
+    assert [c.label for c in controls] == [name.replace("_", " ").capitalize() for name in OPTIONS]
+    for control, name in zip(controls, OPTIONS):
+        if name in LIMITS:
+            assert isinstance(control, gr.Slider) and (control.minimum, control.maximum) == LIMITS[name], name
+        else:
+            assert isinstance(control, gr.Checkbox), name
 
 
 def test_attention_overlay_marks_where_the_map_is_high() -> None:
@@ -416,7 +449,7 @@ def test_a_slow_page_job_does_not_stall_the_api(captioner: Captioner, monkeypatc
             page: list = []
 
             async def click() -> None:
-                page.append(await run(str(PHOTOS / "rocket.jpg"), 3, 20, 1))
+                page.append(await run(str(PHOTOS / "rocket.jpg"), *page_values(num_captions=1)))
             tasks.start_soon(click)
             assert await anyio.to_thread.run_sync(entered.wait, 10), "the page job never started"
             transport = httpx.ASGITransport(app=app)
@@ -443,7 +476,7 @@ def test_the_page_refuses_images_over_the_pixel_limit_before_decoding(captioner:
     batcher = Batcher(captioner)
     run = next(fn.fn for fn in build_ui(batcher, []).fns.values() if fn.api_name == "caption")
     with pytest.raises(gr.Error, match="^'?big.png: 8000x8000 pixels is more than the limit"):
-        asyncio.run(run(str(tmp_path / "big.png"), 3, 20, 1))
+        asyncio.run(run(str(tmp_path / "big.png"), *page_values()))
     batcher.close()
 
 

@@ -17,9 +17,9 @@ from captioner.data import load_image
 from captioner.features import open_prepared
 from captioner.train import sortish_batches, teacher_forcing_ratio, train
 
-from conftest import ROOT, prepare_tiny_flickr, write_synthetic_prepared
+from conftest import ROOT, needs_java, prepare_tiny_flickr, write_synthetic_prepared
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 
 @pytest.fixture(scope="module")

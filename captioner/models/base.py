@@ -37,6 +37,7 @@ class CaptionDecoder(nn.Module):
     Args: ClassVar[type]  # the family's architecture arguments (a dataclass)
     region_dim: int  # D of regions(): set by each family
     family: ClassVar[str] = ""  # the registered name, set by register_decoder
+    title: ClassVar[str] = ""  # what a page or an API description calls the family
 
     def __init__(self, args: Any, vocab_size: int, feature_dim: int) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import read_folder, replace_folder
+from ..decoding_options import MODEL_KEYS
 from ..vocab import Vocab
 from .base import CaptionDecoder, decoder_class
 
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from ..encoders import Encoder
 
 FORMAT, VERSION = "captioner", 2
-DECODING_KEYS = ("beam_size", "max_length", "length_penalty", "block_trigrams")
 TUNED = "fine-tuned"  # how a spec's weights begin when they are a fine-tuned encoder's (tuned_weights)
 
 
@@ -54,7 +54,7 @@ def decoder_from_config(cfg: Config, vocab_size: int, feature_dim: int, words: l
 
 
 def decoding_defaults(cfg: Config) -> dict[str, Any]:
-    return {key: getattr(cfg, key) for key in DECODING_KEYS}
+    return {key: getattr(cfg, key) for key in MODEL_KEYS}
 
 
 @dataclass
@@ -144,14 +144,19 @@ def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_
             "decoder": {"family": decoder.family, "args": decoder.arguments()},
             "encoder": encoder_spec, "fine_tuned_encoder": encoder_state is not None,
             "vocab": {"size": len(vocab), "pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
-            "decoding": {key: decoding[key] for key in DECODING_KEYS}}
+            "decoding": {key: decoding[key] for key in MODEL_KEYS}}
 
     def write(folder: Path) -> None:
         (folder / "model.safetensors").write_bytes(save(tensors))
-        (folder / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
+        write_model_json(folder, meta)
         vocab.save(folder / "vocab.json")
 
     replace_folder(path, write)
+
+
+def write_model_json(folder: Path, meta: dict[str, Any]) -> None:
+    """model.json into a folder being written (replace_folder makes the whole folder appear at once)."""
+    (folder / "model.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def read_model_json(path: Path) -> dict[str, Any]:
@@ -171,7 +176,7 @@ def read_model_json(path: Path) -> dict[str, Any]:
         family = config["decoder"]
         names = [f.name for f in fields(decoder_class(family).Args)]
         meta = {**meta, "version": 2, "decoder": {"family": family, "args": {k: config[k] for k in names if k in config}},
-                "decoding": {k: config[k] for k in DECODING_KEYS}}
+                "decoding": {k: config[k] for k in MODEL_KEYS}}
     return meta
 
 

@@ -34,6 +34,7 @@ class AttentionLSTM(CaptionDecoder):
     matrix product for a whole teacher-forced caption; attention and the recurrent part run per step."""
 
     Args = LSTMArgs
+    title = "Show, Attend and Tell (soft attention)"
     attends = True  # False: the mean-feature baseline
 
     def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:
@@ -168,6 +169,7 @@ def attention_penalty(alphas: Tensor, weight: float) -> Tensor:
 class MeanLSTM(AttentionLSTM):
     """The no-attention baseline: the same decoder fed the mean feature vector at every step."""
 
+    title = "an LSTM on the mean feature vector (no attention)"
     attends = False
 
 

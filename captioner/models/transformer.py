@@ -125,6 +125,7 @@ class DecoderLayer(nn.Module):
 @register_decoder("transformer")
 class TransformerCaptioner(CaptionDecoder):
     Args = TransformerArgs
+    title = "a transformer decoder"
     kv_cache = True  # False: every step re-runs the whole prefix (for measuring and testing the cache)
 
     def __init__(self, args: TransformerArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:

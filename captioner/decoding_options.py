@@ -1,0 +1,93 @@
+"""The decoding options: the one table of their names, defaults, ranges and help.
+
+`DecodingOptions` validates them. Everything else derives from its fields: the Config's decoding
+fields (the defaults a trained model keeps), the CLI's flags (`add_decoding_flags`), the keys a model
+folder stores, the REST API's schema and the page's controls. Torch-free, so the Config and
+`captioner --help` read it without loading torch.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+class OptionError(ValueError):
+    """A decoding option out of range; `field` names it so the CLI and the API can say which."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _option(default: Any, help: str, range: tuple[float, float] | None = None, per_request: bool = False) -> Any:
+    """A field with its help and (inclusive) range; `per_request`: chosen per call, never a model's default."""
+    return field(default=default, metadata={"help": help, "range": range, "per_request": per_request})
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    """Validated decoding options (frozen, so requests with equal options can be batched together)."""
+
+    beam_size: int = _option(3, "beam size", (1, 20))
+    max_length: int = _option(20, "most words per caption", (1, 100))
+    length_penalty: float = _option(0.0, "beams ranked by log-probability / length**penalty; 0: total "
+                                         "log-probability", (0.0, 5.0))
+    num_captions: int = _option(1, "n-best captions per image (at most beam_size)", (1, 20), per_request=True)
+    block_trigrams: bool = _option(False, "forbid a beam to repeat a word trigram")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default)
+            if kind is bool:
+                if not isinstance(value, bool):
+                    raise OptionError(f.name, f"{f.name} must be true or false, got {value!r}")
+                continue
+            low, high = f.metadata["range"]
+            if isinstance(value, bool) or not isinstance(value, (kind, int)) or not low <= value <= high:
+                what = "a number" if kind is float else "an integer"
+                raise OptionError(f.name, f"{f.name} must be {what} from {low:g} to {high:g}, got {value!r}")
+        if self.num_captions > self.beam_size:
+            raise OptionError("num_captions", f"num_captions ({self.num_captions}) must be at most beam_size "
+                                              f"({self.beam_size})")
+
+
+OPTIONS: dict[str, dataclasses.Field] = {f.name: f for f in fields(DecodingOptions)}
+# The options with a range, as the REST API documents them.
+LIMITS: dict[str, tuple[float, float]] = {name: f.metadata["range"] for name, f in OPTIONS.items()
+                                          if f.metadata["range"] is not None}
+# What a model folder keeps as its defaults: every option but those chosen per request.
+MODEL_KEYS: tuple[str, ...] = tuple(name for name, f in OPTIONS.items() if not f.metadata["per_request"])
+
+
+def config_field(name: str) -> Any:
+    """The Config field of decoding option `name`: its default, help and range, from the table above."""
+    f = OPTIONS[name]
+    meta = {"help": f.metadata["help"]}
+    if f.metadata["range"] is not None:
+        meta["range"] = f.metadata["range"]
+    return field(default=f.default, metadata=meta)
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] = tuple(OPTIONS),
+                       default: str = "the model's own") -> None:
+    """One flag per decoding option in `names`, each defaulting to None so that what the user did not
+    give falls back to `default` (said in the help)."""
+    for name in names:
+        f = OPTIONS[name]
+        flag, text = "--" + name.replace("_", "-"), f.metadata["help"]
+        if f.metadata["range"] is not None:
+            low, high = f.metadata["range"]
+            text += f"; from {low:g} to {high:g}"
+        text = f"{text} (default: {default})".replace("%", "%%")
+        if type(f.default) is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            kind = type(f.default)
+            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
+
+
+def given(args: argparse.Namespace, names: tuple[str, ...] = tuple(OPTIONS)) -> dict[str, Any]:
+    """The decoding options among `names` that the user gave as flags."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
