@@ -37,7 +37,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .data import IMAGE_SUFFIXES, ImageError, load_image
 from .decoding_options import DecodingOptions
-from .pipeline import Captioner
+from .pipeline import Captioner, concept_dicts
 from .runtime import join_barrier, shard, wait_for_all
 
 PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
@@ -233,10 +233,11 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
                         bar.update(1)
                 if batch and (len(batch) == batch_size or not pending):
                     nbest = captioner.generate(torch.stack([x for _, x in batch]), opts)
-                    out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(captions),
+                    out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(result.captions),
+                                                  "concepts": concept_dicts(result.concepts),
                                                   "model": captioner.name, "version": captioner.version,
                                                   "decoding": decoding}) + "\n"
-                                      for (key, _), captions in zip(batch, nbest)))
+                                      for (key, _), result in zip(batch, nbest)))
                     out.flush()
                     summary.captioned += len(batch)
                     bar.update(len(batch))

@@ -16,7 +16,7 @@ BACKEND_HELP = "torch, or onnx for a folder `export --format onnx` wrote (defaul
 RESUME = {"prepare": "run the same command again to resume",
           "train": "add --resume to the same command to go on from the last checkpoint",
           "caption": "with a .jsonl --output, run the same command again to resume"}
-EVALUATE_KEYS = ("max_length", "length_penalty", "block_trigrams")  # beam sizes: --beam-sizes
+EVALUATE_KEYS = tuple(k for k in MODEL_KEYS if k != "beam_size")  # beam sizes: --beam-sizes
 PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "min_count", "max_caption_length",
                  "encoder", "image_size", "feature_layer", "prepare_batch_size", "encoder_from", "device"]
 
@@ -121,7 +121,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.output and Path(args.output).suffix == ".jsonl":
         return caption_library(args)
     from .data import ImageError, expand_inputs, load_image
-    from .pipeline import Captioner
+    from .pipeline import Captioner, concept_dicts
 
     paths = expand_inputs(args.inputs)
     if not paths:
@@ -129,7 +129,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
     captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     opts = captioner.options(**given(args))
     failed = 0
-    results: list[tuple[Path, list[dict]]] = []
+    results: list[tuple[Path, list[dict], list[dict]]] = []
     for s in range(0, len(paths), args.batch_size):
         loaded = []
         for path in paths[s:s + args.batch_size]:
@@ -140,23 +140,23 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 print(f"captioner caption: skipped {err}", file=sys.stderr)
         if not loaded:
             continue
-        for (path, image), captions in zip(loaded, captioner.generate([im for _, im in loaded], opts)):
-            best = captioner.as_dicts(captions)
-            results.append((path, best))
+        for (path, image), result in zip(loaded, captioner.generate([im for _, im in loaded], opts)):
+            best = captioner.as_dicts(result.captions)
+            results.append((path, best, concept_dicts(result.concepts)))
             if not args.json:
                 print(f"{path}\t{best[0]['generated_text']}", flush=True)
             if args.attention:
                 from .visualize import attention_figure
 
-                words, alphas = captioner.attention_maps(captions[0])
+                words, alphas = captioner.attention_maps(result.captions[0])
                 attention_figure(captioner.encoder.crop(image), words, alphas, Path(args.attention) / f"{path.stem}.png")
     if args.json:
-        print(json.dumps([{"file": str(p), "captions": c} for p, c in results], indent=1))
+        print(json.dumps([{"file": str(p), "captions": c, "concepts": k} for p, c, k in results], indent=1))
     if args.output:
         with open(args.output, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["file", "rank", "caption", "score"])
-            for path, captions in results:
+            for path, captions, _ in results:
                 for rank, c in enumerate(captions, 1):
                     writer.writerow([str(path), rank, c["generated_text"], c["score"]])
     return 1 if failed else 0

@@ -156,6 +156,8 @@ class Config:
     length_penalty: float = config_field("length_penalty")
     block_trigrams: bool = config_field("block_trigrams")
     num_captions: int = config_field("num_captions")
+    concepts: bool = config_field("concepts")
+    concept_threshold: float = config_field("concept_threshold")
 
     def __post_init__(self) -> None:
         """Every value is checked when a Config is made (from a file, flags or code), not where it is

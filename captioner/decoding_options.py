@@ -36,6 +36,10 @@ class DecodingOptions:
                                          "log-probability", (0.0, 5.0))
     num_captions: int = _option(1, "n-best captions per image (at most beam_size)", (1, 20), per_request=True)
     block_trigrams: bool = _option(False, "forbid a beam to repeat a word trigram")
+    concepts: bool = _option(True, "mention what the encoder's ImageNet head recognises (a cat, an espresso), "
+                                   "even words the model never learned; --no-concepts: the decoder alone")
+    concept_threshold: float = _option(0.5, "how probable a concept must be to be favoured in the caption",
+                                       (0.01, 1.0))
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -59,6 +63,8 @@ LIMITS: dict[str, tuple[float, float]] = {name: f.metadata["range"] for name, f 
                                           if f.metadata["range"] is not None}
 # What a model folder keeps as its defaults: every option but those chosen per request.
 MODEL_KEYS: tuple[str, ...] = tuple(name for name, f in OPTIONS.items() if not f.metadata["per_request"])
+# A model folder written before an option existed decodes with the option's default.
+MODEL_DEFAULTS: dict[str, Any] = {name: OPTIONS[name].default for name in MODEL_KEYS}
 
 
 def config_field(name: str) -> Any:

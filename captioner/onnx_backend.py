@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     import onnxruntime
 
 GRAPHS = {"encoder": "encoder.onnx", "init": "decoder_init.onnx", "step": "decoder_step.onnx"}
+CONCEPT_HEAD = "concept_head.safetensors"  # the encoder's ImageNet classifier, where it has one
 WEIGHTS_KEY = "captioner.weights_sha256"
 
 
@@ -115,6 +116,7 @@ class OnnxModel:
     decoding: dict[str, Any]
     meta: dict[str, Any]  # model.json's "onnx" section
     path: Path
+    head: tuple[Tensor, Tensor] | None  # the encoder's ImageNet classifier, for concepts (weight, bias)
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
@@ -135,4 +137,10 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
                              f"{path / 'model.json'} records ({info['weights_sha256'][:12]}); export the folder again")
     encoder = OnnxEncoder(sessions["encoder"], meta["encoder"])
     decoder = OnnxDecoder(sessions["init"], sessions["step"], info["state"], info["step_outputs"])
-    return OnnxModel(encoder, decoder, Vocab.load(path / "vocab.json"), meta["decoding"], info, path)
+    head = None
+    if "concept_head" in info:  # run in PyTorch: one small matrix product over the encoder's output
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path / info["concept_head"]))
+        head = tensors["weight"], tensors["bias"]
+    return OnnxModel(encoder, decoder, Vocab.load(path / "vocab.json"), meta["decoding"], info, path, head)

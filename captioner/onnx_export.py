@@ -19,7 +19,7 @@ import logging
 import os
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from .atomic import replace_folder
 from .encoders import image_transforms
 from .models.base import CaptionDecoder, State
 from .models.files import read_model_json, weights_sha256, write_model_json
-from .onnx_backend import GRAPHS, WEIGHTS_KEY, require_onnxruntime
+from .onnx_backend import CONCEPT_HEAD, GRAPHS, WEIGHTS_KEY, require_onnxruntime
 from .pipeline import Captioner
 
 QUANTIZE = ("none", "int8")
@@ -227,9 +227,10 @@ def stepwise_logprobs(decoder: Any, features: Tensor, captions: list[list[int]],
 
 @torch.inference_mode()
 def compare(reference: Captioner, exported: Captioner, images: list[Image.Image]) -> Agreement:
-    """Caption `images` with both (the reference's default decoding options) and compare."""
-    opts = reference.options()
-    ours, theirs = reference.generate(images, opts), exported.generate(images, opts)
+    """Caption `images` with both (the reference's default decoding options, the decoder's own words:
+    concepts act the same way on both, in PyTorch) and compare."""
+    opts = replace(reference.options(), concepts=False)
+    ours, theirs = [[r.captions for r in c.generate(images, opts)] for c in (reference, exported)]
     best = [c[0].tokens for c in ours]
     vocab = reference.vocab
     logprobs = []
@@ -288,6 +289,12 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
         info = {"weights_sha256": weights, "exported_from": model_dir.name, "quantized": [],
                 **export_decoder(reference.decoder, features, len(reference.vocab), tmp, weights)}
         reference.vocab.save(tmp / "vocab.json")
+        head = reference.encoder.imagenet_head()
+        if head is not None:  # what concepts need: the classifier over the encoder graph's output
+            from safetensors.torch import save_file
+
+            save_file({"weight": head[0].contiguous(), "bias": head[1].contiguous()}, str(tmp / CONCEPT_HEAD))
+            info["concept_head"] = CONCEPT_HEAD
         write_model_json(tmp, {**meta, "onnx": info})
         info["check"] = {**asdict(verify(reference, tmp, images, log)), "tolerance": TOLERANCE}
         write_model_json(tmp, {**meta, "onnx": info})

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .concepts import Concepts
 from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
@@ -22,6 +24,7 @@ from .decoding_options import DecodingOptions
 from .models import decoder_class, load_model, weights_sha256
 from .models.files import read_model_json
 from .runtime import resolve_device
+from .vocab import Vocab
 
 if TYPE_CHECKING:
     from .encoders import Encoder
@@ -36,12 +39,16 @@ class Captioner:
     """Encoder, decoder and vocabulary of one trained model, with its default decoding options.
 
     The encoder and decoder are PyTorch modules in eval mode, or their onnxruntime stand-ins
-    (onnx_backend.py) with the same methods: nothing past `from_pretrained` asks which."""
+    (onnx_backend.py) with the same methods: nothing past `from_pretrained` asks which. `concepts`
+    (where the encoder has its ImageNet head) names what the encoder recognises and lets the captions
+    say it (concepts.py); `words` is the vocabulary captions are written in, the model's own extended
+    by the concept words it lacks."""
 
-    def __init__(self, encoder: Encoder | OnnxEncoder, decoder: Decoder, vocab: Any, defaults: DecodingOptions,
-                 device: torch.device, path: Path | None = None) -> None:
+    def __init__(self, encoder: Encoder | OnnxEncoder, decoder: Decoder, vocab: Vocab, defaults: DecodingOptions,
+                 device: torch.device, path: Path | None = None, concepts: Concepts | None = None) -> None:
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
-        self.defaults, self.device, self.path = defaults, device, path
+        self.defaults, self.device, self.path, self.concepts = defaults, device, path, concepts
+        self.words = concepts.vocab if concepts is not None else vocab
         self.name = path.name if path is not None else ""
 
     @classmethod
@@ -55,14 +62,18 @@ class Captioner:
             if device not in ("auto", "cpu"):
                 raise ValueError(f"the onnx backend runs on the CPU, not {device!r}; use --backend torch for that device")
             exported = load_onnx(path)
+            concepts = Concepts(*exported.head, exported.vocab) if exported.head is not None else None
             return cls(exported.encoder, exported.decoder, exported.vocab, DecodingOptions(**exported.decoding),
-                       torch.device("cpu"), path=path)
+                       torch.device("cpu"), path=path, concepts=concepts)
         if backend != "torch":
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         dev = resolve_device(device)
         model = load_model(path, dev)
-        defaults = DecodingOptions(**model.decoding)
-        return cls(model.encoder(dev), model.decoder, model.vocab, defaults, dev, path=path)
+        encoder = model.encoder(dev)
+        head = encoder.imagenet_head()
+        concepts = Concepts(*head, model.vocab) if head is not None else None
+        return cls(encoder, model.decoder, model.vocab, DecodingOptions(**model.decoding), dev, path=path,
+                   concepts=concepts)
 
     @functools.cached_property
     def version(self) -> str:
@@ -90,13 +101,19 @@ class Captioner:
         return DecodingOptions(**base)
 
     @torch.inference_mode()
-    def generate(self, images: list[Image.Image] | torch.Tensor, opts: DecodingOptions) -> list[list[Caption]]:
-        """Captions for loaded RGB images, or for a (B, 3, S, S) batch `encoder.preprocess` made, as one batch."""
+    def generate(self, images: list[Image.Image] | torch.Tensor, opts: DecodingOptions) -> list[Captioned]:
+        """Captions and concepts for loaded RGB images, or for a (B, 3, S, S) batch `encoder.preprocess`
+        made, as one batch."""
         if not isinstance(images, torch.Tensor):
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
         features = self.encoder.regions(batch)
-        return beam_search(self.decoder, features, opts)
+        decoder, shown = self.decoder, [[] for _ in range(len(batch))]
+        if self.concepts is not None:
+            shown = self.concepts.shown(features)
+            if opts.concepts:
+                decoder = self.concepts.decoder(self.decoder, opts.concept_threshold)
+        return [Captioned(captions, concepts) for captions, concepts in zip(beam_search(decoder, features, opts), shown)]
 
     def __call__(self, inputs: ImageInput | list[ImageInput], batch_size: int = 16, **options: Any) -> list:
         """Caption one image or many; options as in DecodingOptions.
@@ -108,24 +125,26 @@ class Captioner:
         Many images are a list or tuple of those, or a 4-D batch: a numpy array BxHxWx3 or a tensor
         Bx3xHxW or BxHxWx3, which counts as a list of its B images.
 
-        One image gives [{"generated_text", "score"}, ...] (n-best, best first); many give one such list
-        per image. Anything else raises TypeError saying what is accepted; pixels of another shape or
+        One image gives [{"generated_text", "score", "concepts"}, ...] (n-best, best first; "concepts"
+        lists what the encoder recognised in the image, {"word", "probability"} most probable first, the
+        same in each); many give one such list per image. Anything else raises TypeError saying what is accepted; pixels of another shape or
         dtype raise ValueError (ImageError) naming them."""
         opts = self.options(**options)
         items, single = _as_images(inputs)
         out = []
         for s in range(0, len(items), batch_size):
             images = [load_image(x, name=name) for x, name in items[s:s + batch_size]]
-            out += [self.as_dicts(captions) for captions in self.generate(images, opts)]
+            out += [[{**c, "concepts": concept_dicts(r.concepts)} for c in self.as_dicts(r.captions)]
+                    for r in self.generate(images, opts)]
         return out[0] if single else out
 
     def as_dicts(self, captions: list[Caption]) -> list[dict]:
         """An n-best list in the pipeline's output form."""
-        return [{"generated_text": self.vocab.decode(c.tokens), "score": round(c.score, 4)} for c in captions]
+        return [{"generated_text": self.words.decode(c.tokens), "score": round(c.score, 4)} for c in captions]
 
     def attention_maps(self, caption: Caption) -> tuple[list[str], np.ndarray]:
         """A caption's words and their attention maps (T, H, W) on the encoder's grid."""
-        words = [self.vocab.itos[t] for t in caption.tokens]
+        words = [self.words.itos[t] for t in caption.tokens]
         h, w = self.encoder.grid()
         if not caption.alphas.numel():  # the no-attention baseline looks everywhere alike
             return words, np.full((len(words), h, w), 1.0 / (h * w), dtype=np.float32)
@@ -138,10 +157,24 @@ class Captioner:
         if not single:
             raise TypeError(f"attention takes one image ({ACCEPTED}), not a list or a batch")
         picture = load_image(items[0][0], name=items[0][1])
-        best = self.generate([picture], self.options(**options))[0][0]
+        best = self.generate([picture], self.options(**options))[0].captions[0]
         words, alphas = self.attention_maps(best)
         return {"generated_text": " ".join(words), "score": best.score, "words": words, "alphas": alphas,
                 "image": self.encoder.crop(picture)}
+
+
+@dataclass
+class Captioned:
+    """One image's n-best captions (best first) and the concepts its encoder recognised, (word,
+    probability) most probable first (concepts.SHOWN and SHOWN_MOST choose which)."""
+
+    captions: list[Caption]
+    concepts: list[tuple[str, float]]
+
+
+def concept_dicts(concepts: list[tuple[str, float]]) -> list[dict]:
+    """Concepts in the output form of the Python API, `caption --json`, bulk JSONL and the REST API."""
+    return [{"word": word, "probability": round(p, 3)} for word, p in concepts]
 
 
 def _as_images(inputs: Any) -> tuple[list[tuple[Any, str | None]], bool]:

@@ -41,7 +41,7 @@ from . import __version__
 from .data import ImageError, ImageTooLarge, expand_inputs, load_image
 from .decoding import Caption
 from .decoding_options import LIMITS, OPTIONS, DecodingOptions, OptionError
-from .pipeline import Captioner
+from .pipeline import Captioner, concept_dicts
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; decompression bombs (gigapixels) do not
@@ -68,6 +68,7 @@ class Result:
     """One image's n-best captions and what its batch cost."""
 
     captions: list[Caption]
+    concepts: list[tuple[str, float]]
     batch_size: int
     queue_ms: float
     model_ms: float
@@ -177,8 +178,9 @@ class Batcher:
         model_ms = (time.perf_counter() - start) * 1000
         self.batches += 1
         self.images += len(jobs)
-        for job, nbest in zip(jobs, captions):
-            job.future.set_result(Result(nbest, len(jobs), (start - job.queued) * 1000, model_ms))
+        for job, result in zip(jobs, captions):
+            job.future.set_result(Result(result.captions, result.concepts, len(jobs), (start - job.queued) * 1000,
+                                         model_ms))
 
 
 # What /api/caption takes and answers. The decoding options' names, types, ranges and help come from
@@ -229,9 +231,16 @@ class AttentionOut(BaseModel):
     maps: list[list[list[float]]] = Field(description="one rows x columns map per word, summing to 1")
 
 
+class ConceptOut(BaseModel):
+    word: str = Field(description="a caption word for what the encoder's ImageNet head recognised")
+    probability: float = Field(description="the head's probability of it, summed over the classes it names")
+
+
 class CaptionResponse(BaseModel):
     model: str
     captions: list[CaptionOut]
+    concepts: list[ConceptOut] = Field(description="what the encoder recognised, most probable first (for "
+                                                   "tagging; captions mention the confident ones)")
     timing: Timing
     attention: AttentionOut | None = None
 
@@ -470,6 +479,7 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
                                     result.queue_ms, result.model_ms)]
         timing = Timing(total_ms=ms[0], decode_ms=ms[1], queue_ms=ms[2], model_ms=ms[3], batch_size=result.batch_size)
         return CaptionResponse(model=info["name"], captions=captioner.as_dicts(result.captions),
+                               concepts=concept_dicts(result.concepts),
                                timing=timing, attention=attention)
 
     @app.get("/api/health")
@@ -570,7 +580,8 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
     def draw(crop: Image.Image, words: list[str], alphas: np.ndarray) -> list[tuple[Image.Image, str]]:
         return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
 
-    async def run(photo: str | None, *values: float | bool) -> tuple[str, list[list], list[tuple[Image.Image, str]]]:
+    async def run(photo: str | None, *values: float | bool
+                  ) -> tuple[str, dict[str, float], list[list], list[tuple[Image.Image, str]]]:
         if photo is None:
             raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
         chosen = {name: type(OPTIONS[name].default)(value) for name, value in zip(OPTIONS, values)}
@@ -588,7 +599,7 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         words, alphas = captioner.attention_maps(result.captions[0])
         heatmaps = await anyio.to_thread.run_sync(draw, crop, words, alphas, limiter=slots)
         table = [[rank, c["generated_text"], c["score"]] for rank, c in enumerate(nbest, 1)]
-        return nbest[0]["generated_text"], table, heatmaps
+        return nbest[0]["generated_text"], dict(result.concepts), table, heatmaps
 
     defaults = captioner.defaults
     with gr.Blocks(title="captioner") as demo:
@@ -606,10 +617,12 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                     gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example photos")
             with gr.Column(scale=3):
                 best = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+                tags = gr.Label(label="What the encoder recognises (ImageNet concepts, as tags)", num_top_classes=5,
+                                elem_id="concepts")
                 table = gr.Dataframe(headers=["rank", "caption", "score"], label="Beam search's n-best",
                                      interactive=False, elem_id="nbest")
                 gallery = gr.Gallery(label="Attention, word by word", columns=5, height="auto", elem_id="attention")
-        inputs, outputs = [image, *controls], [best, table, gallery]
+        inputs, outputs = [image, *controls], [best, tags, table, gallery]
         button.click(run, inputs, outputs, concurrency_limit=None, api_name="caption")
         image.upload(run, inputs, outputs, concurrency_limit=None, api_visibility="private")
     return demo

@@ -57,6 +57,7 @@ def test_upload_a_photo_and_read_its_caption(server_url: str, tmp_path: Path) ->
             caption = page.input_value("#caption textarea")
             page.wait_for_function("document.querySelectorAll('#attention img').length > 0", timeout=30_000)
             heatmaps = page.locator("#attention img").count()
+            tags = page.locator("#concepts").inner_text()
             page.wait_for_timeout(500)  # let the images paint before the picture is taken
             shot = Path(os.environ.get("CAPTIONER_SCREENSHOT") or tmp_path / "page.png")
             page.screenshot(path=str(shot), full_page=True)
@@ -68,5 +69,6 @@ def test_upload_a_photo_and_read_its_caption(server_url: str, tmp_path: Path) ->
     words = caption.split()
     assert words and all(w.isalpha() for w in words), caption
     assert heatmaps == len(words)  # one attention map per word of the best caption
+    assert "helmet" in tags  # the concepts the encoder recognised, shown as tags
     assert shot.stat().st_size > 10_000
     assert "/api/caption" in documented and "/api/health" in documented

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from captioner.concepts import (TABLE, concept_probs, concept_vocabulary, load_concept_words, read_concept_words,
-                                top_concepts)
-from captioner.vocab import tokenize
+from captioner.concepts import (N_CLASSES, TABLE, Concepts, concept_probs, concept_vocabulary, load_concept_words,
+                                neighbours, read_concept_words, top_concepts)
+from captioner.decoding import beam_search
+from captioner.decoding_options import DecodingOptions
+from captioner.vocab import Vocab, tokenize
 
 
 def table_rows() -> list[dict[str, str]]:
@@ -99,3 +102,83 @@ def test_a_malformed_table_names_file_and_line(tmp_path: Path):
     bad.write_text("\n".join(lines[:-1]) + "\n")
     with pytest.raises(ValueError, match=r"words\.tsv: expected 1000 class rows"):
         read_concept_words(bad)
+
+
+# --- decoding with concepts: a hand-made bigram decoder over a five-word vocabulary ---
+
+class Bigram:
+    """Next word from the previous one by a fixed table; records what it is fed."""
+
+    def __init__(self, vocab: Vocab, table: dict[str, dict[str, float]]) -> None:
+        probs = torch.full((len(vocab), len(vocab)), 1e-6)
+        for prev, row in table.items():
+            for word, p in row.items():
+                probs[vocab.stoi[prev], vocab.stoi[word]] = p
+        self.logprobs, self.fed = (probs / probs.sum(dim=1, keepdim=True)).log(), []
+
+    def init_state(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"features": features}
+
+    def step(self, words: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict, torch.Tensor]:
+        self.fed.append(words.tolist())
+        return self.logprobs[words], state, torch.zeros(len(words), 0)
+
+
+WORDS = ["a", "dog", "runs", "camera"]  # "dog" and "camera" are concept words; "cat" is not known
+NEXT = {"<start>": {"a": 0.9, "runs": 0.1}, "a": {"dog": 0.7, "camera": 0.3}, "dog": {"runs": 0.9, "<end>": 0.1},
+         "camera": {"runs": 0.5, "<end>": 0.5}, "runs": {"<end>": 1.0}}
+
+
+def concepts_seeing(vocab: Vocab, classes: dict[str, float], channels: int = 4) -> Concepts:
+    """Concepts whose head gives the named ImageNet classes these probabilities, whatever the features."""
+    bias = torch.full((N_CLASSES,), -30.0)
+    rest = 1.0 - sum(classes.values())
+    for name, p in classes.items():
+        bias[index_of(name)] = math.log(p)
+    bias[index_of("abacus")] = math.log(rest) if rest > 0 else -30.0  # somewhere the mass goes
+    return Concepts(torch.zeros(N_CLASSES, channels), bias, vocab)
+
+
+def decode(known: Concepts, decoder: Bigram, **options) -> list[str]:
+    opts = DecodingOptions(beam_size=3, max_length=6, num_captions=3, **options)
+    base = known.decoder(decoder, opts.concept_threshold) if opts.concepts else decoder
+    (captions,) = beam_search(base, torch.zeros(1, 2, 4), opts)
+    return [known.vocab.decode(c.tokens) for c in captions]
+
+
+def test_a_confident_concept_the_model_never_learned_takes_its_neighbours_place():
+    vocab = Vocab(WORDS)
+    concepts = concepts_seeing(vocab, {"tabby": 0.6, "tiger cat": 0.3})
+    assert "cat" in concepts.vocab.stoi and "cat" not in vocab.stoi
+    decoder = Bigram(vocab, NEXT)
+    assert decode(concepts, decoder, concepts=False)[0] == "a dog runs"
+    decoder.fed.clear()
+    assert decode(concepts, decoder)[0] == "a cat runs"
+    # after writing "cat" the decoder was fed the word it stands in for
+    assert any(vocab.stoi["dog"] in step for step in decoder.fed)
+    assert all(max(step) < len(vocab) for step in decoder.fed)
+
+
+def test_an_unconfident_concept_changes_nothing_and_new_words_never_tie_in():
+    vocab = Vocab(WORDS)
+    concepts = concepts_seeing(vocab, {"tabby": 0.3})  # below the default threshold of 0.5
+    decoder = Bigram(vocab, NEXT)
+    assert decode(concepts, decoder) == decode(concepts, decoder, concepts=False)
+    assert not any("cat" in caption.split() for caption in decode(concepts, decoder))
+    assert decode(concepts, decoder, concept_threshold=0.2)[0] == "a cat runs"
+
+
+def test_a_known_concept_is_favoured_once_and_not_repeated():
+    vocab = Vocab(WORDS)
+    concepts = concepts_seeing(vocab, {"reflex camera": 0.9})
+    table = {**NEXT, "camera": {"a": 0.6, "runs": 0.2, "<end>": 0.2}}  # the model would loop a camera a camera
+    decoder = Bigram(vocab, table)
+    captions = decode(concepts, decoder)
+    assert captions[0].split()[:2] == ["a", "camera"]
+    assert all(caption.split().count("camera") <= 1 for caption in captions[:1])
+
+
+def test_neighbours_are_alike_known_words_nearest_first():
+    near = neighbours(["dog", "monkey", "camera", "a"])
+    assert near["cat"][0] == "dog" and "camera" not in near["cat"]
+    assert near["dog"] == [w for w in near["dog"] if w != "dog"]  # never itself

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -22,12 +21,12 @@ from captioner.decoding import beam_search  # noqa: E402
 from captioner.decoding_options import DecodingOptions  # noqa: E402
 from captioner.models import DECODERS, decoder_class, decoder_from_config, save_model  # noqa: E402
 from captioner.models import weights_sha256  # noqa: E402
-from captioner.onnx_backend import GRAPHS, OnnxDecoder, open_session, require_onnxruntime  # noqa: E402
+from captioner.onnx_backend import CONCEPT_HEAD, GRAPHS, OnnxDecoder, open_session, require_onnxruntime  # noqa: E402
 from captioner.onnx_export import TOLERANCE, _stamp, compare, export_decoder, quantize_decoder, verify  # noqa: E402
 from captioner.pipeline import Captioner  # noqa: E402
 from captioner.vocab import Vocab  # noqa: E402
 
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, run_cli  # noqa: E402
 
 PHOTOS = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
 TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
@@ -61,12 +60,9 @@ def exported(model_dir) -> Path:
     return out
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True, cwd=ROOT)
-
-
 def test_export_writes_a_self_contained_folder_that_records_its_origin(model_dir, exported):
-    assert sorted(p.name for p in exported.iterdir()) == sorted([*GRAPHS.values(), "model.json", "vocab.json"])
+    assert sorted(p.name for p in exported.iterdir()) == sorted([*GRAPHS.values(), CONCEPT_HEAD, "model.json",
+                                                                 "vocab.json"])
     meta = json.loads((exported / "model.json").read_text())
     source = json.loads((model_dir / "model.json").read_text())
     assert meta["decoding"] == source["decoding"] and meta["encoder"] == source["encoder"]
@@ -90,6 +86,10 @@ def test_onnxruntime_gives_pytorchs_captions(model_dir, exported):
     assert [[c["generated_text"] for c in r] for r in ours] == [[c["generated_text"] for c in r] for r in theirs]
     for r, o in zip(ours, theirs):
         assert [c["score"] for c in r] == pytest.approx([c["score"] for c in o], abs=1e-3)
+    # the export carries the encoder's ImageNet head: the same concepts (the cat, the espresso) either way
+    assert runtime.concepts is not None
+    assert [[k["word"] for k in r[0]["concepts"]] for r in ours] == [[k["word"] for k in r[0]["concepts"]] for r in theirs]
+    assert any(k["word"] == "cat" for k in ours[PHOTOS.index(ROOT / "examples/photos/chelsea.jpg")][0]["concepts"])
     a, b = reference.attention(PHOTOS[0]), runtime.attention(PHOTOS[0])
     assert a["words"] == b["words"] and abs(a["alphas"] - b["alphas"]).max() < 1e-4
     assert a["image"].tobytes() == b["image"].tobytes()

@@ -25,7 +25,7 @@ def test_one_call_from_any_image_input_to_text(model_dir):
     captioner = Captioner.from_pretrained(model_dir, device="cpu")
     path = PHOTOS / "chelsea.jpg"
     out = captioner(path)
-    assert isinstance(out, list) and len(out) == 1 and set(out[0]) == {"generated_text", "score"}
+    assert isinstance(out, list) and len(out) == 1 and set(out[0]) == {"generated_text", "score", "concepts"}
     assert out[0]["score"] < 0
     same = [captioner(str(path)), captioner(Image.open(path)), captioner(np.asarray(Image.open(path))),
             captioner(path.read_bytes())]

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from captioner.decoding_options import LIMITS, OPTIONS, DecodingOptions  # noqa: E402
-from captioner.pipeline import DEFAULT_MODEL, Captioner  # noqa: E402
+from captioner.pipeline import DEFAULT_MODEL, Captioned, Captioner  # noqa: E402
 from captioner.serve import Batcher, Busy, create_app  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
@@ -206,7 +206,7 @@ class SlowModel:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("model broke")
-        return [[f"caption {float(p.sum()):.0f} beam {opts.beam_size}"] for p in pixels]
+        return [Captioned([f"caption {float(p.sum()):.0f} beam {opts.beam_size}"], []) for p in pixels]
 
 
 def test_batcher_groups_by_options_and_survives_a_failing_batch() -> None:
@@ -265,8 +265,9 @@ def test_ui_function_returns_captions_and_one_heatmap_per_word(captioner: Captio
     demo = build_ui(batcher, [])
     run = next(fn.fn for fn in demo.fns.values() if fn.api_name == "caption")
     values = page_values(beam_size=5, max_length=20, length_penalty=0.5, num_captions=7, block_trigrams=True)
-    best, table, heatmaps = asyncio.run(run(str(PHOTOS / "rocket.jpg"), *values))  # Gradio gives a file path
+    best, tags, table, heatmaps = asyncio.run(run(str(PHOTOS / "rocket.jpg"), *values))  # Gradio gives a file path
     batcher.close()
+    assert next(iter(tags)) == "rocket" and all(0 < p <= 1 for p in tags.values())  # what the encoder recognised
     assert best == table[0][1] and len(table) == 5  # num_captions is capped at the beam size
     assert [word for _, word in heatmaps] == best.split()
     assert heatmaps[0][0].size == (224, 224)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import read_folder, replace_folder
-from ..decoding_options import MODEL_KEYS
+from ..decoding_options import MODEL_DEFAULTS, MODEL_KEYS
 from ..vocab import Vocab
 from .base import CaptionDecoder, decoder_class
 
@@ -75,6 +75,15 @@ class LoadedModel:
         if self.encoder_state is None:
             return self.encoder_spec
         return {**self.encoder_spec, "weights": tuned_weights(self.encoder_state)}
+
+    def imagenet_head(self) -> tuple[Tensor, Tensor] | None:
+        """The ImageNet classifier over this model's features (concepts.py): its fine-tuned encoder's, or
+        the pretrained one's, read without building the encoder."""
+        from ..encoders import pretrained_head
+
+        if self.encoder_state is not None and "_fc.weight" in self.encoder_state:
+            return self.encoder_state["_fc.weight"], self.encoder_state["_fc.bias"]
+        return pretrained_head(self.encoder_spec)
 
     def encoder(self, device: str | torch.device = "cpu") -> Encoder:
         """Rebuild the encoder the model was trained on (pretrained, or its fine-tuned weights) and
@@ -144,7 +153,7 @@ def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_
             "decoder": {"family": decoder.family, "args": decoder.arguments()},
             "encoder": encoder_spec, "fine_tuned_encoder": encoder_state is not None,
             "vocab": {"size": len(vocab), "pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
-            "decoding": {key: decoding[key] for key in MODEL_KEYS}}
+            "decoding": {key: {**MODEL_DEFAULTS, **decoding}[key] for key in MODEL_KEYS}}
 
     def write(folder: Path) -> None:
         (folder / "model.safetensors").write_bytes(save(tensors))
@@ -176,8 +185,8 @@ def read_model_json(path: Path) -> dict[str, Any]:
         family = config["decoder"]
         names = [f.name for f in fields(decoder_class(family).Args)]
         meta = {**meta, "version": 2, "decoder": {"family": family, "args": {k: config[k] for k in names if k in config}},
-                "decoding": {k: config[k] for k in MODEL_KEYS}}
-    return meta
+                "decoding": {k: config[k] for k in MODEL_KEYS if k in config}}
+    return {**meta, "decoding": {**MODEL_DEFAULTS, **meta["decoding"]}}  # options newer than the file: defaults
 
 
 def average_models(models: list[LoadedModel]) -> LoadedModel:
