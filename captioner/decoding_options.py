@@ -38,7 +38,7 @@ class DecodingOptions:
     block_trigrams: bool = _option(False, "forbid a beam to repeat a word trigram")
     concepts: bool = _option(True, "mention what the encoder's ImageNet head recognises (a cat, an espresso), "
                                    "even words the model never learned; --no-concepts: the decoder alone")
-    concept_threshold: float = _option(0.5, "how probable a concept must be to be favoured in the caption",
+    concept_threshold: float = _option(0.3, "how probable a concept must be to be favoured in the caption",
                                        (0.01, 1.0))
 
     def __post_init__(self) -> None:

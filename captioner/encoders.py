@@ -5,6 +5,7 @@ ship as PyPI packages; any timm backbone plugs into the same registry as `timm:<
 """
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
 import math
@@ -45,6 +46,11 @@ class Encoder(nn.Module):
         """The ImageNet classifier over the mean of regions() (weight (1000, C), bias (1000,)), where the
         returned map is the one the classifier reads and its weights are trained; None elsewhere."""
         return None
+
+    def for_inference(self) -> Encoder:
+        """The same features, faster, for an encoder that will not train again (captioning, prepare):
+        here, itself; EfficientNet-Lite folds its BatchNorm layers into the convolutions."""
+        return self
 
     def regions(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, H*W, C): the feature map as the sequence of regions a decoder attends over."""
@@ -236,6 +242,25 @@ class EfficientNetLite(Encoder):
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         return self._fc(self.features(images, len(self._blocks), head=True).mean((2, 3)))
+
+    def for_inference(self) -> Encoder:
+        """A copy with every BatchNorm folded into the convolution before it (y = conv(x) * s + t with s =
+        gamma / sqrt(var + eps), t = beta - mean * s becomes one convolution with bias): the frozen encoder
+        spent more than half its time in BatchNorm. Stage 2, which trains the encoder, keeps the original."""
+        folded = copy.deepcopy(self).eval()
+        pairs = [(folded, "_conv_stem", "_bn0"), (folded, "_conv_head", "_bn1")]
+        for block in folded._blocks:
+            if block.has_expansion:
+                pairs.append((block, "_expand_conv", "_bn0"))
+            pairs += [(block, "_depthwise_conv", "_bn1"), (block, "_project_conv", "_bn2")]
+        with torch.no_grad():
+            for owner, conv_name, bn_name in pairs:
+                conv, bn = getattr(owner, conv_name), getattr(owner, bn_name)
+                scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+                conv.weight.mul_(scale.view(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=False)
+                setattr(owner, bn_name, nn.Identity())
+        return folded
 
     def imagenet_head(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.layer != "head" or self.weights == "random init":

@@ -28,19 +28,19 @@ from .features import Prepared, image_inputs, open_prepared
 from .metrics import fluency, format_fluency_table, score_captions
 from .models import check_encoder_spec, load_model
 from .runtime import resolve_device
-from .vocab import tokenize
+from .vocab import Vocab, tokenize
 
 
 @torch.inference_mode()
 def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: DecodingOptions,
                  device: torch.device, encoder: Encoder | None = None, batch_size: int = 100,
-                 concepts: Concepts | None = None) -> dict[str, str]:
+                 concepts: Concepts | None = None, vocab: Vocab | None = None) -> dict[str, str]:
     """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
     images through `encoder` once stage 2 has changed it; with `concepts` (and opts.concepts) as
-    `caption` does (concepts.py)."""
+    `caption` does (concepts.py). `vocab`: the decoder's, when it is not the prepared folder's."""
     was_training = decoder.training
     decoder.eval()
-    search, words = decoder, prepared.vocab
+    search, words = decoder, vocab or prepared.vocab
     if concepts is not None and opts.concepts:
         search, words = concepts.decoder(decoder, opts.concept_threshold), concepts.vocab
     out = {}
@@ -73,15 +73,15 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     loaded = load_model(model, dev)
     base = dataclasses.replace(DecodingOptions(**loaded.decoding), **{k: v for k, v in overrides.items() if v is not None})
     members = [(model, loaded)] + [(path, load_model(path, dev)) for path in ensemble]
-    for path, member in members:
-        if member.vocab.itos != prepared.vocab.itos:
-            raise ValueError(f"{path} was trained with another vocabulary than {prepared_dir}")
+    for path, member in members[1:]:  # the features must fit (below); the vocabulary is the model's own
+        if member.vocab.itos != loaded.vocab.itos:
+            raise ValueError(f"{path} was trained with another vocabulary than {model}: no ensemble")
     encoder = None
     head = loaded.imagenet_head()
     concepts = Concepts(*head, loaded.vocab) if head is not None else None
     specs = [member.features_spec for _, member in members]  # a fine-tuned encoder's is a digest: once each
     if len(members) == 1 and loaded.encoder_state is not None and specs[0] != prepared.spec:
-        encoder = loaded.encoder(dev)  # fine-tuned after these features were cached: re-encode the images
+        encoder = loaded.encoder(dev).for_inference()  # fine-tuned after these features were cached: re-encode
     else:
         for (path, _), spec in zip(members, specs):
             check_encoder_spec(spec, prepared.spec, f"{path} (against {prepared_dir})")
@@ -96,7 +96,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     for k in beam_sizes or [base.beam_size]:
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
-        predictions = decode_split(decoder, prepared, rows, opts, dev, encoder, concepts=concepts)
+        predictions = decode_split(decoder, prepared, rows, opts, dev, encoder, concepts=concepts,
+                                   vocab=loaded.vocab)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)

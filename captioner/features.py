@@ -271,6 +271,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     replace_file(root / "vocab.json", vocab.save)
 
     encoder, state = _encoder_to_prepare(cfg)
+    encoder = encoder.for_inference()
     device = resolve_device(cfg.device)
     features, status = extract(records, encoder, root, cfg.prepare_batch_size, device, log)
     if state is not None:  # after extract(), which refuses a folder holding other features

@@ -69,7 +69,7 @@ class Captioner:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         dev = resolve_device(device)
         model = load_model(path, dev)
-        encoder = model.encoder(dev)
+        encoder = model.encoder(dev).for_inference()
         head = encoder.imagenet_head()
         concepts = Concepts(*head, model.vocab) if head is not None else None
         return cls(encoder, model.decoder, model.vocab, DecodingOptions(**model.decoding), dev, path=path,

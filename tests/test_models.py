@@ -115,7 +115,7 @@ def test_export_sets_the_decoding_defaults_it_is_given_and_keeps_the_rest(tmp_pa
     # options the caller left out (concepts, newer than this model file) take their defaults
     assert load_model(tmp_path / "tuned").decoding == {"beam_size": 3, "max_length": 12, "length_penalty": 0.5,
                                                        "block_trigrams": True, "concepts": True,
-                                                       "concept_threshold": 0.5}
+                                                       "concept_threshold": 0.3}
     assert "length_penalty 0.5, block_trigrams True" in capsys.readouterr().out
     assert main(["export", str(tmp_path / "m"), str(tmp_path / "bad"), "--beam-size", "0"]) == 2
     assert "beam_size must be an integer from 1 to 20, got 0" in capsys.readouterr().err

@@ -215,16 +215,33 @@ def test_batcher_groups_by_options_and_survives_a_failing_batch() -> None:
     model = SlowModel()
     batcher = Batcher(model, max_batch_size=8, max_wait_ms=200)  # type: ignore[arg-type]
     one, three = DecodingOptions(beam_size=1), DecodingOptions(beam_size=3)
+    first = batcher.submit(torch.zeros(3, 2, 2), one)  # the model is idle: it starts at once, alone
+    deadline = time.time() + 10
+    while batcher._queue.qsize() and time.time() < deadline:  # the worker holds it, blocked in generate
+        time.sleep(0.001)
     futures = [batcher.submit(torch.full((3, 2, 2), float(i)), opts) for i, opts in enumerate([one, three, one, three])]
     model.release.set()
-    results = [f.result(timeout=10) for f in futures]
-    assert sorted(model.batches, key=lambda b: b[1].beam_size) == [(2, one), (2, three)]
-    assert [r.captions[0] for r in results] == ["caption 0 beam 1", "caption 12 beam 3", "caption 24 beam 1",
-                                                "caption 36 beam 3"]
+    results = [f.result(timeout=10) for f in [first, *futures]]
+    # the four that waited behind the first share the next pass, one batch per set of options
+    assert model.batches[0] == (1, one) and sorted(model.batches[1:], key=lambda b: b[1].beam_size) == [
+        (2, one), (2, three)]
+    assert [r.captions[0] for r in results[1:]] == ["caption 0 beam 1", "caption 12 beam 3", "caption 24 beam 1",
+                                                    "caption 36 beam 3"]
     model.fail_next = True
     with pytest.raises(RuntimeError, match="model broke"):
         batcher.submit(torch.zeros(3, 2, 2), one).result(timeout=10)
     assert batcher.submit(torch.ones(3, 2, 2), one).result(timeout=10).captions == ["caption 12 beam 1"]
+    batcher.close()
+
+
+def test_an_idle_batcher_answers_a_lone_request_without_waiting_the_window() -> None:
+    import torch
+
+    model = SlowModel()
+    model.release.set()
+    batcher = Batcher(model, max_batch_size=8, max_wait_ms=30_000)  # type: ignore[arg-type]
+    for _ in range(3):  # one client, one request at a time: each finds the model idle
+        assert batcher.submit(torch.zeros(3, 2, 2), DecodingOptions()).result(timeout=10).batch_size == 1
     batcher.close()
 
 
