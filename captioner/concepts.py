@@ -144,8 +144,8 @@ class Concepts:
     """One model's concepts: the encoder's ImageNet head (weight (1000, C), bias (1000,)) and the model's
     vocabulary extended with the concept words it lacks, each with the known words it may replace."""
 
-    def __init__(self, weight: Tensor, bias: Tensor, vocab: Vocab) -> None:
-        self.weight, self.bias, self.size = weight.float(), bias.float(), len(vocab)
+    def __init__(self, weight: Tensor, bias: Tensor, vocab: Vocab, strength: float = STRENGTH) -> None:
+        self.weight, self.bias, self.size, self.strength = weight.float(), bias.float(), len(vocab), strength
         near = neighbours(vocab.itos)
         words = _vocabulary()
         # a concept word with no known neighbour and not known itself could never be written
@@ -186,7 +186,7 @@ class ConceptDecoder:
     def init_state(self, features: Tensor) -> State:
         state = self.inner.init_state(features)
         probs = self.concepts.probs(features)[:, self.concepts.writable.to(features.device)]
-        bonus = torch.where(probs >= self.threshold, STRENGTH * probs, torch.zeros_like(probs))
+        bonus = torch.where(probs >= self.threshold, self.concepts.strength * probs, torch.zeros_like(probs))
         return {**state, BONUS: bonus}  # (B, writable concepts): what each still earns when written
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
