@@ -15,6 +15,7 @@ and, on a resume, the set of files already done (16 bytes each):
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
@@ -29,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 import torch
@@ -184,71 +186,89 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
     decoding = asdict(opts)
     done = read_done(captioner, decoding, output, target, rank, world)
     summary = Summary(already_done=len(done))
-
-    def todo(report: bool) -> Iterator[str]:
-        warn = (lambda msg: tqdm.write(f"skipped {msg}", file=sys.stderr)) if report else None
-        for key in walk_library(library, on_error=warn):
-            digest = path_hash(key)
-            if rank_of(digest, world) == rank and digest not in done:
-                yield key
-
-    def load(key: str) -> torch.Tensor:
-        return captioner.encoder.preprocess(load_image(library / key, name=key))
-
     start = time.perf_counter()
     tty = sys.stderr.isatty()
+    stop = threading.Event()
+    load = functools.partial(load_preprocessed, captioner, library)
     # The ETA needs the number of files to do: a second walk counts them in the background, and the bar
     # gets its total (and its ETA) when the count is in, instead of the run waiting for a full listing.
     with ThreadPoolExecutor(1) as counter, ThreadPoolExecutor(workers) as pool, \
             open(target, "a", encoding="utf-8") as out, \
             tqdm(unit="img", desc=f"rank {rank}" if world > 1 else "captions", disable=not progress,
                  mininterval=0.5 if tty else 30, dynamic_ncols=True) as bar:
-        stop = threading.Event()
-
-        def count() -> int:
-            """Files still to do; gives up when the run ends first (Ctrl-C, on a slow network share)."""
-            return sum(1 for _ in itertools.takewhile(lambda _: not stop.is_set(), todo(False)))
-
-        total: Future | None = counter.submit(count)
-        keys = todo(True)
-        pending: deque[tuple[str, Future]] = deque()
+        total: Future | None = counter.submit(count_until, todo(library, done, rank, world, None), stop)
         batch: list[tuple[str, torch.Tensor]] = []
-
-        def fill() -> None:
-            while len(pending) < PREFETCH_BATCHES * batch_size and (key := next(keys, None)) is not None:
-                pending.append((key, pool.submit(load, key)))
-
-        fill()
         try:
-            while pending or batch:
-                if pending:
-                    key, future = pending.popleft()
-                    fill()
-                    try:
-                        batch.append((key, future.result()))
-                    except ImageError as err:
-                        out.write(json.dumps({"file": key, "error": str(err)}) + "\n")
-                        out.flush()
-                        summary.failed += 1
-                        bar.update(1)
-                if batch and (len(batch) == batch_size or not pending):
-                    nbest = captioner.generate(torch.stack([x for _, x in batch]), opts)
-                    out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(result.captions),
-                                                  "concepts": concept_dicts(result.concepts),
-                                                  "model": captioner.name, "version": captioner.version,
-                                                  "decoding": decoding}) + "\n"
-                                      for (key, _), result in zip(batch, nbest)))
+            for key, image in prefetched(todo(library, done, rank, world, warn_skipped), load, pool,
+                                         PREFETCH_BATCHES * batch_size):
+                try:
+                    batch.append((key, image.result()))
+                except ImageError as err:
+                    out.write(json.dumps({"file": key, "error": str(err)}) + "\n")
                     out.flush()
+                    summary.failed += 1
+                    bar.update(1)
+                if len(batch) == batch_size:
+                    write_batch(out, captioner, batch, opts, decoding)
                     summary.captioned += len(batch)
                     bar.update(len(batch))
                     batch = []
                 if total is not None and total.done():
                     bar.total, total = total.result(), None
                     bar.refresh()
+            if batch:
+                write_batch(out, captioner, batch, opts, decoding)
+                summary.captioned += len(batch)
+                bar.update(len(batch))
         finally:
             stop.set()
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def todo(library: Path, done: DoneSet, rank: int, world: int,
+         warn: Callable[[str], None] | None) -> Iterator[str]:
+    """This rank's files of the library (relative paths) not in `done`, in walk order."""
+    for key in walk_library(library, on_error=warn):
+        digest = path_hash(key)
+        if rank_of(digest, world) == rank and digest not in done:
+            yield key
+
+
+def warn_skipped(message: str) -> None:
+    tqdm.write(f"skipped {message}", file=sys.stderr)  # above the progress bar, not through it
+
+
+def count_until(keys: Iterator[str], stop: threading.Event) -> int:
+    """How many keys there are; gives up when the run ends first (Ctrl-C, on a slow network share)."""
+    return sum(1 for _ in itertools.takewhile(lambda _: not stop.is_set(), keys))
+
+
+def load_preprocessed(captioner: Captioner, library: Path, key: str) -> torch.Tensor:
+    return captioner.encoder.preprocess(load_image(library / key, name=key))
+
+
+def prefetched(keys: Iterator[str], load: Callable[[str], torch.Tensor], pool: ThreadPoolExecutor,
+               ahead: int) -> Iterator[tuple[str, Future]]:
+    """(key, the future of its loaded image) in order, with up to `ahead` images read in the background."""
+    pending: deque[tuple[str, Future]] = deque()
+    for key in keys:
+        pending.append((key, pool.submit(load, key)))
+        if len(pending) > ahead:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+def write_batch(out: IO[str], captioner: Captioner, batch: list[tuple[str, torch.Tensor]], opts: DecodingOptions,
+                decoding: dict) -> None:
+    """Caption a batch and append its JSON lines, flushed: what is on disk is whole lines."""
+    results = captioner.generate(torch.stack([x for _, x in batch]), opts)
+    out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(result.captions),
+                                  "concepts": concept_dicts(result.concepts), "model": captioner.name,
+                                  "version": captioner.version, "decoding": decoding}) + "\n"
+                      for (key, _), result in zip(batch, results)))
+    out.flush()
 
 
 def merge_parts(output: str | Path) -> int:

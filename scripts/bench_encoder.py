@@ -5,6 +5,11 @@ on the first N JPEGs of a folder, and prints a markdown table row:
 | encoder | image size | batch | preprocess img/s | forward img/s | both img/s |
 
     python scripts/bench_encoder.py --encoder efficientnet_lite0 --n 256 --batch-size 32
+
+With --compare-folding it times the encoder as stage 2 trains it (BatchNorm unfolded) and as captioning
+and `prepare` run it (`Encoder.for_inference()`, BatchNorm folded into the convolutions) in one run, the
+two taking turns for --rounds rounds, and prints forward images/s for each and the largest difference
+between their features.
 """
 from __future__ import annotations
 
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=0, help="0: the encoder's native size")
     parser.add_argument("--layer", default="head")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
+    parser.add_argument("--compare-folding", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -45,6 +52,8 @@ def main() -> None:
         raise SystemExit(f"no JPEGs in {args.images}")
     batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     encoder = create_encoder(args.encoder, image_size=args.image_size, layer=args.layer)
+    if args.compare_folding:
+        return compare_folding(encoder, [load(encoder, batch) for batch in batches], args.rounds, args.threads)
 
     start = time.perf_counter()
     inputs = [load(encoder, batch) for batch in batches]
@@ -67,6 +76,26 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     print(f"| {encoder.name} | {encoder.image_size} | {args.batch_size} "
           f"| {n / preprocess_s:.1f} | {n / forward_s:.1f} | {n / both_s:.1f} |")
+
+
+def compare_folding(encoder: Encoder, inputs: list[torch.Tensor], rounds: int, threads: int) -> None:
+    folded = encoder.for_inference()
+    n = sum(len(x) for x in inputs)
+    speeds: dict[str, list[float]] = {"unfolded (stage 2)": [], "folded (captioning, prepare)": []}
+    with torch.inference_mode():
+        diff = max(float((encoder(x) - folded(x)).abs().max()) for x in inputs)  # also the warm-up
+        for _ in range(rounds):
+            for name, model in zip(speeds, (encoder, folded)):
+                start = time.perf_counter()
+                for x in inputs:
+                    model(x)
+                speeds[name].append(n / (time.perf_counter() - start))
+    base = sorted(speeds["unfolded (stage 2)"])[rounds // 2]
+    print(f"| threads | encoder | forward img/s (median of {rounds}) | vs unfolded |\n| ---: | --- | ---: | ---: |")
+    for name, values in speeds.items():
+        median = sorted(values)[rounds // 2]
+        print(f"| {threads} | {encoder.name} {name} | {median:.1f} | {median / base:.2f}x |")
+    print(f"largest feature difference: {diff:.2e}")
 
 
 if __name__ == "__main__":
