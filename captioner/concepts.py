@@ -23,12 +23,16 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .models.base import State
+
+if TYPE_CHECKING:
+    from .decoding import Decoder
 from .vocab import Vocab, tokenize
 
 TABLE = Path(__file__).with_name("concept_words.tsv")
@@ -171,7 +175,7 @@ class Concepts:
         """Per image, the concepts returned with its captions: up to SHOWN_MOST at least SHOWN probable."""
         return top_concepts(self.probs(features), threshold=SHOWN, k=SHOWN_MOST)
 
-    def decoder(self, decoder: object, threshold: float) -> "ConceptDecoder":
+    def decoder(self, decoder: Decoder, threshold: float) -> ConceptDecoder:
         return ConceptDecoder(decoder, self, threshold)
 
 
@@ -180,7 +184,7 @@ class ConceptDecoder:
     confident concepts take the place of their known neighbours, with a bonus, until they are written
     (see the module docstring)."""
 
-    def __init__(self, decoder: object, concepts: Concepts, threshold: float) -> None:
+    def __init__(self, decoder: Decoder, concepts: Concepts, threshold: float) -> None:
         self.inner, self.concepts, self.threshold = decoder, concepts, threshold
 
     def init_state(self, features: Tensor) -> State:

@@ -147,8 +147,9 @@ class Config:
                                          "'right' in its captions, so that they still describe it")
     num_workers: int = option(0, "unused (batches come from the in-memory feature cache); kept so older "
                                  "config files load, and not offered as a flag", range=(0, None))
-    amp: bool = option(True, "bfloat16 mixed precision where the device has native bfloat16 "
-                             "(CUDA, AVX512-BF16 CPUs)")
+    amp: bool = option(True, "allow bfloat16 autocast in training: used where the device has native bfloat16 "
+                             "and a few training steps of each precision, timed when the run starts, find it "
+                             "faster (logged, in metrics.csv, kept on resume); false: float32")
 
     # decoding (the defaults a trained model keeps for caption, serve and evaluate): decoding_options.py's table
     beam_size: int = config_field("beam_size")

@@ -4,6 +4,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -436,3 +437,49 @@ def test_encoder_from_refuses_what_cannot_give_tuned_features(prepared, stage_tw
     (tmp_path / "p" / ENCODER_FILE).unlink()  # the weights lost: training says so before any work
     with pytest.raises(FileNotFoundError, match=f"{ENCODER_FILE}.* missing"):
         train(small(tmp_path / "p", tmp_path / "run", epochs=1, batch_size=8), log=lambda s: None)
+
+
+def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prepared, tmp_path, monkeypatch):
+    """bfloat16 only where it measures faster; amp: false means float32 without measuring; a resumed run
+    trains in the precision it started with instead of measuring again."""
+    from captioner import train as train_mod
+
+    real_step, seen = train_mod.train_step, []
+
+    def bfloat16_is_slow(model, objective, optimizer, batch, grad_clip=0.0, use_amp=False):
+        seen.append(use_amp)
+        if use_amp:
+            time.sleep(0.2)
+        return real_step(model, objective, optimizer, batch, grad_clip, use_amp)
+    monkeypatch.setattr(train_mod, "train_step", bfloat16_is_slow)
+    monkeypatch.setattr(train_mod, "bf16_supported", lambda device: True)
+    logs: list[str] = []
+    run = tmp_path / "run"
+    state = train(small(prepared, run, epochs=1), log=logs.append)
+    assert state.precision == "float32" and True in seen  # both were timed, float32 won
+    assert any(line.startswith("precision: float32 (a training step took") for line in logs)
+    assert {h["precision"] for h in state.history} == {"float32"}
+    assert "precision" in (run / "metrics.csv").read_text().splitlines()[0]
+
+    def must_not_measure(*args):
+        raise AssertionError("a resumed run measured the precision again")
+    monkeypatch.setattr(train_mod, "choose_precision", must_not_measure)
+    state = train(small(prepared, run, epochs=2), resume=True, log=lambda s: None)
+    assert [h["precision"] for h in state.history] == ["float32", "float32"]
+
+    monkeypatch.undo()
+    seen.clear()
+    monkeypatch.setattr(train_mod, "train_step", bfloat16_is_slow)
+    off = train(small(prepared, tmp_path / "off", epochs=1, amp=False), log=lambda s: None)
+    assert off.precision == "float32" and True not in seen  # amp: false never tries bfloat16
+
+    def float32_is_slow(model, objective, optimizer, batch, grad_clip=0.0, use_amp=False):
+        seen.append(use_amp)
+        if not use_amp:
+            time.sleep(0.2)
+        return real_step(model, objective, optimizer, batch, grad_clip, use_amp)
+    monkeypatch.setattr(train_mod, "train_step", float32_is_slow)
+    monkeypatch.setattr(train_mod, "bf16_supported", lambda device: True)
+    seen.clear()
+    fast = train(small(prepared, tmp_path / "bf16", epochs=1), log=lambda s: None)
+    assert fast.precision == "bfloat16" and seen[-1] is True  # the epoch itself ran under autocast
