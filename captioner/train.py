@@ -547,6 +547,9 @@ def choose_precision(run: Run, stage: Stage, objective: Callable) -> str:
         return "float32"
     warm, timed = PRECISION_STEPS
     batches = run.data.batches(cfg.batch_size, cfg.seed, run.rank, run.world)[: warm + timed]
+    warm = min(warm, len(batches) - 1)  # a tiny train split: fewer warm-up steps, at least one timed
+    if warm < 0:
+        return "float32"
     seconds = {}
     cuda = [run.device.index or 0] if run.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
