@@ -37,7 +37,7 @@ class DecodingOptions:
     num_captions: int = _option(1, "n-best captions per image (at most beam_size)", (1, 20), per_request=True)
     block_trigrams: bool = _option(False, "forbid a beam to repeat a word trigram")
     concepts: bool = _option(True, "mention what the encoder's ImageNet head recognises (a cat, an espresso), "
-                                   "even words the model never learned; --no-concepts: the decoder alone")
+                                   "even words the model never learned; off: the decoder alone")
     concept_threshold: float = _option(0.3, "how probable a concept must be to be favoured in the caption",
                                        (0.01, 1.0))
 
