@@ -17,8 +17,9 @@ RESUME = {"prepare": "run the same command again to resume",
           "train": "add --resume to the same command to go on from the last checkpoint",
           "caption": "with a .jsonl --output, run the same command again to resume"}
 EVALUATE_KEYS = tuple(k for k in MODEL_KEYS if k != "beam_size")  # beam sizes: --beam-sizes
-PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "min_count", "max_caption_length",
-                 "encoder", "image_size", "feature_layer", "prepare_batch_size", "encoder_from", "device"]
+PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "holdout_words", "min_count",
+                 "max_caption_length", "encoder", "image_size", "feature_layer", "prepare_batch_size", "encoder_from",
+                 "device"]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:

@@ -129,3 +129,21 @@ def test_prepare_on_real_flickr8k_images(tmp_path):
     assert all(len(r.captions) == 5 for r in prep.records)
     assert {"dog", "man", "water"} <= set(prep.vocab.itos)
     assert float(prep.features[:8].astype(np.float32).std()) > 0.1
+
+
+def test_held_out_words_leave_their_train_images_out_and_nothing_else(tmp_path):
+    """The novel-object protocol: train images whose captions mention a held-out word (whole tokens) are
+    gone, so the vocabulary never has it; dev and test keep theirs."""
+    from captioner import cli
+
+    data = write_flickr_dataset(tmp_path / "data", n=15, size=40)  # captions "a red picture of noise", ...
+    assert cli.main(["prepare", "--data", str(data), "--prepared", str(tmp_path / "all"), "--min-count", "1"]) == 0
+    assert cli.main(["prepare", "--data", str(data), "--prepared", str(tmp_path / "held"), "--min-count", "1",
+                     "--holdout-words", "red, Blues"]) == 0
+    everything, held = open_prepared(tmp_path / "all"), open_prepared(tmp_path / "held")
+    train_of = lambda p: [r for r in p.records if r.split == "train"]  # noqa: E731
+    assert 0 < len(train_of(held)) < len(train_of(everything))
+    assert not any("red" in c.split() for r in train_of(held) for c in r.captions)
+    assert "red" not in held.vocab.stoi and "red" in everything.vocab.stoi
+    assert [r.name for r in everything.records if r.split != "train"] == \
+        [r.name for r in held.records if r.split != "train"]
