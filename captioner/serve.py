@@ -240,6 +240,10 @@ class ConceptOut(BaseModel):
     probability: float = Field(description="the head's probability of it, summed over the classes it names")
 
 
+class GeneratedText(BaseModel):
+    generated_text: str
+
+
 class CaptionResponse(BaseModel):
     model: str
     captions: list[CaptionOut]
@@ -343,6 +347,9 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
         "image": {"type": "string", "format": "binary"}, **Options.model_json_schema()["properties"]}}},
     "application/json": {"schema": JsonRequest.model_json_schema()}}}}
+RAW_BODY = {"requestBody": {"required": True, "content": {
+    "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 CAPTION_ERRORS = {400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
                   401: {"description": "the server has an API key and the request did not bear it"},
                   413: {"description": "file or pixel count over the server's limits"},
@@ -386,9 +393,16 @@ def inflight_guard(limit: int) -> Callable:
 
 
 async def read_request(request: Request) -> tuple[bytes, str, dict]:
-    """The image file, its name and the option fields of a multipart or JSON request; a body that is
-    neither, or is empty, is refused with the status that says why."""
+    """The image file, its name and the option fields of a multipart or JSON request, or of a raw image
+    body (`image/*` or `application/octet-stream`, as Hugging Face clients send it) with the options in
+    the query string; any other body, or an empty one, is refused with the status that says why."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind.startswith("image/") or kind in ("application/octet-stream", ""):  # no type: a client sending bytes
+        data = await request.body()
+        if not data:
+            raise HTTPException(400, "empty body: send the image as multipart field 'image', as JSON, or as the "
+                                     "body itself (image/*)")
+        return data, "image", dict(request.query_params)
     if kind == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=10)
         upload = form.get("image")
@@ -416,9 +430,8 @@ async def read_request(request: Request) -> tuple[bytes, str, dict]:
         except (binascii.Error, ValueError):
             raise invalid_field("image", "image is not valid base64", text) from None
         return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
-    if not kind and not await request.body():
-        raise HTTPException(400, "empty body: send the image as multipart field 'image' or as JSON")
-    raise HTTPException(415, f"content type {kind or '(none)'} is not multipart/form-data or application/json")
+    raise HTTPException(415, f"content type {kind or '(none)'} is not multipart/form-data, application/json, "
+                             "image/* or application/octet-stream")
 
 
 def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, batch_wait_ms: float = BATCH_WAIT_MS,
@@ -485,6 +498,14 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
         return CaptionResponse(model=info["name"], captions=captioner.as_dicts(result.captions),
                                concepts=concept_dicts(result.concepts),
                                timing=timing, attention=attention)
+
+    @app.post("/api/image-to-text", dependencies=guards, openapi_extra=RAW_BODY, responses=CAPTION_ERRORS)
+    async def image_to_text(request: Request) -> list[GeneratedText]:
+        """The Hugging Face Inference API's image-to-text: the image file as the body, decoding options in
+        the query string; answers [{"generated_text": ...}], best first. `huggingface_hub`'s
+        `InferenceClient(model="http://HOST:PORT/api/image-to-text").image_to_text(photo)` reads it."""
+        answer = await caption(request)
+        return [GeneratedText(generated_text=c.generated_text) for c in answer.captions]
 
     @app.get("/api/health")
     async def health() -> dict:

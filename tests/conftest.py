@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -107,3 +110,28 @@ def write_synthetic_prepared(root: Path, train_images: int, val_images: int, wor
     spec = {"encoder": "synthetic", "image_size": 224, "layer": "head", "channels": channels, "grid": [7, 7],
             "preprocess": "none", "weights": "none"}
     _write_json(root / "features.json", {"spec": spec, "shape": list(shape), "batch_size": 32})
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """`captioner serve` (the shipped model, the page and the API) on a free loopback port, for real clients."""
+    pytest.importorskip("gradio")
+    import uvicorn
+
+    from captioner.pipeline import Captioner
+    from captioner.serve import create_app, example_photos
+
+    app = create_app(Captioner.from_pretrained(device="cpu"), examples=example_photos(ROOT / "examples" / "photos"))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)

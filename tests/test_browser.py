@@ -3,9 +3,6 @@
 Set CAPTIONER_SCREENSHOT=docs/images/serve_ui.png to keep the screenshot (the README's picture)."""
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -18,30 +15,6 @@ PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (apt-get install chromium; "
                                                           ".ci/run installs it)")
-
-
-@pytest.fixture(scope="module")
-def server_url():
-    pytest.importorskip("gradio")
-    import uvicorn
-
-    from captioner.pipeline import Captioner
-    from captioner.serve import create_app, example_photos
-
-    app = create_app(Captioner.from_pretrained(device="cpu"), examples=example_photos(PHOTOS))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
 
 
 def test_upload_a_photo_and_read_its_caption(server_url: str, tmp_path: Path) -> None:

@@ -113,7 +113,9 @@ def test_bodies_over_the_limit_are_refused_before_reading(client: TestClient) ->
     ({}, 400, "empty body"),
     ({"content": b"", "headers": {"content-type": "application/json"}}, 400, "empty body"),
     ({"data": {"beam_size": "3"}}, 400, "no file field 'image'"),
-    ({"content": b"GIF89a", "headers": {"content-type": "image/gif"}}, 415, "image/gif"),
+    ({"content": b"GIF89a", "headers": {"content-type": "text/plain"}}, 415, "text/plain"),
+    ({"content": b"", "headers": {"content-type": "image/jpeg"}}, 400, "empty body"),
+    ({"content": b"GIF89a", "headers": {"content-type": "image/gif"}}, 400, "image"),  # a raw body, truncated
 ])
 def test_malformed_requests_say_what_to_send(client: TestClient, request_kwargs: dict, status: int, says: str) -> None:
     if "data" in request_kwargs:  # multipart without the file
@@ -614,6 +616,11 @@ def test_api_key_is_required_as_a_bearer_token_when_set(captioner: Captioner) ->
             assert r.headers["www-authenticate"] == "Bearer" and "s3cret" not in r.text
         ok = c.post("/api/caption", files={"image": ("c.jpg", photo)}, headers={"authorization": "Bearer s3cret-key"})
         assert ok.status_code == 200, ok.text
+        raw = {"content-type": "image/jpeg"}
+        assert c.post("/api/image-to-text", content=photo, headers=raw).status_code == 401  # the same guard
+        answer = c.post("/api/image-to-text?beam_size=5", content=photo,
+                        headers={**raw, "authorization": "Bearer s3cret-key"})
+        assert answer.status_code == 200 and set(answer.json()[0]) == {"generated_text"}
         assert c.get("/api/health").status_code == 200  # open: load balancers probe it without secrets
         assert "bearer" in str(c.get("/openapi.json").json()["components"]["securitySchemes"]).lower()
 
@@ -716,3 +723,25 @@ def test_serve_command_access_settings(monkeypatch: pytest.MonkeyPatch, capsys: 
         assert c.post("/api/caption", files=photo).status_code == (401 if env else 200)
         if env:
             assert c.post("/api/caption", files=photo, headers={"authorization": f"Bearer {env}"}).status_code == 200
+
+
+# --- the clients people already use, for real, against a running server ---
+
+def test_the_hugging_face_inference_client_reads_captions(server_url: str, captioner: Captioner) -> None:
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    client = huggingface_hub.InferenceClient(model=f"{server_url}/api/image-to-text")
+    for name in ("chelsea.jpg", "coffee.jpg"):
+        out = client.image_to_text(str(PHOTOS / name))  # posts the raw file, reads [{"generated_text"}]
+        assert out.generated_text == captioner(str(PHOTOS / name))[0]["generated_text"]
+    with pytest.raises(huggingface_hub.errors.HfHubHTTPError) as refused:
+        client.image_to_text(b"not an image")
+    assert refused.value.response.status_code == 400  # the same checks as /api/caption
+
+
+def test_the_gradio_client_calls_the_page(server_url: str, captioner: Captioner) -> None:
+    gradio_client = pytest.importorskip("gradio_client")
+    client = gradio_client.Client(server_url + "/", verbose=False)
+    photo = gradio_client.handle_file(str(PHOTOS / "chelsea.jpg"))
+    caption, tags, *_ = client.predict(photo, *page_values(), api_name="/caption")
+    assert caption == captioner(str(PHOTOS / "chelsea.jpg"))[0]["generated_text"]
+    assert tags["label"] == "cat"
