@@ -206,6 +206,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .search import build_index, search
+    from .sentences import load_sentence_encoder
+
+    if not Path(args.captions).is_file():
+        raise SystemExit(f"captioner search: {args.captions}: no such file (make one with `captioner caption "
+                         "LIBRARY/ --output captions.jsonl`)")
+    encoder = load_sentence_encoder(device=args.device)
+    found = search(build_index(args.captions, encoder, log=lambda s: print(s, file=sys.stderr)), encoder,
+                   args.query, args.top)
+    if args.json:
+        print(json.dumps([{"file": f, "score": round(s, 4)} for f, s in found], indent=1))
+    else:
+        for file, score in found:
+            print(f"{score:.3f}\t{file}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Neural image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threads reading and resizing images while the model runs (with a .jsonl --output)")
     p.add_argument("--attention", metavar="DIR", help="write one attention picture (PNG) per image into DIR")
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("search", help="find photos of a captioned library (a bulk .jsonl) by describing them")
+    p.add_argument("captions", help="the .jsonl `caption LIBRARY/ --output NAME.jsonl` wrote")
+    p.add_argument("query", help='what to look for, e.g. "two dogs on a beach"')
+    p.add_argument("--top", type=int, default=10, help="how many photos to list (default: 10)")
+    p.add_argument("--json", action="store_true", help="print JSON: file and score, best first")
+    p.add_argument("--device", default="cpu", help="device of the sentence encoder (default: cpu)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="REST API (/api/caption, /docs) and browser UI (/) in one process")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")

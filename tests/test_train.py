@@ -449,7 +449,7 @@ def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prep
     def bfloat16_is_slow(model, objective, optimizer, batch, grad_clip=0.0, use_amp=False):
         seen.append(use_amp)
         if use_amp:
-            time.sleep(0.2)
+            time.sleep(0.5)  # far beyond the noise of a busy machine
         return real_step(model, objective, optimizer, batch, grad_clip, use_amp)
     monkeypatch.setattr(train_mod, "train_step", bfloat16_is_slow)
     monkeypatch.setattr(train_mod, "bf16_supported", lambda device: True)
@@ -476,7 +476,7 @@ def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prep
     def float32_is_slow(model, objective, optimizer, batch, grad_clip=0.0, use_amp=False):
         seen.append(use_amp)
         if not use_amp:
-            time.sleep(0.2)
+            time.sleep(0.5)  # far beyond the noise of a busy machine
         return real_step(model, objective, optimizer, batch, grad_clip, use_amp)
     monkeypatch.setattr(train_mod, "train_step", float32_is_slow)
     monkeypatch.setattr(train_mod, "bf16_supported", lambda device: True)

@@ -1,0 +1,90 @@
+"""`captioner search`: find the photos of a captioned library by describing them, offline.
+
+The library is a bulk JSONL (`captioner caption LIBRARY/ --output captions.jsonl`). Each photo's text is
+its best caption and its concepts ("a dog runs on the beach. dog, ball"); the MiniLM sentence encoder
+(sentences.py) turns texts and the query into unit vectors, and photos rank by cosine.
+
+The vectors are cached beside the JSONL (NAME.jsonl.search.npy, float16, and NAME.jsonl.search.json: the
+files in row order and how many bytes of the JSONL they cover). The JSONL only grows while a library is
+captioned, so a later search embeds just the lines added since; a JSONL that no longer starts with the
+covered bytes (rewritten, merged from shards) is embedded again from the top.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import replace_file
+from .sentences import SENTENCE_MODEL, SentenceEncoder
+
+BATCH = 256  # texts per encoder call
+
+
+@dataclass
+class Index:
+    files: list[str]  # row i's photo, as the JSONL names it
+    vectors: np.ndarray  # (N, D) float16 unit rows
+
+
+def record_text(record: dict) -> str | None:
+    """What a JSONL line says about its photo, or None for a line with an error instead of captions."""
+    captions = record.get("captions")
+    if not captions:
+        return None
+    words = [c["word"] for c in record.get("concepts", [])]
+    return captions[0]["generated_text"] + (". " + ", ".join(words) if words else "")
+
+
+def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str], None] = print) -> Index:
+    """The library's vectors, from the cache where it still matches the JSONL, the rest embedded now."""
+    jsonl = Path(jsonl)
+    data = jsonl.read_bytes()
+    meta_path, table_path = jsonl.with_name(jsonl.name + ".search.json"), jsonl.with_name(jsonl.name + ".search.npy")
+    files: list[str] = []
+    vectors = np.zeros((0, 0), dtype=np.float16)
+    covered = 0
+    if meta_path.exists() and table_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if (meta["model"] == SENTENCE_MODEL and meta["bytes"] <= len(data)
+                and hashlib.sha256(data[: meta["bytes"]]).hexdigest() == meta["sha256"]):
+            files, vectors, covered = meta["files"], np.load(table_path), meta["bytes"]
+    end = data.rfind(b"\n") + 1  # a half-written last line waits for the next search
+    texts, new_files = [], []
+    for number, line in enumerate(data[covered:end].splitlines(), 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{jsonl}: a line after byte {covered} is not JSON ({err.msg}); line {number} of "
+                             "the new part") from None
+        text = record_text(record)
+        if text is not None:
+            texts.append(text)
+            new_files.append(record["file"])
+    if texts:
+        log(f"search: embedding {len(texts)} new captions of {jsonl}")
+        fresh = np.concatenate([encoder(texts[s:s + BATCH]) for s in range(0, len(texts), BATCH)]).astype(np.float16)
+        vectors = np.concatenate([vectors, fresh]) if len(vectors) else fresh
+        files = files + new_files
+    if end != covered:
+        buffer = io.BytesIO()
+        np.save(buffer, vectors)
+        replace_file(table_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+        meta = {"model": SENTENCE_MODEL, "bytes": end, "sha256": hashlib.sha256(data[:end]).hexdigest(),
+                "files": files}
+        replace_file(meta_path, lambda tmp: tmp.write_text(json.dumps(meta) + "\n"))  # last: it names the table
+    return Index(files, vectors)
+
+
+def search(index: Index, encoder: SentenceEncoder, query: str, top: int = 10) -> list[tuple[str, float]]:
+    """The `top` photos whose text is nearest the query, best first, with their cosine."""
+    if not len(index.files):
+        return []
+    scores = index.vectors.astype(np.float32) @ encoder([query])[0].astype(np.float32)
+    best = np.argsort(-scores, kind="stable")[:top]
+    return [(index.files[i], float(scores[i])) for i in best]
