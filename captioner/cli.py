@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from .config import BACKENDS, add_config_flags, config_from_args
-from .decoding_options import MODEL_KEYS, add_decoding_flags, given
+from .config import BACKENDS, add_config_flags, add_decoding_flags, config_from_args, given
+from .decoding_options import MODEL_KEYS
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N or mps (default: auto)"
 BACKEND_HELP = "torch, or onnx for a folder `export --format onnx` wrote (default: torch)"

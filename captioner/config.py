@@ -259,19 +259,38 @@ def add_config_flags(parser: argparse.ArgumentParser, names: list[str] | None = 
     field's help, choices or range, and default."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of options; flags given here override it")
     for f in fields(Config):
-        if (names is not None and f.name not in names) or f.name in UNUSED:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        text = f.metadata["help"]
-        if "range" in f.metadata:
-            text += f"; {_describe_range(*f.metadata['range'])}"
-        text = f"{text} (default: {f.default!r})".replace("%", "%%")  # argparse formats help with %
-        if isinstance(f.default, bool):  # default None: a flag not given leaves the file's value alone
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            kind = type(f.default)
-            parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
-                                metavar=None if "choices" in f.metadata else kind.__name__.upper(), help=text)
+        if (names is None or f.name in names) and f.name not in UNUSED:
+            add_field_flag(parser, f, repr(f.default))
+
+
+def add_decoding_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] = tuple(OPTIONS),
+                       default: str = "the model's own") -> None:
+    """The flags of the decoding options in `names` (their Config fields, made from decoding_options.py's
+    table) for commands that run a trained model: what the user does not give falls back to `default`."""
+    for f in fields(Config):
+        if f.name in names:
+            add_field_flag(parser, f, default)
+
+
+def add_field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, default: str) -> None:
+    """`--kebab-case` for field `f`, with its help, choices or range, and what applies when it is not
+    given. Its value is None then, so it leaves the config file's or the model's value alone."""
+    text = f.metadata["help"]
+    if "range" in f.metadata:
+        text += f"; {_describe_range(*f.metadata['range'])}"
+    text = f"{text} (default: {default})".replace("%", "%%")  # argparse formats help with %
+    flag = "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool):
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
+    else:
+        kind = type(f.default)
+        parser.add_argument(flag, dest=f.name, type=kind, default=None, choices=f.metadata.get("choices"),
+                            metavar=None if "choices" in f.metadata else kind.__name__.upper(), help=text)
+
+
+def given(args: argparse.Namespace, names: tuple[str, ...] = tuple(OPTIONS)) -> dict[str, Any]:
+    """The decoding options among `names` that the user gave as flags."""
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

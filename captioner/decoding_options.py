@@ -1,13 +1,12 @@
 """The decoding options: the one table of their names, defaults, ranges and help.
 
 `DecodingOptions` validates them. Everything else derives from its fields: the Config's decoding
-fields (the defaults a trained model keeps), the CLI's flags (`add_decoding_flags`), the keys a model
+fields (the defaults a trained model keeps) and through them the CLI's flags, the keys a model
 folder stores, the REST API's schema and the page's controls. Torch-free, so the Config and
 `captioner --help` read it without loading torch.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -74,26 +73,3 @@ def config_field(name: str) -> Any:
     if f.metadata["range"] is not None:
         meta["range"] = f.metadata["range"]
     return field(default=f.default, metadata=meta)
-
-
-def add_decoding_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] = tuple(OPTIONS),
-                       default: str = "the model's own") -> None:
-    """One flag per decoding option in `names`, each defaulting to None so that what the user did not
-    give falls back to `default` (said in the help)."""
-    for name in names:
-        f = OPTIONS[name]
-        flag, text = "--" + name.replace("_", "-"), f.metadata["help"]
-        if f.metadata["range"] is not None:
-            low, high = f.metadata["range"]
-            text += f"; from {low:g} to {high:g}"
-        text = f"{text} (default: {default})".replace("%", "%%")
-        if type(f.default) is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            kind = type(f.default)
-            parser.add_argument(flag, dest=name, type=kind, default=None, metavar=kind.__name__.upper(), help=text)
-
-
-def given(args: argparse.Namespace, names: tuple[str, ...] = tuple(OPTIONS)) -> dict[str, Any]:
-    """The decoding options among `names` that the user gave as flags."""
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
