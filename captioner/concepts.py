@@ -30,10 +30,10 @@ import torch
 from torch import Tensor
 
 from .models.base import State
+from .vocab import Vocab, tokenize
 
 if TYPE_CHECKING:
     from .decoding import Decoder
-from .vocab import Vocab, tokenize
 
 TABLE = Path(__file__).with_name("concept_words.tsv")
 VECTORS = Path(__file__).with_name("concept_vectors.npy")
@@ -137,11 +137,10 @@ def neighbours(known: Sequence[str], k: int = NEIGHBOURS, least: float = LEAST_S
         return {w: [] for w in words}
     vectors = _vectors()
     similar = vectors @ vectors[columns].T  # (W, known concept words)
-    out = {}
-    for j, word in enumerate(words):
-        order = similar[j].argsort(descending=True).tolist()
-        out[word] = [words[columns[i]] for i in order if words[columns[i]] != word and similar[j, i] >= least][:k]
-    return out
+    similar[columns, torch.arange(len(columns))] = -INF  # a word is not its own stand-in
+    values, nearest = similar.topk(min(k, len(columns)), dim=1)
+    return {word: [words[columns[i]] for v, i in zip(row_values, row_nearest) if v >= least]
+            for word, row_values, row_nearest in zip(words, values.tolist(), nearest.tolist())}
 
 
 class Concepts:
@@ -160,11 +159,13 @@ class Concepts:
         self.column = torch.tensor([self.vocab.stoi[w] for w in writable], dtype=torch.long)
         # what the decoder is fed after a new word: its nearest known word (id - size -> id)
         self.anchor = torch.tensor([vocab.stoi[near[w][0]] for w in new], dtype=torch.long)
-        # (writable, NEIGHBOURS + 1) ids whose log-probability a concept may take: itself if known, then its
-        # neighbours; -1 pads
+        # (writable, up to NEIGHBOURS + 1) ids whose log-probability a concept may take: itself if known, then
+        # its neighbours; `padding` marks the places of rows shorter than the longest
         rows = [([vocab.stoi[w]] if w in vocab.stoi else []) + [vocab.stoi[n] for n in near[w]] for w in writable]
         width = max(map(len, rows), default=1)
-        self.sources = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.long).view(-1, width)
+        self.sources = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.long).view(-1, width)
+        self.padding = torch.tensor([[i >= len(r) for i in range(width)] for r in rows],
+                                    dtype=torch.bool).view(-1, width)
 
     def probs(self, features: Tensor) -> Tensor:
         """(B, L, C) encoder features -> (B, W) concept probabilities."""
@@ -186,16 +187,20 @@ class ConceptDecoder:
 
     def __init__(self, decoder: Decoder, concepts: Concepts, threshold: float) -> None:
         self.inner, self.concepts, self.threshold = decoder, concepts, threshold
+        self.anchor, self.column = concepts.anchor, concepts.column
+        self.sources, self.padding = concepts.sources, concepts.padding
 
     def init_state(self, features: Tensor) -> State:
         state = self.inner.init_state(features)
-        probs = self.concepts.probs(features)[:, self.concepts.writable.to(features.device)]
+        device = features.device  # the index tensors move there once, not at every step
+        self.anchor, self.column, self.sources, self.padding = (
+            t.to(device) for t in (self.anchor, self.column, self.sources, self.padding))
+        probs = self.concepts.probs(features)[:, self.concepts.writable.to(device)]
         bonus = torch.where(probs >= self.threshold, self.concepts.strength * probs, torch.zeros_like(probs))
         return {**state, BONUS: bonus}  # (B, writable concepts): what each still earns when written
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
-        concepts, device = self.concepts, words.device
-        size, anchor, column = concepts.size, concepts.anchor.to(device), concepts.column.to(device)
+        size, anchor, column = self.concepts.size, self.anchor, self.column
         bonus = state[BONUS]
         inner = {name: v for name, v in state.items() if name != BONUS}
         if len(anchor):
@@ -204,12 +209,12 @@ class ConceptDecoder:
             words_known = words
         logprobs, new_inner, alpha = self.inner.step(words_known, inner)
         logprobs = logprobs.float()
-        written = column.unsqueeze(0) == words.unsqueeze(1)  # (rows, writable): the concept just written
-        if bool((written & (bonus > 0)).any()):  # its bonus is spent, and saying it again costs as much
-            bonus = torch.where(written & (bonus > 0), -bonus, bonus)
-        sources = concepts.sources.to(device)
-        taken = logprobs[:, sources.clamp(min=0)].masked_fill(sources < 0, -INF).amax(dim=2)  # (rows, writable)
-        extended = torch.cat([logprobs, logprobs.new_full((len(logprobs), len(concepts.vocab) - size), -INF)], dim=1)
+        spent = (column.unsqueeze(0) == words.unsqueeze(1)) & (bonus > 0)  # (rows, writable): just written
+        if bool(spent.any()):  # its bonus is spent, and saying it again costs as much
+            bonus = torch.where(spent, -bonus, bonus)
+        taken = logprobs[:, self.sources].masked_fill(self.padding, -INF).amax(dim=2)  # (rows, writable)
+        extended = torch.cat([logprobs, logprobs.new_full((len(logprobs), len(self.concepts.vocab) - size), -INF)],
+                             dim=1)
         current = extended[:, column]
         extended[:, column] = torch.where(bonus > 0, taken + bonus, current + bonus.clamp(max=0))
         return extended, {**new_inner, BONUS: bonus}, alpha
