@@ -84,6 +84,12 @@ def exit_distributed() -> None:
         os._exit(0)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timing measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

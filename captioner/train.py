@@ -42,7 +42,7 @@ from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_
 from .objectives import Batch, make_objective
 from .runtime import (bf16_supported, deterministic_algorithms, is_main, load_checkpoint, make_optimizer, rank_seed,
                       resolve_device, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                      share_scores_and_rng)
+                      share_scores_and_rng, synchronize)
 from .vocab import Vocab
 
 
@@ -88,6 +88,13 @@ class CaptionSet:
         rows = np.array([self.rows[i] for i in images])
         return (rows, torch.from_numpy(owner), torch.from_numpy(self.tokens[caps, : lengths[0]]),
                 torch.from_numpy(lengths))
+
+    def on_device(self, images: list[int], inputs: Callable[[np.ndarray], Tensor], device: torch.device,
+                  teacher_forcing: float = 1.0) -> Batch:
+        """The Batch of these images and their captions on `device`; `inputs` turns their feature rows
+        into what the model takes (cached features, or images in stage 2)."""
+        rows, owner, captions, lengths = self.batch(images)
+        return Batch(inputs(rows), rows, owner.to(device), captions.to(device), lengths.to(device), teacher_forcing)
 
     def features(self, rows: np.ndarray) -> Tensor:
         return torch.from_numpy(self.prepared.features[rows].astype(np.float32))
@@ -253,8 +260,7 @@ def run_epoch(model: nn.Module, objective: Callable, data: CaptionSet, batches: 
     bar = tqdm(batches, desc=desc, unit="batch", disable=not is_main(), leave=False,
                mininterval=0.1 if sys.stderr.isatty() else 60)  # a log file gets a line a minute
     for idx in bar:
-        rows, owner, captions, lengths = data.batch(idx)
-        batch = Batch(inputs(rows), rows, owner.to(device), captions.to(device), lengths.to(device), tf_ratio)
+        batch = data.on_device(idx, inputs, device, tf_ratio)
         if augment is not None:
             batch = augment(batch)
         logs = train_step(model, objective, optimizer, batch, cfg.grad_clip, use_amp)
@@ -562,12 +568,10 @@ def choose_precision(run: Run, stage: Stage, objective: Callable) -> str:
                 if i == warm:
                     synchronize(run.device)
                     start = time.perf_counter()
-                feature_rows, owner, captions, lengths = run.data.batch(rows)
-                batch = Batch(stage.inputs(feature_rows), feature_rows, owner.to(run.device), captions.to(run.device),
-                              lengths.to(run.device))
+                batch = run.data.on_device(rows, stage.inputs, run.device)
                 train_step(model, objective, optimizer, batch, cfg.grad_clip, precision == "bfloat16")
             synchronize(run.device)
-            seconds[precision] = (time.perf_counter() - start) / max(1, len(batches) - warm)
+            seconds[precision] = (time.perf_counter() - start) / (len(batches) - warm)
     # a clear margin, so that runs on one machine keep choosing alike (a seed's runs stay bit-identical)
     choice = "bfloat16" if seconds["bfloat16"] < BFLOAT16_MARGIN * seconds["float32"] else "float32"
     if run.world > 1:  # every rank trains in rank 0's choice
@@ -577,11 +581,6 @@ def choose_precision(run: Run, stage: Stage, objective: Callable) -> str:
     run.log(f"precision: {choice} (a training step took {1000 * seconds['float32']:.0f} ms in float32, "
             f"{1000 * seconds['bfloat16']:.0f} ms under bfloat16 autocast; amp: false keeps float32)")
     return choice
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def train_epoch(run: Run, stage: Stage, state: TrainState, objective: Callable) -> tuple[dict, dict, list[dict]]:
@@ -692,8 +691,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
         lr = start_lr * factor ** i
         for group in optimizer.param_groups:
             group["lr"] = lr
-        rows, owner, captions, lengths = data.batch(batches[i % len(batches)])
-        batch = Batch(data.features(rows).to(device), rows, owner.to(device), captions.to(device), lengths.to(device))
+        batch = data.on_device(batches[i % len(batches)], lambda rows: data.features(rows).to(device), device)
         logs = train_step(decoder, objective, optimizer, batch, cfg.grad_clip, cfg.amp and bf16_supported(device))
         smooth = 0.9 * smooth + 0.1 * float(logs["loss"]) / logs["n"]
         value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected running mean
