@@ -120,13 +120,15 @@ def existing_parts(output: Path) -> list[Path]:
     return sorted(p for p in output.parent.iterdir() if p.name.startswith(prefix) and "-of-" in p.name)
 
 
-def read_lines(path: Path) -> Iterator[tuple[int, bytes, dict]]:
-    """(end offset, raw line, record) of each complete line of an output file; a last line without its
-    newline was cut short by a kill and is left out. A damaged line elsewhere raises, naming file and line."""
+def read_lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes, dict]]:
+    """(end offset, raw line, record) of each complete line of an output file from byte `start` (a line's
+    start); a last line without its newline was cut short by a kill and is left out. A damaged line
+    elsewhere raises, naming file and line."""
     if not path.exists():
         return
     with open(path, "rb") as f:
-        offset = 0
+        f.seek(start)
+        offset = start
         for number, line in enumerate(f, 1):
             if not line.endswith(b"\n"):
                 return
@@ -136,7 +138,8 @@ def read_lines(path: Path) -> Iterator[tuple[int, bytes, dict]]:
                 if not isinstance(record, dict) or not isinstance(record.get("file"), str):
                     raise ValueError("no 'file' field")
             except ValueError as err:
-                raise ValueError(f"{path}, line {number}: not a caption record ({err}); fix or delete the line, "
+                where = f"line {number}" + (f" after byte {start}" if start else "")
+                raise ValueError(f"{path}, {where}: not a caption record ({err}); fix or delete the line, "
                                  "then run again") from None
             yield offset, line, record
 
@@ -209,17 +212,13 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
                     summary.failed += 1
                     bar.update(1)
                 if len(batch) == batch_size:
-                    write_batch(out, captioner, batch, opts, decoding)
-                    summary.captioned += len(batch)
-                    bar.update(len(batch))
+                    summary.captioned += write_batch(out, captioner, batch, opts, decoding, bar)
                     batch = []
                 if total is not None and total.done():
                     bar.total, total = total.result(), None
                     bar.refresh()
             if batch:
-                write_batch(out, captioner, batch, opts, decoding)
-                summary.captioned += len(batch)
-                bar.update(len(batch))
+                summary.captioned += write_batch(out, captioner, batch, opts, decoding, bar)
         finally:
             stop.set()
     summary.seconds = time.perf_counter() - start
@@ -261,14 +260,16 @@ def prefetched(keys: Iterator[str], load: Callable[[str], torch.Tensor], pool: T
 
 
 def write_batch(out: IO[str], captioner: Captioner, batch: list[tuple[str, torch.Tensor]], opts: DecodingOptions,
-                decoding: dict) -> None:
-    """Caption a batch and append its JSON lines, flushed: what is on disk is whole lines."""
+                decoding: dict, bar: tqdm) -> int:
+    """Caption a batch and append its JSON lines, flushed (what is on disk is whole lines); how many."""
     results = captioner.generate(torch.stack([x for _, x in batch]), opts)
     out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(result.captions),
                                   "concepts": concept_dicts(result.concepts), "model": captioner.name,
                                   "version": captioner.version, "decoding": decoding}) + "\n"
                       for (key, _), result in zip(batch, results)))
     out.flush()
+    bar.update(len(batch))
+    return len(batch)
 
 
 def merge_parts(output: str | Path) -> int:

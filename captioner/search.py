@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import replace_file
+from .bulk import read_lines
 from .sentences import SENTENCE_MODEL, SentenceEncoder
 
 BATCH = 256  # texts per encoder call
@@ -44,24 +45,17 @@ def record_text(record: dict) -> str | None:
 def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str], None] = print) -> Index:
     """The library's vectors, from the cache where it still matches the JSONL, the rest embedded now."""
     jsonl = Path(jsonl)
-    data = jsonl.read_bytes()
     meta_path, table_path = jsonl.with_name(jsonl.name + ".search.json"), jsonl.with_name(jsonl.name + ".search.npy")
     files: list[str] = []
     vectors = np.zeros((0, 0), dtype=np.float16)
     covered = 0
     if meta_path.exists() and table_path.exists():
         meta = json.loads(meta_path.read_text())
-        if (meta["model"] == SENTENCE_MODEL and meta["bytes"] <= len(data)
-                and hashlib.sha256(data[: meta["bytes"]]).hexdigest() == meta["sha256"]):
+        if (meta["model"] == SENTENCE_MODEL and meta["bytes"] <= jsonl.stat().st_size
+                and prefix_sha256(jsonl, meta["bytes"]) == meta["sha256"]):
             files, vectors, covered = meta["files"], np.load(table_path), meta["bytes"]
-    end = data.rfind(b"\n") + 1  # a half-written last line waits for the next search
-    texts, new_files = [], []
-    for number, line in enumerate(data[covered:end].splitlines(), 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{jsonl}: a line after byte {covered} is not JSON ({err.msg}); line {number} of "
-                             "the new part") from None
+    end, texts, new_files = covered, [], []
+    for end, _, record in read_lines(jsonl, start=covered):  # a half-written last line waits for the next search
         text = record_text(record)
         if text is not None:
             texts.append(text)
@@ -75,10 +69,19 @@ def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str]
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         replace_file(table_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
-        meta = {"model": SENTENCE_MODEL, "bytes": end, "sha256": hashlib.sha256(data[:end]).hexdigest(),
-                "files": files}
+        meta = {"model": SENTENCE_MODEL, "bytes": end, "sha256": prefix_sha256(jsonl, end), "files": files}
         replace_file(meta_path, lambda tmp: tmp.write_text(json.dumps(meta) + "\n"))  # last: it names the table
     return Index(files, vectors)
+
+
+def prefix_sha256(path: Path, size: int) -> str:
+    """sha256 of the file's first `size` bytes, read in chunks (a library's JSONL can be gigabytes)."""
+    digest, left = hashlib.sha256(), size
+    with open(path, "rb") as f:
+        while left and (chunk := f.read(min(left, 1 << 20))):
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
 
 
 def search(index: Index, encoder: SentenceEncoder, query: str, top: int = 10) -> list[tuple[str, float]]:

@@ -353,7 +353,7 @@ RAW_BODY = {"requestBody": {"required": True, "content": {
 CAPTION_ERRORS = {400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
                   401: {"description": "the server has an API key and the request did not bear it"},
                   413: {"description": "file or pixel count over the server's limits"},
-                  415: {"description": "neither multipart nor JSON"},
+                  415: {"description": "not multipart, JSON or an image body"},
                   422: {"description": "bad or unknown option"},
                   429: {"description": "this client has the most requests in flight the server allows"},
                   500: {"description": "a fault of the server; its log has the details under error_id"},
