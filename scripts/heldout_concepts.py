@@ -84,7 +84,8 @@ def main() -> None:
                     "runs": {}}
     for label, on in (("without concepts", False), ("with concepts", True)):
         opts = dataclasses.replace(base, concepts=on)
-        predictions = decode_split(loaded.decoder, prepared, rows, opts, torch.device("cpu"), concepts=concepts)
+        predictions = decode_split(loaded.decoder, prepared, rows, opts, torch.device("cpu"), concepts=concepts,
+                                   vocab=loaded.vocab)
         run = {"all": score_captions(predictions, refs), "concepts": {}, "captions": predictions}
         for name, text in CONCEPTS.items():
             words = set(text.split())
