@@ -72,6 +72,38 @@ def test_same_padding_matches_tensorflow(size: int, kernel: int, stride: int, pa
     assert same_padding(size, size, kernel, stride) == pads
 
 
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("height, width", [(224, 224), (57, 57), (56, 57), (7, 7)])
+@pytest.mark.parametrize("groups", [1, 4])
+def test_strided_same_conv_without_a_padded_copy_equals_padding_first(kernel: int, height: int, width: int,
+                                                                      groups: int) -> None:
+    """The grown-kernel form of SAME (even sizes) and the symmetric one (odd) against pad-then-convolve,
+    values and gradients; mixed parities take the padded path."""
+    torch.manual_seed(0)
+    conv = encoders.SameConv2d(4, 8, kernel, stride=2, groups=groups)
+    x = torch.randn(2, 4, height, width, requires_grad=True)
+    padded = torch.nn.functional.pad(x, same_padding(height, width, kernel, 2))
+    expected = torch.nn.functional.conv2d(padded, conv.weight, None, 2, 0, 1, groups)
+    got = conv(x)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    grads = torch.autograd.grad(got.square().sum(), (x, conv.weight))
+    torch.testing.assert_close(grads, torch.autograd.grad(expected.square().sum(), (x, conv.weight)),
+                               atol=1e-4, rtol=1e-5)
+
+
+def test_inference_runs_a_batch_in_chunks_with_the_same_features() -> None:
+    encoder = create_encoder("efficientnet_lite0").for_inference()
+    images = torch.randn(encoders.INFERENCE_CHUNK * 2 + 1, 3, 224, 224)
+    calls = []
+    handle = encoder._conv_stem.register_forward_hook(lambda module, args, out: calls.append(len(args[0])))
+    with torch.inference_mode():
+        whole = encoder(images)
+        one_by_one = torch.cat([encoder(image[None]) for image in images])
+    handle.remove()
+    assert calls[:3] == [encoders.INFERENCE_CHUNK, encoders.INFERENCE_CHUNK, 1]
+    torch.testing.assert_close(whole, one_by_one, atol=1e-4, rtol=0)
+
+
 def test_preprocess_shape_and_range() -> None:
     encoder = create_encoder("efficientnet_lite1", pretrained=False)
     white = encoder.preprocess(Image.new("RGB", (500, 375), "white"))
