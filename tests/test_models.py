@@ -282,6 +282,13 @@ def test_hard_attention_training_draws_regions_and_gets_the_reinforce_gradient()
     assert float(soft.aux_loss) < 0  # just the entropy bonus: no REINFORCE term where nothing was drawn
 
 
+def test_step_major_values_are_summed_per_caption():
+    from captioner.models.hard_attention import per_caption
+
+    steps = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0]), torch.tensor([100.0])]
+    assert per_caption(steps).tolist() == [111.0, 22.0, 3.0]
+
+
 def test_hard_attention_baseline_is_saved_and_argmax_shows_one_region_per_word(tmp_path):
     decoder = hard_decoder(hard_decode="argmax")
     features, captions, lengths, owner = captions_batch()

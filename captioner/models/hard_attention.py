@@ -12,10 +12,10 @@ alpha's weighted mean. Training climbs the lower bound sum_s p(s) log p(y|s) <= 
   probability expectation_probability, 0.5 in the paper, which lowers the estimator's variance.
 Both extra terms enter DecoderOutput.aux_loss, so training has no family-specific branch.
 
-Decoding is deterministic. The paper's training already feeds the expectation half the time, and its
-evaluation decodes without drawing, so hard_decode "expectation" (the default) decodes like soft
-attention; "argmax" feeds the one most likely region, and the attention picture is then its one-hot:
-one region per word.
+Decoding is deterministic, so beam search, the ONNX export and a caption asked for twice agree.
+hard_decode "expectation" (the default) feeds the weighted mean, a context training already feeds half
+the images; "argmax" feeds the one most likely region, the reading closest to a drawn one, and the
+attention picture is then its one-hot: one region per word.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from ..reinforce import draw, surrogate
 from .base import DecoderOutput, State, register_decoder
@@ -94,13 +95,10 @@ class HardAttentionLSTM(AttentionLSTM):
             draws = self._draws
         finally:
             self._expect = self._draws = None
-        # rows of logits and of draws are step-major: step t holds the first n_t captions
-        caption = torch.cat([torch.arange(len(log_p), device=expect.device) for log_p, _ in draws])
-        log_p_regions = torch.zeros(len(lengths), device=expect.device).index_add(
-            0, caption, torch.cat([log_p for log_p, _ in draws]))
+        log_p_regions = per_caption([log_p for log_p, _ in draws])
         entropy = torch.cat([e for _, e in draws]).sum()
         log_p_words = -F.cross_entropy(out.logits.detach().float(), out.targets, reduction="none")
-        reward = torch.zeros(len(lengths), device=expect.device).index_add(0, caption, log_p_words)  # log p(y|s)
+        reward = per_caption(log_p_words.split([len(log_p) for log_p, _ in draws]))  # log p(y|s)
         sampled = ~expect
         advantage = (reward - self._baseline(reward[sampled])) * sampled
         words = len(out.targets)
@@ -118,3 +116,9 @@ class HardAttentionLSTM(AttentionLSTM):
         self.baseline_sum.mul_(BASELINE_DECAY).add_((1 - BASELINE_DECAY) * mean)
         self.baseline_weight.mul_(BASELINE_DECAY).add_(1 - BASELINE_DECAY)
         return b
+
+
+def per_caption(steps: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
+    """Sums per caption of step-major values, as the teacher-forced pass makes them: step t holds one
+    value for each of the first n_t captions (n_0 = all of them)."""
+    return pad_sequence(list(steps)).sum(dim=1)  # (captions, steps), zero-padded
