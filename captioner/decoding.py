@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from .decoding_options import DecodingOptions
 from .models.base import State
+from .reinforce import draw
 from .vocab import END_ID, NEVER_WRITTEN, START_ID
 
 INF = float("inf")
@@ -151,7 +152,7 @@ def sample(decoder: Decoder, features: Tensor, k: int = 1, max_length: int = 20,
         if greedy:
             words = allowed.argmax(dim=1)
         else:
-            words = torch.multinomial(torch.softmax(allowed / temperature, dim=1), 1).squeeze(1)
+            words = draw(torch.softmax(allowed / temperature, dim=1))
         word_logprob = logprobs.gather(1, words.unsqueeze(1)).squeeze(1)
         chosen.append(torch.where(running, words, 0))  # <pad> (id 0) after the end
         chosen_logprobs.append(torch.where(running, word_logprob, 0.0))

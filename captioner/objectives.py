@@ -22,6 +22,7 @@ from .decoding import sample
 from .features import Prepared
 from .metrics import repeated_bigrams
 from .models import CaptionDecoder
+from .reinforce import surrogate
 from .vocab import END, Vocab, tokenize
 
 
@@ -150,7 +151,7 @@ class SelfCritical:
             greedy_reward = torch.from_numpy(self.reward(np.asarray(batch.rows), greedy_tokens)).float()
             logs["greedy_reward"] = greedy_reward.sum() * k  # per sample, like the others
         advantage = advantages(rewards, greedy_reward).view(-1).to(logprobs.device)
-        loss = -(advantage * logprobs.sum(dim=1)).mean()
+        loss = surrogate(logprobs.sum(dim=1), advantage).mean()
         n = images * k
         if self.xe_weight:
             xe = CrossEntropy().on(decoder, features, batch)

@@ -125,7 +125,7 @@ def test_every_flag_says_what_it_does_its_choices_or_range_and_default():
             continue
         assert f"--{f.name.replace('_', '-')}" in text
         assert f"(default: {f.default!r})" in text, f.name
-    assert "--schedule {plateau,onecycle,warmup,none}" in text and "--decoder {attention,mean,transformer}" in text
+    assert "--schedule {plateau,onecycle,warmup,none}" in text and "--decoder {attention,hard-attention,mean,transformer}" in text
     assert "--beam-size INT beam size; from 1 to 20 (default: 3)" in text
 
 
@@ -152,6 +152,13 @@ def test_decoder_choices_are_the_registered_families():
 
     (decoder,) = [f for f in fields(Config) if f.name == "decoder"]
     assert sorted(decoder.metadata["choices"]) == sorted(DECODERS)
+
+
+def test_hard_decode_choices_are_the_familys():
+    from captioner.models.hard_attention import HARD_DECODE
+
+    (hard_decode,) = [f for f in fields(Config) if f.name == "hard_decode"]
+    assert hard_decode.metadata["choices"] == HARD_DECODE
 
 
 def test_config_defaults_of_decoder_arguments_are_the_families_own():

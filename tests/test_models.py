@@ -20,11 +20,17 @@ SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, drop
              encoder_layers=1, ff_dim=32)
 
 
-def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed: int = 0) -> CaptionDecoder:
-    """A tiny decoder of the family, its arguments the small values of SMALL where it has them."""
+# Every family, and the options that change what the seam sees: several attention heads, hard
+# attention's one-region decoding (its default, the expectation, is the family's own entry).
+VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
+            "hard-attention-argmax-2-heads": ("hard-attention", {"hard_decode": "argmax", "attention_heads": 2})}
+
+
+def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed: int = 0, **args) -> CaptionDecoder:
+    """A tiny decoder of the family, its arguments the small values of SMALL where it has them, then `args`."""
     torch.manual_seed(seed)
     names = {f.name for f in fields(decoder_class(family).Args)}
-    cfg = Config(decoder=family, **{k: v for k, v in SMALL.items() if k in names})
+    cfg = Config(decoder=family, **{**{k: v for k, v in SMALL.items() if k in names}, **args})
     return decoder_from_config(cfg, vocab_size, feature_dim)
 
 
@@ -40,10 +46,11 @@ def captions_batch(vocab_size: int = 20, seed: int = 0) -> tuple[torch.Tensor, t
     return torch.randn(3, 9, 8, generator=g), captions, lengths, owner  # a 3 x 3 grid
 
 
-@pytest.mark.parametrize("family", sorted(DECODERS))
-def test_teacher_forcing_and_step_by_step_decoding_agree(family):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_teacher_forcing_and_step_by_step_decoding_agree(variant):
     """The test a new family most needs: the training pass and decoding see the same model."""
-    decoder = small_decoder(family).eval()
+    family, args = VARIANTS[variant]
+    decoder = small_decoder(family, **args).eval()
     features, captions, lengths, owner = captions_batch()
     with torch.no_grad():
         out = decoder(features, captions, lengths, image_index=owner)
@@ -60,9 +67,10 @@ def test_teacher_forcing_and_step_by_step_decoding_agree(family):
     assert out.aux_loss.dim() == 0 and bool(out.aux_loss.isfinite())
 
 
-@pytest.mark.parametrize("family", sorted(DECODERS))
-def test_every_family_saves_and_loads_to_the_same_outputs(family, tmp_path):
-    decoder = small_decoder(family).eval()
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_family_saves_and_loads_to_the_same_outputs(variant, tmp_path):
+    family, args = VARIANTS[variant]
+    decoder = small_decoder(family, **args).eval()
     vocab = Vocab([f"w{i}" for i in range(16)])
     spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
     decoding = {"beam_size": 4, "max_length": 12, "length_penalty": 0.5, "block_trigrams": True, "concepts": False,
@@ -72,6 +80,7 @@ def test_every_family_saves_and_loads_to_the_same_outputs(family, tmp_path):
     assert meta["version"] == 2 and meta["decoder"]["family"] == family and "config" not in meta
     loaded = load_model(tmp_path / "m")
     assert isinstance(loaded, LoadedModel) and type(loaded.decoder) is type(decoder)
+    assert loaded.decoder.arguments() == decoder.arguments()
     assert loaded.decoding == decoding and loaded.vocab.itos == vocab.itos and loaded.encoder_spec == spec
     features, captions, lengths, owner = captions_batch()
     with torch.no_grad():
@@ -127,7 +136,7 @@ def test_export_sets_the_decoding_defaults_it_is_given_and_keeps_the_rest(tmp_pa
 def test_registry_refuses_a_second_family_of_the_same_name_and_names_the_known_ones():
     with pytest.raises(ValueError, match="registered twice"):
         register_decoder("attention")(type("Other", (CaptionDecoder,), {}))
-    with pytest.raises(ValueError, match=r"unknown decoder family 'lstm'; known: attention, mean"):
+    with pytest.raises(ValueError, match=r"unknown decoder family 'lstm'; known: attention, hard-attention, mean"):
         decoder_class("lstm")
 
 
@@ -221,3 +230,89 @@ def test_the_cache_grows_by_one_position_a_step_and_the_regions_are_computed_onc
             _, state, _ = decoder.step(torch.full((3,), 1), state)
             assert state["self_k1"].shape == (3, 2, t + 1, 8)
         assert state["memory_k0"] is memory  # beam search never reorders what does not change
+
+
+def test_the_reinforce_estimator_is_unbiased():
+    """Categorical over 4 regions with fixed rewards: the mean of N one-draw estimates of d E[r] / d logits,
+    through the shared draw and surrogate with a baseline, is the analytic p_k (r_k - E[r]) within 5
+    standard errors, taken from the estimator's exact variance: g = (r_s - b)(onehot(s) - p)."""
+    from captioner.reinforce import draw, surrogate
+
+    torch.manual_seed(0)
+    logits = torch.tensor([0.5, -1.0, 1.5, 0.0], requires_grad=True)
+    rewards, b, n = torch.tensor([1.0, 3.0, -2.0, 0.5]), 0.7, 20000
+    p = torch.softmax(logits, 0).detach()
+    expected = p * (rewards - (p * rewards).sum())
+    second_moment = (p[:, None] * (rewards - b)[:, None] ** 2 * (torch.eye(4) - p) ** 2).sum(0)
+    tolerance = 5 * ((second_moment - expected ** 2) / n).sqrt()
+
+    def estimate(baseline: torch.Tensor | float) -> torch.Tensor:
+        s = draw(torch.softmax(logits, 0).detach().expand(n, -1))
+        loss = surrogate(torch.log_softmax(logits, 0)[s], rewards[s] - (baseline(s) if callable(baseline) else baseline))
+        return -torch.autograd.grad(loss.mean(), logits)[0]
+
+    assert ((estimate(b) - expected).abs() < tolerance).all()
+    # the check has the power to fail: a baseline that depends on the draw (half its reward) biases it
+    assert not ((estimate(lambda s: rewards[s] / 2) - expected).abs() < tolerance).all()
+
+
+def hard_decoder(**args) -> CaptionDecoder:
+    return small_decoder("hard-attention", **{"dropout": 0.0, **args}).train()
+
+
+def test_hard_attention_training_draws_regions_and_gets_the_reinforce_gradient():
+    features, captions, lengths, owner = captions_batch()
+    # all drawn, no penalty and no entropy: the attention's only gradient is REINFORCE's
+    decoder = hard_decoder(expectation_probability=0.0, alpha_c=0.0, entropy_weight=0.0)
+    out = decoder(features, captions, lengths, owner)
+    decoder.zero_grad()
+    out.aux_loss.backward()
+    assert decoder.att_score.weight.grad.abs().sum() > 0 and decoder.att_feat.weight.grad.abs().sum() > 0
+    assert decoder.out.weight.grad is None or decoder.out.weight.grad.abs().sum() == 0  # words: cross-entropy's
+    assert float(decoder.baseline_weight) == pytest.approx(0.1)
+    b = decoder.baseline_sum / decoder.baseline_weight  # the mean log p(y|s) of the batch: the words' log-probs
+    assert float(b) == pytest.approx(-F.cross_entropy(out.logits, out.targets, reduction="sum").item() / 5, rel=1e-5)
+    # a draw is one region per word, not the expectation: other logits than the expectation's pass
+    with torch.no_grad():
+        soft = hard_decoder(expectation_probability=1.0, alpha_c=0.0)(features, captions, lengths, owner)
+        drawn = hard_decoder(expectation_probability=0.0, alpha_c=0.0)(features, captions, lengths, owner)
+        decoding = hard_decoder().eval()(features, captions, lengths, owner)
+    torch.testing.assert_close(soft.logits, decoding.logits)  # expectation in training = the decoding pass
+    assert not torch.allclose(drawn.logits, decoding.logits, atol=1e-3)
+    assert float(soft.aux_loss) < 0  # just the entropy bonus: no REINFORCE term where nothing was drawn
+
+
+def test_step_major_values_are_summed_per_caption():
+    from captioner.models.hard_attention import per_caption
+
+    steps = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0]), torch.tensor([100.0])]
+    assert per_caption(steps).tolist() == [111.0, 22.0, 3.0]
+
+
+def test_hard_attention_baseline_is_saved_and_argmax_shows_one_region_per_word(tmp_path):
+    decoder = hard_decoder(hard_decode="argmax")
+    features, captions, lengths, owner = captions_batch()
+    decoder(features, captions, lengths, owner)
+    vocab = Vocab([f"w{i}" for i in range(16)])
+    spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
+    save_model(tmp_path / "m", decoder, vocab, spec, {"beam_size": 2, "max_length": 5})
+    loaded = load_model(tmp_path / "m").decoder
+    assert float(loaded.baseline_weight) == pytest.approx(0.1) and torch.equal(loaded.baseline_sum, decoder.baseline_sum)
+    with torch.no_grad():
+        _, _, alpha = loaded.step(torch.ones(3, dtype=torch.long), loaded.init_state(features))
+    assert set(alpha.flatten().tolist()) == {0.0, 1.0} and torch.equal(alpha.sum(dim=1), torch.ones(3))
+
+
+def test_attention_heads_concatenate_their_contexts_and_show_their_mean():
+    decoder = small_decoder("attention", attention_heads=2).eval()
+    one = small_decoder("attention")
+    assert decoder.lstm_step.in_features == 2 * 16 + 16 and one.lstm_step.in_features == 16 + 16
+    assert decoder.att_score.weight.shape == one.att_score.weight.shape  # the heads split one score vector
+    with torch.no_grad():
+        state = decoder.init_state(captions_batch()[0])
+        heads = decoder._distributions(state, state["h"])
+        _, _, alpha = decoder.step(torch.ones(3, dtype=torch.long), state)
+    assert heads.shape == (3, 2, 9) and not torch.allclose(heads[:, 0], heads[:, 1])
+    torch.testing.assert_close(alpha, heads.mean(dim=1))  # the word's attention is read from the previous h
+    with pytest.raises(ValueError, match=r"attention_dim \(16\) must be a multiple of attention_heads \(3\)"):
+        small_decoder("attention", attention_heads=3)

@@ -31,6 +31,9 @@ from conftest import ROOT, run_cli  # noqa: E402
 PHOTOS = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
 TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
             encoder_layers=1, ff_dim=32)
+# every family, and the options that change the step's graph (hard attention's expectation is its default)
+VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
+            "hard-attention-argmax": ("hard-attention", {"hard_decode": "argmax"})}
 WORDS = "a dog cat man woman runs sits on the grass red blue ball water in with".split()
 
 
@@ -96,13 +99,15 @@ def test_onnxruntime_gives_pytorchs_captions(model_dir, exported):
     assert runtime.version == reference.version != ""  # named by the weights it came from
 
 
-@pytest.mark.parametrize("family", sorted(DECODERS))
-def test_every_family_exports_and_searches_alike(family, tmp_path):
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_family_exports_and_searches_alike(variant, tmp_path):
     """The decoder's graphs alone, for each registered family: growing state (the transformer's key/value
     cache) and pass-through state (the regions' keys) included."""
+    family, args = VARIANTS[variant]
     torch.manual_seed(0)
     names = {f.name for f in fields(decoder_class(family).Args)}
-    decoder = decoder_from_config(Config(decoder=family, **{k: v for k, v in TINY.items() if k in names}), 30, 8).eval()
+    cfg = Config(decoder=family, **{k: v for k, v in TINY.items() if k in names}, **args)
+    decoder = decoder_from_config(cfg, 30, 8).eval()
     info = export_decoder(decoder, torch.randn(5, 49, 8), 30, tmp_path, "0" * 64)
     runtime = OnnxDecoder(open_session(tmp_path / GRAPHS["init"], None), open_session(tmp_path / GRAPHS["step"], None),
                           info["state"], info["step_outputs"])

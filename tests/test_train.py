@@ -483,3 +483,35 @@ def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prep
     seen.clear()
     fast = train(small(prepared, tmp_path / "bf16", epochs=1), log=lambda s: None)
     assert fast.precision == "bfloat16" and seen[-1] is True  # the epoch itself ran under autocast
+
+
+def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path, monkeypatch):
+    """`captioner train --decoder hard-attention --attention-heads 2` through the real loop: every step
+    changes the weights, the attention's own through REINFORCE alone (no penalty, no entropy bonus,
+    never the expectation), and the moving-average baseline is saved with the model."""
+    from captioner.cli import main
+
+    write_synthetic_prepared(tmp_path / "p", train_images=8, val_images=2, words=40, channels=8)
+    monkeypatch.setattr(train_mod, "score_captions", lambda predictions, references, metrics: {"Bleu_4": 0.0,
+                                                                                               "CIDEr": 0.0})
+    changed: list[set[str]] = []
+    real_step = train_mod.train_step
+
+    def step(model, *args, **kwargs):
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        logs = real_step(model, *args, **kwargs)
+        changed.append({k for k, v in model.state_dict().items() if not torch.equal(v, before[k])})
+        return logs
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    assert main(["train", "--prepared", str(tmp_path / "p"), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
+                 "--batch-size", "10", "--embed-dim", "16", "--attention-dim", "16", "--hidden-dim", "16",
+                 "--context-dim", "16", "--max-length", "6", "--no-amp", "--decoder", "hard-attention",
+                 "--attention-heads", "2", "--alpha-c", "0", "--entropy-weight", "0",
+                 "--expectation-probability", "0"]) == 0
+    assert len(changed) == 4  # 40 captions in batches of 10
+    for keys in changed:
+        assert {"att_score.weight", "att_feat.weight", "out.weight", "baseline_sum", "baseline_weight"} <= keys
+    model = load_model(tmp_path / "run" / "best")
+    assert model.decoder.family == "hard-attention" and model.decoder.args.attention_heads == 2
+    assert float(model.decoder.baseline_weight) == pytest.approx(1 - 0.9 ** 4)

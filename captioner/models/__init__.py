@@ -1,9 +1,9 @@
 """Caption decoder families on one seam (base.py), and the model folder (files.py).
 
-Importing this package registers every family: `attention` and `mean` (lstm.py), `transformer`
-(transformer.py).
+Importing this package registers every family: `attention` and `mean` (lstm.py), `hard-attention`
+(hard_attention.py), `transformer` (transformer.py).
 """
-from . import lstm, transformer  # noqa: F401  (registers their families)
+from . import hard_attention, lstm, transformer  # noqa: F401  (registers their families)
 from .base import DECODERS, CaptionDecoder, DecoderOutput, State, decoder_class, register_decoder
 from .files import (TUNED, LoadedModel, average_models, build_decoder, check_encoder_spec, decoder_from_config,
                     decoding_defaults, load_model, save_model, tuned_weights, weights_sha256)

@@ -3,6 +3,12 @@
 At each step an additive (Bahdanau) attention over the L feature vectors gives a context vector,
 scaled by a gating scalar sigmoid(f(h)) and fed with the previous word into an LSTM. `mean` is the same
 decoder seeing only the mean feature vector: the no-attention baseline.
+
+With attention_heads = H > 1 the attention is multi-head: the attention dim is split into H slices,
+each scoring the regions on its own, and the context is the concatenation of the H weighted means
+(H x C wide). Concatenation, not the mean: a mean of H weighted means is again one weighted mean,
+which a single head can already produce, so only concatenation lets the LSTM see two places apart
+(a dog and its ball) instead of their blur. One head is the original model, weight for weight.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ class LSTMArgs:
     hidden_dim: int = 512
     dropout: float = 0.5
     alpha_c: float = 0.02  # weight of the doubly stochastic attention penalty
+    attention_heads: int = 1  # heads splitting attention_dim; the context concatenates their weighted means
     glove: bool = False  # embeddings start from GloVe 6B 50-d, projected to embed_dim
     freeze_glove: bool = False
 
@@ -58,15 +65,22 @@ class AttentionLSTM(CaptionDecoder):
         self.region_dim = context_dim
         self.init_h = nn.Linear(context_dim, hidden_dim)
         self.init_c = nn.Linear(context_dim, hidden_dim)
+        heads = args.attention_heads if self.attends else 1
+        if args.attention_dim % heads:
+            raise ValueError(f"attention_dim ({args.attention_dim}) must be a multiple of attention_heads ({heads})")
         if self.attends:
             self.att_feat = nn.Linear(context_dim, args.attention_dim)
             self.att_hidden = nn.Linear(hidden_dim, args.attention_dim)
+            # One score vector over attention_dim, whose H slices are the heads' own score vectors
+            # (head_mask picks them out), so a one-head model keeps the original weights' shapes.
             self.att_score = nn.Linear(args.attention_dim, 1)
+            self.register_buffer("head_mask", torch.eye(heads).repeat_interleave(args.attention_dim // heads, dim=1),
+                                 persistent=False)
             self.gate = nn.Linear(hidden_dim, 1)
         # The LSTM's gate pre-activations, split by source: the previous word's share is computed for
         # a whole teacher-forced caption in one matrix product; context and h are per step.
         self.lstm_word = nn.Linear(embed_dim, 4 * hidden_dim)
-        self.lstm_step = nn.Linear(context_dim + hidden_dim, 4 * hidden_dim, bias=False)
+        self.lstm_step = nn.Linear(heads * context_dim + hidden_dim, 4 * hidden_dim, bias=False)
         self.dropout = nn.Dropout(args.dropout)
         self.out = nn.Linear(hidden_dim, vocab_size)
 
@@ -86,13 +100,24 @@ class AttentionLSTM(CaptionDecoder):
         return state
 
     def _attend(self, state: State, h: Tensor) -> tuple[Tensor, Tensor]:
-        """Context vector (B, C) and attention weights (B, L) for hidden state h."""
+        """Context vector (B, H*C) and the attention weights shown for it (B, L): the heads' mean."""
         if not self.attends:
             return state["features"], state["features"].new_zeros(h.shape[0], 0)
-        scores = self.att_score(torch.tanh(state["keys"] + self.att_hidden(h).unsqueeze(1))).squeeze(2)
-        alpha = torch.softmax(scores, dim=1)
-        context = torch.bmm(alpha.unsqueeze(1), state["features"]).squeeze(1)
-        return torch.sigmoid(self.gate(h)) * context, alpha
+        alpha = self._distributions(state, h)
+        return self._glimpse(state, alpha, h), alpha.mean(dim=1)
+
+    def _distributions(self, state: State, h: Tensor) -> Tensor:
+        """Each head's attention distribution over the L regions for hidden state h: (B, H, L)."""
+        hidden = torch.tanh(state["keys"] + self.att_hidden(h).unsqueeze(1))  # (B, L, A)
+        heads = self.head_mask.shape[0]
+        scores = F.linear(hidden, self.att_score.weight.expand(heads, -1) * self.head_mask,
+                          self.att_score.bias.expand(heads))
+        return torch.softmax(scores.transpose(1, 2), dim=-1)
+
+    def _glimpse(self, state: State, weights: Tensor, h: Tensor) -> Tensor:
+        """The gated context (B, H*C) of per-head weights (B, H, L): each head's weighted mean of the
+        regions, concatenated."""
+        return torch.sigmoid(self.gate(h)) * torch.bmm(weights, state["features"]).flatten(1)
 
     def word_gates(self, words: Tensor) -> Tensor:
         """The previous words' share of the LSTM gates: (..., ) ids -> (..., 4H)."""
