@@ -80,6 +80,18 @@ def library_path(library: Path, key: str) -> Path:
     return library / key
 
 
+def captioned_library(jsonl: str | Path, photos: str | Path) -> tuple[Path, Path]:
+    """A bulk JSONL and the folder it captioned, checked before anything reads them, for the commands that
+    use both (write-metadata, serve --library)."""
+    jsonl, photos = Path(jsonl), Path(photos)
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"{jsonl}: no such file (make one with `captioner caption LIBRARY/ --output "
+                                f"{jsonl.name}`)")
+    if not photos.is_dir():
+        raise FileNotFoundError(f"{photos}: not a folder (give the library folder {jsonl.name} was made from)")
+    return jsonl, photos
+
+
 def path_hash(key: str) -> bytes:
     """16-byte hash of a relative path: what the done set stores and what decides a file's rank."""
     return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()

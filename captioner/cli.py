@@ -225,11 +225,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .pipeline import Captioner
     from .serve import access_control, create_app, example_photos
 
+    if (args.library is None) != (args.photos is None):
+        raise SystemExit("captioner serve: --library captions.jsonl and --photos LIBRARY/ (the folder it captioned) "
+                         "go together")
+    library = None
+    if args.library:
+        from .search import open_library
+        from .sentences import load_sentence_encoder
+
+        library = open_library(args.library, args.photos, load_sentence_encoder(),
+                               log=lambda s: print(f"captioner serve: {s}", file=sys.stderr, flush=True))
     captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels,
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
     access, warning = access_control(args.host, args.api_key, args.max_inflight_per_client)
-    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, **access,
+    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, library=library, **access,
                      **{k: v for k, v in limits.items() if v is not None})  # unset: serve.py's defaults
     print(f"captioner serve: model {captioner.name} on {captioner.device}; "
           f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
@@ -344,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels (50 million)")
     p.add_argument("--examples", help="folder of example photos for the page (default: examples/photos)")
     p.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    p.add_argument("--library", metavar="CAPTIONS.jsonl",
+                   help="a captioned library (`caption LIBRARY/ --output NAME.jsonl`) to search on the page and at "
+                        "/api/search (the contrastive extra: MiniLM); its search index is built or updated at start")
+    p.add_argument("--photos", metavar="LIBRARY", help="with --library: the folder it captioned (for thumbnails)")
     p.add_argument("--api-key", help="require this key on /api/caption (Authorization: Bearer KEY) and as the page's "
                                      "password; default: the environment variable CAPTIONER_API_KEY, which keeps "
                                      "the key out of the process list; unset: no key")

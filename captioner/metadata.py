@@ -28,7 +28,7 @@ from typing import Literal
 from tqdm import tqdm
 
 from .atomic import replace_file
-from .bulk import library_path, read_lines
+from .bulk import captioned_library, library_path, read_lines
 
 WRITABLE = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}  # Exiv2 reads BMP and GIF, but cannot write them
 IPTC_UTF8 = "\x1b%G"  # IPTC's CharacterSet value for UTF-8
@@ -134,12 +134,7 @@ def write_library(jsonl: str | Path, photos: str | Path, overwrite: bool = False
     in formats that cannot hold a description, and those that cannot be written, are reported by name and
     skipped."""
     exiv2()  # a missing package fails here, before any photo
-    jsonl, photos = Path(jsonl), Path(photos)
-    if not jsonl.is_file():
-        raise FileNotFoundError(f"{jsonl}: no such file (make one with `captioner caption LIBRARY/ --output "
-                                f"{jsonl.name}`)")
-    if not photos.is_dir():
-        raise FileNotFoundError(f"{photos}: not a folder (give the library folder {jsonl.name} was made from)")
+    jsonl, photos = captioned_library(jsonl, photos)
     summary = MetadataSummary()
 
     def report(message: str) -> None:
