@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -145,16 +147,11 @@ def write_synthetic_prepared(root: Path, train_images: int, val_images: int, wor
     _write_json(root / "features.json", {"spec": spec, "shape": list(shape), "batch_size": 32})
 
 
-@pytest.fixture(scope="module")
-def server_url():
-    """`captioner serve` (the shipped model, the page and the API) on a free loopback port, for real clients."""
-    pytest.importorskip("gradio")
+@contextmanager
+def running_server(app: object) -> Iterator[str]:
+    """The URL of `app` served by uvicorn on a free loopback port in a thread, for real clients."""
     import uvicorn
 
-    from captioner.pipeline import Captioner
-    from captioner.serve import create_app, example_photos
-
-    app = create_app(Captioner.from_pretrained(device="cpu"), examples=example_photos(ROOT / "examples" / "photos"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -165,6 +162,20 @@ def server_url():
     while not server.started:
         assert thread.is_alive() and time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """`captioner serve` (the shipped model, the page and the API) on a free loopback port, for real clients."""
+    pytest.importorskip("gradio")
+    from captioner.pipeline import Captioner
+    from captioner.serve import create_app, example_photos
+
+    app = create_app(Captioner.from_pretrained(device="cpu"), examples=example_photos(ROOT / "examples" / "photos"))
+    with running_server(app) as url:
+        yield url
