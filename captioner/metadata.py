@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Literal
+from typing import Any, Literal
 
 from tqdm import tqdm
 
@@ -80,7 +80,7 @@ def read_current(path: Path) -> Current:
                    list(dict.fromkeys(keywords)), "Iptc.Envelope.CharacterSet" in iptc)
 
 
-def as_bag(image: object) -> None:
+def as_bag(image: Any) -> None:
     """pyexiv2 writes every XMP list as an ordered rdf:Seq; the XMP standard (and Lightroom and digiKam) have
     dc:subject as an unordered rdf:Bag, so the packet is mended to that."""
     packet = image.read_raw_xmp()

@@ -557,9 +557,8 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
         """A JPEG, at most 256 pixels a side, of one photo the library lists; no other file is served."""
         if library is None:
             raise HTTPException(404, NO_LIBRARY)
-        image = await anyio.to_thread.run_sync(thumbnail, library, file, max_pixels, limiter=slots)
-        return Response(await anyio.to_thread.run_sync(jpeg, image, limiter=slots), media_type="image/jpeg",
-                        headers={"Cache-Control": "private, max-age=3600"})
+        data = await anyio.to_thread.run_sync(lambda: jpeg(thumbnail(library, file, max_pixels)), limiter=slots)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/api/health")
     async def health() -> dict:
