@@ -14,7 +14,7 @@ $(VENV)/.core: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.core
-	$(PY) -m pip install -q -e ".[train,test,lite12,serve,contrastive,onnx]"
+	$(PY) -m pip install -q -e ".[train,test,lite12,serve,contrastive,onnx,metadata]"
 	touch $@
 
 $(VENV)/.serve: $(VENV)/.core

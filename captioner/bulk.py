@@ -72,6 +72,26 @@ def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None
     yield from visit(os.fspath(root), "")
 
 
+def library_path(library: Path, key: str) -> Path:
+    """The file a JSONL line's `file` names under `library`; a name that would lead out of it (absolute, or
+    through `..`) raises ValueError, so a line edited by hand or a web request cannot reach other files."""
+    if not key or Path(key).is_absolute() or ".." in Path(key).parts:
+        raise ValueError(f"{key!r} is not a path inside the library {library}")
+    return library / key
+
+
+def captioned_library(jsonl: str | Path, photos: str | Path) -> tuple[Path, Path]:
+    """A bulk JSONL and the folder it captioned, checked before anything reads them, for the commands that
+    use both (write-metadata, serve --library)."""
+    jsonl, photos = Path(jsonl), Path(photos)
+    if not jsonl.is_file():
+        raise FileNotFoundError(f"{jsonl}: no such file (make one with `captioner caption LIBRARY/ --output "
+                                f"{jsonl.name}`)")
+    if not photos.is_dir():
+        raise FileNotFoundError(f"{photos}: not a folder (give the library folder {jsonl.name} was made from)")
+    return jsonl, photos
+
+
 def path_hash(key: str) -> bytes:
     """16-byte hash of a relative path: what the done set stores and what decides a file's rank."""
     return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=16).digest()

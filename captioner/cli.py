@@ -15,7 +15,8 @@ BACKEND_HELP = "torch, or onnx for a folder `export --format onnx` wrote (defaul
 # What Ctrl-C leaves, per command that can pick up where it stopped.
 RESUME = {"prepare": "run the same command again to resume",
           "train": "add --resume to the same command to go on from the last checkpoint",
-          "caption": "with a .jsonl --output, run the same command again to resume"}
+          "caption": "with a .jsonl --output, run the same command again to resume",
+          "write-metadata": "run the same command again to resume; the photos already written are skipped"}
 EVALUATE_KEYS = tuple(k for k in MODEL_KEYS if k != "beam_size")  # beam sizes: --beam-sizes
 PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "holdout_words", "min_count",
                  "max_caption_length", "encoder", "image_size", "feature_layer", "prepare_batch_size", "encoder_from",
@@ -119,8 +120,13 @@ def export_onnx_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
+    if (args.overwrite_metadata or args.keep_mtime) and not args.write_metadata:
+        raise SystemExit("captioner caption: --overwrite-metadata and --keep-mtime go with --write-metadata")
     if args.output and Path(args.output).suffix == ".jsonl":
         return caption_library(args)
+    if args.write_metadata:
+        raise SystemExit("captioner caption: --write-metadata goes with a .jsonl --output (the captions it writes "
+                         "come from it)")
     from .data import ImageError, expand_inputs, load_image
     from .pipeline import Captioner, concept_dicts
 
@@ -173,6 +179,10 @@ def caption_library(args: argparse.Namespace) -> int:
         raise SystemExit("captioner caption: a .jsonl --output takes one library folder, got " + " ".join(args.inputs))
     if args.json or args.attention:
         raise SystemExit("captioner caption: --json and --attention do not go with a .jsonl --output")
+    if args.write_metadata:
+        from .metadata import exiv2
+
+        exiv2()  # a missing package fails now, not after hours of captioning
     captioner = Captioner.from_pretrained(args.model, device=rank_device(args.device), backend=args.backend)
     opts = captioner.options(**given(args))
     summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
@@ -183,7 +193,30 @@ def caption_library(args: argparse.Namespace) -> int:
     print(f"captioner caption: {who}{summary.captioned} images captioned, {summary.failed} unreadable (listed with "
           f"their error), {summary.already_done} already done; {rate:.1f} images/s", file=sys.stderr)
     exit_distributed()
+    if args.write_metadata and rank == 0:  # rank 0 holds the merged output
+        return write_metadata(args.output, args.inputs[0], args, "caption")
     return 0
+
+
+def cmd_write_metadata(args: argparse.Namespace) -> int:
+    return write_metadata(args.captions, args.photos, args, "write-metadata")
+
+
+def write_metadata(captions: str, photos: str, args: argparse.Namespace, command: str) -> int:
+    """Captions of a bulk JSONL into its photos' metadata (metadata.py); 1 when a photo could not be written."""
+    from .metadata import write_library
+
+    s = write_library(captions, photos, overwrite=args.overwrite_metadata, keep_mtime=args.keep_mtime)
+    print(f"captioner {command}: metadata of {s.written} photos written, {s.already_done} already had their caption, "
+          f"{s.kept} kept a description of their own (--overwrite-metadata replaces it), {s.unsupported} in formats "
+          f"that cannot hold one, {s.failed} failed (listed above)", file=sys.stderr)
+    return 1 if s.failed else 0
+
+
+def add_metadata_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite-metadata", action="store_true",
+                   help="replace a description a photo already has (default: such photos are left as they are)")
+    p.add_argument("--keep-mtime", action="store_true", help="keep each photo's modification time as it was")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -192,11 +225,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .pipeline import Captioner
     from .serve import access_control, create_app, example_photos
 
+    if (args.library is None) != (args.photos is None):
+        raise SystemExit("captioner serve: --library captions.jsonl and --photos LIBRARY/ (the folder it captioned) "
+                         "go together")
+    library = None
+    if args.library:
+        from .search import open_library
+        from .sentences import load_sentence_encoder
+
+        library = open_library(args.library, args.photos, load_sentence_encoder(),
+                               log=lambda s: print(f"captioner serve: {s}", file=sys.stderr, flush=True))
     captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels,
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
     access, warning = access_control(args.host, args.api_key, args.max_inflight_per_client)
-    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, **access,
+    app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, library=library, **access,
                      **{k: v for k, v in limits.items() if v is not None})  # unset: serve.py's defaults
     print(f"captioner serve: model {captioner.name} on {captioner.device}; "
           f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
@@ -278,7 +321,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2,
                    help="threads reading and resizing images while the model runs (with a .jsonl --output)")
     p.add_argument("--attention", metavar="DIR", help="write one attention picture (PNG) per image into DIR")
+    p.add_argument("--write-metadata", action="store_true",
+                   help="with a .jsonl --output: then write each caption into its photo's XMP, IPTC and EXIF "
+                        "description, and its concepts as keywords (the metadata extra)")
+    add_metadata_flags(p)
     p.set_defaults(func=cmd_caption)
+
+    p = sub.add_parser("write-metadata", help="write a captioned library's captions (a bulk .jsonl) into its photos' "
+                                              "XMP, IPTC and EXIF descriptions and keywords, without captioning again")
+    p.add_argument("captions", help="the .jsonl `caption LIBRARY/ --output NAME.jsonl` wrote")
+    p.add_argument("--photos", required=True, metavar="LIBRARY", help="the folder that .jsonl captioned")
+    add_metadata_flags(p)
+    p.set_defaults(func=cmd_write_metadata)
 
     p = sub.add_parser("search", help="find photos of a captioned library (a bulk .jsonl) by describing them")
     p.add_argument("captions", help="the .jsonl `caption LIBRARY/ --output NAME.jsonl` wrote")
@@ -300,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, help="largest image accepted, in pixels (50 million)")
     p.add_argument("--examples", help="folder of example photos for the page (default: examples/photos)")
     p.add_argument("--no-ui", action="store_true", help="serve the REST API only")
+    p.add_argument("--library", metavar="CAPTIONS.jsonl",
+                   help="a captioned library (`caption LIBRARY/ --output NAME.jsonl`) to search on the page and at "
+                        "/api/search (the contrastive extra: MiniLM); its search index is built or updated at start")
+    p.add_argument("--photos", metavar="LIBRARY", help="with --library: the folder it captioned (for thumbnails)")
     p.add_argument("--api-key", help="require this key on /api/caption (Authorization: Bearer KEY) and as the page's "
                                      "password; default: the environment variable CAPTIONER_API_KEY, which keeps "
                                      "the key out of the process list; unset: no key")

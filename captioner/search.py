@@ -4,6 +4,9 @@ The library is a bulk JSONL (`captioner caption LIBRARY/ --output captions.jsonl
 its best caption and its concepts ("a dog runs on the beach. dog, ball"); the MiniLM sentence encoder
 (sentences.py) turns texts and the query into unit vectors, and photos rank by cosine.
 
+`captioner serve --library captions.jsonl --photos LIBRARY/` opens the same index for the page's search box
+and /api/search (`Library`).
+
 The vectors are cached beside the JSONL (NAME.jsonl.search.npy, float16, and NAME.jsonl.search.json: the
 files in row order and how many bytes of the JSONL they cover). The JSONL only grows while a library is
 captioned, so a later search embeds just the lines added since; a JSONL that no longer starts with the
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import replace_file
-from .bulk import read_lines
+from .bulk import captioned_library, read_lines
 from .sentences import SENTENCE_MODEL, SentenceEncoder
 
 BATCH = 256  # texts per encoder call
@@ -91,3 +94,30 @@ def search(index: Index, encoder: SentenceEncoder, query: str, top: int = 10) ->
     scores = index.vectors.astype(np.float32) @ encoder([query])[0].astype(np.float32)
     best = np.argsort(-scores, kind="stable")[:top]
     return [(index.files[i], float(scores[i])) for i in best]
+
+
+@dataclass
+class Library:
+    """A captioned library opened for searching again and again (the server's): its index, each photo's best
+    caption and concepts (what a hit shows), and the folder its paths are relative to."""
+
+    index: Index
+    records: dict[str, dict]  # file -> {"caption": ..., "concepts": [...]}
+    photos: Path
+    encoder: SentenceEncoder
+
+    def find(self, query: str, top: int = 10) -> list[dict]:
+        """The `top` photos nearest the query, best first: file, score, caption, concepts."""
+        return [{"file": file, "score": round(score, 4), **self.records[file]}
+                for file, score in search(self.index, self.encoder, query, top)
+                if file in self.records]  # the index can hold a line the JSONL gained after it was read
+
+
+def open_library(jsonl: str | Path, photos: str | Path, encoder: SentenceEncoder,
+                 log: Callable[[str], None] = print) -> Library:
+    """The library's index, built or brought up to date (build_index), and what each photo's line says."""
+    jsonl, photos = captioned_library(jsonl, photos)
+    records = {record["file"]: {"caption": record["captions"][0]["generated_text"],
+                                "concepts": record.get("concepts", [])}
+               for _, _, record in read_lines(jsonl) if record_text(record) is not None}
+    return Library(build_index(jsonl, encoder, log), records, photos, encoder)

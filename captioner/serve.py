@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import ipaddress
 import logging
 import math
@@ -29,7 +30,7 @@ from typing import Any, AsyncIterator, Callable
 import anyio
 import numpy as np
 import torch
-from fastapi import Depends, FastAPI, HTTPException, Request, Security
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response, Security
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -38,10 +39,12 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from . import __version__
+from .bulk import library_path
 from .data import ImageError, ImageTooLarge, expand_inputs, load_image
 from .decoding import Caption
 from .decoding_options import LIMITS, OPTIONS, DecodingOptions, OptionError
 from .pipeline import Captioner, concept_dicts
+from .search import Library
 
 MAX_UPLOAD_BYTES = 10 * 2**20
 MAX_PIXELS = 50_000_000  # a 48-megapixel phone photo passes; decompression bombs (gigapixels) do not
@@ -49,6 +52,9 @@ MAX_BATCH_SIZE = 16
 BATCH_WAIT_MS = 20.0  # long enough for a client's next request to make the batch (docs/BENCHMARKS.md)
 MAX_QUEUE = 256
 MAX_ASPECT = 20  # longer side / shorter side: panoramas pass; a 20000x1 strip would resize to gigabytes
+THUMBNAIL_SIZE = 256  # longer side, in pixels, of a search hit's picture
+NO_LIBRARY = ("this server has no library to search: start it with `captioner serve --library captions.jsonl "
+              "--photos LIBRARY/`")
 INFLIGHT_OFF_LOOPBACK = 8  # --max-inflight-per-client when serving other machines and not given
 API_KEY_ENV = "CAPTIONER_API_KEY"
 
@@ -240,6 +246,14 @@ class ConceptOut(BaseModel):
     probability: float = Field(description="the head's probability of it, summed over the classes it names")
 
 
+class SearchHit(BaseModel):
+    file: str = Field(description="the photo's path in the library, as the JSONL names it; "
+                                  "/api/thumbnail?file=... shows it")
+    score: float = Field(description="cosine of the query and the photo's caption and concepts")
+    caption: str
+    concepts: list[ConceptOut]
+
+
 class GeneratedText(BaseModel):
     generated_text: str
 
@@ -342,6 +356,25 @@ def decode_upload(data: bytes, name: str, captioner: Captioner, max_bytes: int, 
     return captioner.encoder.preprocess(image)
 
 
+def thumbnail(library: Library, file: str, max_pixels: int, size: int = THUMBNAIL_SIZE) -> Image.Image:
+    """A small picture of one of the library's photos. Only photos its JSONL lists are shown, and only under
+    its folder, so no request reaches any other file; anything else is a 404."""
+    if file not in library.records:
+        raise HTTPException(404, f"{file!r} is not a photo of the library")
+    try:
+        image = load_image(library_path(library.photos, file), max_pixels=max_pixels, name=file)
+    except (ImageError, ValueError) as err:  # gone, unreadable, or a path out of the folder in the JSONL
+        raise HTTPException(404, str(err)) from None
+    image.thumbnail((size, size))
+    return image
+
+
+def jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
 # The request body as /docs shows it (the route reads the body itself, to take multipart and JSON alike).
 OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
@@ -437,8 +470,9 @@ async def read_request(request: Request) -> tuple[bytes, str, dict]:
 def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, batch_wait_ms: float = BATCH_WAIT_MS,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_queue: int = MAX_QUEUE,
                examples: list[Path] | None = None, ui: bool = True, api_key: str | None = None,
-               max_inflight_per_client: int | None = None) -> Any:
-    """The FastAPI app: /api/caption, /api/health, OpenAPI docs at /docs, and the Gradio UI at /.
+               max_inflight_per_client: int | None = None, library: Library | None = None) -> Any:
+    """The FastAPI app: /api/caption, /api/health, OpenAPI docs at /docs, and the Gradio UI at /; with a
+    `library` (search.open_library), also /api/search, /api/thumbnail and a search box on the page.
 
     With `api_key`, /api/caption takes only requests bearing it (`Authorization: Bearer KEY`) and the page asks
     for it as a password; /api/health stays open for load balancers. `max_inflight_per_client` caps the
@@ -463,8 +497,8 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
     app.state.max_inflight_per_client = max_inflight_per_client
     app.add_middleware(BodyLimit, limit=max_upload_bytes * 4 // 3 + 65536, prefix="/api/")
     app.add_middleware(InternalErrors)  # outermost: it also covers the middleware and the page
-    guards = ([Depends(key_guard(api_key))] if api_key else []) + \
-        ([Depends(inflight_guard(max_inflight_per_client))] if max_inflight_per_client else [])
+    keyed = [Depends(key_guard(api_key))] if api_key else []
+    guards = keyed + ([Depends(inflight_guard(max_inflight_per_client))] if max_inflight_per_client else [])
 
     @app.post("/api/caption", response_model=CaptionResponse, openapi_extra=OPENAPI_BODY, dependencies=guards,
               responses=CAPTION_ERRORS)
@@ -507,6 +541,25 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
         answer = await caption(request)
         return [GeneratedText(generated_text=c.generated_text) for c in answer.captions]
 
+    @app.get("/api/search", dependencies=keyed, responses={404: {"description": "the server has no library"}})
+    async def search_library(q: str = Query(min_length=1, max_length=1000, description="what to look for"),
+                             top: int = Query(10, ge=1, le=100)) -> list[SearchHit]:
+        """Find photos of the server's captioned library (`--library`) by describing them, best first."""
+        if library is None:
+            raise HTTPException(404, NO_LIBRARY)
+        return await anyio.to_thread.run_sync(library.find, q, top, limiter=slots)
+
+    @app.get("/api/thumbnail", dependencies=keyed, response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}},
+                        404: {"description": "no library, or not one of its photos (or unreadable)"}})
+    async def library_thumbnail(file: str = Query(description="a photo's path as /api/search answers it")
+                                ) -> Response:
+        """A JPEG, at most 256 pixels a side, of one photo the library lists; no other file is served."""
+        if library is None:
+            raise HTTPException(404, NO_LIBRARY)
+        data = await anyio.to_thread.run_sync(lambda: jpeg(thumbnail(library, file, max_pixels)), limiter=slots)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
     @app.get("/api/health")
     async def health() -> dict:
         """The model's name and version (a hash of its weights), the package version, and batching counters."""
@@ -522,7 +575,7 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
             def login(user: str, password: str) -> bool:  # the page's login form: the key is the password
                 return secrets.compare_digest(password.encode(), api_key.encode())
 
-        app = gr.mount_gradio_app(app, build_ui(batcher, examples or [], max_pixels, slots), path="/",
+        app = gr.mount_gradio_app(app, build_ui(batcher, examples or [], max_pixels, slots, library), path="/",
                                   max_file_size=max_upload_bytes, footer_links=["api"], run_history=False,
                                   auth=login, auth_message="Any user name; the password is the server's API key.")
     return app
@@ -584,9 +637,10 @@ class BodyLimit:
 
 
 def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXELS,
-             slots: anyio.CapacityLimiter | None = None) -> Any:
+             slots: anyio.CapacityLimiter | None = None, library: Library | None = None) -> Any:
     """The Gradio page: a photo (upload, webcam, clipboard or an example), beam size and length sliders,
-    the n-best captions, and one attention heatmap per word of the best caption.
+    the n-best captions, and one attention heatmap per word of the best caption; with a `library`, a search
+    box whose hits show as thumbnails (made here and handed to Gradio, so the page's login covers them too).
 
     Gradio hands over the photo's file path, not its pixels, so the pixel limit is checked from the header
     before anything is decoded; decoding, resizing and the heatmaps run in `slots`, the pool the API decodes
@@ -626,6 +680,19 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         table = [[rank, c["generated_text"], c["score"]] for rank, c in enumerate(nbest, 1)]
         return nbest[0]["generated_text"], dict(result.concepts), table, heatmaps
 
+    def thumbnails(query: str) -> list[tuple[Image.Image, str]]:
+        hits = []
+        for hit in library.find(query) if query.strip() else []:
+            label = f"{hit['caption']} ({hit['score']:.2f}) {hit['file']}"
+            try:
+                hits.append((thumbnail(library, hit["file"], max_pixels), label))
+            except HTTPException:  # listed, but gone or unreadable since: left out
+                continue
+        return hits
+
+    async def find(query: str) -> list[tuple[Image.Image, str]]:
+        return await anyio.to_thread.run_sync(thumbnails, query, limiter=slots)
+
     defaults = captioner.defaults
     with gr.Blocks(title="captioner") as demo:
         gr.Markdown(f"## captioner\n{captioner.title[0].upper()}{captioner.title[1:]}, model `{captioner.name}`. "
@@ -650,6 +717,11 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         inputs, outputs = [image, *controls], [best, tags, table, gallery]
         button.click(run, inputs, outputs, concurrency_limit=None, api_name="caption")
         image.upload(run, inputs, outputs, concurrency_limit=None, api_visibility="private")
+        if library is not None:
+            gr.Markdown(f"### Search the library\n{len(library.records)} captioned photos; describe what to find.")
+            query = gr.Textbox(label="Find photos", placeholder="two dogs on a beach", elem_id="search")
+            found = gr.Gallery(label="Best matches", columns=5, height="auto", elem_id="search-results")
+            query.submit(find, [query], [found], concurrency_limit=None, api_name="search")
     return demo
 
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,39 @@ def train_tiny_model(root: Path, images: int = 9, image_size: int = 0, **train: 
     return root / "p", root / "run" / "best"
 
 
+KILLER = r"""
+import functools, importlib, os, signal, sys
+target, condition, nth, phase, *argv = sys.argv[1:]
+module_name, _, attribute = target.partition(":")
+*owner_path, name = attribute.split(".")
+owner = functools.reduce(getattr, owner_path, importlib.import_module(module_name))
+real = getattr(owner, name)
+seen = 0
+
+def patched(*args, **kwargs):
+    global seen
+    if eval(condition):
+        seen += 1
+        if seen == int(nth):
+            if phase == "half":  # the call made with its second argument (the data) cut in half
+                real(args[0], bytes(memoryview(args[1])[: len(args[1]) // 2]))
+            os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+
+setattr(owner, name, patched)
+from captioner.cli import main
+sys.exit(main(argv))
+"""
+
+
+def killer_command(kill: tuple[str, str, int, str], *argv: str) -> list[str]:
+    """The command line of `captioner ARGV` in a child that SIGKILLs itself at the n-th call of a function
+    whose `args` meet a condition: kill=("module:function", condition, n, phase), where condition is a Python
+    expression and phase is "before" (the call) or "half" (after making it with its data cut in half)."""
+    target, condition, nth, phase = kill
+    return [sys.executable, "-c", KILLER, target, condition, str(nth), phase, *argv]
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """`captioner ARGS` in a child process from the repository root."""
     return subprocess.run([sys.executable, "-m", "captioner.cli", *args], capture_output=True, text=True, cwd=ROOT,
@@ -112,16 +147,11 @@ def write_synthetic_prepared(root: Path, train_images: int, val_images: int, wor
     _write_json(root / "features.json", {"spec": spec, "shape": list(shape), "batch_size": 32})
 
 
-@pytest.fixture(scope="module")
-def server_url():
-    """`captioner serve` (the shipped model, the page and the API) on a free loopback port, for real clients."""
-    pytest.importorskip("gradio")
+@contextmanager
+def running_server(app: object) -> Iterator[str]:
+    """The URL of `app` served by uvicorn on a free loopback port in a thread, for real clients."""
     import uvicorn
 
-    from captioner.pipeline import Captioner
-    from captioner.serve import create_app, example_photos
-
-    app = create_app(Captioner.from_pretrained(device="cpu"), examples=example_photos(ROOT / "examples" / "photos"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -132,6 +162,20 @@ def server_url():
     while not server.started:
         assert thread.is_alive() and time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def server_url():
+    """`captioner serve` (the shipped model, the page and the API) on a free loopback port, for real clients."""
+    pytest.importorskip("gradio")
+    from captioner.pipeline import Captioner
+    from captioner.serve import create_app, example_photos
+
+    app = create_app(Captioner.from_pretrained(device="cpu"), examples=example_photos(ROOT / "examples" / "photos"))
+    with running_server(app) as url:
+        yield url

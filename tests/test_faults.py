@@ -1,7 +1,7 @@
 """Fault injection: real `captioner train` and `captioner prepare` processes killed with SIGKILL at named
 points, then run again; a full disk and a read-only run folder; the atomic writes they rely on.
 
-A child is killed by patching one function in it (KILLER below: the Nth call that meets a condition
+A child is killed by patching one function in it (conftest.KILLER: the Nth call that meets a condition
 SIGKILLs its own process, before or after the real call), so the product code carries no hook.
 docs/RELIABILITY.md records what this suite covers.
 """
@@ -22,44 +22,13 @@ from captioner.config import Config
 from captioner.features import DONE, prepare
 from captioner.models import load_model
 
-from conftest import ROOT, needs_java, prepare_tiny_flickr, write_flickr_dataset
+from conftest import ROOT, killer_command, needs_java, prepare_tiny_flickr, write_flickr_dataset
 
 pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 
-KILLER = r"""
-import functools, importlib, os, signal, sys
-target, condition, nth, phase, *argv = sys.argv[1:]
-module_name, _, attribute = target.partition(":")
-*owner_path, name = attribute.split(".")
-owner = functools.reduce(getattr, owner_path, importlib.import_module(module_name))
-real = getattr(owner, name)
-seen = 0
-
-def patched(*args, **kwargs):
-    global seen
-    if eval(condition):
-        seen += 1
-        if seen == int(nth):
-            if phase == "half":  # the call made with its second argument (the data) cut in half
-                real(args[0], bytes(memoryview(args[1])[: len(args[1]) // 2]))
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(*args, **kwargs)
-
-setattr(owner, name, patched)
-from captioner.cli import main
-sys.exit(main(argv))
-"""
-
-
 def run_cli(*argv: str, kill: tuple[str, str, int, str] | None = None) -> subprocess.CompletedProcess:
-    """`captioner ARGV` in a child process. With kill=("module:function", condition, n, phase) the child
-    SIGKILLs itself at the n-th call of that function whose `args` meet the condition (a Python
-    expression), before the call, or (phase "half") after making it with its data cut in half."""
-    if kill is None:
-        cmd = [sys.executable, "-m", "captioner.cli", *argv]
-    else:
-        target, condition, nth, phase = kill
-        cmd = [sys.executable, "-c", KILLER, target, condition, str(nth), phase, *argv]
+    """`captioner ARGV` in a child process, SIGKILLed at the point `kill` names (see conftest.killer_command)."""
+    cmd = [sys.executable, "-m", "captioner.cli", *argv] if kill is None else killer_command(kill, *argv)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
 

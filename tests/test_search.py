@@ -3,7 +3,10 @@ beside the JSONL and only new lines embedded. A bag-of-words encoder stands in f
 one test that uses the real one when its package is installed."""
 from __future__ import annotations
 
+import asyncio
+import io
 import json
+
 import numpy as np
 import pytest
 
@@ -95,3 +98,110 @@ def test_real_minilm_finds_a_paraphrase(tmp_path):
     index = build_index(jsonl, encode, log=lambda s: None)
     assert search.search(index, encode, "a cyclist in the city", top=1)[0][0] == "2020/bike.jpg"
     assert search.search(index, encode, "puppies playing in winter", top=1)[0][0] == "2020/snow.jpg"
+
+
+# ---------------------------------------------------------------- `captioner serve --library`: /api/search, the page
+
+@pytest.fixture
+def library(tmp_path):
+    """LIBRARY's photos opened for search, with a photo the JSONL does not list, and a line that names a
+    photo outside the folder (a JSONL edited by hand)."""
+    from PIL import Image
+
+    from captioner.search import open_library
+
+    photos = tmp_path / "photos"
+    for i, (file, _, _) in enumerate(LIBRARY + [("unlisted.jpg", "", ())]):
+        (photos / file).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (600, 400) if i == 0 else (40, 30), (40 * i, 90, 160)).save(photos / file)
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "secret.jpg")
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(line(*item) for item in LIBRARY) + line("../secret.jpg", "a red dog", ("dog",)))
+    return open_library(jsonl, photos, bag_of_words, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    from captioner.pipeline import Captioner
+
+    return Captioner.from_pretrained(device="cpu")
+
+
+def api(captioner, library=None):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from captioner.serve import create_app
+
+    return TestClient(create_app(captioner, ui=False, library=library))
+
+
+def test_api_search_answers_file_caption_score_and_concepts(captioner, library):
+    with api(captioner, library) as client:
+        r = client.get("/api/search", params={"q": "a man on a bike", "top": 2})
+        assert r.status_code == 200, r.text
+        hits = r.json()
+        assert len(hits) == 2 and hits[0]["score"] >= hits[1]["score"]
+        assert hits[0] == {"file": "2020/bike.jpg", "score": hits[0]["score"], "caption": "a man rides on the street",
+                           "concepts": [{"word": "bike", "probability": 0.9}]}
+        assert client.get("/api/search").status_code == 422  # no query
+
+
+def test_thumbnails_only_of_the_photos_the_library_lists(captioner, library, tmp_path):
+    from PIL import Image
+
+    with api(captioner, library) as client:
+        r = client.get("/api/thumbnail", params={"file": "2019/dog.jpg"})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(r.content)).size == (256, 171)  # 600x400, its longer side 256
+        refused = ["../secret.jpg",  # listed by the JSONL, but outside the folder
+                   str(tmp_path / "secret.jpg"), "2019/../../secret.jpg", "2019/../2019/dog.jpg", "./2019/dog.jpg",
+                   "unlisted.jpg",  # in the folder, but not captioned
+                   "2019", "", "/etc/passwd"]
+        for file in refused:
+            r = client.get("/api/thumbnail", params={"file": file})
+            assert r.status_code == 404 and r.headers["content-type"] == "application/json", file
+        assert client.get("/api/thumbnail?file=%2e%2e%2fsecret.jpg").status_code == 404
+        assert client.get("/api/thumbnail/../secret.jpg").status_code == 404
+
+
+def test_without_a_library_search_and_thumbnails_answer_404_saying_how(captioner):
+    with api(captioner) as client:
+        for path in ["/api/search?q=dog", "/api/thumbnail?file=2019/dog.jpg"]:
+            r = client.get(path)
+            assert r.status_code == 404 and "--library captions.jsonl" in r.json()["detail"], path
+
+
+def test_the_page_has_a_search_box_only_with_a_library(captioner, library):
+    pytest.importorskip("gradio")
+    from captioner.serve import Batcher, build_ui
+
+    batcher = Batcher(captioner, max_wait_ms=0)
+    with_library, without = build_ui(batcher, [], library=library), build_ui(batcher, [])
+    batcher.close()
+    ids = lambda demo: {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    assert {"search", "search-results"} <= ids(with_library) and "search" not in ids(without)
+    assert not [fn for fn in without.fns.values() if fn.api_name == "search"]
+    find = next(fn.fn for fn in with_library.fns.values() if fn.api_name == "search")
+    hits = asyncio.run(find("a dog on the beach"))
+    label, score = hits[0][1], library.find("a dog on the beach", 1)[0]["score"]
+    assert label == f"a dog runs on the beach ({score:.2f}) 2019/dog.jpg" and hits[0][0].size == (256, 171)
+    assert all("secret" not in label for _, label in hits)  # its line leads out of the folder: left out
+    assert asyncio.run(find("  ")) == []
+
+
+def test_serve_wants_library_and_photos_together():
+    with pytest.raises(SystemExit, match="go together"):
+        cli.main(["serve", "--library", "captions.jsonl"])
+
+
+def test_with_an_api_key_search_and_thumbnails_want_it(captioner, library):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from captioner.serve import create_app
+
+    with TestClient(create_app(captioner, ui=False, library=library, api_key="k3y")) as client:
+        for path in ["/api/search?q=dog", "/api/thumbnail?file=2019/dog.jpg"]:
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"Authorization": "Bearer k3y"}).status_code == 200, path

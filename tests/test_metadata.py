@@ -1,0 +1,196 @@
+"""Captions written into photos' metadata (metadata.py): read back by pyexiv2 and by Pillow, pixels and
+compressed image data untouched, a photo's own description kept, modification times kept on request,
+formats Exiv2 cannot write reported and skipped, and a run SIGKILLed mid-write resumed with every photo
+whole and written once. Captions come from hand-made JSONL lines, except in the one end-to-end test."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, IptcImagePlugin
+
+from captioner import cli, metadata
+from captioner.metadata import write_library
+
+from conftest import ROOT, killer_command
+
+pyexiv2 = pytest.importorskip("pyexiv2")
+
+CAPTION = "a dog runs on the beach"
+
+
+def line(file: str, caption: str = CAPTION, concepts: tuple[str, ...] = ("dog", "seashore")) -> str:
+    return json.dumps({"file": file, "captions": [{"generated_text": caption, "score": -1.0}],
+                       "concepts": [{"word": w, "probability": 0.9} for w in concepts]}) + "\n"
+
+
+def make_photos(folder: Path, names: list[str]) -> None:
+    rng = np.random.default_rng(0)
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (20, 28, 3), dtype=np.uint8)).save(folder / name)
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def image_data(path: Path) -> bytes:
+    """The compressed image data: a JPEG's bytes from its start-of-scan marker on, a PNG's IDAT chunks."""
+    data = path.read_bytes()
+    if data[:2] == b"\xff\xd8":
+        at = 2
+        while data[at + 1] != 0xDA:  # walk the marker segments (their lengths) up to start-of-scan
+            at += 2 + int.from_bytes(data[at + 2:at + 4], "big")
+        return data[at:]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, idat = 8, b""
+    while at < len(data):
+        size, kind = int.from_bytes(data[at:at + 4], "big"), data[at + 4:at + 8]
+        idat += data[at + 8:at + 8 + size] if kind == b"IDAT" else b""
+        at += 12 + size
+    return idat
+
+
+def description(path: Path) -> str:
+    return metadata.read_current(path).description
+
+
+@pytest.mark.parametrize("name", ["2019/beach.jpg", "beach.png"])
+def test_round_trip_read_by_pyexiv2_and_pillow_with_the_image_data_untouched(tmp_path, name):
+    make_photos(tmp_path / "photos", [name])
+    photo = tmp_path / "photos" / name
+    before_pixels, before_data = pixels(photo), image_data(photo)
+    (tmp_path / "c.jsonl").write_text(line(name))
+    summary = write_library(tmp_path / "c.jsonl", tmp_path / "photos", progress=False)
+    assert summary.written == 1 and summary.failed == 0
+
+    with pyexiv2.Image(str(photo)) as im:
+        xmp, exif, iptc = im.read_xmp(), im.read_exif(), im.read_iptc()
+    assert xmp["Xmp.dc.description"] == {'lang="x-default"': CAPTION} and xmp["Xmp.dc.subject"] == ["dog", "seashore"]
+    assert exif["Exif.Image.ImageDescription"] == CAPTION
+    assert iptc["Iptc.Application2.Caption"] == CAPTION and iptc["Iptc.Application2.Keywords"] == ["dog", "seashore"]
+
+    with Image.open(photo) as im:  # a second reader
+        assert im.getexif()[0x010E] == CAPTION
+        packet = im.info["xmp"].decode() if isinstance(im.info["xmp"], bytes) else im.info["xmp"]
+        if name.endswith(".jpg"):  # Pillow reads IPTC from JPEG and TIFF only
+            iptc_pil = IptcImagePlugin.getiptcinfo(im)
+            assert iptc_pil[(2, 120)] == CAPTION.encode() and iptc_pil[(2, 25)] == [b"dog", b"seashore"]
+    assert f'<rdf:li xml:lang="x-default">{CAPTION}</rdf:li>' in packet
+    assert "<rdf:Bag>" in packet and "<rdf:li>seashore</rdf:li>" in packet  # dc:subject as the standard's Bag
+
+    assert np.array_equal(pixels(photo), before_pixels)
+    assert image_data(photo) == before_data
+    assert sorted(p.name for p in photo.parent.iterdir()) == [Path(name).name]  # no temporary file left
+
+
+def test_a_photo_with_its_own_description_is_kept_unless_overwrite(tmp_path):
+    make_photos(tmp_path / "photos", ["own.jpg"])
+    photo = tmp_path / "photos" / "own.jpg"
+    with pyexiv2.Image(str(photo)) as im:
+        im.modify_xmp({"Xmp.dc.description": {'lang="x-default"': "grandma's birthday"}, "Xmp.dc.subject": ["family"]})
+    (tmp_path / "c.jsonl").write_text(line("own.jpg"))
+    before = photo.read_bytes()
+    assert write_library(tmp_path / "c.jsonl", tmp_path / "photos", progress=False).kept == 1
+    assert photo.read_bytes() == before  # not rewritten at all
+
+    assert write_library(tmp_path / "c.jsonl", tmp_path / "photos", overwrite=True, progress=False).written == 1
+    assert description(photo) == CAPTION
+    assert metadata.read_current(photo).keywords == ["family", "dog", "seashore"]  # its own keywords stay, first
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_modification_time_is_kept_on_request(tmp_path, keep):
+    make_photos(tmp_path / "photos", ["old.jpg"])
+    photo = tmp_path / "photos" / "old.jpg"
+    old = 1_000_000_000_123_456_789  # September 2001, to the nanosecond
+    os.utime(photo, ns=(old, old))
+    (tmp_path / "c.jsonl").write_text(line("old.jpg"))
+    write_library(tmp_path / "c.jsonl", tmp_path / "photos", keep_mtime=keep, progress=False)
+    assert description(photo) == CAPTION
+    assert (photo.stat().st_mtime_ns == old) == keep
+
+
+def test_unwritable_formats_and_bad_lines_are_reported_by_name_and_skipped(tmp_path, capsys):
+    make_photos(tmp_path / "photos", ["a.gif", "b.bmp", "c.jpg"])
+    make_photos(tmp_path, ["outside.jpg"])
+    (tmp_path / "c.jsonl").write_text(line("a.gif") + line("b.bmp") + line("c.jpg") + line("../outside.jpg")
+                                      + line("gone.jpg") + json.dumps({"file": "d.jpg", "error": "unreadable"}) + "\n")
+    untouched = {p: p.read_bytes() for p in [tmp_path / "photos/a.gif", tmp_path / "photos/b.bmp",
+                                             tmp_path / "outside.jpg"]}
+    assert cli.main(["write-metadata", str(tmp_path / "c.jsonl"), "--photos", str(tmp_path / "photos")]) == 1
+    err = capsys.readouterr().err
+    assert "skipped a.gif: GIF files cannot hold a description" in err
+    assert "skipped b.bmp: BMP files cannot hold a description" in err
+    assert "skipped ../outside.jpg: cannot write its metadata: '../outside.jpg' is not a path inside" in err
+    assert "skipped gone.jpg: cannot write its metadata" in err
+    assert "metadata of 1 photos written" in err and "2 in formats that cannot hold one, 2 failed" in err
+    assert all(p.read_bytes() == data for p, data in untouched.items())
+    assert description(tmp_path / "photos" / "c.jpg") == CAPTION
+
+
+def test_a_missing_pyexiv2_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyexiv2", None)
+    with pytest.raises(ImportError, match=r"pip install 'captioner\[metadata\]'"):
+        metadata.exiv2()
+
+
+def test_caption_with_write_metadata_writes_what_the_jsonl_holds(tmp_path):
+    """End to end with the shipped model: the bulk JSONL's best caption and concepts end up in each photo."""
+    make_photos(tmp_path / "photos", ["x.jpg", "sub/y.png"])
+    out = tmp_path / "captions.jsonl"
+    assert cli.main(["caption", str(tmp_path / "photos"), "--output", str(out), "--device", "cpu",
+                     "--write-metadata"]) == 0
+    for record in map(json.loads, out.read_text().splitlines()):
+        current = metadata.read_current(tmp_path / "photos" / record["file"])
+        assert current.description == record["captions"][0]["generated_text"]
+        assert current.keywords == [c["word"] for c in record["concepts"]]
+    with pytest.raises(SystemExit, match="goes with a .jsonl --output"):
+        cli.main(["caption", str(tmp_path / "photos" / "x.jpg"), "--write-metadata"])
+
+
+def test_killed_mid_run_every_photo_is_whole_and_a_rerun_writes_each_once(tmp_path):
+    """A `write-metadata` child SIGKILLed just before the 12th rename over a photo, then a second one killed
+    while editing its 5th copy (a half-edited NAME.tmp left behind), then a full run: every photo is either
+    untouched or complete at each kill, and in the end each was written exactly once, pixels unchanged."""
+    names = [f"{2019 + i % 3}/p{i:02d}.{'jpg' if i % 2 else 'png'}" for i in range(30)]
+    photos = tmp_path / "photos"
+    make_photos(photos, names)
+    originals = {n: ((photos / n).read_bytes(), pixels(photos / n), image_data(photos / n)) for n in names}
+    (tmp_path / "c.jsonl").write_text("".join(line(n, caption=f"photo number {i}") for i, n in enumerate(names)))
+    argv = ["write-metadata", str(tmp_path / "c.jsonl"), "--photos", str(photos)]
+
+    def run(kill: tuple[str, str, int, str] | None = None) -> subprocess.CompletedProcess:
+        cmd = killer_command(kill, *argv) if kill else [sys.executable, "-m", "captioner.cli", *argv]
+        return subprocess.run(cmd, check=False, capture_output=True, text=True, cwd=ROOT, timeout=300)
+
+    def check_whole() -> int:
+        """Each photo is its original or has its caption, with its image data; how many have it."""
+        done = 0
+        for i, n in enumerate(names):
+            data, pix, compressed = originals[n]
+            assert np.array_equal(pixels(photos / n), pix) and image_data(photos / n) == compressed, n
+            if (photos / n).read_bytes() != data:
+                assert description(photos / n) == f"photo number {i}", n
+                done += 1
+        return done
+
+    kills = [("os:replace", "str(args[1]).endswith(('.jpg', '.png'))", 12, "before"),
+             ("pyexiv2:Image.modify_exif", "True", 5, "before")]
+    for kill, done in zip(kills, [11, 15]):
+        result = run(kill)
+        assert result.returncode == -9, result.stderr[-2000:]
+        assert check_whole() == done
+    assert len(list(photos.rglob("*.tmp"))) == 1  # the half-edited copy: never a photo's name
+
+    result = run()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metadata of 15 photos written, 15 already had their caption" in result.stderr
+    assert check_whole() == len(names) and not list(photos.rglob("*.tmp"))
