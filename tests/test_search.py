@@ -205,3 +205,31 @@ def test_with_an_api_key_search_and_thumbnails_want_it(captioner, library):
         for path in ["/api/search?q=dog", "/api/thumbnail?file=2019/dog.jpg"]:
             assert client.get(path).status_code == 401, path
             assert client.get(path, headers={"Authorization": "Bearer k3y"}).status_code == 200, path
+
+
+def test_nearest_is_a_full_float32_sort_cut_to_top_with_ties_in_row_order() -> None:
+    rng = np.random.default_rng(0)
+    # small integers: every cosine is exact whichever block computes it, so ties are real ties
+    vectors = rng.integers(-3, 4, (100_000 + 1000, 8)).astype(np.float16)
+    vectors[5] = vectors[7] = vectors[100_000 + 3] = 4  # three rows tied, above every other
+    query = vectors[5].astype(np.float32)
+    full = vectors.astype(np.float32) @ query
+    expected = np.argsort(-full, kind="stable")
+    for top in (1, 2, 3, 10, len(vectors) + 5):
+        rows, scores = search.nearest(vectors, query, top)
+        assert rows.tolist() == expected[:top].tolist()
+        np.testing.assert_array_equal(scores, full[rows])
+    assert search.nearest(vectors, query, 3)[0].tolist() == [5, 7, 100_000 + 3]
+
+
+def test_nearest_orders_unit_rows_closer_than_float16_can_tell_apart() -> None:
+    """Near-duplicate captions: cosines a float16 product rounds together are ranked by their float32 values."""
+    rng = np.random.default_rng(1)
+    query = rng.standard_normal(384).astype(np.float32)
+    query /= np.linalg.norm(query)
+    rows = query + rng.standard_normal((5000, 384)).astype(np.float32) * np.geomspace(1e-3, 1.0, 5000)[:, None]
+    vectors = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float16)
+    full = vectors.astype(np.float32) @ query
+    found, scores = search.nearest(vectors, query, 50)
+    assert found.tolist() == np.argsort(-full, kind="stable")[:50].tolist()
+    assert len(set(scores.astype(np.float16).tolist())) < 50  # float16 alone could not have ordered them
