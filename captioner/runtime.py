@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import pickle
+import platform
 import random
 import sys
 from collections.abc import Iterable, Iterator
@@ -92,6 +93,17 @@ def synchronize(device: torch.device) -> None:
 
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), printed beside every speed figure: CPUs of one
+    architecture differ several-fold in what bfloat16 and the convolutions cost."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            return next((line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                        platform.processor() or platform.machine())
+    except OSError:
+        return platform.processor() or platform.machine()
 
 
 def bf16_supported(device: torch.device) -> bool:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,7 @@ from captioner.features import open_prepared
 from captioner.metrics import score_captions
 from captioner.onnx_export import check_images, export_onnx, quantize_decoder, quantize_graphs
 from captioner.pipeline import DEFAULT_MODEL, Captioner
+from captioner.runtime import cpu_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decoding import TimedDecoder  # noqa: E402  (the same timing wrapper, one copy)
@@ -109,9 +109,7 @@ def main() -> None:
     rows = prepared.indices("test")
     paths = [prepared.records[r].image for r in rows]
     names = [prepared.records[r].name for r in rows]
-    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
-                .stdout.splitlines() if line.startswith("Model name")), platform.processor())
-    print(f"machine: {cpu}, {os.cpu_count()} cores, float32 inference (no bfloat16), torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, float32 inference (no bfloat16), torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}; export {export_s:.0f} s\n")
 
     if not args.skip_quality:

@@ -9,15 +9,15 @@ what the vectors say. A query's time includes embedding it.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import time
 
 import numpy as np
 import torch
 
+from captioner.runtime import cpu_name
 from captioner.search import BATCH, nearest
-from captioner.sentences import load_sentence_encoder
+from captioner.sentences import SentenceEncoder, load_sentence_encoder
 
 QUERIES = ["two dogs on a beach", "a man rides a bike down a hill", "children playing in the snow",
            "a woman with a camera", "a boat on a lake at sunset"]
@@ -32,6 +32,13 @@ def median_seconds(run, rounds: int) -> float:
     return float(np.median(times))
 
 
+def time_queries(table: np.ndarray, query: np.ndarray, encode: SentenceEncoder, rounds: int) -> tuple[float, float]:
+    """Median seconds of ranking alone, and of a whole query (embedding it, then ranking)."""
+    queries = iter(QUERIES * rounds)
+    return (median_seconds(lambda: nearest(table, query, 10), rounds),
+            median_seconds(lambda: nearest(table, encode([next(queries)])[0], 10), rounds))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--captions", required=True, help="a Flickr-style token file (NAME#i<TAB>caption)")
@@ -39,11 +46,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"{cpu}, {torch.get_num_threads()} threads, float32 scoring of a float16 table")
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads, float32 scoring of a float16 table")
     encode = load_sentence_encoder()
-    texts = [line.split("\t", 1)[1].strip() for line in open(args.captions, encoding="utf-8")][:args.n_build]
+    with open(args.captions, encoding="utf-8") as lines:
+        texts = [line.split("\t", 1)[1].strip() for line in lines][:args.n_build]
     encode(texts[:BATCH])  # warm up
     start = time.perf_counter()
     for s in range(0, len(texts), BATCH):
@@ -58,12 +64,9 @@ def main() -> None:
         for start in range(0, size, 65536):  # made in blocks, so the peak is the table and not its float32 draft
             block = rng.standard_normal((min(65536, size - start), len(query)), dtype=np.float32)
             table[start:start + len(block)] = block / np.linalg.norm(block, axis=1, keepdims=True)
-        ranking = median_seconds(lambda: nearest(table, query, 10), args.rounds)
-        queries = iter(QUERIES * args.rounds)
-        total = median_seconds(lambda: nearest(table, encode([next(queries)])[0], 10), args.rounds)
+        ranking, total = time_queries(table, query, encode, args.rounds)
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"| {size:,} | {table.nbytes / 2**20:.0f} | {1000 * total:.1f} | {1000 * ranking:.1f} | {rss:.0f} |")
-        del table
 
 
 if __name__ == "__main__":
