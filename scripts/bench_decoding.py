@@ -5,8 +5,12 @@ Random weights and features: the decoder practically never emits <end>, so every
 max_length, the worst case. CPU time (--clock cpu) is steadier than wall time on a busy machine.
 With --decoder transformer (the configs/flickr8k-transformer.yaml shape) it also times the same
 searches without the key/value cache (every step re-running the prefix), so the cache's speed-up is
-measured in one run.
-Usage: python scripts/bench_decoding.py [--decoder attention|transformer] [--threads 2] [--batch 32]
+measured in one run. Several decoders, comma-separated (a family, with `:H` for H attention heads),
+are timed in the same run, one after the other:
+
+    python scripts/bench_decoding.py --decoder attention,attention:4,hard-attention
+
+Usage: python scripts/bench_decoding.py [--decoder FAMILY[:HEADS],...] [--threads 2] [--batch 32]
        [--clock wall|cpu] [--profile]
 """
 from __future__ import annotations
@@ -17,11 +21,10 @@ from collections.abc import Callable
 
 import torch
 
-from captioner.models import CaptionDecoder, State
-from captioner.models.lstm import AttentionLSTM, LSTMArgs
-from captioner.models.transformer import TransformerArgs, TransformerCaptioner
 from captioner.decoding import beam_search, greedy
 from captioner.decoding_options import DecodingOptions
+from captioner.models import CaptionDecoder, State, decoder_class
+from captioner.models.transformer import TransformerArgs
 
 
 class TimedDecoder:
@@ -43,9 +46,34 @@ class TimedDecoder:
         return out
 
 
+def time_searches(model: CaptionDecoder, decoder: TimedDecoder, features: torch.Tensor, args: argparse.Namespace,
+                  clock: Callable[[], float], spec: str) -> dict[str, Callable[[], object]]:
+    """Print ms/image of greedy, beam 3 and beam 5 (the transformer with and without its cache); return them."""
+    searches: dict[str, Callable[[], object]] = {
+        "greedy": lambda: greedy(decoder, features, args.max_length),
+        "beam 3": lambda: beam_search(decoder, features, DecodingOptions(beam_size=3, max_length=args.max_length)),
+        "beam 5": lambda: beam_search(decoder, features, DecodingOptions(beam_size=5, max_length=args.max_length)),
+    }
+    transformer = model.family == "transformer"
+    for cache in [True, False] if transformer else [True]:
+        model.kv_cache = cache
+        label = "" if not transformer else " (key/value cache)" if cache else " (no cache)"
+        for name, search in searches.items():
+            search()  # warm-up
+            runs = []
+            for _ in range(args.repeats):
+                decoder.spent, start = 0.0, clock()
+                search()
+                runs.append((clock() - start, decoder.spent))
+            total, in_decoder = min(runs)
+            print(f"{spec} {name}{label}: {1000 * total / args.batch:.2f} ms/image, of which the search itself "
+                  f"{1000 * (total - in_decoder) / args.batch:.2f} ms ({100 * (1 - in_decoder / total):.0f}%)")
+    return searches
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--decoder", choices=["attention", "transformer"], default="attention")
+    parser.add_argument("--decoder", default="attention", help="FAMILY[:HEADS],... (default: attention)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=20)
@@ -55,36 +83,20 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     clock = time.perf_counter if args.clock == "wall" else time.process_time
-    if args.decoder == "transformer":
-        shape = TransformerArgs(model_dim=384, heads=6, layers=2, encoder_layers=1, ff_dim=1536)
-        model: CaptionDecoder = TransformerCaptioner(shape, 3000, 1280).eval()
-    else:
-        model = AttentionLSTM(LSTMArgs(), 3000, 1280).eval()
-    decoder = TimedDecoder(model, clock)
     features = torch.randn(args.batch, 49, 1280)
-    searches: dict[str, Callable[[], object]] = {
-        "greedy": lambda: greedy(decoder, features, args.max_length),
-        "beam 3": lambda: beam_search(decoder, features, DecodingOptions(beam_size=3, max_length=args.max_length)),
-        "beam 5": lambda: beam_search(decoder, features, DecodingOptions(beam_size=5, max_length=args.max_length)),
-    }
-    caches = [True, False] if args.decoder == "transformer" else [True]
     with torch.inference_mode():
-        for cache in caches:
-            model.kv_cache = cache
-            label = "" if args.decoder != "transformer" else " (key/value cache)" if cache else " (no cache)"
-            for name, search in searches.items():
-                search()  # warm-up
-                runs = []
-                for _ in range(args.repeats):
-                    decoder.spent, start = 0.0, clock()
-                    search()
-                    runs.append((clock() - start, decoder.spent))
-                total, in_decoder = min(runs)
-                print(f"{name}{label}: {1000 * total / args.batch:.2f} ms/image, of which the search itself "
-                      f"{1000 * (total - in_decoder) / args.batch:.2f} ms ({100 * (1 - in_decoder / total):.0f}%)")
-        if args.profile:
+        for spec in args.decoder.split(","):
+            family, _, heads = spec.partition(":")
+            torch.manual_seed(0)
+            if family == "transformer":
+                shape = TransformerArgs(model_dim=384, heads=6, layers=2, encoder_layers=1, ff_dim=1536)
+            else:  # the LSTM families, at configs/flickr8k.yaml's width
+                shape = decoder_class(family).Args(attention_heads=int(heads or 1))
+            model: CaptionDecoder = decoder_class(family)(shape, 3000, 1280).eval()
+            decoder = TimedDecoder(model, clock)
+            searches = time_searches(model, decoder, features, args, clock, spec)
+        if args.profile:  # the last decoder's
             with torch.profiler.profile() as prof:
                 searches["beam 5"]()
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
