@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,26 @@ def test_round_trip_read_by_pyexiv2_and_pillow_with_the_image_data_untouched(tmp
     assert np.array_equal(pixels(photo), before_pixels)
     assert image_data(photo) == before_data
     assert sorted(p.name for p in photo.parent.iterdir()) == [Path(name).name]  # no temporary file left
+
+
+@pytest.mark.skipif(shutil.which("exiftool") is None,
+                    reason="ExifTool is not installed (Debian: libimage-exiftool-perl; .ci/run installs it)")
+@pytest.mark.parametrize("name", ["beach.jpg", "beach.png", "beach.webp"])
+def test_exiftool_reads_what_was_written(tmp_path, name):
+    """ExifTool, the reference reader photo managers agree with, finds every field (WebP has no IPTC)."""
+    make_photos(tmp_path / "photos", [name])
+    (tmp_path / "c.jsonl").write_text(line(name))
+    assert write_library(tmp_path / "c.jsonl", tmp_path / "photos", progress=False).written == 1
+    read = subprocess.run(["exiftool", "-json", "-G1", "-XMP-dc:Description", "-XMP-dc:Subject",
+                           "-IFD0:ImageDescription", "-IPTC:Caption-Abstract", "-IPTC:Keywords",
+                           str(tmp_path / "photos" / name)], capture_output=True, text=True, check=True)
+    fields = json.loads(read.stdout)[0]
+    assert fields["XMP-dc:Description"] == CAPTION and fields["XMP-dc:Subject"] == ["dog", "seashore"]
+    assert fields["IFD0:ImageDescription"] == CAPTION
+    if name.endswith(".webp"):
+        assert not any(key.startswith("IPTC:") for key in fields)
+    else:
+        assert fields["IPTC:Caption-Abstract"] == CAPTION and fields["IPTC:Keywords"] == ["dog", "seashore"]
 
 
 def test_a_photo_with_its_own_description_is_kept_unless_overwrite(tmp_path):
