@@ -6,7 +6,8 @@ sentence-embedding width, L2-normalised) learn to place an image near the senten
 own captions and far from the other captions of the batch (InfoNCE, both directions, learned
 temperature). The sentence embeddings come from a frozen MiniLM encoder, computed once and cached in
 the prepared folder. Caption training then starts from the pretrained image side; the pooled head
-stays in the run's `pretrain.pt` (never in the model folder), where `captioner retrieve` finds it.
+stays in the run's `pretrain.pt`, where `captioner retrieve` finds it; scripts/add_retrieval_head.py
+copies image side and head into a model folder, for search (models/embedder.py).
 """
 from __future__ import annotations
 

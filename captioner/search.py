@@ -8,11 +8,14 @@ its best caption and its concepts ("a dog runs on the beach. dog, ball"); the Mi
 and /api/search (`Library`).
 
 Lines captioned by a model that ships an image embedder also carry the photo's own vector (bulk.py), in
-MiniLM's space (contrastive pretraining trained it there). A photo with one ranks by
-`(1 - IMAGE_WEIGHT) * cos(query, caption text) + IMAGE_WEIGHT * cos(query, image vector)`; a photo
-without one by its caption text alone, as if its image agreed with its caption. So a library captioned
-partly before the model had its embedder still ranks every photo on one scale (docs/RESULTS.md, "Search
-over a captioned library", measures both).
+MiniLM's space (contrastive pretraining trained it there), and the query's one MiniLM vector is compared
+with both. A photo with a vector ranks by `(1 - IMAGE_WEIGHT) * cos(query, caption text) + IMAGE_WEIGHT
+* image`, where `image = IMAGE_SCALE * cos(query, image vector) + IMAGE_SHIFT` is the image cosine put on
+the caption cosine's scale (the same mean and spread over all query-photo pairs of the dev split); a
+photo without one ranks by its caption cosine alone, as if its image agreed with its caption. Without
+that calibration a library captioned partly before its model had an embedder would rank below caption
+search alone, its photos with vectors pushed down by their lower raw cosines; with it, such a library
+ranks between the two (docs/RESULTS.md, "Search over a captioned library", measures all three).
 
 The vectors are cached beside the JSONL (NAME.jsonl.search.npy, float16, the caption texts';
 NAME.jsonl.search-images.npz, the image vectors of the rows that have one and those rows; and
@@ -39,9 +42,13 @@ from .sentences import SENTENCE_MODEL, SentenceEncoder
 BATCH = 256  # texts per encoder call
 # bound on a float16 cosine's error, relative (rounding the query and the result: 2 x 2^-11; 3e-4 measured)
 ROUGH = 4e-3
-# the image vector's share of a photo's score where it has one: the best recall@5 on Flickr8k's dev split
-# (scripts/search_recall.py --split val, docs/RESULTS.md)
-IMAGE_WEIGHT = 0.5
+# The image vector's share of a photo's score where it has one, and the map of its cosine onto the caption
+# cosine's scale; all three measured on Flickr8k's dev split (scripts/search_recall.py --split val): the
+# weight with the best recall@5, the scale and shift that give the image cosines of all query-photo pairs
+# the mean and standard deviation of the caption cosines.
+IMAGE_WEIGHT = 0.9
+IMAGE_SCALE = 1.173
+IMAGE_SHIFT = 0.066
 
 
 @dataclass
@@ -145,31 +152,37 @@ def prefix_sha256(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
+def mix(text: np.ndarray, image: np.ndarray, weight: float) -> np.ndarray:
+    """A photo's score from its caption cosine and its image cosine (the module docstring)."""
+    return (1 - weight) * text + weight * (IMAGE_SCALE * image + IMAGE_SHIFT)
+
+
 def nearest(vectors: np.ndarray, query: np.ndarray, top: int, images: Images | None = None,
             weight: float = IMAGE_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
     """Rows and scores of the `top` rows nearest the unit `query`, best first (ties: the earlier row): the
-    cosine with the float16 unit `vectors`, mixed with the image vector's cosine (share `weight`) for the
-    rows `images` has. Brute force in two passes: float16 matrix-vector products over the tables as they
-    are stored (no float32 copy of a million rows), then the rows within ROUGH of the top-th rough score
-    scored again in float32, so the order is exact (a million photos: 0.16 s here, docs/BENCHMARKS.md; a
-    mix of two bounded errors stays within the bound)."""
+    cosine with the float16 unit `vectors`, mixed with the image vector's cosine (`mix`) for the rows
+    `images` has. Brute force in two passes: float16 matrix-vector products over the tables as they are
+    stored (no float32 copy of a million rows), then the rows within ROUGH of the top-th rough score (times
+    the mix's largest factor) scored again in float32, so the order is exact (a million photos: 0.16 s here
+    without image vectors, docs/BENCHMARKS.md)."""
     top = min(top, len(vectors))
     if top <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    mixed = images is not None and len(images.rows) > 0
     table = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float16))
     query16 = torch.from_numpy(query.astype(np.float16))
     rough = (table @ query16).float().numpy()
-    if images is not None and len(images.rows):
+    if mixed:
         pictures = (torch.from_numpy(np.ascontiguousarray(images.vectors, dtype=np.float16)) @ query16).float().numpy()
-        rough[images.rows] = (1 - weight) * rough[images.rows] + weight * pictures
+        rough[images.rows] = mix(rough[images.rows], pictures, weight)
     kth = np.partition(rough, len(rough) - top)[len(rough) - top]
-    candidates = np.flatnonzero(rough >= kth - ROUGH * max(1.0, abs(float(kth))))  # in row order
+    error = ROUGH * max(1.0, abs(float(kth))) * (max(1.0, 1 - weight + weight * IMAGE_SCALE) if mixed else 1.0)
+    candidates = np.flatnonzero(rough >= kth - error)  # in row order
     exact = vectors[candidates].astype(np.float32) @ query.astype(np.float32)
-    if images is not None and len(images.rows):
+    if mixed:
         at = np.minimum(np.searchsorted(images.rows, candidates), len(images.rows) - 1)
         has = images.rows[at] == candidates
-        pictures = images.vectors[at[has]].astype(np.float32) @ query.astype(np.float32)
-        exact[has] = (1 - weight) * exact[has] + weight * pictures
+        exact[has] = mix(exact[has], images.vectors[at[has]].astype(np.float32) @ query.astype(np.float32), weight)
     best = np.argsort(-exact, kind="stable")[:top]
     return candidates[best], exact[best]
 

@@ -9,8 +9,9 @@ alone, mixed with the caption + concepts at search.IMAGE_WEIGHT, and so mixed fo
 The photos are captioned from the prepared folder's cached features, as `caption` would (the model's
 decoding defaults, concepts included), and their vectors come from the same features, as bulk captioning
 writes them; the sentence encoder is MiniLM, as `captioner search` uses. On the dev split (--split val) it
-also prints recall against the image vector's weight, which is how IMAGE_WEIGHT was chosen; the test split
-is for scoring the weight chosen, not for choosing it.
+also prints what search.py's IMAGE_SCALE and IMAGE_SHIFT were set from (the caption and image cosines'
+mean and spread over all query-photo pairs) and recall against the image vector's weight, which is how
+IMAGE_WEIGHT was chosen; the test split is for scoring the weight chosen, not for choosing it.
 """
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ from captioner.decoding_options import DecodingOptions
 from captioner.evaluate import decode_split
 from captioner.features import open_prepared
 from captioner.models import load_model
-from captioner.search import IMAGE_WEIGHT, Index, build_index, nearest
+from captioner.search import (
+    IMAGE_SCALE,
+    IMAGE_SHIFT,
+    IMAGE_WEIGHT,
+    Index,
+    build_index,
+    nearest,
+)
 from captioner.sentences import load_sentence_encoder
 
 
@@ -46,6 +54,17 @@ def search_recall(index: Index, queries: np.ndarray, owners: list[str], weight: 
     """Recall@1/5/10 through search.nearest, as `captioner search` ranks (ties: the earlier line first)."""
     found = [[index.files[i] for i in nearest(index.vectors, q, 10, index.images, weight)[0]] for q in queries]
     return {f"R@{k}": float(np.mean([owner in hits[:k] for owner, hits in zip(owners, found)])) for k in (1, 5, 10)}
+
+
+def calibration(index: Index, queries: np.ndarray) -> str:
+    """The scale and shift that give the image cosines of all query-photo pairs the caption cosines' mean
+    and standard deviation (an index whose every row has its image vector)."""
+    text = queries.astype(np.float32) @ index.vectors.astype(np.float32).T
+    image = queries.astype(np.float32) @ index.images.vectors.astype(np.float32).T
+    scale = float(text.std() / image.std())
+    return (f"{text.size} query-photo pairs: caption cosine mean {text.mean():.3f} sd {text.std():.3f}, image cosine "
+            f"mean {image.mean():.3f} sd {image.std():.3f} -> scale {scale:.3f}, shift {text.mean() - scale * image.mean():.3f} "
+            f"(search.py: IMAGE_SCALE {IMAGE_SCALE}, IMAGE_SHIFT {IMAGE_SHIFT})")
 
 
 def row(label: str, scores: dict[str, float]) -> str:
@@ -104,10 +123,11 @@ def main() -> None:
         print(row(f"the same, image vectors for every other photo only (weight {IMAGE_WEIGHT})",
                   search_recall(half, query_vectors, owners, IMAGE_WEIGHT)))
         if args.split == "val":
+            print("\n" + calibration(every, query_vectors))
             print("\nimage vector's weight on the dev split (caption + concepts + image vector)\n"
                   "| weight | R@1 | R@5 | R@10 |\n| ---: | ---: | ---: | ---: |")
-            for weight in np.linspace(0.0, 1.0, 11):
-                print(row(f"{weight:.1f}", search_recall(every, query_vectors, owners, float(weight))))
+            for weight in np.linspace(0.0, 1.0, 21):
+                print(row(f"{weight:.2f}", search_recall(every, query_vectors, owners, float(weight))))
 
 
 if __name__ == "__main__":

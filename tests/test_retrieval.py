@@ -87,3 +87,11 @@ def test_bulk_lines_carry_the_photo_vector_when_the_model_has_an_embedder(tmp_pa
         assert vector.dtype == np.float16 and vector.shape == (6,) and len(record["vector"]) == 16
         assert abs(float(np.linalg.norm(vector.astype(np.float32))) - 1) < 2e-3
         np.testing.assert_allclose(vector.astype(np.float32), want, atol=2e-3)
+
+
+def test_the_shipped_model_has_image_vectors_in_minilm_space():
+    embedder = load_model(SHIPPED).embedder
+    assert embedder is not None
+    with torch.no_grad():
+        vectors = embedder(torch.rand(2, 49, 1280))
+    assert vectors.shape == (2, 384) and torch.allclose(vectors.norm(dim=1), torch.ones(2))

@@ -12,7 +12,13 @@ import pytest
 
 from captioner import cli, search
 from captioner.bulk import encode_vector
-from captioner.search import IMAGE_WEIGHT, build_index, record_text
+from captioner.search import (
+    IMAGE_SCALE,
+    IMAGE_SHIFT,
+    IMAGE_WEIGHT,
+    build_index,
+    record_text,
+)
 
 WORDS = "a the dog cat runs sleeps on in beach sofa red ball snow man bike rides street two".split()
 
@@ -112,7 +118,7 @@ def test_an_image_vector_that_matches_the_query_breaks_a_tie_between_captions(tm
     assert [f for f, _ in found] == ["match.jpg", "plain.jpg", "other.jpg"]
     text = float(bag_of_words(["a dog runs"])[0] @ bag_of_words([query])[0])
     assert found[1][1] == pytest.approx(text, abs=1e-3)  # no vector: the caption's cosine
-    assert found[0][1] == pytest.approx((1 - IMAGE_WEIGHT) * text + IMAGE_WEIGHT, abs=1e-3)
+    assert found[0][1] == pytest.approx((1 - IMAGE_WEIGHT) * text + IMAGE_WEIGHT * (IMAGE_SCALE + IMAGE_SHIFT), abs=1e-3)
     assert [f for f, _ in search.search(index, bag_of_words, query, weight=0.0)] == ["other.jpg", "plain.jpg",
                                                                                     "match.jpg"]  # a tie: row order
 
@@ -137,7 +143,7 @@ def test_nearest_with_image_vectors_is_the_exact_mix_of_the_two_cosines() -> Non
     rows = np.sort(rng.choice(3000, 1000, replace=False))
     images = search.Images(pictures[rows], rows)
     full = texts.astype(np.float32) @ query
-    full[rows] = (1 - 0.3) * full[rows] + 0.3 * (pictures[rows].astype(np.float32) @ query)
+    full[rows] = (1 - 0.3) * full[rows] + 0.3 * (IMAGE_SCALE * (pictures[rows].astype(np.float32) @ query) + IMAGE_SHIFT)
     found, scores = search.nearest(texts, query, 20, images, weight=0.3)
     assert found.tolist() == np.argsort(-full, kind="stable")[:20].tolist()
     np.testing.assert_allclose(scores, full[found], atol=1e-6)
