@@ -12,9 +12,13 @@ and, on a resume, the set of files already done (16 bytes each):
 - sharded: under torchrun each rank takes the files whose path hash falls to it (stable when files are
   added, so a resumed rank never takes over another's work), writes its own part `OUTPUT.rank0-of-2`,
   and rank 0 merges the parts into OUTPUT once every rank is done (a gloo barrier).
+
+Where the model ships an image embedder (retrieval.safetensors), each line also carries the photo's unit
+vector, `"vector"`: base64 of its float16 values, little-endian (1 KB for 384 values), for `captioner search`.
 """
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import itertools
@@ -39,7 +43,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .data import IMAGE_SUFFIXES, ImageError, load_image
 from .decoding_options import DecodingOptions
-from .pipeline import Captioner, concept_dicts
+from .pipeline import Captioned, Captioner, concept_dicts
 from .runtime import join_barrier, shard, wait_for_all
 
 PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
@@ -279,13 +283,30 @@ def prefetched(keys: Iterator[str], load: Callable[[str], torch.Tensor], pool: T
         yield pending.popleft()
 
 
+def encode_vector(vector: np.ndarray) -> str:
+    """A photo's vector as its JSONL line stores it: base64 of float16, little-endian."""
+    return base64.b64encode(np.asarray(vector, dtype="<f2").tobytes()).decode("ascii")
+
+
+def decode_vector(text: str) -> np.ndarray:
+    """A JSONL line's `vector` back as float16 values."""
+    return np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float16)
+
+
+def caption_record(key: str, captioner: Captioner, result: Captioned, decoding: dict) -> dict:
+    """One captioned photo's JSONL line."""
+    record = {"file": key, "captions": captioner.as_dicts(result.captions), "concepts": concept_dicts(result.concepts),
+              "model": captioner.name, "version": captioner.version, "decoding": decoding}
+    if result.vector is not None:
+        record["vector"] = encode_vector(result.vector)
+    return record
+
+
 def write_batch(out: IO[str], captioner: Captioner, batch: list[tuple[str, torch.Tensor]], opts: DecodingOptions,
                 decoding: dict, bar: tqdm) -> int:
     """Caption a batch and append its JSON lines, flushed (what is on disk is whole lines); how many."""
     results = captioner.generate(torch.stack([x for _, x in batch]), opts)
-    out.write("".join(json.dumps({"file": key, "captions": captioner.as_dicts(result.captions),
-                                  "concepts": concept_dicts(result.concepts), "model": captioner.name,
-                                  "version": captioner.version, "decoding": decoding}) + "\n"
+    out.write("".join(json.dumps(caption_record(key, captioner, result, decoding)) + "\n"
                       for (key, _), result in zip(batch, results)))
     out.flush()
     bar.update(len(batch))

@@ -6,7 +6,8 @@ sentence-embedding width, L2-normalised) learn to place an image near the senten
 own captions and far from the other captions of the batch (InfoNCE, both directions, learned
 temperature). The sentence embeddings come from a frozen MiniLM encoder, computed once and cached in
 the prepared folder. Caption training then starts from the pretrained image side; the pooled head
-stays in the run's `pretrain.pt` (never in the model folder), where `captioner retrieve` finds it.
+stays in the run's `pretrain.pt`, where `captioner retrieve` finds it; scripts/add_retrieval_head.py
+copies image side and head into a model folder, for search (models/embedder.py).
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from .atomic import replace_file
 from .config import Config
 from .features import Prepared, open_prepared
 from .models import build_decoder, check_encoder_spec
+from .models.embedder import PooledHead
 from .runtime import bf16_supported, is_main, load_checkpoint, make_optimizer, resolve_device, save_checkpoint
 from .sentences import SENTENCE_MODEL, load_sentence_encoder
 
@@ -86,20 +88,6 @@ def sentence_embeddings(prepared: Prepared, model: str = SENTENCE_MODEL, device:
 
 
 # ---------------------------------------------------------------- the head, the loss, retrieval
-
-class PooledHead(nn.Module):
-    """Regions (B, L, D) -> one L2-normalised embedding per image at the sentence-embedding width: the
-    mean over regions, then a linear map. It also holds the learned temperature as log(1/T) (so it
-    stays positive and moves multiplicatively), which the loss clamps to 1/T <= 100."""
-
-    def __init__(self, region_dim: int, embed_dim: int, temperature: float = 0.07) -> None:
-        super().__init__()
-        self.proj = nn.Linear(region_dim, embed_dim)
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / temperature)))
-
-    def forward(self, regions: Tensor) -> Tensor:
-        return F.normalize(self.proj(regions.mean(dim=1)).float(), dim=-1)
-
 
 def info_nce(images: Tensor, texts: Tensor, owner: Tensor, log_scale: Tensor) -> Tensor:
     """Symmetric InfoNCE over a batch of I images (I, D) and their T captions (T, D), both L2-normalised;

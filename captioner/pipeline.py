@@ -4,6 +4,8 @@
     >>> captioner = Captioner.from_pretrained()          # the model shipped in the package
     >>> captioner("photo.jpg")
     [{'generated_text': 'a dog runs through the grass', 'score': -4.1}]
+    >>> captioner.embed(["photo.jpg"]).shape                # where the model ships retrieval.safetensors
+    (1, 384)
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from .vocab import Vocab
 
 if TYPE_CHECKING:
     from .encoders import Encoder
+    from .models.embedder import ImageEmbedder
     from .onnx_backend import OnnxEncoder
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
@@ -42,12 +45,15 @@ class Captioner:
     (onnx_backend.py) with the same methods: nothing past `from_pretrained` asks which. `concepts`
     (where the encoder has its ImageNet head) names what the encoder recognises and lets the captions
     say it (concepts.py); `words` is the vocabulary captions are written in, the model's own extended
-    by the concept words it lacks."""
+    by the concept words it lacks. `embedder` (where the model folder ships one) gives each image a unit
+    vector in the sentence encoder's space, for `captioner search`."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, decoder: Decoder, vocab: Vocab, defaults: DecodingOptions,
-                 device: torch.device, path: Path | None = None, concepts: Concepts | None = None) -> None:
+                 device: torch.device, path: Path | None = None, concepts: Concepts | None = None,
+                 embedder: ImageEmbedder | None = None) -> None:
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.defaults, self.device, self.path, self.concepts = defaults, device, path, concepts
+        self.embedder = embedder
         self.words = concepts.vocab if concepts is not None else vocab
         self.name = path.name if path is not None else ""
 
@@ -73,7 +79,7 @@ class Captioner:
         head = encoder.imagenet_head()
         concepts = Concepts(*head, model.vocab) if head is not None else None
         return cls(encoder, model.decoder, model.vocab, DecodingOptions(**model.decoding), dev, path=path,
-                   concepts=concepts)
+                   concepts=concepts, embedder=model.embedder)
 
     @functools.cached_property
     def version(self) -> str:
@@ -102,8 +108,8 @@ class Captioner:
 
     @torch.inference_mode()
     def generate(self, images: list[Image.Image] | torch.Tensor, opts: DecodingOptions) -> list[Captioned]:
-        """Captions and concepts for loaded RGB images, or for a (B, 3, S, S) batch `encoder.preprocess`
-        made, as one batch."""
+        """Captions, concepts and (with an embedder) vectors for loaded RGB images, or for a (B, 3, S, S)
+        batch `encoder.preprocess` made, as one batch."""
         if not isinstance(images, torch.Tensor):
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
@@ -113,7 +119,23 @@ class Captioner:
             shown = self.concepts.shown(features)
             if opts.concepts:
                 decoder = self.concepts.decoder(self.decoder, opts.concept_threshold)
-        return [Captioned(captions, concepts) for captions, concepts in zip(beam_search(decoder, features, opts), shown)]
+        vectors = self.embedder(features).cpu().numpy() if self.embedder is not None else [None] * len(batch)
+        return [Captioned(captions, concepts, vector)
+                for captions, concepts, vector in zip(beam_search(decoder, features, opts), shown, vectors)]
+
+    @torch.inference_mode()
+    def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:
+        """(n, D) float32 unit vectors of images (as `__call__` takes them) in the sentence encoder's space,
+        without captioning them: what `captioner search` compares a query with besides the captions. Needs a
+        model folder with retrieval.safetensors (scripts/add_retrieval_head.py puts one there)."""
+        if self.embedder is None:
+            raise ValueError(f"{self.path or 'this model'} has no image embedder (no retrieval.safetensors)")
+        items, _ = _as_images(inputs)
+        out = []
+        for s in range(0, len(items), batch_size):
+            batch = torch.stack([self.encoder.preprocess(load_image(x, name=name)) for x, name in items[s:s + batch_size]])
+            out.append(self.embedder(self.encoder.regions(batch.to(self.device))).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.embedder.head.proj.out_features), dtype=np.float32)
 
     def __call__(self, inputs: ImageInput | list[ImageInput], batch_size: int = 16, **options: Any) -> list:
         """Caption one image or many; options as in DecodingOptions.
@@ -165,11 +187,13 @@ class Captioner:
 
 @dataclass
 class Captioned:
-    """One image's n-best captions (best first) and the concepts its encoder recognised, (word,
-    probability) most probable first (concepts.SHOWN and SHOWN_MOST choose which)."""
+    """One image's n-best captions (best first), the concepts its encoder recognised, (word,
+    probability) most probable first (concepts.SHOWN and SHOWN_MOST choose which), and its unit vector
+    (float32) where the model has an embedder."""
 
     captions: list[Caption]
     concepts: list[tuple[str, float]]
+    vector: np.ndarray | None = None
 
 
 def concept_dicts(concepts: list[tuple[str, float]]) -> list[dict]:

@@ -7,8 +7,19 @@ its best caption and its concepts ("a dog runs on the beach. dog, ball"); the Mi
 `captioner serve --library captions.jsonl --photos LIBRARY/` opens the same index for the page's search box
 and /api/search (`Library`).
 
-The vectors are cached beside the JSONL (NAME.jsonl.search.npy, float16, and NAME.jsonl.search.json: the
-files in row order and how many bytes of the JSONL they cover). The JSONL only grows while a library is
+Lines captioned by a model that ships an image embedder also carry the photo's own vector (bulk.py), in
+MiniLM's space (contrastive pretraining trained it there), and the query's one MiniLM vector is compared
+with both. A photo with a vector ranks by `(1 - IMAGE_WEIGHT) * cos(query, caption text) + IMAGE_WEIGHT
+* image`, where `image = IMAGE_SCALE * cos(query, image vector) + IMAGE_SHIFT` is the image cosine put on
+the caption cosine's scale (the same mean and spread over all query-photo pairs of the dev split); a
+photo without one ranks by its caption cosine alone, as if its image agreed with its caption. Without
+that calibration a library captioned partly before its model had an embedder would rank below caption
+search alone, its photos with vectors pushed down by their lower raw cosines; with it, such a library
+ranks between the two (docs/RESULTS.md, "Search over a captioned library", measures all three).
+
+The vectors are cached beside the JSONL (NAME.jsonl.search.npy, float16, the caption texts';
+NAME.jsonl.search-images.npz, the image vectors of the rows that have one and those rows; and
+NAME.jsonl.search.json: the files in row order and how many bytes of the JSONL they cover). The JSONL only grows while a library is
 captioned, so a later search embeds just the lines added since; a JSONL that no longer starts with the
 covered bytes (rewritten, merged from shards) is embedded again from the top.
 """
@@ -18,25 +29,45 @@ import hashlib
 import io
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .atomic import replace_file
-from .bulk import captioned_library, read_lines
+from .bulk import captioned_library, decode_vector, read_lines
 from .sentences import SENTENCE_MODEL, SentenceEncoder
 
 BATCH = 256  # texts per encoder call
 # bound on a float16 cosine's error, relative (rounding the query and the result: 2 x 2^-11; 3e-4 measured)
 ROUGH = 4e-3
+# The image vector's share of a photo's score where it has one, and the map of its cosine onto the caption
+# cosine's scale; all three measured on Flickr8k's dev split (scripts/search_recall.py --split val): the
+# weight with the best recall@5, the scale and shift that give the image cosines of all query-photo pairs
+# the mean and standard deviation of the caption cosines.
+IMAGE_WEIGHT = 0.9
+IMAGE_SCALE = 1.173
+IMAGE_SHIFT = 0.066
+
+
+@dataclass
+class Images:
+    """The image vectors of the rows that have one."""
+
+    vectors: np.ndarray  # (M, D) float16 unit rows
+    rows: np.ndarray  # (M,) int64, ascending: the Index row each belongs to
+
+
+def no_images(dim: int = 0) -> Images:
+    return Images(np.zeros((0, dim), dtype=np.float16), np.zeros(0, dtype=np.int64))
 
 
 @dataclass
 class Index:
     files: list[str]  # row i's photo, as the JSONL names it
-    vectors: np.ndarray  # (N, D) float16 unit rows
+    vectors: np.ndarray  # (N, D) float16 unit rows: the caption texts'
+    images: Images = field(default_factory=no_images)
 
 
 def record_text(record: dict) -> str | None:
@@ -49,21 +80,28 @@ def record_text(record: dict) -> str | None:
 
 
 def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str], None] = print) -> Index:
-    """The library's vectors, from the cache where it still matches the JSONL, the rest embedded now."""
+    """The library's vectors, from the cache where it still matches the JSONL, the rest embedded (captions)
+    or decoded (image vectors) now."""
     jsonl = Path(jsonl)
     meta_path, table_path = jsonl.with_name(jsonl.name + ".search.json"), jsonl.with_name(jsonl.name + ".search.npy")
+    images_path = jsonl.with_name(jsonl.name + ".search-images.npz")
     files: list[str] = []
     vectors = np.zeros((0, 0), dtype=np.float16)
+    images = no_images()
     covered = 0
     if meta_path.exists() and table_path.exists():
         meta = json.loads(meta_path.read_text())
         if (meta["model"] == SENTENCE_MODEL and meta["bytes"] <= jsonl.stat().st_size
-                and prefix_sha256(jsonl, meta["bytes"]) == meta["sha256"]):
-            files, vectors, covered = meta["files"], np.load(table_path), meta["bytes"]
-    end, texts, new_files = covered, [], []
+                and prefix_sha256(jsonl, meta["bytes"]) == meta["sha256"]
+                and (cached := read_images(images_path, meta.get("images", 0))) is not None):
+            files, vectors, images, covered = meta["files"], np.load(table_path), cached, meta["bytes"]
+    end, texts, new_files, new_images, new_rows = covered, [], [], [], []
     for end, _, record in read_lines(jsonl, start=covered):  # a half-written last line waits for the next search
         text = record_text(record)
         if text is not None:
+            if "vector" in record:
+                new_images.append(decode_vector(record["vector"]))
+                new_rows.append(len(files) + len(texts))
             texts.append(text)
             new_files.append(record["file"])
     if texts:
@@ -71,13 +109,37 @@ def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str]
         fresh = np.concatenate([encoder(texts[s:s + BATCH]) for s in range(0, len(texts), BATCH)]).astype(np.float16)
         vectors = np.concatenate([vectors, fresh]) if len(vectors) else fresh
         files = files + new_files
+    if new_images:
+        if any(len(v) != vectors.shape[1] for v in new_images):
+            raise ValueError(f"{jsonl}: a line's image vector is not {vectors.shape[1]} values long, as the sentence "
+                             f"encoder's ({SENTENCE_MODEL}) are; it was captioned for another search")
+        stacked = np.stack(new_images)
+        images = Images(np.concatenate([images.vectors, stacked]) if len(images.rows) else stacked,
+                        np.concatenate([images.rows, np.asarray(new_rows, dtype=np.int64)]))
     if end != covered:
         buffer = io.BytesIO()
         np.save(buffer, vectors)
         replace_file(table_path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
-        meta = {"model": SENTENCE_MODEL, "bytes": end, "sha256": prefix_sha256(jsonl, end), "files": files}
-        replace_file(meta_path, lambda tmp: tmp.write_text(json.dumps(meta) + "\n"))  # last: it names the table
-    return Index(files, vectors)
+        if len(images.rows):
+            packed = io.BytesIO()
+            np.savez(packed, vectors=images.vectors, rows=images.rows)
+            replace_file(images_path, lambda tmp: tmp.write_bytes(packed.getvalue()))
+        meta = {"model": SENTENCE_MODEL, "bytes": end, "sha256": prefix_sha256(jsonl, end), "files": files,
+                "images": len(images.rows)}
+        replace_file(meta_path, lambda tmp: tmp.write_text(json.dumps(meta) + "\n"))  # last: it names the tables
+    return Index(files, vectors, images)
+
+
+def read_images(path: Path, count: int) -> Images | None:
+    """The cached image vectors, or None when the file no longer holds the `count` the cache's json names
+    (a crash between writing it and the json): then the library is read again from the top."""
+    if not count:
+        return no_images()
+    if not path.exists():
+        return None
+    with np.load(path) as packed:
+        images = Images(packed["vectors"], packed["rows"])
+    return images if len(images.rows) == count else None
 
 
 def prefix_sha256(path: Path, size: int) -> str:
@@ -90,28 +152,48 @@ def prefix_sha256(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def nearest(vectors: np.ndarray, query: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Rows and cosines of the `top` rows of the float16 unit `vectors` nearest the unit `query`, best first
-    (ties: the earlier row). Brute force in two passes: a float16 matrix-vector product over the table as it
-    is stored (no float32 copy of a million rows), then the rows within ROUGH of the top-th rough cosine
-    scored again in float32, so the order is exact (a million photos: 0.16 s here, docs/BENCHMARKS.md)."""
+def mix(text: np.ndarray, image: np.ndarray, weight: float) -> np.ndarray:
+    """A photo's score from its caption cosine and its image cosine (the module docstring)."""
+    return (1 - weight) * text + weight * (IMAGE_SCALE * image + IMAGE_SHIFT)
+
+
+def nearest(vectors: np.ndarray, query: np.ndarray, top: int, images: Images | None = None,
+            weight: float = IMAGE_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and scores of the `top` rows nearest the unit `query`, best first (ties: the earlier row): the
+    cosine with the float16 unit `vectors`, mixed with the image vector's cosine (`mix`) for the rows
+    `images` has. Brute force in two passes: float16 matrix-vector products over the tables as they are
+    stored (no float32 copy of a million rows), then the rows within ROUGH of the top-th rough score (times
+    the mix's largest factor) scored again in float32, so the order is exact (a million photos: 0.16 s here
+    without image vectors, docs/BENCHMARKS.md)."""
     top = min(top, len(vectors))
     if top <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    mixed = images is not None and len(images.rows) > 0
     table = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float16))
-    rough = (table @ torch.from_numpy(query.astype(np.float16))).float().numpy()
+    query16 = torch.from_numpy(query.astype(np.float16))
+    rough = (table @ query16).float().numpy()
+    if mixed:
+        pictures = (torch.from_numpy(np.ascontiguousarray(images.vectors, dtype=np.float16)) @ query16).float().numpy()
+        rough[images.rows] = mix(rough[images.rows], pictures, weight)
     kth = np.partition(rough, len(rough) - top)[len(rough) - top]
-    candidates = np.flatnonzero(rough >= kth - ROUGH * max(1.0, abs(float(kth))))  # in row order
+    error = ROUGH * max(1.0, abs(float(kth))) * (max(1.0, 1 - weight + weight * IMAGE_SCALE) if mixed else 1.0)
+    candidates = np.flatnonzero(rough >= kth - error)  # in row order
     exact = vectors[candidates].astype(np.float32) @ query.astype(np.float32)
+    if mixed:
+        at = np.minimum(np.searchsorted(images.rows, candidates), len(images.rows) - 1)
+        has = images.rows[at] == candidates
+        exact[has] = mix(exact[has], images.vectors[at[has]].astype(np.float32) @ query.astype(np.float32), weight)
     best = np.argsort(-exact, kind="stable")[:top]
     return candidates[best], exact[best]
 
 
-def search(index: Index, encoder: SentenceEncoder, query: str, top: int = 10) -> list[tuple[str, float]]:
-    """The `top` photos whose text is nearest the query, best first, with their cosine."""
+def search(index: Index, encoder: SentenceEncoder, query: str, top: int = 10,
+           weight: float = IMAGE_WEIGHT) -> list[tuple[str, float]]:
+    """The `top` photos nearest the query, best first, with their score: the cosine with their text, mixed
+    with their image vector's where they have one (`weight`, the module docstring)."""
     if not len(index.files):
         return []
-    rows, scores = nearest(index.vectors, encoder([query])[0], top)
+    rows, scores = nearest(index.vectors, encoder([query])[0], top, index.images, weight)
     return [(index.files[i], float(s)) for i, s in zip(rows, scores)]
 
 

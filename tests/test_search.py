@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 
 from captioner import cli, search
-from captioner.search import build_index, record_text
+from captioner.bulk import encode_vector
+from captioner.search import (
+    IMAGE_SCALE,
+    IMAGE_SHIFT,
+    IMAGE_WEIGHT,
+    build_index,
+    record_text,
+)
 
 WORDS = "a the dog cat runs sleeps on in beach sofa red ball snow man bike rides street two".split()
 
@@ -25,9 +32,12 @@ def bag_of_words(texts: list[str]) -> np.ndarray:
     return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
 
 
-def line(file: str, caption: str, concepts: tuple[str, ...] = ()) -> str:
-    return json.dumps({"file": file, "captions": [{"generated_text": caption, "score": -1.0}],
-                       "concepts": [{"word": w, "probability": 0.9} for w in concepts]}) + "\n"
+def line(file: str, caption: str, concepts: tuple[str, ...] = (), vector: np.ndarray | None = None) -> str:
+    record = {"file": file, "captions": [{"generated_text": caption, "score": -1.0}],
+              "concepts": [{"word": w, "probability": 0.9} for w in concepts]}
+    if vector is not None:
+        record["vector"] = encode_vector(vector)
+    return json.dumps(record) + "\n"
 
 
 LIBRARY = [("2019/dog.jpg", "a dog runs on the beach", ("dog",)),
@@ -73,6 +83,70 @@ def test_a_growing_library_embeds_only_its_new_lines_and_a_rewritten_one_starts_
     jsonl.write_text("".join(line(*item) for item in reversed(LIBRARY)))  # rewritten (a merge): from the top
     assert build_index(jsonl, encode, log=lambda s: None).files == [f for f, _, _ in reversed(LIBRARY)]
     assert calls["texts"] == 8
+
+
+def test_image_vectors_are_cached_beside_the_captions_and_only_new_lines_decoded(tmp_path, counted):
+    encode, calls = counted
+    jsonl = tmp_path / "captions.jsonl"
+    seen = bag_of_words(["red ball", "snow man", "two cat"])
+    jsonl.write_text(line(*LIBRARY[0], vector=seen[0]) + line(*LIBRARY[1]))
+    index = build_index(jsonl, encode, log=lambda s: None)
+    assert index.images.rows.tolist() == [0] and index.images.vectors.dtype == np.float16
+    np.testing.assert_allclose(index.images.vectors[0], seen[0], atol=1e-3)
+    with open(jsonl, "a") as f:  # the library grows: a line without a vector, then two with
+        f.write(line(*LIBRARY[2]) + line(*LIBRARY[3], vector=seen[1]) + line("x.jpg", "a red ball", vector=seen[2]))
+    grown = build_index(jsonl, encode, log=lambda s: None)
+    assert calls["texts"] == 5 and grown.images.rows.tolist() == [0, 3, 4]
+    np.testing.assert_allclose(grown.images.vectors.astype(np.float32), seen, atol=1e-3)
+    cached = build_index(jsonl, encode, log=lambda s: None)
+    assert calls["texts"] == 5 and cached.images.rows.tolist() == [0, 3, 4]
+    np.testing.assert_array_equal(cached.images.vectors, grown.images.vectors)
+    (tmp_path / "captions.jsonl.search-images.npz").unlink()  # a crash before the json: read again from the top
+    assert build_index(jsonl, encode, log=lambda s: None).images.rows.tolist() == [0, 3, 4] and calls["texts"] == 10
+
+
+def test_an_image_vector_that_matches_the_query_breaks_a_tie_between_captions(tmp_path):
+    """Three photos with the same caption: the one whose pixels look like the query first, the one without a
+    vector (its caption alone) next, the one whose pixels do not last."""
+    query = "a dog on the beach"
+    jsonl = tmp_path / "captions.jsonl"
+    matching, other = bag_of_words([query, "snow man bike"])
+    jsonl.write_text(line("other.jpg", "a dog runs", vector=other) + line("plain.jpg", "a dog runs")
+                     + line("match.jpg", "a dog runs", vector=matching))
+    index = build_index(jsonl, bag_of_words, log=lambda s: None)
+    found = search.search(index, bag_of_words, query)
+    assert [f for f, _ in found] == ["match.jpg", "plain.jpg", "other.jpg"]
+    text = float(bag_of_words(["a dog runs"])[0] @ bag_of_words([query])[0])
+    assert found[1][1] == pytest.approx(text, abs=1e-3)  # no vector: the caption's cosine
+    assert found[0][1] == pytest.approx((1 - IMAGE_WEIGHT) * text + IMAGE_WEIGHT * (IMAGE_SCALE + IMAGE_SHIFT), abs=1e-3)
+    assert [f for f, _ in search.search(index, bag_of_words, query, weight=0.0)] == ["other.jpg", "plain.jpg",
+                                                                                    "match.jpg"]  # a tie: row order
+
+
+def test_a_library_without_vectors_ranks_by_caption_cosine_alone(tmp_path):
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(line(*item) for item in LIBRARY))
+    index = build_index(jsonl, bag_of_words, log=lambda s: None)
+    assert len(index.images.rows) == 0 and not (tmp_path / "captions.jsonl.search-images.npz").exists()
+    query = bag_of_words(["a dog in the snow"])[0]
+    cosines = bag_of_words([record_text(json.loads(x)) for x in jsonl.read_text().splitlines()]) @ query
+    found = search.search(index, bag_of_words, "a dog in the snow", top=4)
+    assert [f for f, _ in found] == [LIBRARY[i][0] for i in np.argsort(-cosines, kind="stable")]
+    np.testing.assert_allclose([s for _, s in found], np.sort(cosines)[::-1], atol=1e-3)
+
+
+def test_nearest_with_image_vectors_is_the_exact_mix_of_the_two_cosines() -> None:
+    rng = np.random.default_rng(2)
+    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+    texts, pictures = unit(rng.standard_normal((3000, 32))), unit(rng.standard_normal((3000, 32)))
+    query = unit(rng.standard_normal(32)).astype(np.float32)
+    rows = np.sort(rng.choice(3000, 1000, replace=False))
+    images = search.Images(pictures[rows], rows)
+    full = texts.astype(np.float32) @ query
+    full[rows] = (1 - 0.3) * full[rows] + 0.3 * (IMAGE_SCALE * (pictures[rows].astype(np.float32) @ query) + IMAGE_SHIFT)
+    found, scores = search.nearest(texts, query, 20, images, weight=0.3)
+    assert found.tolist() == np.argsort(-full, kind="stable")[:20].tolist()
+    np.testing.assert_allclose(scores, full[found], atol=1e-6)
 
 
 def test_search_command_prints_the_ranking(tmp_path, monkeypatch, capsys):

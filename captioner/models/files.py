@@ -1,4 +1,6 @@
-"""The model folder: model.safetensors, model.json and vocab.json, written atomically.
+"""The model folder: model.safetensors, model.json and vocab.json, written atomically, and optionally
+retrieval.safetensors (an ImageEmbedder: photo vectors for `captioner search`; a folder without it loads
+as before, with no vectors).
 
 model.json (format version 2) holds what inference needs and nothing about how training ran:
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,10 +24,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..atomic import read_folder, replace_folder
+from ..atomic import read_folder, replace_folder, settled
 from ..decoding_options import MODEL_DEFAULTS, MODEL_KEYS
+from ..sentences import SENTENCE_MODEL
 from ..vocab import Vocab
 from .base import CaptionDecoder, decoder_class
+from .embedder import ImageEmbedder
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "captioner", 2
 TUNED = "fine-tuned"  # how a spec's weights begin when they are a fine-tuned encoder's (tuned_weights)
+RETRIEVAL_FILE = "retrieval.safetensors"  # optional: the ImageEmbedder, float16, its sentence model in the metadata
 
 
 def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_dim: int,
@@ -67,6 +73,7 @@ class LoadedModel:
     encoder_state: dict[str, Tensor] | None  # the encoder's weights when it was fine-tuned, else None
     decoding: dict[str, Any]  # default decoding options
     path: Path
+    embedder: ImageEmbedder | None = None  # photo vectors in the sentence encoder's space, when the folder has them
 
     @property
     def features_spec(self) -> dict[str, Any]:
@@ -189,6 +196,46 @@ def read_model_json(path: Path) -> dict[str, Any]:
     return {**meta, "decoding": {**MODEL_DEFAULTS, **meta["decoding"]}}  # options newer than the file: defaults
 
 
+def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str = SENTENCE_MODEL) -> None:
+    """Put (or replace) the retrieval file in an existing model folder, in float16 (1.7 MB for Lite0's
+    features into MiniLM; its recall is float32's within 0.1, docs/RESULTS.md). The folder is rewritten
+    whole through replace_folder, so a reader sees it with or without the file, never half of it."""
+    from safetensors.torch import save
+
+    source = settled(path)
+    read_model_json(source)  # a model folder, of a version this captioner reads
+    tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in embedder.state_dict().items()}
+    data = save(tensors, metadata={"sentence_model": sentence_model})
+
+    def write(folder: Path) -> None:
+        for file in source.iterdir():
+            if file.name != RETRIEVAL_FILE:
+                shutil.copy2(file, folder / file.name)
+        (folder / RETRIEVAL_FILE).write_bytes(data)
+
+    replace_folder(path, write)
+
+
+def read_retrieval(folder: Path) -> ImageEmbedder | None:
+    """The folder's ImageEmbedder (float32, eval mode), or None when it ships none; one made for another
+    sentence encoder is refused (its vectors would not be comparable with the queries')."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = folder / RETRIEVAL_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        model = (f.metadata() or {}).get("sentence_model")
+    if model != SENTENCE_MODEL:
+        raise ValueError(f"{path}: image vectors for sentence encoder {model!r}, not this captioner's {SENTENCE_MODEL!r}")
+    tensors = {k: v.float() for k, v in load_file(str(path)).items()}
+    embed_dim, region_dim = tensors["head.proj.weight"].shape
+    embedder = ImageEmbedder(tensors["image_side.0.weight"].shape[1], region_dim, embed_dim)
+    embedder.load_state_dict(tensors)
+    return embedder.eval()
+
+
 def average_models(models: list[LoadedModel]) -> LoadedModel:
     """The first model with every weight replaced by the mean over all of them: a uniform "model soup".
     It only makes sense for runs that share a start (seeds of self-critical training from one
@@ -241,4 +288,6 @@ def _read_model(folder: Path, path: Path, device: str | torch.device) -> LoadedM
                          f"{sorted(set(missing) - tied_keys(decoder))}, unexpected {sorted(unexpected)}")
     encoder_state = {k.removeprefix("encoder."): v.float() if v.is_floating_point() else v
                      for k, v in tensors.items() if k.startswith("encoder.")} or None
-    return LoadedModel(decoder.to(device).eval(), vocab, meta["encoder"], encoder_state, meta["decoding"], path)
+    embedder = read_retrieval(folder)
+    return LoadedModel(decoder.to(device).eval(), vocab, meta["encoder"], encoder_state, meta["decoding"], path,
+                       embedder.to(device) if embedder is not None else None)
