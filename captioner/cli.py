@@ -87,6 +87,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .decoding_options import DecodingOptions
     from .models import average_models, load_model, save_model
+    from .models.files import add_retrieval
 
     model = load_model(args.model)
     if args.average:
@@ -95,6 +96,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     DecodingOptions(**decoding)  # an option out of range fails here, naming it, not when the model is used
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype)
+    embedder = load_model(args.model).embedder  # photo vectors read the encoder's features, so any fits the average
+    if embedder is not None:
+        add_retrieval(args.output, embedder)
     size = sum(f.stat().st_size for f in Path(args.output).iterdir())
     print(f"{args.output}: {args.dtype} weights, {size / 2**20:.1f} MiB; decoding "
           + ", ".join(f"{key} {value}" for key, value in decoding.items()))

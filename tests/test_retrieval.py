@@ -95,3 +95,18 @@ def test_the_shipped_model_has_image_vectors_in_minilm_space():
     with torch.no_grad():
         vectors = embedder(torch.rand(2, 49, 1280))
     assert vectors.shape == (2, 384) and torch.allclose(vectors.norm(dim=1), torch.ones(2))
+
+
+def test_export_keeps_the_embedder(tmp_path):
+    """`captioner export` (a dtype, new decoding defaults) writes a new folder: the photo vectors go with it."""
+    from conftest import run_cli
+
+    folder = small_folder(tmp_path / "m")
+    made = embedder(8)
+    add_retrieval(folder, made)
+    result = run_cli("export", str(folder), str(tmp_path / "out"), "--beam-size", "3")
+    assert result.returncode == 0, result.stderr
+    kept = load_model(tmp_path / "out")
+    assert kept.decoding["beam_size"] == 3
+    for key, value in made.state_dict().items():
+        torch.testing.assert_close(kept.embedder.state_dict()[key], value.to(torch.float16).float())
