@@ -21,7 +21,10 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAPES = ROOT / "examples" / "shapes"
 FLICKR8K = os.environ.get("CAPTIONER_FLICKR8K")
 
+# Two threads here and in every child process (the CLI runs): a convolution's last bits depend on the thread
+# count, and tests compare the features a child computes with the features computed in this process.
 torch.set_num_threads(2)
+os.environ["OMP_NUM_THREADS"] = "2"
 
 # Training scores every epoch with coco-caption, which runs Java: files that train carry this mark.
 needs_java = pytest.mark.skipif(shutil.which("java") is None,
