@@ -10,6 +10,9 @@ speed of both precisions, which is how the bfloat16 default was checked.
     python scripts/bench_train.py --prepared prepared/flickr8k --batches 40 --no-amp
     python scripts/bench_train.py --prepared prepared/flickr8k --batches 150 --compare-precision
     python scripts/bench_train.py --prepared prepared/flickr8k --no-amp --tutorial PATH/TO/models.py
+    python scripts/bench_train.py --prepared prepared/flickr8k --no-amp --decoders attention,attention:4,hard-attention
+
+`--decoders` times several LSTM families (`:H` for H attention heads) on the same batches, taking turns.
 
 `--tutorial` times the decoder of the sgrvinod "PyTorch Tutorial to Image Captioning" beside this
 project's, on the same batches and features (its `DecoderWithAttention` over our 7x7x1280 maps as its
@@ -20,6 +23,7 @@ own checkout of that repository: none of its code is in this one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -114,7 +118,8 @@ def main() -> None:
     parser.add_argument("--compare-precision", action="store_true")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--tutorial", type=Path, help="the tutorial's models.py, to time its decoder beside ours")
-    parser.add_argument("--rounds", type=int, default=2, help="--tutorial: turns each")
+    parser.add_argument("--decoders", help="FAMILY[:HEADS],...: time these decoders, taking turns")
+    parser.add_argument("--rounds", type=int, default=2, help="--tutorial, --decoders: turns each")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -140,6 +145,21 @@ def main() -> None:
         print(f"| the tutorial's DecoderWithAttention | {', '.join(f'{x:.0f}' for x in theirs)} | 1.00x |")
         print(f"| captioner's attention LSTM | {', '.join(f'{x:.0f}' for x in ours)} | "
               f"{sum(ours) / sum(theirs):.2f}x |")
+        return
+    if args.decoders:
+        specs = args.decoders.split(",")
+        speeds: dict[str, list[float]] = {spec: [] for spec in specs}
+        for _ in range(args.rounds):
+            for spec in specs:
+                family, _, heads = spec.partition(":")
+                shape = dataclasses.replace(cfg, decoder=family, attention_heads=int(heads or 1))
+                speeds[spec].append(run(data, shape, batches, amp))
+        print(f"{cpu_name()}, {args.threads} threads, batch {args.batch_size}, {w} wide, "
+              f"{'bf16 autocast' if amp else 'float32'}")
+        print("| decoder | captions/s (each turn) | vs the first |\n| --- | --- | ---: |")
+        for spec, values in speeds.items():
+            print(f"| {spec} | {', '.join(f'{x:.0f}' for x in values)} | "
+                  f"{sum(values) / sum(speeds[specs[0]]):.2f}x |")
         return
     speed = run(data, cfg, batches, amp)
     print("| decoder width | batch | precision | threads | captions/s | machine |")
