@@ -121,24 +121,38 @@ INFERENCE_CHUNK = 4
 
 
 class SameConv2d(nn.Conv2d):
-    """Bias-free conv with TF 'SAME' padding, so the TF-trained weights see the borders they were trained on."""
+    """Bias-free conv with TF 'SAME' padding, so the TF-trained weights see the borders they were trained on.
+
+    At stride 2 on an even side SAME pads one pixel more on the right/bottom than on the left/top. Instead of
+    copying the input into a padded one (the copy and its zero fill took a quarter of the frozen encoder's
+    time), the kernel grows by a zero row and column at its top-left, which makes the padding symmetric.
+    `grow()` stores the grown kernel, as the inference copy does, so no operation on weights is left in the
+    forward pass (or in an ONNX graph made from it)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
         # at stride 1 SAME padding is symmetric (k-1 in total), so the conv pads itself without a copy
         padding = kernel // 2 if stride == 1 else 0
         super().__init__(cin, cout, kernel, stride, padding=padding, groups=groups, bias=False)
+        self.grown = False
+
+    def grow(self) -> None:
+        with torch.no_grad():
+            self.weight = nn.Parameter(F.pad(self.weight, (1, 0, 1, 0)), requires_grad=self.weight.requires_grad)
+        self.grown = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stride[0] == 1:
             return super().forward(x)
-        left, right, top, bottom = same_padding(x.shape[-2], x.shape[-1], self.kernel_size[0], self.stride[0])
-        if (left, right) != (top, bottom) or right - left not in (0, 1):
-            return super().forward(F.pad(x, (left, right, top, bottom)))
-        # SAME's extra right/bottom pixel without copying the input into a padded one: the kernel grows by a
-        # zero row and column at its top-left, which turns the padding symmetric (the padded copy and its
-        # zero fill took a quarter of the frozen encoder's time)
-        weight = F.pad(self.weight, (1, 0, 1, 0)) if right > left else self.weight
-        return F.conv2d(x, weight, self.bias, self.stride, right, self.dilation, self.groups)
+        left, right, top, bottom = same_padding(x.shape[-2], x.shape[-1], self.kernel_size[0],  # the original k
+                                                self.stride[0])
+        if (left, right) == (top, bottom) and right == left + 1:
+            weight = self.weight if self.grown else F.pad(self.weight, (1, 0, 1, 0))
+            return F.conv2d(x, weight, self.bias, self.stride, right, self.dilation, self.groups)
+        weight = self.weight[:, :, 1:, 1:] if self.grown else self.weight
+        if (left, right) == (top, bottom) and right == left:
+            return F.conv2d(x, weight, self.bias, self.stride, left, self.dilation, self.groups)
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, self.bias, self.stride, 0, self.dilation,
+                        self.groups)
 
 
 def relu6(x: torch.Tensor) -> torch.Tensor:
@@ -281,6 +295,9 @@ class EfficientNetLite(Encoder):
                 conv.weight.mul_(scale.view(-1, 1, 1, 1))
                 conv.bias = nn.Parameter(bn.bias - bn.running_mean * scale, requires_grad=False)
                 setattr(owner, bn_name, nn.Identity())
+        for module in folded.modules():
+            if isinstance(module, SameConv2d) and module.stride[0] > 1:
+                module.grow()
         return folded
 
     def imagenet_head(self) -> tuple[torch.Tensor, torch.Tensor] | None:
