@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads, float32 scoring of a float16 table")
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads; float16 table, float16 product, nearest rescored in float32")
     encode = load_sentence_encoder()
     with open(args.captions, encoding="utf-8") as lines:
         texts = [line.split("\t", 1)[1].strip() for line in lines][:args.n_build]
