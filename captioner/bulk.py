@@ -305,7 +305,7 @@ def caption_record(key: str, captioner: Captioner, result: Captioned, decoding: 
 def write_batch(out: IO[str], captioner: Captioner, batch: list[tuple[str, torch.Tensor]], opts: DecodingOptions,
                 decoding: dict, bar: tqdm) -> int:
     """Caption a batch and append its JSON lines, flushed (what is on disk is whole lines); how many."""
-    results = captioner.generate(torch.stack([x for _, x in batch]), opts)
+    results = captioner.generate(torch.stack([x for _, x in batch]), opts, vectors=True)
     out.write("".join(json.dumps(caption_record(key, captioner, result, decoding)) + "\n"
                       for (key, _), result in zip(batch, results)))
     out.flush()

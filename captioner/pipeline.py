@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
@@ -107,9 +108,10 @@ class Captioner:
         return DecodingOptions(**base)
 
     @torch.inference_mode()
-    def generate(self, images: list[Image.Image] | torch.Tensor, opts: DecodingOptions) -> list[Captioned]:
-        """Captions, concepts and (with an embedder) vectors for loaded RGB images, or for a (B, 3, S, S)
-        batch `encoder.preprocess` made, as one batch."""
+    def generate(self, images: list[Image.Image] | torch.Tensor, opts: DecodingOptions,
+                 vectors: bool = False) -> list[Captioned]:
+        """Captions, concepts and (with `vectors` and an embedder: bulk captioning's lines) vectors for loaded
+        RGB images, or for a (B, 3, S, S) batch `encoder.preprocess` made, as one batch."""
         if not isinstance(images, torch.Tensor):
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
@@ -119,9 +121,10 @@ class Captioner:
             shown = self.concepts.shown(features)
             if opts.concepts:
                 decoder = self.concepts.decoder(self.decoder, opts.concept_threshold)
-        vectors = self.embedder(features).cpu().numpy() if self.embedder is not None else [None] * len(batch)
+        embedded = (self.embedder(features).cpu().numpy() if vectors and self.embedder is not None
+                    else [None] * len(batch))
         return [Captioned(captions, concepts, vector)
-                for captions, concepts, vector in zip(beam_search(decoder, features, opts), shown, vectors)]
+                for captions, concepts, vector in zip(beam_search(decoder, features, opts), shown, embedded)]
 
     @torch.inference_mode()
     def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:
@@ -132,8 +135,8 @@ class Captioner:
             raise ValueError(f"{self.path or 'this model'} has no image embedder (no retrieval.safetensors)")
         items, _ = _as_images(inputs)
         out = []
-        for s in range(0, len(items), batch_size):
-            batch = torch.stack([self.encoder.preprocess(load_image(x, name=name)) for x, name in items[s:s + batch_size]])
+        for images in loaded_batches(items, batch_size):
+            batch = torch.stack([self.encoder.preprocess(im) for im in images])
             out.append(self.embedder(self.encoder.regions(batch.to(self.device))).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embedder.head.proj.out_features), dtype=np.float32)
 
@@ -154,8 +157,7 @@ class Captioner:
         opts = self.options(**options)
         items, single = _as_images(inputs)
         out = []
-        for s in range(0, len(items), batch_size):
-            images = [load_image(x, name=name) for x, name in items[s:s + batch_size]]
+        for images in loaded_batches(items, batch_size):
             out += [[{**c, "concepts": concept_dicts(r.concepts)} for c in self.as_dicts(r.captions)]
                     for r in self.generate(images, opts)]
         return out[0] if single else out
@@ -194,6 +196,12 @@ class Captioned:
     captions: list[Caption]
     concepts: list[tuple[str, float]]
     vector: np.ndarray | None = None
+
+
+def loaded_batches(items: list[tuple[Any, str]], batch_size: int) -> Iterator[list[Image.Image]]:
+    """The (input, name) pairs `_as_images` gives, loaded as RGB images, batch_size at a time."""
+    for start in range(0, len(items), batch_size):
+        yield [load_image(x, name=name) for x, name in items[start:start + batch_size]]
 
 
 def concept_dicts(concepts: list[tuple[str, float]]) -> list[dict]:

@@ -87,6 +87,8 @@ def test_bulk_lines_carry_the_photo_vector_when_the_model_has_an_embedder(tmp_pa
         assert vector.dtype == np.float16 and vector.shape == (6,) and len(record["vector"]) == 16
         assert abs(float(np.linalg.norm(vector.astype(np.float32))) - 1) < 2e-3
         np.testing.assert_allclose(vector.astype(np.float32), want, atol=2e-3)
+    # captioning alone (a request, `captioner caption`) does not spend time on vectors it would not return
+    assert captioner.generate([Image.open(photos / "a.jpg").convert("RGB")], captioner.defaults)[0].vector is None
 
 
 def test_the_shipped_model_has_image_vectors_in_minilm_space():
