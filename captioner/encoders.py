@@ -116,7 +116,7 @@ def same_padding(height: int, width: int, kernel: int, stride: int) -> tuple[int
 
 
 # Without gradients the encoder runs a batch this many images at a time: their feature maps stay in the
-# CPU's cache (Xeon, 1 and 2 threads: 4 at a time ran 1.4-1.5x the images/s of 16; docs/BENCHMARKS.md)
+# CPU's cache (Xeon: 4 at a time ran 1.12x / 1.28x the images/s of 16 at 1 / 2 threads; docs/BENCHMARKS.md)
 INFERENCE_CHUNK = 4
 
 

@@ -9,7 +9,10 @@ on the first N JPEGs of a folder, and prints a markdown table row:
 With --compare-folding it times the encoder as stage 2 trains it (BatchNorm unfolded) and as captioning
 and `prepare` run it (`Encoder.for_inference()`, BatchNorm folded into the convolutions) in one run, the
 two taking turns for --rounds rounds, and prints forward images/s for each and the largest difference
-between their features.
+between their features. With --compare-chunks 4,16 it times the inference copy running each batch so
+many images at a time (encoders.INFERENCE_CHUNK), taking turns:
+
+    python scripts/bench_encoder.py --compare-chunks 4,16 --n 128 --batch-size 16 --threads 1
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from captioner import encoders
 from captioner.encoders import Encoder, create_encoder
 
 
@@ -43,6 +47,7 @@ def main() -> None:
     parser.add_argument("--layer", default="head")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all cores)")
     parser.add_argument("--compare-folding", action="store_true")
+    parser.add_argument("--compare-chunks", help="CHUNK,...: the inference copy's images per pass, compared")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
@@ -52,6 +57,9 @@ def main() -> None:
         raise SystemExit(f"no JPEGs in {args.images}")
     batches = [paths[i:i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
     encoder = create_encoder(args.encoder, image_size=args.image_size, layer=args.layer)
+    if args.compare_chunks:
+        chunks = [int(c) for c in args.compare_chunks.split(",")]
+        return compare_chunks(encoder, [load(encoder, batch) for batch in batches], chunks, args.rounds, args.threads)
     if args.compare_folding:
         return compare_folding(encoder, [load(encoder, batch) for batch in batches], args.rounds, args.threads)
 
@@ -96,6 +104,26 @@ def compare_folding(encoder: Encoder, inputs: list[torch.Tensor], rounds: int, t
         median = sorted(values)[rounds // 2]
         print(f"| {threads} | {encoder.name} {name} | {median:.1f} | {median / base:.2f}x |")
     print(f"largest feature difference: {diff:.2e}")
+
+
+def compare_chunks(encoder: Encoder, inputs: list[torch.Tensor], chunks: list[int], rounds: int, threads: int) -> None:
+    folded = encoder.for_inference()
+    n = sum(len(x) for x in inputs)
+    speeds: dict[int, list[float]] = {chunk: [] for chunk in chunks}
+    with torch.inference_mode():
+        folded(inputs[0])  # warm-up
+        for _ in range(rounds):
+            for chunk in chunks:
+                encoders.INFERENCE_CHUNK = chunk
+                start = time.perf_counter()
+                for x in inputs:
+                    folded(x)
+                speeds[chunk].append(n / (time.perf_counter() - start))
+    base = sorted(speeds[chunks[-1]])[rounds // 2]
+    print(f"| threads | images per pass | forward img/s (median of {rounds}) | vs {chunks[-1]} |\n| ---: | ---: | ---: | ---: |")
+    for chunk, values in speeds.items():
+        median = sorted(values)[rounds // 2]
+        print(f"| {threads} | {chunk} | {median:.1f} | {median / base:.2f}x |")
 
 
 if __name__ == "__main__":
