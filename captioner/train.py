@@ -306,9 +306,29 @@ def mirror_batch(vocab: Vocab, device: torch.device) -> Callable[[Batch], Batch]
     return augment
 
 
+def new_decoder(cfg: Config, prepared: Prepared) -> CaptionDecoder:
+    """The untrained decoder cfg describes over the prepared folder's vocabulary and features; with
+    concept_input it gets the ImageNet classifier of the encoder that made the features."""
+    classifier = None
+    if cfg.concept_input:
+        from .encoders import pretrained_head
+
+        classifier = pretrained_head(prepared.spec)
+        if classifier is None:
+            raise ValueError(f"concept_input needs features with an ImageNet classifier over them (EfficientNet-Lite, "
+                             f"feature_layer head); {prepared.root} has {prepared.spec['encoder']} "
+                             f"{prepared.spec['layer']} features")
+    return decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos, classifier)
+
+
+CONCEPT_INPUT_KEYS = ("init_concepts.", "classifier_")  # what concept_input adds to an LSTM's weights
+
+
 def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
     """Start from a trained model's decoder weights (self-critical training starts from a cross-entropy
-    model): the same family and sizes, trained on the same vocabulary and features."""
+    model): the same family and sizes, trained on the same vocabulary and features. A model without
+    concept input may start one with it: the concept layer starts at zero, so training begins from
+    exactly that model."""
     loaded = load_model(path)
     if loaded.vocab.itos != prepared.vocab.itos:
         raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root}")
@@ -316,7 +336,9 @@ def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepa
     if loaded.decoder.family != decoder.family:
         raise ValueError(f"init_from {path} is a {loaded.decoder.family} decoder, the config asks for {decoder.family}")
     try:
-        decoder.load_state_dict(loaded.decoder.state_dict())
+        missing, unexpected = decoder.load_state_dict(loaded.decoder.state_dict(), strict=False)
+        if unexpected or any(not key.startswith(CONCEPT_INPUT_KEYS) for key in missing):
+            raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as err:  # other sizes: name the arguments that differ
         theirs, ours = loaded.decoder.arguments(), decoder.arguments()
         differ = [f"{k} {v!r} (model) != {ours.get(k)!r} (config)" for k, v in theirs.items() if ours.get(k) != v]
@@ -483,7 +505,7 @@ def start_run(cfg: Config, resume: bool, log: Callable[[str], None]) -> Run:
     features_encoder = prepared.encoder_state()
     seed_everything(cfg.seed)  # the same initial weights on every rank
     data = CaptionSet(prepared, "train")
-    decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device)
+    decoder = new_decoder(cfg, prepared).to(device)
     if cfg.init_from and cfg.pretrain != "none":
         raise ValueError(f"init_from ({cfg.init_from}) and pretrain ({cfg.pretrain}) both set the decoder's start: "
                          "choose one")
@@ -681,7 +703,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
     device = resolve_device(cfg.device)
     prepared = open_prepared(cfg.prepared)
     data = CaptionSet(prepared, "train")
-    decoder = decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos).to(device).train()
+    decoder = new_decoder(cfg, prepared).to(device).train()
     objective = make_objective(cfg, prepared)
     optimizer = make_optimizer(cfg.optimizer, list(decoder.parameters()), start_lr, cfg.weight_decay)
     batches = data.batches(cfg.batch_size, cfg.seed)

@@ -31,6 +31,17 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="training scores every epoch with coco-caption, which needs Java")
 
 
+def random_concept_input(decoder: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """concept_input's classifier comes from the encoder and its layer starts at zero, so a decoder
+    built in a test would ignore the classifier: random ones, for tests that must see that path."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        decoder.classifier_weight.copy_(torch.randn(decoder.classifier_weight.shape, generator=g))
+        decoder.classifier_bias.copy_(torch.randn(decoder.classifier_bias.shape, generator=g))
+        decoder.init_concepts.weight.copy_(torch.randn(decoder.init_concepts.weight.shape, generator=g))
+    return decoder
+
+
 def write_flickr_dataset(folder: Path, n: int = 12, size: int = 48) -> Path:
     """n coloured-noise images with 2 captions each, split 2/3 train, the rest val and test."""
     images = folder / "images"

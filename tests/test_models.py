@@ -15,6 +15,8 @@ from captioner.models import (DECODERS, CaptionDecoder, LoadedModel, decoder_cla
                               register_decoder, save_model)
 from captioner.vocab import Vocab
 
+from conftest import random_concept_input
+
 SHIPPED = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
 SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16, heads=2, layers=2,
              encoder_layers=1, ff_dim=32)
@@ -23,7 +25,8 @@ SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, drop
 # Every family, and the options that change what the seam sees: several attention heads, hard
 # attention's one-region decoding (its default, the expectation, is the family's own entry).
 VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
-            "hard-attention-argmax-2-heads": ("hard-attention", {"hard_decode": "argmax", "attention_heads": 2})}
+            "hard-attention-argmax-2-heads": ("hard-attention", {"hard_decode": "argmax", "attention_heads": 2}),
+            "attention-concept-input": ("attention", {"concept_input": True})}
 
 
 def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed: int = 0, **args) -> CaptionDecoder:
@@ -31,7 +34,8 @@ def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed:
     torch.manual_seed(seed)
     names = {f.name for f in fields(decoder_class(family).Args)}
     cfg = Config(decoder=family, **{**{k: v for k, v in SMALL.items() if k in names}, **args})
-    return decoder_from_config(cfg, vocab_size, feature_dim)
+    decoder = decoder_from_config(cfg, vocab_size, feature_dim)
+    return random_concept_input(decoder, seed) if cfg.concept_input else decoder
 
 
 def captions_batch(vocab_size: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -515,3 +515,61 @@ def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path
     model = load_model(tmp_path / "run" / "best")
     assert model.decoder.family == "hard-attention" and model.decoder.args.attention_heads == 2
     assert float(model.decoder.baseline_weight) == pytest.approx(1 - 0.9 ** 4)
+
+
+def test_concept_input_starts_as_its_init_from_model_and_trains_only_its_own_layer(tmp_path, monkeypatch):
+    """`--concept-input --init-from MODEL`: before any step the decoder gives MODEL's very
+    log-probabilities (the concept layer starts at zero); training then moves that layer at every step
+    and never the classifier, which the saved model carries."""
+    from captioner import encoders
+    from captioner.cli import main
+
+    write_synthetic_prepared(tmp_path / "p", train_images=8, val_images=2, words=40, channels=8)
+    prepared = open_prepared(tmp_path / "p")
+    with pytest.raises(ValueError, match=r"concept_input needs features with an ImageNet classifier.*synthetic head"):
+        train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_input=True), prepared)
+
+    g = torch.Generator().manual_seed(1)
+    head = (torch.randn(1000, 8, generator=g), torch.randn(1000, generator=g))
+    monkeypatch.setattr(encoders, "pretrained_head", lambda spec: head if spec["encoder"] == "synthetic" else None)
+    with pytest.raises(ValueError, match="concept_input is an option of the LSTM decoders, not of 'transformer'"):
+        train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_input=True, decoder="transformer"), prepared)
+    calls = iter(range(100))  # every scoring better than the last, so the trained epoch is the best
+    monkeypatch.setattr(train_mod, "score_captions", lambda predictions, references, metrics: {"Bleu_4": 0.0,
+                                                                                               "CIDEr": next(calls)})
+    args = ["train", "--prepared", str(tmp_path / "p"), "--epochs", "1", "--batch-size", "10", "--embed-dim", "16",
+            "--attention-dim", "16", "--hidden-dim", "16", "--context-dim", "16", "--max-length", "6", "--no-amp"]
+    assert main(args + ["--run-dir", str(tmp_path / "base")]) == 0
+    base = load_model(tmp_path / "base" / "best").decoder
+
+    cfg = small(tmp_path / "p", tmp_path / "x", embed_dim=16, attention_dim=16, hidden_dim=16, context_dim=16,
+                concept_input=True)
+    started = train_mod.new_decoder(cfg, prepared)
+    train_mod.init_decoder_from(started, tmp_path / "base" / "best", prepared)
+    started.eval()
+    features = torch.from_numpy(prepared.features[:3].astype(np.float32))
+    words = torch.full((3,), 1)
+    with torch.no_grad():
+        theirs, ours = base.step(words, base.init_state(features))[0], started.step(words, started.init_state(features))[0]
+    torch.testing.assert_close(ours, theirs)
+
+    changed: list[set[str]] = []
+    real_step = train_mod.train_step
+
+    def step(model, *step_args, **kwargs):
+        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        logs = real_step(model, *step_args, **kwargs)
+        changed.append({k for k, v in model.state_dict().items() if not torch.equal(v, before[k])})
+        return logs
+
+    monkeypatch.setattr(train_mod, "train_step", step)
+    assert main(args + ["--run-dir", str(tmp_path / "run"), "--concept-input",
+                        "--init-from", str(tmp_path / "base" / "best")]) == 0
+    assert len(changed) == 4  # 40 captions in batches of 10
+    for keys in changed:
+        assert "init_concepts.weight" in keys and not keys & {"classifier_weight", "classifier_bias"}
+    model = load_model(tmp_path / "run" / "best").decoder
+    assert model.args.concept_input
+    torch.testing.assert_close(model.classifier_weight, head[0])
+    with torch.no_grad():  # the classifier's view of an image now changes the caption's first word
+        assert not torch.allclose(model.step(words, model.init_state(features))[0], theirs)

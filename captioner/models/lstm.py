@@ -9,6 +9,12 @@ each scoring the regions on its own, and the context is the concatenation of the
 (H x C wide). Concatenation, not the mean: a mean of H weighted means is again one weighted mean,
 which a single head can already produce, so only concatenation lets the LSTM see two places apart
 (a dog and its ball) instead of their blur. One head is the original model, weight for weight.
+
+With concept_input the initial state also reads what the encoder's own ImageNet classifier sees (its
+1000 class probabilities over the mean feature, from the head the decoder is given at training and
+keeps in its weights): semantic attributes as input, LSTM-A (Yao et al., 2017). A decoder trained on
+6,000 photos maps a close-up espresso's features to "a dog in the water"; the classifier, trained on
+1.28M photos, still says espresso, and the words it implies reach the LSTM before its first word.
 """
 from __future__ import annotations
 
@@ -20,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import CaptionDecoder, DecoderOutput, State, register_decoder
+
+N_CLASSES = 1000  # ImageNet-1k: the classifier concept_input reads
 
 
 @dataclass
@@ -33,6 +41,7 @@ class LSTMArgs:
     attention_heads: int = 1  # heads splitting attention_dim; the context concatenates their weighted means
     glove: bool = False  # embeddings start from GloVe 6B 50-d, projected to embed_dim
     freeze_glove: bool = False
+    concept_input: bool = False  # the ImageNet classifier's class probabilities add to the initial h and c
 
 
 @register_decoder("attention")
@@ -44,7 +53,8 @@ class AttentionLSTM(CaptionDecoder):
     title = "Show, Attend and Tell (soft attention)"
     attends = True  # False: the mean-feature baseline
 
-    def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:
+    def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None,
+                 classifier: tuple[Tensor, Tensor] | None = None) -> None:
         super().__init__(args, vocab_size, feature_dim)
         embed_dim, hidden_dim, context_dim = args.embed_dim, args.hidden_dim, args.context_dim
         self.hidden_dim = hidden_dim
@@ -65,6 +75,20 @@ class AttentionLSTM(CaptionDecoder):
         self.region_dim = context_dim
         self.init_h = nn.Linear(context_dim, hidden_dim)
         self.init_c = nn.Linear(context_dim, hidden_dim)
+        if args.concept_input:
+            # the classifier is fixed (not trained) but saved with the weights, so the model file and its
+            # ONNX export carry it; when loading a trained model its values come from the weights
+            weight, bias = classifier if classifier is not None else (torch.zeros(N_CLASSES, feature_dim),
+                                                                      torch.zeros(N_CLASSES))
+            if tuple(weight.shape) != (N_CLASSES, feature_dim):
+                raise ValueError(f"concept_input needs an ImageNet classifier over the {feature_dim} feature "
+                                 f"channels, got weights of shape {tuple(weight.shape)}")
+            self.register_buffer("classifier_weight", weight.detach().float().clone())
+            self.register_buffer("classifier_bias", bias.detach().float().clone())
+            # zero: a model started from one without concept input (init_from) begins as that model
+            self.init_concepts = nn.Linear(N_CLASSES, 2 * hidden_dim)
+            nn.init.zeros_(self.init_concepts.weight)
+            nn.init.zeros_(self.init_concepts.bias)
         heads = args.attention_heads if self.attends else 1
         if args.attention_dim % heads:
             raise ValueError(f"attention_dim ({args.attention_dim}) must be a multiple of attention_heads ({heads})")
@@ -88,13 +112,19 @@ class AttentionLSTM(CaptionDecoder):
         return self.project
 
     def init_state(self, features: Tensor) -> State:
-        """features (B, L, C) -> the state before the first word: h, c from the mean feature, and the
-        projected features that attention reuses at every step."""
-        features = self.regions(features)
-        mean = features.mean(dim=1)
-        state = {"h": self.init_h(mean), "c": self.init_c(mean), "features": features}
+        """features (B, L, C) -> the state before the first word: h, c from the mean region (and with
+        concept_input the classifier's view of the features), and the projected regions that attention
+        reuses at every step."""
+        regions = self.regions(features)
+        mean = regions.mean(dim=1)
+        h, c = self.init_h(mean), self.init_c(mean)
+        if self.args.concept_input:
+            logits = F.linear(features.float().mean(dim=1), self.classifier_weight, self.classifier_bias)
+            h_add, c_add = self.init_concepts(logits.softmax(dim=1).to(h.dtype)).chunk(2, dim=1)
+            h, c = h + h_add, c + c_add
+        state = {"h": h, "c": c, "features": regions}
         if self.attends:
-            state["keys"] = self.att_feat(features)
+            state["keys"] = self.att_feat(regions)
         else:
             state["features"] = mean
         return state
