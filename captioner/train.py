@@ -39,6 +39,7 @@ from .features import PENDING, Prepared, image_inputs, open_prepared
 from .metrics import score_captions
 from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
                      load_model, save_model)
+from .models.lstm import CONCEPT_INPUT_WEIGHTS
 from .objectives import Batch, make_objective
 from .runtime import (bf16_supported, deterministic_algorithms, is_main, load_checkpoint, make_optimizer, rank_seed,
                       resolve_device, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
@@ -321,9 +322,6 @@ def new_decoder(cfg: Config, prepared: Prepared) -> CaptionDecoder:
     return decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos, classifier)
 
 
-CONCEPT_INPUT_KEYS = ("init_concepts.", "classifier_")  # what concept_input adds to an LSTM's weights
-
-
 def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
     """Start from a trained model's decoder weights (self-critical training starts from a cross-entropy
     model): the same family and sizes, trained on the same vocabulary and features. A model without
@@ -337,7 +335,7 @@ def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepa
         raise ValueError(f"init_from {path} is a {loaded.decoder.family} decoder, the config asks for {decoder.family}")
     try:
         missing, unexpected = decoder.load_state_dict(loaded.decoder.state_dict(), strict=False)
-        if unexpected or any(not key.startswith(CONCEPT_INPUT_KEYS) for key in missing):
+        if unexpected or any(not key.startswith(CONCEPT_INPUT_WEIGHTS) for key in missing):
             raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as err:  # other sizes: name the arguments that differ
         theirs, ours = loaded.decoder.arguments(), decoder.arguments()

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .base import CaptionDecoder, DecoderOutput, State, register_decoder
 
 N_CLASSES = 1000  # ImageNet-1k: the classifier concept_input reads
+CONCEPT_INPUT_WEIGHTS = ("init_concepts.", "classifier_")  # the state-dict names concept_input adds
 
 
 @dataclass
