@@ -44,6 +44,14 @@ def mentions(text: str, words: set[str]) -> bool:
     return bool(words & set(tokenize(text)))
 
 
+def hallucinated(caption: str, references: list[str], objects: set[str]) -> bool:
+    """CHAIR_s (Rohrbach et al., 2018) over the concept words: the caption names an object (a concept
+    word, singular or plural) that none of the image's references names."""
+    said = {w[:-1] if w.endswith("s") and w[:-1] in objects else w for w in tokenize(caption)} & objects
+    seen = {w[:-1] if w.endswith("s") and w[:-1] in objects else w for r in references for w in tokenize(r)}
+    return bool(said - seen)
+
+
 def f1(predicted: list[bool], actual: list[bool]) -> tuple[float, float, float]:
     hits = sum(p and a for p, a in zip(predicted, actual))
     precision = hits / max(1, sum(predicted))
@@ -87,6 +95,8 @@ def main() -> None:
         predictions = decode_split(loaded.decoder, prepared, rows, opts, torch.device("cpu"), concepts=concepts,
                                    vocab=loaded.vocab)
         run = {"all": score_captions(predictions, refs), "concepts": {}, "captions": predictions}
+        objects = set(concept_vocabulary())
+        run["all"]["CHAIR_s"] = float(np.mean([hallucinated(predictions[n], refs[n], objects) for n in refs]))
         for name, text in CONCEPTS.items():
             words = set(text.split())
             actual = [any(mentions(r, words) for r in refs[n]) for n in refs]
@@ -98,7 +108,8 @@ def main() -> None:
                                      "CIDEr": scores["CIDEr"], "METEOR": scores["METEOR"]}
         report["runs"][label] = run
         print(f"\n{label} ({args.split}, {len(rows)} images; all: BLEU-4 {100 * run['all']['Bleu_4']:.1f} "
-              f"METEOR {100 * run['all']['METEOR']:.1f} CIDEr {100 * run['all']['CIDEr']:.1f})")
+              f"METEOR {100 * run['all']['METEOR']:.1f} CIDEr {100 * run['all']['CIDEr']:.1f}; captions naming an "
+              f"object no reference names {100 * run['all']['CHAIR_s']:.1f}%)")
         print("| concept | images | F1 | precision | recall | CIDEr | METEOR | head alone F1 |\n"
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
         for name, c in run["concepts"].items():
