@@ -485,15 +485,8 @@ def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prep
     assert fast.precision == "bfloat16" and seen[-1] is True  # the epoch itself ran under autocast
 
 
-def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path, monkeypatch):
-    """`captioner train --decoder hard-attention --attention-heads 2` through the real loop: every step
-    changes the weights, the attention's own through REINFORCE alone (no penalty, no entropy bonus,
-    never the expectation), and the moving-average baseline is saved with the model."""
-    from captioner.cli import main
-
-    write_synthetic_prepared(tmp_path / "p", train_images=8, val_images=2, words=40, channels=8)
-    monkeypatch.setattr(train_mod, "score_captions", lambda predictions, references, metrics: {"Bleu_4": 0.0,
-                                                                                               "CIDEr": 0.0})
+def record_changed_weights(monkeypatch) -> list[set[str]]:
+    """Wrap train_step: the list it returns gets, per optimizer step, the state-dict names it changed."""
     changed: list[set[str]] = []
     real_step = train_mod.train_step
 
@@ -504,6 +497,19 @@ def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path
         return logs
 
     monkeypatch.setattr(train_mod, "train_step", step)
+    return changed
+
+
+def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path, monkeypatch):
+    """`captioner train --decoder hard-attention --attention-heads 2` through the real loop: every step
+    changes the weights, the attention's own through REINFORCE alone (no penalty, no entropy bonus,
+    never the expectation), and the moving-average baseline is saved with the model."""
+    from captioner.cli import main
+
+    write_synthetic_prepared(tmp_path / "p", train_images=8, val_images=2, words=40, channels=8)
+    monkeypatch.setattr(train_mod, "score_captions", lambda predictions, references, metrics: {"Bleu_4": 0.0,
+                                                                                               "CIDEr": 0.0})
+    changed = record_changed_weights(monkeypatch)
     assert main(["train", "--prepared", str(tmp_path / "p"), "--run-dir", str(tmp_path / "run"), "--epochs", "1",
                  "--batch-size", "10", "--embed-dim", "16", "--attention-dim", "16", "--hidden-dim", "16",
                  "--context-dim", "16", "--max-length", "6", "--no-amp", "--decoder", "hard-attention",
@@ -553,16 +559,7 @@ def test_concept_input_starts_as_its_init_from_model_and_trains_only_its_own_lay
         theirs, ours = base.step(words, base.init_state(features))[0], started.step(words, started.init_state(features))[0]
     torch.testing.assert_close(ours, theirs)
 
-    changed: list[set[str]] = []
-    real_step = train_mod.train_step
-
-    def step(model, *step_args, **kwargs):
-        before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        logs = real_step(model, *step_args, **kwargs)
-        changed.append({k for k, v in model.state_dict().items() if not torch.equal(v, before[k])})
-        return logs
-
-    monkeypatch.setattr(train_mod, "train_step", step)
+    changed = record_changed_weights(monkeypatch)
     assert main(args + ["--run-dir", str(tmp_path / "run"), "--concept-input",
                         "--init-from", str(tmp_path / "base" / "best")]) == 0
     assert len(changed) == 4  # 40 captions in batches of 10
