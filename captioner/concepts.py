@@ -98,6 +98,12 @@ def _membership() -> torch.Tensor:
     return matrix
 
 
+def class_word_ids(vocab: Vocab) -> torch.Tensor:
+    """(1000,) each ImageNet class's caption word as an id of `vocab`, 0 (<pad>) where the class has no
+    word or the vocabulary lacks it: what a decoder that copies concepts (models/lstm.py) sums into."""
+    return torch.tensor([vocab.stoi.get(word, 0) if word else 0 for word in _packaged_words()], dtype=torch.long)
+
+
 def concept_probs(class_logits: torch.Tensor) -> torch.Tensor:
     """(B, 1000) ImageNet logits -> (B, W) float32 probability of each concept word: the softmax over the
     classes summed over the classes that map to it (rows sum to at most 1; wordless classes keep the rest)."""

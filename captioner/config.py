@@ -89,6 +89,9 @@ class Config:
     concept_input: bool = option(False, "LSTM: the encoder's ImageNet classifier's class probabilities also set "
                                         "the initial state (LSTM-A); needs EfficientNet-Lite features of the "
                                         "head layer")
+    concept_copy: bool = option(False, "LSTM: the caption words that classifier's classes map to (concepts.py) get "
+                                       "their probability added to their logits, scaled by a learned gate "
+                                       "(LSTM-C); same features needed")
     model_dim: int = option(512, "transformer: width of regions, words and layers (a multiple of heads)",
                             range=(1, None))
     heads: int = option(8, "transformer: attention heads", range=(1, None))

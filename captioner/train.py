@@ -39,7 +39,7 @@ from .features import PENDING, Prepared, image_inputs, open_prepared
 from .metrics import score_captions
 from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
                      load_model, save_model)
-from .models.lstm import CONCEPT_INPUT_WEIGHTS
+from .models.lstm import CONCEPT_WEIGHTS
 from .objectives import Batch, make_objective
 from .runtime import (bf16_supported, deterministic_algorithms, is_main, load_checkpoint, make_optimizer, rank_seed,
                       resolve_device, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
@@ -309,24 +309,27 @@ def mirror_batch(vocab: Vocab, device: torch.device) -> Callable[[Batch], Batch]
 
 def new_decoder(cfg: Config, prepared: Prepared) -> CaptionDecoder:
     """The untrained decoder cfg describes over the prepared folder's vocabulary and features; with
-    concept_input it gets the ImageNet classifier of the encoder that made the features."""
+    concept_input or concept_copy it gets the ImageNet classifier of the encoder that made the
+    features, and each class's caption word in the vocabulary."""
     classifier = None
-    if cfg.concept_input:
+    if cfg.concept_input or cfg.concept_copy:
+        from .concepts import class_word_ids
         from .encoders import pretrained_head
 
-        classifier = pretrained_head(prepared.spec)
-        if classifier is None:
-            raise ValueError(f"concept_input needs features with an ImageNet classifier over them (EfficientNet-Lite, "
-                             f"feature_layer head); {prepared.root} has {prepared.spec['encoder']} "
-                             f"{prepared.spec['layer']} features")
+        head = pretrained_head(prepared.spec)
+        if head is None:
+            raise ValueError(f"concept_input and concept_copy need features with an ImageNet classifier over them "
+                             f"(EfficientNet-Lite, feature_layer head); {prepared.root} has "
+                             f"{prepared.spec['encoder']} {prepared.spec['layer']} features")
+        classifier = (*head, class_word_ids(prepared.vocab))
     return decoder_from_config(cfg, len(prepared.vocab), prepared.spec["channels"], prepared.vocab.itos, classifier)
 
 
 def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
     """Start from a trained model's decoder weights (self-critical training starts from a cross-entropy
     model): the same family and sizes, trained on the same vocabulary and features. A model without
-    concept input may start one with it: the concept layer starts at zero, so training begins from
-    exactly that model."""
+    concept input or copying may start one with them: their layers start at (nearly) nothing, so
+    training begins from that model."""
     loaded = load_model(path)
     if loaded.vocab.itos != prepared.vocab.itos:
         raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root}")
@@ -335,7 +338,7 @@ def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepa
         raise ValueError(f"init_from {path} is a {loaded.decoder.family} decoder, the config asks for {decoder.family}")
     try:
         missing, unexpected = decoder.load_state_dict(loaded.decoder.state_dict(), strict=False)
-        if unexpected or any(not key.startswith(CONCEPT_INPUT_WEIGHTS) for key in missing):
+        if unexpected or any(not key.startswith(CONCEPT_WEIGHTS) for key in missing):
             raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as err:  # other sizes: name the arguments that differ
         theirs, ours = loaded.decoder.arguments(), decoder.arguments()

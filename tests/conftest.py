@@ -31,14 +31,17 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None,
                                 reason="training scores every epoch with coco-caption, which needs Java")
 
 
-def random_concept_input(decoder: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """concept_input's classifier comes from the encoder and its layer starts at zero, so a decoder
-    built in a test would ignore the classifier: random ones, for tests that must see that path."""
+def random_concepts(decoder: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """concept_input's and concept_copy's classifier comes from the encoder and their layers start at
+    (nearly) nothing, so a decoder built in a test would ignore them: random ones, for tests that must
+    see those paths."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        decoder.classifier_weight.copy_(torch.randn(decoder.classifier_weight.shape, generator=g))
-        decoder.classifier_bias.copy_(torch.randn(decoder.classifier_bias.shape, generator=g))
-        decoder.init_concepts.weight.copy_(torch.randn(decoder.init_concepts.weight.shape, generator=g))
+        for name, tensor in decoder.state_dict().items():
+            if name.startswith(("classifier_", "init_concepts.weight", "copy_gate.")):
+                tensor.copy_(torch.randn(tensor.shape, generator=g))
+            elif name == "class_word":
+                tensor.copy_(torch.randint(0, decoder.vocab_size, tensor.shape, generator=g))
     return decoder
 
 

@@ -15,7 +15,7 @@ from captioner.models import (DECODERS, CaptionDecoder, LoadedModel, decoder_cla
                               register_decoder, save_model)
 from captioner.vocab import Vocab
 
-from conftest import random_concept_input
+from conftest import random_concepts
 
 SHIPPED = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
 SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16, heads=2, layers=2,
@@ -26,7 +26,8 @@ SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, drop
 # attention's one-region decoding (its default, the expectation, is the family's own entry).
 VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
             "hard-attention-argmax-2-heads": ("hard-attention", {"hard_decode": "argmax", "attention_heads": 2}),
-            "attention-concept-input": ("attention", {"concept_input": True})}
+            "attention-concept-input": ("attention", {"concept_input": True}),
+            "attention-concept-copy": ("attention", {"concept_copy": True})}
 
 
 def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed: int = 0, **args) -> CaptionDecoder:
@@ -35,7 +36,7 @@ def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed:
     names = {f.name for f in fields(decoder_class(family).Args)}
     cfg = Config(decoder=family, **{**{k: v for k, v in SMALL.items() if k in names}, **args})
     decoder = decoder_from_config(cfg, vocab_size, feature_dim)
-    return random_concept_input(decoder, seed) if cfg.concept_input else decoder
+    return random_concepts(decoder, seed) if cfg.concept_input or cfg.concept_copy else decoder
 
 
 def captions_batch(vocab_size: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from captioner.onnx_export import TOLERANCE, _stamp, compare, export_decoder, qu
 from captioner.pipeline import Captioner  # noqa: E402
 from captioner.vocab import Vocab  # noqa: E402
 
-from conftest import ROOT, random_concept_input, run_cli  # noqa: E402
+from conftest import ROOT, random_concepts, run_cli  # noqa: E402
 
 PHOTOS = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
 TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
@@ -34,7 +34,8 @@ TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model
 # every family, and the options that change the step's graph (hard attention's expectation is its default)
 VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
             "hard-attention-argmax": ("hard-attention", {"hard_decode": "argmax"}),
-            "attention-concept-input": ("attention", {"concept_input": True})}
+            "attention-concept-input": ("attention", {"concept_input": True}),
+            "attention-concept-copy": ("attention", {"concept_copy": True})}
 WORDS = "a dog cat man woman runs sits on the grass red blue ball water in with".split()
 
 
@@ -109,8 +110,8 @@ def test_every_family_exports_and_searches_alike(variant, tmp_path):
     names = {f.name for f in fields(decoder_class(family).Args)}
     cfg = Config(decoder=family, **{k: v for k, v in TINY.items() if k in names}, **args)
     decoder = decoder_from_config(cfg, 30, 8).eval()
-    if cfg.concept_input:
-        random_concept_input(decoder)
+    if cfg.concept_input or cfg.concept_copy:
+        random_concepts(decoder)
     info = export_decoder(decoder, torch.randn(5, 49, 8), 30, tmp_path, "0" * 64)
     runtime = OnnxDecoder(open_session(tmp_path / GRAPHS["init"], None), open_session(tmp_path / GRAPHS["step"], None),
                           info["state"], info["step_outputs"])

@@ -523,21 +523,24 @@ def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path
     assert float(model.decoder.baseline_weight) == pytest.approx(1 - 0.9 ** 4)
 
 
-def test_concept_input_starts_as_its_init_from_model_and_trains_only_its_own_layer(tmp_path, monkeypatch):
+def test_concept_input_and_copy_start_from_their_init_from_model_and_train_their_own_layers(tmp_path, monkeypatch):
     """`--concept-input --init-from MODEL`: before any step the decoder gives MODEL's very
-    log-probabilities (the concept layer starts at zero); training then moves that layer at every step
-    and never the classifier, which the saved model carries."""
-    from captioner import encoders
+    log-probabilities (the concept layer starts at zero). With `--concept-copy` too, training moves
+    both layers at every step and never the classifier or its word ids, which the saved model carries."""
+    from captioner import concepts, encoders
     from captioner.cli import main
 
     write_synthetic_prepared(tmp_path / "p", train_images=8, val_images=2, words=40, channels=8)
     prepared = open_prepared(tmp_path / "p")
-    with pytest.raises(ValueError, match=r"concept_input needs features with an ImageNet classifier.*synthetic head"):
-        train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_input=True), prepared)
+    with pytest.raises(ValueError, match=r"concept_input and concept_copy need features with an ImageNet "
+                                         r"classifier.*synthetic head"):
+        train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_copy=True), prepared)
 
     g = torch.Generator().manual_seed(1)
     head = (torch.randn(1000, 8, generator=g), torch.randn(1000, generator=g))
     monkeypatch.setattr(encoders, "pretrained_head", lambda spec: head if spec["encoder"] == "synthetic" else None)
+    class_words = torch.randint(0, len(prepared.vocab), (1000,), generator=g)  # the random words have no table
+    monkeypatch.setattr(concepts, "class_word_ids", lambda vocab: class_words)
     with pytest.raises(ValueError, match="concept_input is an option of the LSTM decoders, not of 'transformer'"):
         train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_input=True, decoder="transformer"), prepared)
     calls = iter(range(100))  # every scoring better than the last, so the trained epoch is the best
@@ -560,13 +563,15 @@ def test_concept_input_starts_as_its_init_from_model_and_trains_only_its_own_lay
     torch.testing.assert_close(ours, theirs)
 
     changed = record_changed_weights(monkeypatch)
-    assert main(args + ["--run-dir", str(tmp_path / "run"), "--concept-input",
+    assert main(args + ["--run-dir", str(tmp_path / "run"), "--concept-input", "--concept-copy",
                         "--init-from", str(tmp_path / "base" / "best")]) == 0
     assert len(changed) == 4  # 40 captions in batches of 10
     for keys in changed:
-        assert "init_concepts.weight" in keys and not keys & {"classifier_weight", "classifier_bias"}
+        assert {"init_concepts.weight", "copy_gate.weight"} <= keys
+        assert not keys & {"classifier_weight", "classifier_bias", "class_word"}
     model = load_model(tmp_path / "run" / "best").decoder
-    assert model.args.concept_input
+    assert model.args.concept_input and model.args.concept_copy
     torch.testing.assert_close(model.classifier_weight, head[0])
+    assert torch.equal(model.class_word, class_words)
     with torch.no_grad():  # the classifier's view of an image now changes the caption's first word
         assert not torch.allclose(model.step(words, model.init_state(features))[0], theirs)

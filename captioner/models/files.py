@@ -42,10 +42,11 @@ RETRIEVAL_FILE = "retrieval.safetensors"  # optional: the ImageEmbedder, float16
 
 def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_dim: int,
                   words: list[str] | None = None, source: str = "arguments",
-                  classifier: tuple[Tensor, Tensor] | None = None) -> CaptionDecoder:
+                  classifier: tuple[Tensor, Tensor, Tensor] | None = None) -> CaptionDecoder:
     """A family's decoder from its stored arguments; unknown argument names are refused by name,
     missing ones take the family's defaults (a newer family may add arguments). `classifier`: the
-    ImageNet head a decoder with concept_input starts with (a loaded one has it in its weights)."""
+    ImageNet head and each class's word id that a decoder with concept_input or concept_copy starts
+    with (a loaded one has them in its weights)."""
     cls = decoder_class(family)
     known = {f.name for f in fields(cls.Args)}
     unknown = sorted(set(args) - known)
@@ -56,11 +57,12 @@ def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_di
 
 
 def decoder_from_config(cfg: Config, vocab_size: int, feature_dim: int, words: list[str] | None = None,
-                        classifier: tuple[Tensor, Tensor] | None = None) -> CaptionDecoder:
+                        classifier: tuple[Tensor, Tensor, Tensor] | None = None) -> CaptionDecoder:
     """The decoder `cfg.decoder` names, its arguments read from the config fields of the same names."""
     cls = decoder_class(cfg.decoder)
-    if cfg.concept_input and "concept_input" not in {f.name for f in fields(cls.Args)}:
-        raise ValueError(f"concept_input is an option of the LSTM decoders, not of {cfg.decoder!r}")
+    for name in ("concept_input", "concept_copy"):
+        if getattr(cfg, name) and name not in {f.name for f in fields(cls.Args)}:
+            raise ValueError(f"{name} is an option of the LSTM decoders, not of {cfg.decoder!r}")
     return build_decoder(cfg.decoder, {f.name: getattr(cfg, f.name) for f in fields(cls.Args)}, vocab_size,
                          feature_dim, words, classifier=classifier)
 

@@ -10,11 +10,16 @@ each scoring the regions on its own, and the context is the concatenation of the
 which a single head can already produce, so only concatenation lets the LSTM see two places apart
 (a dog and its ball) instead of their blur. One head is the original model, weight for weight.
 
-With concept_input the initial state also reads what the encoder's own ImageNet classifier sees (its
-1000 class probabilities over the mean feature, from the head the decoder is given at training and
-keeps in its weights): semantic attributes as input, LSTM-A (Yao et al., 2017). A decoder trained on
-6,000 photos maps a close-up espresso's features to "a dog in the water"; the classifier, trained on
-1.28M photos, still says espresso, and the words it implies reach the LSTM before its first word.
+Two options let the decoder read what the encoder's own ImageNet classifier sees (its 1000 class
+probabilities over the mean feature, from the head the decoder is given at training and keeps in its
+weights). A decoder trained on 6,000 photos maps a close-up espresso's features to "a dog in the
+water"; the classifier, trained on 1.28M photos, still says espresso.
+- concept_input: the class probabilities also set the initial h and c: semantic attributes as input,
+  LSTM-A (Yao et al., 2017).
+- concept_copy: each caption word the classes map to (concepts.py's table: tabby -> cat) gets their
+  summed probability added to its logit, scaled by a gate of h that learns at which words to copy:
+  copying recognised words, LSTM-C (Yao et al., 2017). Trained end to end, the decoder can leave
+  naming such things to the classifier, so a photo the classifier calls a cat is not a dog.
 """
 from __future__ import annotations
 
@@ -27,8 +32,8 @@ from torch import Tensor, nn
 
 from .base import CaptionDecoder, DecoderOutput, State, register_decoder
 
-N_CLASSES = 1000  # ImageNet-1k: the classifier concept_input reads
-CONCEPT_INPUT_WEIGHTS = ("init_concepts.", "classifier_")  # the state-dict names concept_input adds
+N_CLASSES = 1000  # ImageNet-1k: the classifier concept_input and concept_copy read
+CONCEPT_WEIGHTS = ("init_concepts.", "classifier_", "copy_gate.", "class_word")  # the state-dict names they add
 
 
 @dataclass
@@ -43,6 +48,7 @@ class LSTMArgs:
     glove: bool = False  # embeddings start from GloVe 6B 50-d, projected to embed_dim
     freeze_glove: bool = False
     concept_input: bool = False  # the ImageNet classifier's class probabilities add to the initial h and c
+    concept_copy: bool = False  # its probabilities of caption words add to their logits, gated by h
 
 
 @register_decoder("attention")
@@ -55,7 +61,7 @@ class AttentionLSTM(CaptionDecoder):
     attends = True  # False: the mean-feature baseline
 
     def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None,
-                 classifier: tuple[Tensor, Tensor] | None = None) -> None:
+                 classifier: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         super().__init__(args, vocab_size, feature_dim)
         embed_dim, hidden_dim, context_dim = args.embed_dim, args.hidden_dim, args.context_dim
         self.hidden_dim = hidden_dim
@@ -76,16 +82,23 @@ class AttentionLSTM(CaptionDecoder):
         self.region_dim = context_dim
         self.init_h = nn.Linear(context_dim, hidden_dim)
         self.init_c = nn.Linear(context_dim, hidden_dim)
-        if args.concept_input:
-            # the classifier is fixed (not trained) but saved with the weights, so the model file and its
-            # ONNX export carry it; when loading a trained model its values come from the weights
-            weight, bias = classifier if classifier is not None else (torch.zeros(N_CLASSES, feature_dim),
-                                                                      torch.zeros(N_CLASSES))
+        if args.concept_input or args.concept_copy:
+            # classifier: its weight and bias, and each class's caption word id (0: none). Fixed (not
+            # trained) but saved with the weights, so the model file and its ONNX export carry it; when
+            # loading a trained model its values come from the weights.
+            weight, bias, word = classifier if classifier is not None else (
+                torch.zeros(N_CLASSES, feature_dim), torch.zeros(N_CLASSES), torch.zeros(N_CLASSES, dtype=torch.long))
             if tuple(weight.shape) != (N_CLASSES, feature_dim):
-                raise ValueError(f"concept_input needs an ImageNet classifier over the {feature_dim} feature "
-                                 f"channels, got weights of shape {tuple(weight.shape)}")
+                raise ValueError(f"concept_input and concept_copy need an ImageNet classifier over the {feature_dim} "
+                                 f"feature channels, got weights of shape {tuple(weight.shape)}")
             self.register_buffer("classifier_weight", weight.detach().float().clone())
             self.register_buffer("classifier_bias", bias.detach().float().clone())
+        if args.concept_copy:
+            self.register_buffer("class_word", word.detach().long().clone())
+            self.copy_gate = nn.Linear(hidden_dim, 1)
+            nn.init.zeros_(self.copy_gate.weight)  # softplus(-5) = 0.007: it starts as the model without copying
+            nn.init.constant_(self.copy_gate.bias, -5.0)
+        if args.concept_input:
             # zero: a model started from one without concept input (init_from) begins as that model
             self.init_concepts = nn.Linear(N_CLASSES, 2 * hidden_dim)
             nn.init.zeros_(self.init_concepts.weight)
@@ -119,11 +132,17 @@ class AttentionLSTM(CaptionDecoder):
         regions = self.regions(features)
         mean = regions.mean(dim=1)
         h, c = self.init_h(mean), self.init_c(mean)
-        if self.args.concept_input:
+        state = {}
+        if self.args.concept_input or self.args.concept_copy:
             logits = F.linear(features.float().mean(dim=1), self.classifier_weight, self.classifier_bias)
-            h_add, c_add = self.init_concepts(logits.softmax(dim=1).to(h.dtype)).chunk(2, dim=1)
-            h, c = h + h_add, c + c_add
-        state = {"h": h, "c": c, "features": regions}
+            classes = logits.softmax(dim=1)
+            if self.args.concept_input:
+                h_add, c_add = self.init_concepts(classes.to(h.dtype)).chunk(2, dim=1)
+                h, c = h + h_add, c + c_add
+            if self.args.concept_copy:  # (B, V): each word's summed class probability; <pad> (0) takes the rest
+                words = classes @ F.one_hot(self.class_word, self.vocab_size).to(classes.dtype)
+                state["concept_words"] = words * (torch.arange(self.vocab_size, device=words.device) > 0)
+        state.update(h=h, c=c, features=regions)
         if self.attends:
             state["keys"] = self.att_feat(regions)
         else:
@@ -163,10 +182,17 @@ class AttentionLSTM(CaptionDecoder):
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c, alpha
 
+    def _logits(self, h: Tensor, state: State) -> Tensor:
+        """Next-word logits (B, V) from h, plus with concept_copy the gated concept words of state."""
+        logits = self.out(self.dropout(h))
+        if self.args.concept_copy:
+            logits = logits + F.softplus(self.copy_gate(h)) * state["concept_words"].to(logits.dtype)
+        return logits
+
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         """Feed the previous words (B,); return log-probabilities (B, V), the new state and alpha (B, L)."""
         h, c, alpha = self._advance(self.word_gates(words), state)
-        logprobs = F.log_softmax(self.out(self.dropout(h)), dim=-1)  # as in forward: self-critical samples train with it
+        logprobs = F.log_softmax(self._logits(h, state), dim=-1)  # as in forward: self-critical samples train with it
         return logprobs, {**state, "h": h, "c": c}, alpha
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None,
@@ -196,7 +222,7 @@ class AttentionLSTM(CaptionDecoder):
             h, c, alpha = self._advance(gates[:n], sub)
             alphas[:n, t] = alpha
             if teacher_forcing < 1.0:
-                step_logits = self.out(self.dropout(h))
+                step_logits = self._logits(h, sub)
                 logits.append(step_logits)
                 if t + 1 < steps:
                     use_model = (torch.rand(n, device=h.device) >= teacher_forcing).unsqueeze(1)
@@ -207,7 +233,9 @@ class AttentionLSTM(CaptionDecoder):
                 if t + 1 < steps:
                     gates = teacher_gates[:n, t + 1]
         if hiddens:  # one big output projection instead of one per step
-            logits.append(self.out(self.dropout(torch.cat(hiddens))))
+            rows = {"concept_words": torch.cat([state["concept_words"][:n] for n in n_running])} \
+                if self.args.concept_copy else {}
+            logits.append(self._logits(torch.cat(hiddens), rows))
         targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
         return DecoderOutput(torch.cat(logits), targets, attention_penalty(alphas.float(), self.args.alpha_c))
 
