@@ -328,8 +328,8 @@ def new_decoder(cfg: Config, prepared: Prepared) -> CaptionDecoder:
 def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
     """Start from a trained model's decoder weights (self-critical training starts from a cross-entropy
     model): the same family and sizes, trained on the same vocabulary and features. A model without
-    concept input or copying may start one with them: their layers start at (nearly) nothing, so
-    training begins from that model."""
+    concept input or copying may start one with them: their layers keep their initial values (concept
+    input's is zero, so training begins from exactly that model)."""
     loaded = load_model(path)
     if loaded.vocab.itos != prepared.vocab.itos:
         raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root}")

@@ -96,8 +96,10 @@ class AttentionLSTM(CaptionDecoder):
         if args.concept_copy:
             self.register_buffer("class_word", word.detach().long().clone())
             self.copy_gate = nn.Linear(hidden_dim, 1)
-            nn.init.zeros_(self.copy_gate.weight)  # softplus(-5) = 0.007: it starts as the model without copying
-            nn.init.constant_(self.copy_gate.bias, -5.0)
+            # softplus(0) = 0.69: a nudge of at most 0.69 to a word's logit to start with, which Adam can
+            # grow within an epoch (from a gate near zero it could not: its bias moves about lr per step)
+            nn.init.zeros_(self.copy_gate.weight)
+            nn.init.zeros_(self.copy_gate.bias)
         if args.concept_input:
             # zero: a model started from one without concept input (init_from) begins as that model
             self.init_concepts = nn.Linear(N_CLASSES, 2 * hidden_dim)
