@@ -18,8 +18,9 @@ water"; the classifier, trained on 1.28M photos, still says espresso.
   LSTM-A (Yao et al., 2017).
 - concept_copy: each caption word the classes map to (concepts.py's table: tabby -> cat) gets their
   summed probability added to its logit, scaled by a gate of h that learns at which words to copy:
-  copying recognised words, LSTM-C (Yao et al., 2017). Trained end to end, the decoder can leave
-  naming such things to the classifier, so a photo the classifier calls a cat is not a dog.
+  copying recognised words, LSTM-C (Yao et al., 2017): the decoder may leave naming such things to
+  the classifier.
+Neither moved the held-out protocol's F1 (docs/RESULTS.md), so the shipped model has neither.
 """
 from __future__ import annotations
 
@@ -128,9 +129,9 @@ class AttentionLSTM(CaptionDecoder):
         return self.project
 
     def init_state(self, features: Tensor) -> State:
-        """features (B, L, C) -> the state before the first word: h, c from the mean region (and with
-        concept_input the classifier's view of the features), and the projected regions that attention
-        reuses at every step."""
+        """features (B, L, C) -> the state before the first word: h, c from the mean region (with
+        concept_input plus the classifier's view of the features), the projected regions that attention
+        reuses at every step, and with concept_copy each word's probability by the classifier."""
         regions = self.regions(features)
         mean = regions.mean(dim=1)
         h, c = self.init_h(mean), self.init_c(mean)
