@@ -47,9 +47,10 @@ def mentions(text: str, words: set[str]) -> bool:
 def hallucinated(caption: str, references: list[str], objects: set[str]) -> bool:
     """CHAIR_s (Rohrbach et al., 2018) over the concept words: the caption names an object (a concept
     word, singular or plural) that none of the image's references names."""
-    said = {w[:-1] if w.endswith("s") and w[:-1] in objects else w for w in tokenize(caption)} & objects
-    seen = {w[:-1] if w.endswith("s") and w[:-1] in objects else w for r in references for w in tokenize(r)}
-    return bool(said - seen)
+    def named(text: str) -> set[str]:
+        return {w[:-1] if w.endswith("s") and w[:-1] in objects else w for w in tokenize(text)} & objects
+
+    return bool(named(caption) - set().union(*map(named, references)))
 
 
 def f1(predicted: list[bool], actual: list[bool]) -> tuple[float, float, float]:

@@ -142,7 +142,9 @@ class AttentionLSTM(CaptionDecoder):
             if self.args.concept_input:
                 h_add, c_add = self.init_concepts(classes.to(h.dtype)).chunk(2, dim=1)
                 h, c = h + h_add, c + c_add
-            if self.args.concept_copy:  # (B, V): each word's summed class probability; <pad> (0) takes the rest
+            if self.args.concept_copy:  # (B, V): each word's summed class probability; <pad> (0) takes the rest.
+                # A (1000, V) one-hot product once per batch, not per word: index_add and scatter_add export
+                # to ONNX with a fixed batch
                 words = classes @ F.one_hot(self.class_word, self.vocab_size).to(classes.dtype)
                 state["concept_words"] = words * (torch.arange(self.vocab_size, device=words.device) > 0)
         state.update(h=h, c=c, features=regions)
