@@ -1,10 +1,11 @@
 """Pseudo-captions for the held-out protocol's withheld images (PS-NOC's lever, Bujimalla et al., 2021):
 the held-out model captions the train images whose human captions were withheld, writing what the
-encoder's ImageNet head recognises in the place of its nearest known words (concepts.py, strong
-setting), and every caption that so gained a word the model never learned becomes a training caption.
+encoder's ImageNet head recognises in the place of its nearest known words (concepts.py, with a
+stronger bonus than captioning's default), and every caption that so gained a word the model never learned becomes a training caption.
 
     python scripts/heldout_pseudo_captions.py --model runs/flickr8k-heldout/best \
-        --full prepared/flickr8k --heldout prepared/flickr8k-heldout --output prepared/heldout-pseudo.jsonl
+        --full prepared/flickr8k --heldout prepared/flickr8k-heldout --output prepared/heldout-pseudo.jsonl \
+        --strength 16
     captioner prepare --config configs/flickr8k-heldout-pseudo.yaml
     captioner train --config configs/flickr8k-heldout-pseudo.yaml --no-amp
 
@@ -39,7 +40,8 @@ def main() -> None:
     parser.add_argument("--heldout", required=True, help="the held-out prepared folder the model was trained on")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--concept-threshold", type=float, default=0.2)
-    parser.add_argument("--strength", type=float, default=32.0)
+    parser.add_argument("--strength", type=float, default=16.0,
+                        help="concept bonus; 8 writes fewer new words, in places that read better (docs/RESULTS.md)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     full, heldout, loaded = open_prepared(args.full), open_prepared(args.heldout), load_model(args.model)

@@ -42,15 +42,14 @@ def pooled(prepared: Prepared, rows: list[int]) -> torch.Tensor:
 
 
 def head_probs(name: str, prepared: Prepared, rows: list[int]) -> torch.Tensor:
-    """(N, W) concept probabilities from encoder `name`'s own ImageNet head over the photos' regions."""
+    """(N, W) concept probabilities from encoder `name`'s own ImageNet head, read as concepts.py reads
+    the shipped encoder's, over the photos' regions."""
     encoder = create_encoder(name)
-    weight, bias = pretrained_head(encoder.spec())
-    inputs, parts = image_inputs(encoder, prepared, torch.device("cpu")), []
+    concepts = Concepts(*pretrained_head(encoder.spec()), prepared.vocab)
+    inputs = image_inputs(encoder, prepared, torch.device("cpu"))
     with torch.no_grad():
-        for start in range(0, len(rows), 50):
-            regions = encoder.regions(inputs(np.array(rows[start:start + 50]))).float()
-            parts.append(concept_probs(regions.mean(1) @ weight.T + bias))
-    return torch.cat(parts)
+        return torch.cat([concepts.probs(encoder.regions(inputs(np.array(rows[start:start + 50]))))
+                          for start in range(0, len(rows), 50)])
 
 
 def train_detector(x: torch.Tensor, y: torch.Tensor, epochs: int) -> torch.nn.Linear:
@@ -122,13 +121,13 @@ def main() -> None:
                                             for c in CONCEPTS}
     print("\n| tagger (dev) | threshold | mean F1 | " + " | ".join(CONCEPTS) + " |")
     print("| --- | ---: | ---: | " + " | ".join("---:" for _ in CONCEPTS) + " |")
+    actual = {concept: [mentions(" ".join(refs[n]), set(text.split())) for n in refs]
+              for concept, text in CONCEPTS.items()}
     best = np.zeros(len(CONCEPTS))
     for label, by_concept in probs.items():
         for threshold in (0.05, 0.1, 0.2, 0.3, 0.5):
-            scores = []
-            for concept, text in CONCEPTS.items():
-                actual = [mentions(" ".join(refs[n]), set(text.split())) for n in refs]
-                scores.append(f1([bool(p >= threshold) for p in by_concept[concept].tolist()], actual)[2])
+            scores = [f1([bool(p >= threshold) for p in by_concept[concept].tolist()], actual[concept])[2]
+                      for concept in CONCEPTS]
             best = np.maximum(best, scores)
             print(f"| {label} | {threshold} | {100 * np.mean(scores):.1f} | "
                   + " | ".join(f"{100 * s:.0f}" for s in scores) + " |")
