@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import csv
 import glob
+import gzip
 import io
 import json
 import os
 import re
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError, features
 
 SPLITS = ("train", "val", "test")
 FORMATS = ("flickr", "kaggle", "karpathy", "coco", "custom")
@@ -39,7 +41,34 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, *_BOMB)
 Entry = tuple[str, list[Any], str, str]
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# The one list of what captioner reads, shared by the folder walks (expand_inputs, bulk.walk_library) and
+# load_image's routing, so a file a walk finds is one load_image reads and a file it reads is never skipped.
+# HEIC/HEIF and RAW are listed whether or not their extra is installed: a walk hands them to load_image, whose
+# error then says what to install, instead of passing over an iPhone's or a camera's photos without a word.
+PILLOW_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".avif"})
+HEIF_SUFFIXES = frozenset({".heic", ".heif", ".hif"})  # pillow-heif, the `heif` extra (.hif: Fujifilm's HEIF)
+RAW_SUFFIXES = frozenset({".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2"})  # rawpy, the `raw` extra
+IMAGE_SUFFIXES = PILLOW_SUFFIXES | HEIF_SUFFIXES | RAW_SUFFIXES
+# image formats that are not read, so a walk can say "unsupported format" rather than "not an image"
+OTHER_IMAGE_SUFFIXES = frozenset({
+    ".svg", ".svgz", ".psd", ".psb", ".xcf", ".kra", ".jxl", ".jp2", ".j2k", ".jpx", ".ico", ".icns", ".eps", ".exr",
+    ".hdr", ".tga", ".pcx", ".ppm", ".pgm", ".pbm", ".jfif", ".jpe", ".apng", ".crw", ".nrw", ".pef", ".srw", ".rwl",
+    ".x3f", ".3fr", ".erf", ".kdc", ".mrw", ".mos", ".iiq", ".sr2", ".srf", ".raw"})
+# ISO base media brands (bytes 8-12, after "ftyp") of HEIF files, found also when the file is misnamed
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"}
+_ORIENTATION = 0x0112  # EXIF Orientation
+# LibRaw's `flip` (sizes.flip) -> the transpose that makes the image upright: 3 is 180 degrees, 5 is 90 degrees
+# counter-clockwise, 6 is 90 degrees clockwise (EXIF orientations 3, 8 and 6)
+_RAW_FLIP = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Image.Transpose.ROTATE_270}
+# a RAW whose embedded preview has a shorter side than this is decoded in full instead (the encoders see 224-260 px)
+MIN_RAW_PREVIEW = 256
+_heif_lock = threading.Lock()
+_heif_registered = False
+
+
+def install_hint(extra: str) -> str:
+    """How to install an optional extra, in a checkout (as the README installs) and from PyPI."""
+    return f".venv/bin/pip install -e '.[{extra}]' in a captioner checkout (pip install 'captioner[{extra}]' otherwise)"
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
@@ -120,6 +149,16 @@ def load_dataset(
     path: str | Path, format: str = "auto", images: str | Path | None = None, skip_missing: bool = False
 ) -> Dataset:
     """Read annotations in any supported format; `images` overrides where image files are looked for."""
+    fmt, source, root, entries, problems = read_entries(path, format, images)
+    return _finish(fmt, source, root, entries, problems, skip_missing)
+
+
+def read_entries(
+    path: str | Path, format: str = "auto", images: str | Path | None = None
+) -> tuple[str, Path, Path, list[Entry], list[str]]:
+    """The caption entries of annotations in any supported format (gzip-compressed too), without looking
+    at the images: (format, annotation file, image root, entries, problems). `load_dataset` and the
+    caption datastore (which needs only the text) both read through here."""
     path = Path(path)
     image_dir = Path(images) if images is not None else None
     fmt, data = _detect(path) if format == "auto" else (format, None)
@@ -135,7 +174,7 @@ def load_dataset(
         source, root, entries, problems = _custom(path, image_dir)
     else:
         raise DatasetError(f"unknown dataset format {format!r}; expected auto, {', '.join(FORMATS)}")
-    return _finish(fmt, source, root, entries, problems, skip_missing)
+    return fmt, source, root, entries, problems
 
 
 def _detect(path: Path) -> tuple[str, Any]:
@@ -154,7 +193,9 @@ def _detect(path: Path) -> tuple[str, Any]:
         raise DatasetError(f"{path}: cannot tell the dataset format; looked for {_LOOKED_FOR}")
     if not path.is_file():
         raise DatasetError(f"{path}: no such file or folder")
-    if path.suffix == ".json":
+    name = path.name.removesuffix(".gz")  # a compressed file is read as what it holds
+    suffix = Path(name).suffix
+    if suffix == ".json":
         data = _read_json(path)
         if isinstance(data, dict) and "annotations" in data:
             return "coco", data
@@ -162,11 +203,11 @@ def _detect(path: Path) -> tuple[str, Any]:
         if isinstance(first, dict) and "sentences" in first:
             return "karpathy", data
         raise DatasetError(f"{path}: neither COCO ('annotations') nor Karpathy ('images' with 'sentences') JSON")
-    if path.name.endswith((".token", ".token.txt")):
+    if name.endswith((".token", ".token.txt")):
         return "flickr", None
     if _has_kaggle_header(path):
         return "kaggle", None
-    if path.suffix in (".csv", ".jsonl"):
+    if suffix in (".csv", ".jsonl"):
         return "custom", None
     raise DatasetError(f"{path}: cannot tell the dataset format; looked for {_LOOKED_FOR}")
 
@@ -253,7 +294,7 @@ def _custom(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], l
     file = next((f for f in candidates if f.is_file()), None)
     if file is None:
         raise DatasetError(f"{path}: no captions.csv or captions.jsonl")
-    entries = _jsonl_entries(file) if file.suffix == ".jsonl" else _csv_entries(file)
+    entries = _jsonl_entries(file) if file.name.removesuffix(".gz").endswith(".jsonl") else _csv_entries(file)
     return file, images or _first_dir(file.parent, ("images",)) or file.parent, entries, []
 
 
@@ -387,8 +428,10 @@ def _get(obj: Any, key: str, where: str) -> Any:
 
 def _read_text(file: Path) -> str:
     try:
+        if file.name.endswith(".gz"):
+            return gzip.decompress(file.read_bytes()).decode("utf-8-sig")
         return file.read_text(encoding="utf-8-sig")  # -sig: csv files saved by spreadsheets start with a BOM
-    except (OSError, UnicodeDecodeError) as e:
+    except (OSError, EOFError, UnicodeDecodeError) as e:
         raise DatasetError(f"{file}: cannot read: {e}") from e
 
 
@@ -451,7 +494,100 @@ def _open(source: str | Path | bytes | Image.Image | np.ndarray, name: str) -> I
     if not isinstance(source, (str, Path, bytes)):  # Pillow would fail later with an AttributeError
         raise TypeError(f"load_image takes a path (str or Path), the bytes of an image file, a PIL image or a "
                         f"numpy array; got {type(source).__name__}")
+    kind = format_of(source, name)
+    if kind == "raw":
+        return _open_raw(source, name)
+    if kind == "heif":
+        _register_heif(name)
+    elif kind == "avif" and not features.check("avif"):
+        raise ImageError(f"{name}: this Pillow cannot read AVIF (its wheels can from 11.3 on): "
+                         ".venv/bin/pip install -U 'pillow>=11.3'")
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
+def format_of(source: str | Path | bytes, name: str) -> str:
+    """"raw", "heif", "avif" or "" (anything else, left to Pillow): which reader a file needs. RAW goes by its
+    suffix (most RAW formats are TIFF inside, which Pillow would misread), HEIF and AVIF by their ftyp brand,
+    so a misnamed iPhone photo is read too, else by suffix; bytes go by `name` (an upload's file name)."""
+    suffix = os.path.splitext(name if isinstance(source, bytes) else os.fspath(source))[1].lower()
+    if suffix in RAW_SUFFIXES:
+        return "raw"
+    head = source[:16] if isinstance(source, bytes) else _head(source)
+    if head[4:8] == b"ftyp":
+        brand = head[8:12]
+        if brand == b"crx ":  # Canon CR3 is ISO media too
+            return "raw"
+        if brand in _HEIF_BRANDS:
+            return "heif"
+        if brand in (b"avif", b"avis"):
+            return "avif"
+    return "heif" if suffix in HEIF_SUFFIXES else "avif" if suffix == ".avif" else ""
+
+
+def _head(path: str | Path) -> bytes:
+    """A file's first bytes; b"" where it cannot be read (opening it again reports why)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(16)
+    except OSError:
+        return b""
+
+
+def _register_heif(name: str) -> None:
+    """Teach Pillow HEIF on the first HEIC met, not at import: pillow-heif is an extra, and its import costs time
+    every run that has no HEIC."""
+    global _heif_registered
+    with _heif_lock:  # bulk captioning reads images on several threads
+        if _heif_registered:
+            return
+        try:
+            import pillow_heif
+        except ImportError:
+            raise ImageError(f"{name}: reading HEIC/HEIF needs pillow-heif: {install_hint('heif')}") from None
+        pillow_heif.register_heif_opener()
+        _heif_registered = True
+
+
+def _open_raw(source: str | Path | bytes, name: str) -> Image.Image:
+    """A camera RAW as its embedded preview JPEG, turned upright: previews are full-size or close to it on
+    current cameras and take milliseconds to read, where demosaicing the sensor data takes a second or more.
+    A RAW without a usable preview (or a small one) is decoded in full by LibRaw, which turns it upright itself."""
+    try:
+        import rawpy
+    except ImportError:
+        raise ImageError(f"{name}: reading camera RAW files needs rawpy: {install_hint('raw')}") from None
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(f"{name}: empty file")
+        stream: Any = io.BytesIO(source)
+    else:
+        if os.path.getsize(source) == 0:  # FileNotFoundError for a missing file, reported as such
+            raise ImageError(f"{name}: empty file")
+        stream = os.fspath(source)
+    try:
+        with rawpy.imread(stream) as raw:
+            flip = raw.sizes.flip
+            try:
+                thumb = raw.extract_thumb()
+            except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
+                thumb = None
+            image = None
+            if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
+                image = Image.open(io.BytesIO(thumb.data))
+                image.load()
+            elif thumb is not None and thumb.format == rawpy.ThumbFormat.BITMAP:
+                image = Image.fromarray(thumb.data)
+            if image is None or min(image.size) < MIN_RAW_PREVIEW:
+                return Image.fromarray(raw.postprocess(use_camera_wb=True, half_size=True))
+            if image.getexif().get(_ORIENTATION, 1) not in (0, 1):
+                # a preview JPEG with an EXIF orientation (its own, or the RAW's, which LibRaw writes into a
+                # preview without EXIF) is turned by load_image's exif_transpose, and only by that
+                return image
+    except rawpy.LibRawError as err:
+        reason = err.args[0] if err.args else type(err).__name__  # LibRaw's messages come as bytes
+        reason = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        raise ImageError(f"{name}: cannot read RAW file: {reason}") from err
+    return image.transpose(_RAW_FLIP[flip]) if flip in _RAW_FLIP else image
 
 
 def _from_array(a: np.ndarray, name: str) -> Image.Image:
