@@ -495,6 +495,8 @@ def _open(source: str | Path | bytes | Image.Image | np.ndarray, name: str) -> I
         raise TypeError(f"load_image takes a path (str or Path), the bytes of an image file, a PIL image or a "
                         f"numpy array; got {type(source).__name__}")
     kind = format_of(source, name)
+    if isinstance(source, (str, Path)) and not os.path.exists(source):
+        raise FileNotFoundError(source)  # "no such file", not a missing extra's install command
     if kind == "raw":
         return _open_raw(source, name)
     if kind == "heif":

@@ -108,6 +108,8 @@ def test_heic_without_pillow_heif_names_the_file_and_the_install(tmp_path: Path,
         message = str(err.value)
         assert "\n" not in message and message.startswith(name)
         assert "pillow-heif" in message and ".venv/bin/pip install -e '.[heif]'" in message
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.heic")
 
 
 # --- AVIF -----------------------------------------------------------------------------------------------------
@@ -184,6 +186,8 @@ def test_raw_without_rawpy_names_the_file_and_the_install(tmp_path: Path, monkey
         message = str(err.value)
         assert "\n" not in message and message.startswith(str(photo))
         assert "rawpy" in message and ".venv/bin/pip install -e '.[raw]'" in message
+    with pytest.raises(ImageError, match="no such file"):
+        load_image(tmp_path / "missing.nef")
 
 
 def test_raw_suffixes_go_to_libraw_not_pillow(tmp_path: Path) -> None:
