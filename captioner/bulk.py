@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import IO
@@ -41,26 +41,35 @@ import torch
 from tqdm import tqdm
 
 from .atomic import replace_file
-from .data import IMAGE_SUFFIXES, ImageError, load_image
+from .data import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, ImageError, load_image
 from .decoding_options import DecodingOptions
 from .pipeline import Captioned, Captioner, concept_dicts
 from .runtime import join_barrier, shard, wait_for_all
 
 PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks that finish early wait for the slowest; torchrun ends them if one dies
+# why the walk passes over an entry, in the order the summary lists them
+PASSED_OVER = ("not an image", "unsupported format", "hidden", "broken link", "linked folder")
 
 
-def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None) -> Iterator[str]:
+def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None,
+                 on_skip: Callable[[str, str], None] | None = None) -> Iterator[str]:
     """Relative POSIX paths of the image files under `root`, lazily, depth first, each folder in name order.
 
     Only the folders on the current path are listed in memory at any time. Hidden entries (`.thumbnails`,
     macOS `._IMG.jpg` forks) and symlinked folders (which can loop) are skipped; a folder that cannot be
-    listed is reported to `on_error` and the walk goes on."""
+    listed is reported to `on_error` and the walk goes on. Each entry passed over goes to `on_skip` with its
+    reason (one of PASSED_OVER; a hidden or linked folder once, with a trailing slash), so a summary can say
+    what a library held besides the photos captioned."""
+
+    def skip(key: str, reason: str) -> None:
+        if on_skip is not None:
+            on_skip(key, reason)
 
     def visit(folder: str, prefix: str) -> Iterator[str]:
         try:
             with os.scandir(folder) as it:
-                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+                entries = sorted(it, key=lambda e: e.name)
         except OSError as err:
             if not prefix:
                 raise
@@ -68,10 +77,27 @@ def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None
                 on_error(f"{prefix}: cannot list folder: {err.strerror or err}")
             return
         for entry in entries:
+            key = prefix + entry.name
             if entry.is_dir(follow_symlinks=False):
-                yield from visit(entry.path, f"{prefix}{entry.name}/")
-            elif os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and entry.is_file():
-                yield prefix + entry.name
+                if entry.name.startswith("."):
+                    skip(key + "/", "hidden")
+                else:
+                    yield from visit(entry.path, key + "/")
+                continue
+            if entry.name.startswith("."):
+                skip(key, "hidden")
+                continue
+            suffix = os.path.splitext(entry.name)[1].lower()
+            if suffix in IMAGE_SUFFIXES and entry.is_file():
+                yield key
+            elif on_skip is None:
+                continue
+            elif entry.is_symlink() and not os.path.exists(entry.path):
+                skip(key, "broken link")
+            elif entry.is_dir():
+                skip(key + "/", "linked folder")
+            else:
+                skip(key, "unsupported format" if suffix in OTHER_IMAGE_SUFFIXES else "not an image")
 
     yield from visit(os.fspath(root), "")
 
@@ -124,12 +150,25 @@ class DoneSet:
 
 @dataclass
 class Summary:
-    """What one rank did: images captioned and files that failed in this run, files found already done."""
+    """What one rank did: images captioned and files that failed in this run, files found already done, and
+    the entries of its share the walk passed over, by reason (PASSED_OVER)."""
 
     captioned: int = 0
     failed: int = 0
     already_done: int = 0
     seconds: float = 0.0
+    passed_over: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """The run's last line on stderr (after `captioner caption: `), with what the walk passed over and why,
+        so a folder of HEICs without the extra, or of broken links, does not end in a silent "0 captioned"."""
+        skipped = ""
+        if self.passed_over:
+            reasons = ", ".join(f"{self.passed_over[r]} {r}" for r in PASSED_OVER if self.passed_over.get(r))
+            skipped = f", {sum(self.passed_over.values())} passed over ({reasons})"
+        rate = self.captioned / max(self.seconds, 1e-9)
+        return (f"{self.captioned} images captioned, {self.failed} unreadable (listed with their error), "
+                f"{self.already_done} already done{skipped}; {rate:.1f} images/s")
 
 
 def part_path(output: Path, rank: int, world: int) -> Path:
@@ -213,6 +252,10 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
     decoding = asdict(opts)
     done = read_done(captioner, decoding, output, target, rank, world)
     summary = Summary(already_done=len(done))
+
+    def count_passed_over(key: str, reason: str) -> None:
+        if rank_of(path_hash(key), world) == rank:  # each rank counts its share: the ranks' counts add up
+            summary.passed_over[reason] = summary.passed_over.get(reason, 0) + 1
     start = time.perf_counter()
     tty = sys.stderr.isatty()
     stop = threading.Event()
@@ -226,12 +269,12 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
         total: Future | None = counter.submit(count_until, todo(library, done, rank, world, None), stop)
         batch: list[tuple[str, torch.Tensor]] = []
         try:
-            for key, image in prefetched(todo(library, done, rank, world, warn_skipped), load, pool,
-                                         PREFETCH_BATCHES * batch_size):
+            for key, image in prefetched(todo(library, done, rank, world, warn_skipped, count_passed_over),
+                                         load, pool, PREFETCH_BATCHES * batch_size):
                 try:
                     batch.append((key, image.result()))
                 except ImageError as err:
-                    out.write(json.dumps({"file": key, "error": str(err)}) + "\n")
+                    out.write(json_line({"file": key, "error": str(err)}))
                     out.flush()
                     summary.failed += 1
                     bar.update(1)
@@ -250,9 +293,9 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
 
 
 def todo(library: Path, done: DoneSet, rank: int, world: int,
-         warn: Callable[[str], None] | None) -> Iterator[str]:
+         warn: Callable[[str], None] | None, on_skip: Callable[[str, str], None] | None = None) -> Iterator[str]:
     """This rank's files of the library (relative paths) not in `done`, in walk order."""
-    for key in walk_library(library, on_error=warn):
+    for key in walk_library(library, on_error=warn, on_skip=on_skip):
         digest = path_hash(key)
         if rank_of(digest, world) == rank and digest not in done:
             yield key
@@ -293,6 +336,18 @@ def decode_vector(text: str) -> np.ndarray:
     return np.frombuffer(base64.b64decode(text), dtype="<f2").astype(np.float16)
 
 
+def json_line(record: dict) -> str:
+    """One JSONL line, UTF-8 as it is (`"Café.jpg"`, not `"Caf\\u00e9.jpg"`) so the file reads as the library
+    does. A file name that is not valid UTF-8 reaches Python as lone surrogates, which UTF-8 cannot encode: that
+    line keeps JSON's \\u escapes, which read back to the same name."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record)
+    return text + "\n"
+
+
 def caption_record(key: str, captioner: Captioner, result: Captioned, decoding: dict) -> dict:
     """One captioned photo's JSONL line."""
     record = {"file": key, "captions": captioner.as_dicts(result.captions), "concepts": concept_dicts(result.concepts),
@@ -306,7 +361,7 @@ def write_batch(out: IO[str], captioner: Captioner, batch: list[tuple[str, torch
                 decoding: dict, bar: tqdm) -> int:
     """Caption a batch and append its JSON lines, flushed (what is on disk is whole lines); how many."""
     results = captioner.generate(torch.stack([x for _, x in batch]), opts, vectors=True)
-    out.write("".join(json.dumps(caption_record(key, captioner, result, decoding)) + "\n"
+    out.write("".join(json_line(caption_record(key, captioner, result, decoding))
                       for (key, _), result in zip(batch, results)))
     out.flush()
     bar.update(len(batch))

@@ -98,6 +98,79 @@ def test_walk_is_lazy_sorted_and_skips_hidden_and_other_files(tmp_path, monkeypa
     assert [Path(p).name for p in listed] == [tmp_path.name, "a"]  # b/ not listed yet: the walk streams
 
 
+def test_walk_says_what_it_passes_over_and_why(tmp_path):
+    for name in ["a.jpg", "b.HEIC", "notes.txt", "IMG_0001.MOV", "scan.psd", "logo.svg", ".DS_Store", "._a.jpg",
+                 ".thumbs/t.jpg", "sub/c.cr2", "sub/c.xmp"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (tmp_path / "linked").symlink_to(tmp_path / "sub", target_is_directory=True)
+    (tmp_path / "same.jpg").symlink_to(tmp_path / "a.jpg")  # a link to a photo is a photo
+    passed: list[tuple[str, str]] = []
+    found = list(bulk.walk_library(tmp_path, on_skip=lambda key, reason: passed.append((key, reason))))
+    assert found == ["a.jpg", "b.HEIC", "same.jpg", "sub/c.cr2"]
+    assert sorted(passed) == sorted([
+        ("notes.txt", "not an image"), ("IMG_0001.MOV", "not an image"), ("sub/c.xmp", "not an image"),
+        ("scan.psd", "unsupported format"), ("logo.svg", "unsupported format"), (".DS_Store", "hidden"),
+        ("._a.jpg", "hidden"), (".thumbs/", "hidden"), ("gone.jpg", "broken link"), ("linked/", "linked folder")])
+    assert {reason for _, reason in passed} == set(bulk.PASSED_OVER)
+
+
+def test_summary_line_counts_what_was_passed_over_by_reason():
+    plain = bulk.Summary(captioned=6, failed=3, already_done=9, seconds=2.0)
+    assert plain.line() == "6 images captioned, 3 unreadable (listed with their error), 9 already done; 3.0 images/s"
+    plain.passed_over = {"hidden": 2, "not an image": 3, "broken link": 1}
+    assert plain.line() == ("6 images captioned, 3 unreadable (listed with their error), 9 already done, 6 passed "
+                            "over (3 not an image, 2 hidden, 1 broken link); 3.0 images/s")
+
+
+def test_json_lines_keep_non_ascii_names_readable():
+    line = bulk.json_line({"file": "2019/Café.jpg", "captions": [{"generated_text": "a dog", "score": -1.0}]})
+    assert '"file": "2019/Café.jpg"' in line and line.endswith("}\n") and line.count("\n") == 1
+    assert json.loads(line.encode("utf-8"))["file"] == "2019/Café.jpg"
+    undecodable = os.fsdecode(b"caf\xe9.jpg")  # a Latin-1 name on a UTF-8 system: a lone surrogate in Python
+    line = bulk.json_line({"file": undecodable})
+    line.encode("utf-8")  # still writable as UTF-8
+    assert json.loads(line)["file"] == undecodable and bulk.path_hash(json.loads(line)["file"]) == bulk.path_hash(undecodable)
+
+
+def test_phone_formats_and_non_ascii_names_get_their_lines(model_dir, tmp_path):
+    """HEIC and AVIF are captioned by the walk, not passed over; a non-ASCII name stays readable in the JSONL;
+    the summary counts what was passed over."""
+    from PIL import features
+
+    from captioner.pipeline import Captioner
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(2)
+    pixels = lambda: Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))  # noqa: E731
+    pixels().save(photos / "Café.jpg")
+    want = {"Café.jpg"}
+    if features.check("avif"):
+        pixels().save(photos / "espresso.avif")
+        want.add("espresso.avif")
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+        pixels().save(photos / "kitten.heic")
+        want.add("kitten.heic")
+    except ImportError:
+        pass
+    (photos / "notes.txt").write_text("x")
+    (photos / ".hidden.jpg").write_bytes(b"x")
+    (photos / "gone.jpg").symlink_to(photos / "deleted.jpg")
+    output = tmp_path / "out.jsonl"
+    captioner = Captioner.from_pretrained(model_dir, device="cpu")
+    summary = bulk.caption_share(captioner, photos, output, captioner.options(), batch_size=2, progress=False)
+    assert (summary.captioned, summary.failed) == (len(want), 0)
+    assert summary.passed_over == {"not an image": 1, "hidden": 1, "broken link": 1}
+    raw = output.read_bytes()
+    assert '"file": "Café.jpg"'.encode("utf-8") in raw and b"\\u00e9" not in raw
+    assert {r["file"] for r in records(output) if r["captions"][0]["generated_text"]} == want
+
+
 def test_done_set_finds_exactly_its_members():
     hashes = [bulk.path_hash(f"dir/{i}.jpg") for i in range(1000)]
     odd = b"\x07" * 15 + b"\x00"  # numpy drops trailing NULs of "S" items; membership must not
