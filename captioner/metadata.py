@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from .atomic import replace_file
 from .bulk import captioned_library, library_path, read_lines
+from .data import RAW_SUFFIXES
 
 WRITABLE = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}  # Exiv2 reads BMP and GIF, but cannot write them
 IPTC_UTF8 = "\x1b%G"  # IPTC's CharacterSet value for UTF-8
@@ -149,6 +150,11 @@ def write_library(jsonl: str | Path, photos: str | Path, overwrite: bool = False
                 continue
             try:
                 path = library_path(photos, key)
+                if path.suffix.lower() in RAW_SUFFIXES:  # Exiv2 could write some; a camera original is not touched
+                    report(f"{key}: {path.suffix.lstrip('.').upper()} files are camera originals and are left as "
+                           "the camera wrote them")
+                    summary.unsupported += 1
+                    continue
                 if path.suffix.lower() not in WRITABLE:
                     report(f"{key}: {path.suffix.lstrip('.').upper() or 'this'} files cannot hold a description "
                            "(Exiv2 cannot write them)")

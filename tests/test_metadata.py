@@ -157,6 +157,24 @@ def test_unwritable_formats_and_bad_lines_are_reported_by_name_and_skipped(tmp_p
     assert description(tmp_path / "photos" / "c.jpg") == CAPTION
 
 
+def test_phone_and_camera_formats_are_reported_not_written(tmp_path, capsys):
+    """HEIC and AVIF (Exiv2 reads them but cannot write them) and camera RAW (never touched) are counted as
+    formats that cannot hold a description, each named with its reason, not as failures."""
+    (tmp_path / "photos").mkdir()
+    raw = b"II*\0" + b"\0" * 64
+    for name in ["a.heic", "b.avif", "c.CR2", "d.nef"]:
+        (tmp_path / "photos" / name).write_bytes(raw)
+    (tmp_path / "c.jsonl").write_text("".join(line(n) for n in ["a.heic", "b.avif", "c.CR2", "d.nef"]))
+    assert cli.main(["write-metadata", str(tmp_path / "c.jsonl"), "--photos", str(tmp_path / "photos")]) == 0
+    err = capsys.readouterr().err
+    assert "skipped a.heic: HEIC files cannot hold a description (Exiv2 cannot write them)" in err
+    assert "skipped b.avif: AVIF files cannot hold a description" in err
+    assert "skipped c.CR2: CR2 files are camera originals and are left as the camera wrote them" in err
+    assert "skipped d.nef: NEF files are camera originals" in err
+    assert "4 in formats that cannot hold one, 0 failed" in err
+    assert all((tmp_path / "photos" / n).read_bytes() == raw for n in ["a.heic", "b.avif", "c.CR2", "d.nef"])
+
+
 def test_a_missing_pyexiv2_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyexiv2", None)
     with pytest.raises(ImportError, match=r"pip install 'captioner\[metadata\]'"):
