@@ -43,7 +43,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .data import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, ImageError, load_image
 from .decoding_options import DecodingOptions
-from .pipeline import Captioned, Captioner, concept_dicts
+from .pipeline import Captioned, Captioner, extras
 from .runtime import join_barrier, shard, wait_for_all
 
 PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
@@ -225,9 +225,10 @@ def read_done(captioner: Captioner, decoding: dict, output: Path, target: Path, 
                 raise ValueError(f"{source}: has captions by model {model[0]!r} version {model[1]!r}, but this run "
                                  f"uses {captioner.name!r} version {captioner.version!r}; give another --output, "
                                  "or delete it to start over")
-            if "error" not in record and "decoding" in record and record["decoding"] != decoding:
-                changed = ", ".join(f"{k} {record['decoding'].get(k)!r} -> {v!r}" for k, v in decoding.items()
-                                    if record["decoding"].get(k) != v)
+            # an option newer than the line decoded it at its default
+            saved = {**asdict(DecodingOptions()), **record.get("decoding", {})}
+            if "error" not in record and "decoding" in record and saved != decoding:
+                changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in decoding.items() if saved.get(k) != v)
                 raise ValueError(f"{source}: has captions decoded with other options ({changed}); one output holds "
                                  "one decoding, so give another --output, the same options, or delete it to start over")
             hashes += digest
@@ -350,7 +351,7 @@ def json_line(record: dict) -> str:
 
 def caption_record(key: str, captioner: Captioner, result: Captioned, decoding: dict) -> dict:
     """One captioned photo's JSONL line."""
-    record = {"file": key, "captions": captioner.as_dicts(result.captions), "concepts": concept_dicts(result.concepts),
+    record = {"file": key, "captions": captioner.as_dicts(result.captions), **extras(result),
               "model": captioner.name, "version": captioner.version, "decoding": decoding}
     if result.vector is not None:
         record["vector"] = encode_vector(result.vector)

@@ -57,12 +57,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         beams = [int(b) for b in args.beam_sizes.split(",")] if args.beam_sizes else None
         rows += evaluate_model(args.model, args.prepared, args.split, beams, args.device, args.output,
-                               ensemble=args.ensemble, **given(args, EVALUATE_KEYS))
+                               ensemble=args.ensemble, datastore=args.datastore, **given(args, EVALUATE_KEYS))
     if args.nearest_neighbour:
         rows.append(("nearest neighbour", evaluate_nearest_neighbour(args.prepared, args.split)))
     if not rows:
         raise SystemExit("captioner evaluate: give --model DIR and/or --nearest-neighbour")
     print(format_table(rows))
+    return 0
+
+
+def cmd_datastore(args: argparse.Namespace) -> int:
+    from .datastore import build
+
+    build(args.sources, args.output, split=args.split, reduced_dim=args.dim,
+          log=lambda s: print(f"captioner datastore: {s}", file=sys.stderr, flush=True))
     return 0
 
 
@@ -87,7 +95,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .decoding_options import DecodingOptions
     from .models import average_models, load_model, save_model
-    from .models.files import add_retrieval
+    from .models.files import DATASTORE_DIR, add_retrieval
 
     model = load_model(args.model)
     if args.average:
@@ -98,8 +106,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype)
     embedder = load_model(args.model).embedder  # photo vectors read the encoder's features, so any fits the average
     if embedder is not None:
-        add_retrieval(args.output, embedder)
-    size = sum(f.stat().st_size for f in Path(args.output).iterdir())
+        datastore = Path(args.model) / DATASTORE_DIR
+        add_retrieval(args.output, embedder, datastore=datastore if datastore.is_dir() else None)
+    size = sum(f.stat().st_size for f in Path(args.output).rglob("*") if f.is_file())
     print(f"{args.output}: {args.dtype} weights, {size / 2**20:.1f} MiB; decoding "
           + ", ".join(f"{key} {value}" for key, value in decoding.items()))
     return 0
@@ -132,15 +141,16 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise SystemExit("captioner caption: --write-metadata goes with a .jsonl --output (the captions it writes "
                          "come from it)")
     from .data import ImageError, expand_inputs, load_image
-    from .pipeline import Captioner, concept_dicts
+    from .pipeline import Captioner, extras
 
     paths = expand_inputs(args.inputs)
     if not paths:
         raise SystemExit("captioner caption: no images found in " + " ".join(args.inputs))
-    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend,
+                                          datastore=args.datastore)
     opts = captioner.options(**given(args))
     failed = 0
-    results: list[tuple[Path, list[dict], list[dict]]] = []
+    results: list[tuple[Path, list[dict], dict]] = []
     for s in range(0, len(paths), args.batch_size):
         loaded = []
         for path in paths[s:s + args.batch_size]:
@@ -153,7 +163,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
             continue
         for (path, image), result in zip(loaded, captioner.generate([im for _, im in loaded], opts)):
             best = captioner.as_dicts(result.captions)
-            results.append((path, best, concept_dicts(result.concepts)))
+            results.append((path, best, extras(result)))
             if not args.json:
                 print(f"{path}\t{best[0]['generated_text']}", flush=True)
             if args.attention:
@@ -162,7 +172,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 words, alphas = captioner.attention_maps(result.captions[0])
                 attention_figure(captioner.encoder.crop(image), words, alphas, Path(args.attention) / f"{path.stem}.png")
     if args.json:
-        print(json.dumps([{"file": str(p), "captions": c, "concepts": k} for p, c, k in results], indent=1))
+        print(json.dumps([{"file": str(p), "captions": c, **more} for p, c, more in results], indent=1))
     if args.output:
         with open(args.output, "w", newline="") as f:
             writer = csv.writer(f)
@@ -187,15 +197,14 @@ def caption_library(args: argparse.Namespace) -> int:
         from .metadata import exiv2
 
         exiv2()  # a missing package fails now, not after hours of captioning
-    captioner = Captioner.from_pretrained(args.model, device=rank_device(args.device), backend=args.backend)
+    captioner = Captioner.from_pretrained(args.model, device=rank_device(args.device), backend=args.backend,
+                                          datastore=args.datastore)
     opts = captioner.options(**given(args))
     summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
                              workers=args.workers)
     rank, world = shard()
     who = f"rank {rank} of {world}: " if world > 1 else ""
-    rate = summary.captioned / max(summary.seconds, 1e-9)
-    print(f"captioner caption: {who}{summary.captioned} images captioned, {summary.failed} unreadable (listed with "
-          f"their error), {summary.already_done} already done; {rate:.1f} images/s", file=sys.stderr)
+    print(f"captioner caption: {who}{summary.line()}", file=sys.stderr)
     exit_distributed()
     if args.write_metadata and rank == 0:  # rank 0 holds the merged output
         return write_metadata(args.output, args.inputs[0], args, "caption")
@@ -239,7 +248,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         library = open_library(args.library, args.photos, load_sentence_encoder(),
                                log=lambda s: print(f"captioner serve: {s}", file=sys.stderr, flush=True))
-    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend)
+    captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend,
+                                          datastore=args.datastore)
     limits = {"max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms, "max_pixels": args.max_pixels,
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
     access, warning = access_control(args.host, args.api_key, args.max_inflight_per_client)
@@ -302,7 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ensemble", nargs="+", default=[], metavar="DIR",
                    help="more models on the same features: each word's probabilities are averaged with --model's")
     p.add_argument("--nearest-neighbour", action="store_true", help="also score the retrieval baseline")
+    p.add_argument("--datastore", metavar="DIR", help="a retrieval model reads the captions of this datastore "
+                   "(`captioner datastore build`) instead of its own: your captions steer its words")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("datastore", help="build a caption datastore a retrieval model reads (MiniLM vectors of "
+                                         "human captions)")
+    p.add_argument("action", choices=["build"], help="build: embed the captions of SOURCES into --output")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="caption files in any format prepare reads (JSONL, "
+                   "CSV, a Flickr token file, COCO or Karpathy JSON), gzip-compressed or not")
+    p.add_argument("--output", required=True, metavar="DIR", help="the datastore folder to write")
+    p.add_argument("--split", default="", choices=["", "train", "val", "test"],
+                   help="keep only this split's captions where a source has splits (default: all)")
+    p.add_argument("--dim", type=int, default=96, help="dimensions kept by PCA, stored as int8 (default: 96)")
+    p.set_defaults(func=cmd_datastore)
 
     p = sub.add_parser("retrieve", help="image<->caption retrieval recall@1/5/10 of a contrastive pretraining")
     p.add_argument("--run", required=True, help="run folder trained with --pretrain contrastive, or its pretrain.pt")
@@ -317,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_decoding_flags(p)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--datastore", metavar="DIR", help="a retrieval model reads the captions of this datastore "
+                   "(`captioner datastore build`) instead of its own: your captions steer its words")
     p.add_argument("--batch-size", type=int, default=8, help="images per model pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print JSON with n-best captions and scores")
     p.add_argument("--output", help="NAME.jsonl: caption a whole library folder, one JSON line per image as it "
@@ -352,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model folder (default: the model shipped with captioner)")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP)
+    p.add_argument("--datastore", metavar="DIR", help="a retrieval model reads the captions of this datastore "
+                   "(`captioner datastore build`) instead of its own: your captions steer its words")
     p.add_argument("--max-batch-size", type=int, help="images per model pass (16); 1 turns batching off")
     p.add_argument("--batch-wait-ms", type=float, help="how long a batch waits for more requests (20)")
     p.add_argument("--max-upload-mb", type=float, help="largest image file accepted (10)")

@@ -51,6 +51,9 @@ class Config:
 
     # vocabulary
     min_count: int = option(5, "words seen fewer times in the train split become <unk>", range=(1, None))
+    extra_vocabulary: str = option("", "comma-separated caption files (any format prepare reads) whose words, seen "
+                                       "min_count times, join the vocabulary with every concept word: what a "
+                                       "retrieval decoder may copy")
     max_caption_length: int = option(50, "tokens kept per caption (without <start>/<end>)", range=(1, None))
 
     # encoder
@@ -65,8 +68,9 @@ class Config:
 
     # decoder
     decoder: str = option("attention", "attention: Show, Attend and Tell; hard-attention: its stochastic "
-                                       "variant; mean: the no-attention baseline; transformer",
-                          choices=("attention", "hard-attention", "mean", "transformer"))
+                                       "variant; mean: the no-attention baseline; transformer; retrieval: "
+                                       "attention reading and copying retrieved captions",
+                          choices=("attention", "hard-attention", "mean", "transformer", "retrieval"))
     context_dim: int = option(512, "encoder channels are projected to this once per image; 0 keeps them",
                               range=(0, None))
     embed_dim: int = option(512, "word embedding size", range=(1, None))
@@ -92,6 +96,14 @@ class Config:
     concept_copy: bool = option(False, "LSTM: the caption words that classifier's classes map to (concepts.py) get "
                                        "their probability added to their logits, scaled by a learned gate "
                                        "(LSTM-C); same features needed")
+    neighbours: int = option(4, "retrieval: retrieved captions the decoder reads per photo", range=(1, 16))
+    memory_length: int = option(16, "retrieval: words kept of each retrieved caption", range=(1, 50))
+    memory_dropout: float = option(0.1, "retrieval: share of training photos whose retrieved captions are hidden, "
+                                        "so the decoder also captions without them", range=(0.0, 1.0))
+    datastore: str = option("", "retrieval: the caption datastore (`captioner datastore build`) training retrieves "
+                                "from, leaving each photo's own captions out; the model folder carries a copy")
+    embedder_from: str = option("", "retrieval: the model folder whose image embedder (retrieval.safetensors) "
+                                    "finds a photo's neighbours; the trained model carries it")
     model_dim: int = option(512, "transformer: width of regions, words and layers (a multiple of heads)",
                             range=(1, None))
     heads: int = option(8, "transformer: attention heads", range=(1, None))
@@ -175,6 +187,8 @@ class Config:
     num_captions: int = config_field("num_captions")
     concepts: bool = config_field("concepts")
     concept_threshold: float = config_field("concept_threshold")
+    retrieval: bool = config_field("retrieval")
+    retrieved: int = config_field("retrieved")
 
     def __post_init__(self) -> None:
         """Every value is checked when a Config is made (from a file, flags or code), not where it is

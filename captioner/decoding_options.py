@@ -39,6 +39,10 @@ class DecodingOptions:
                                    "even words the model never learned; off: the decoder alone")
     concept_threshold: float = _option(0.3, "how probable a concept must be to be favoured in the caption",
                                        (0.01, 1.0))
+    retrieval: bool = _option(True, "read the captions of similar photos from the model's datastore while writing "
+                                    "(retrieval-augmented models); off: the image alone")
+    retrieved: int = _option(4, "retrieved captions read per photo (at most as many as the model was trained "
+                                "with)", (1, 16))
 
     def __post_init__(self) -> None:
         for f in fields(self):

@@ -12,11 +12,12 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
@@ -24,25 +25,29 @@ from .concepts import Concepts
 from .decoding import Ensemble, beam_search
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
-from .features import Prepared, image_inputs, open_prepared
+from .features import DONE, Prepared, image_inputs, open_prepared
 from .metrics import fluency, format_fluency_table, score_captions
-from .models import check_encoder_spec, load_model
+from .models import check_encoder_spec, load_model, model_datastore
 from .runtime import resolve_device
 from .vocab import Vocab, tokenize
+
+if TYPE_CHECKING:
+    from .datastore import Datastore
+    from .models.embedder import ImageEmbedder
 
 
 @torch.inference_mode()
 def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: DecodingOptions,
                  device: torch.device, encoder: Encoder | None = None, batch_size: int = 100,
-                 concepts: Concepts | None = None, vocab: Vocab | None = None) -> dict[str, str]:
+                 concepts: Concepts | None = None, vocab: Vocab | None = None,
+                 memory: np.ndarray | None = None) -> dict[str, str]:
     """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
     images through `encoder` once stage 2 has changed it; with `concepts` (and opts.concepts) as
-    `caption` does (concepts.py). `vocab`: the decoder's, when it is not the prepared folder's."""
+    `caption` does (concepts.py). `vocab`: the decoder's, when it is not the prepared folder's. `memory`:
+    a retrieval decoder's retrieved captions of every prepared row (opts.retrieval off: none read)."""
     was_training = decoder.training
     decoder.eval()
-    search, words = decoder, vocab or prepared.vocab
-    if concepts is not None and opts.concepts:
-        search, words = concepts.decoder(decoder, opts.concept_threshold), concepts.vocab
+    words = concepts.vocab if concepts is not None and opts.concepts else vocab or prepared.vocab
     out = {}
     for s in range(0, len(rows), batch_size):
         chunk = rows[s:s + batch_size]
@@ -51,6 +56,11 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
         else:
             encoder.eval()
             feats = encoder.regions(image_inputs(encoder, prepared, device)(chunk))
+        search = decoder
+        if memory is not None and opts.retrieval:
+            search = decoder.reading(torch.from_numpy(memory[chunk]))
+        if concepts is not None and opts.concepts:
+            search = concepts.decoder(search, opts.concept_threshold)
         results = beam_search(search, feats, opts)
         for row, best in zip(chunk, results):
             out[prepared.records[row].name] = words.decode(best[0].tokens)
@@ -58,16 +68,39 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
     return out
 
 
+@torch.inference_mode()
+def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Datastore, decoder: nn.Module,
+                     vocab: Vocab, k: int | None = None, leave_out: bool = False, batch_size: int = 256,
+                     log: Callable[[str], None] = print) -> np.ndarray:
+    """Every prepared photo's k retrieved captions as a retrieval decoder's memory rows (prepared rows, M),
+    from its cached features; `leave_out`: never the photo's own captions (training)."""
+    from .models.retrieval import retrieve
+
+    own = datastore.groups_by_image() if leave_out else {}
+    memory = np.zeros((len(prepared.records), decoder.memory_size), dtype=np.int64)
+    rows = [i for i in range(len(prepared.records)) if prepared.status[i] == DONE]
+    excluded = 0
+    for start in tqdm(range(0, len(rows), batch_size), desc="retrieving", unit="batch", leave=False):
+        chunk = rows[start:start + batch_size]
+        vectors = embedder(torch.from_numpy(prepared.features[chunk].astype(np.float32))).numpy()
+        exclude = [own.get(prepared.records[i].name) for i in chunk]
+        excluded += sum(e is not None for e in exclude)
+        memory[chunk] = retrieve(datastore, vectors, vocab, decoder.args, k, exclude)[0].numpy()
+    log(f"retrieved {k or decoder.args.neighbours} captions for {len(rows)} photos from {datastore.name}"
+        + (f" ({excluded} photos' own captions left out)" if leave_out else ""))
+    return memory
+
+
 def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test",
                    beam_sizes: Sequence[int] | None = None, device: str = "auto", out_dir: str | Path | None = None,
                    log: Callable[[str], None] = print, ensemble: Sequence[str | Path] = (),
-                   **overrides: Any) -> list[tuple[str, dict[str, float]]]:
+                   datastore: str | Path | None = None, **overrides: Any) -> list[tuple[str, dict[str, float]]]:
     """Score `model` on `split` at each beam size (default: the model's own), decoding as `caption` and
     `serve` do: with the model's decoding options (maximum length, length penalty, trigram blocking),
     `overrides` of the same names on top (None: the model's). A model whose fine-tuned encoder did
     not make the cached features (`prepare --encoder-from`) re-encodes the images. `ensemble` names
     more models on the same features whose word probabilities are averaged with the model's
-    (decoding.Ensemble); its decoding options apply."""
+    (decoding.Ensemble); its decoding options apply. A retrieval model reads `datastore` (default: its own)."""
     dev = resolve_device(device)
     prepared = open_prepared(prepared_dir)
     loaded = load_model(model, dev)
@@ -88,6 +121,10 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     decoder: nn.Module = Ensemble([member.decoder for _, member in members]) if ensemble else loaded.decoder
     rows = prepared.indices(split)
     refs = prepared.references(rows)
+    memory = None
+    if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
+        memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded, datastore), loaded.decoder,
+                                  loaded.vocab, base.retrieved, log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -97,7 +134,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
         predictions = decode_split(decoder, prepared, rows, opts, dev, encoder, concepts=concepts,
-                                   vocab=loaded.vocab)
+                                   vocab=loaded.vocab, memory=memory)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)

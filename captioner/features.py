@@ -264,6 +264,8 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     if not train_captions:
         raise ValueError(f"{cfg.data}: no training captions, so no vocabulary can be built")
     vocab = Vocab.build(train_captions, min_count=cfg.min_count, max_length=cfg.max_caption_length)
+    if cfg.extra_vocabulary:
+        vocab = extended_vocabulary(vocab, cfg.extra_vocabulary.split(","), cfg.min_count, log)
     records_path = root / "records.json"
     if records_path.exists() and json.loads(records_path.read_text()) != _records_to_json(records):
         raise ValueError(f"{root} was prepared from other data; use another --prepared folder or delete it")
@@ -290,6 +292,21 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
         log(f"{len(failed)} unreadable image(s) left out: {', '.join(failed[:10])}{' ...' if len(failed) > 10 else ''}")
     log(f"ready: {root}")
     return open_prepared(root)
+
+
+def extended_vocabulary(vocab: Vocab, sources: list[str], min_count: int, log: Callable[[str], None]) -> Vocab:
+    """`vocab` followed by the words of the caption files seen min_count times and every concept word it
+    lacks: words a retrieval decoder can copy from retrieved captions though its training captions never
+    taught it to write them."""
+    from .concepts import concept_vocabulary
+    from .datastore import caption_groups
+
+    captions, _, _ = caption_groups([s.strip() for s in sources if s.strip()], log=log)
+    more = Vocab.build(captions, min_count=min_count).itos[4:] + concept_vocabulary()
+    known = set(vocab.itos)
+    added = list(dict.fromkeys(w for w in more if w not in known))
+    log(f"vocabulary: {len(added)} words added from {', '.join(sources)} and the concept table")
+    return Vocab(vocab.itos[4:] + added, min_count=vocab.min_count, max_length=vocab.max_length)
 
 
 def image_inputs(encoder: Encoder, prepared: Prepared, device: torch.device) -> Callable[[np.ndarray], torch.Tensor]:

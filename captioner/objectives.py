@@ -36,6 +36,7 @@ class Batch:
     captions: Tensor  # (B, T) `<start> w.. <end> <pad>..`, longest first
     lengths: Tensor  # (B,)
     teacher_forcing: float = 1.0  # scheduled sampling: the probability of feeding the true previous word
+    memory: Tensor | None = None  # (I, M) each image's retrieved captions, for a retrieval decoder (models/retrieval.py)
 
 
 @dataclass
@@ -57,8 +58,9 @@ class CrossEntropy:
 
     def on(self, model: nn.Module, inputs: Tensor, batch: Batch) -> StepResult:
         """The loss of `model` (a decoder, or train.EndToEnd) on inputs, the batch's captions."""
+        memory = {"memory": batch.memory} if batch.memory is not None else {}
         out = model(inputs, batch.captions, batch.lengths, image_index=batch.owner,
-                    teacher_forcing=batch.teacher_forcing)
+                    teacher_forcing=batch.teacher_forcing, **memory)
         logits = out.logits.float()
         ce = F.cross_entropy(logits, out.targets, label_smoothing=self.label_smoothing)
         n = out.targets.numel()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 
@@ -24,12 +24,14 @@ from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
 from .decoding_options import DecodingOptions
-from .models import decoder_class, load_model, weights_sha256
+from .models import decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
+from .models.retrieval import retrieve
 from .runtime import resolve_device
 from .vocab import Vocab
 
 if TYPE_CHECKING:
+    from .datastore import Datastore
     from .encoders import Encoder
     from .models.embedder import ImageEmbedder
     from .onnx_backend import OnnxEncoder
@@ -47,23 +49,29 @@ class Captioner:
     (where the encoder has its ImageNet head) names what the encoder recognises and lets the captions
     say it (concepts.py); `words` is the vocabulary captions are written in, the model's own extended
     by the concept words it lacks. `embedder` (where the model folder ships one) gives each image a unit
-    vector in the sentence encoder's space, for `captioner search`."""
+    vector in the sentence encoder's space, for `captioner search`. `datastore` (for a retrieval decoder,
+    models/retrieval.py) holds the human captions it reads: those nearest each photo's vector."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, decoder: Decoder, vocab: Vocab, defaults: DecodingOptions,
                  device: torch.device, path: Path | None = None, concepts: Concepts | None = None,
-                 embedder: ImageEmbedder | None = None) -> None:
+                 embedder: ImageEmbedder | None = None, datastore: Datastore | None = None) -> None:
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.defaults, self.device, self.path, self.concepts = defaults, device, path, concepts
-        self.embedder = embedder
+        self.embedder, self.datastore = embedder, datastore
         self.words = concepts.vocab if concepts is not None else vocab
         self.name = path.name if path is not None else ""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", backend: str = "torch") -> "Captioner":
+    def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", backend: str = "torch",
+                        datastore: str | Path | None = None) -> "Captioner":
         """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best); with
-        backend="onnx", a folder `captioner export --format onnx` wrote, run by onnxruntime on the CPU."""
+        backend="onnx", a folder `captioner export --format onnx` wrote, run by onnxruntime on the CPU.
+        `datastore`: the caption datastore a retrieval model reads instead of its own (`captioner datastore
+        build`): a user's captions steer its words without training."""
         path = Path(path) if path is not None else DEFAULT_MODEL
         if backend == "onnx":
+            if datastore is not None:
+                raise ValueError("--datastore goes with a retrieval model run by PyTorch (--backend torch)")
             from .onnx_backend import load_onnx
 
             if device not in ("auto", "cpu"):
@@ -79,8 +87,13 @@ class Captioner:
         encoder = model.encoder(dev).for_inference()
         head = encoder.imagenet_head()
         concepts = Concepts(*head, model.vocab) if head is not None else None
+        store = None
+        if getattr(model.decoder, "reads_memory", False):
+            store = model_datastore(model, datastore)
+        elif datastore is not None:
+            raise ValueError(f"{path} does not read retrieved captions: --datastore needs a retrieval model")
         return cls(encoder, model.decoder, model.vocab, DecodingOptions(**model.decoding), dev, path=path,
-                   concepts=concepts, embedder=model.embedder)
+                   concepts=concepts, embedder=model.embedder, datastore=store)
 
     @functools.cached_property
     def version(self) -> str:
@@ -116,15 +129,21 @@ class Captioner:
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
         features = self.encoder.regions(batch)
-        decoder, shown = self.decoder, [[] for _ in range(len(batch))]
+        decoder, shown, similar = self.decoder, [[] for _ in range(len(batch))], [[] for _ in range(len(batch))]
+        retrieving = self.datastore is not None and opts.retrieval
+        embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
+                    else None)
+        if retrieving:
+            memory, found = retrieve(self.datastore, embedded, self.vocab, self.decoder.args, opts.retrieved)
+            decoder = self.decoder.reading(memory.to(self.device))
+            similar = [list(zip(texts, sims.tolist())) for texts, sims in zip(found.texts, found.similarity)]
         if self.concepts is not None:
             shown = self.concepts.shown(features)
             if opts.concepts:
-                decoder = self.concepts.decoder(self.decoder, opts.concept_threshold)
-        embedded = (self.embedder(features).cpu().numpy() if vectors and self.embedder is not None
-                    else [None] * len(batch))
-        return [Captioned(captions, concepts, vector)
-                for captions, concepts, vector in zip(beam_search(decoder, features, opts), shown, embedded)]
+                decoder = self.concepts.decoder(decoder, opts.concept_threshold)
+        kept = embedded if vectors and embedded is not None else [None] * len(batch)
+        return [Captioned(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
+                in zip(beam_search(decoder, features, opts), shown, kept, similar)]
 
     @torch.inference_mode()
     def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:
@@ -158,8 +177,7 @@ class Captioner:
         items, single = _as_images(inputs)
         out = []
         for images in loaded_batches(items, batch_size):
-            out += [[{**c, "concepts": concept_dicts(r.concepts)} for c in self.as_dicts(r.captions)]
-                    for r in self.generate(images, opts)]
+            out += [[{**c, **extras(r)} for c in self.as_dicts(r.captions)] for r in self.generate(images, opts)]
         return out[0] if single else out
 
     def as_dicts(self, captions: list[Caption]) -> list[dict]:
@@ -190,12 +208,14 @@ class Captioner:
 @dataclass
 class Captioned:
     """One image's n-best captions (best first), the concepts its encoder recognised, (word,
-    probability) most probable first (concepts.SHOWN and SHOWN_MOST choose which), and its unit vector
-    (float32) where the model has an embedder."""
+    probability) most probable first (concepts.SHOWN and SHOWN_MOST choose which), its unit vector
+    (float32) where the model has an embedder, and the captions of similar photos a retrieval model read,
+    (text, cosine) nearest first."""
 
     captions: list[Caption]
     concepts: list[tuple[str, float]]
     vector: np.ndarray | None = None
+    neighbours: list[tuple[str, float]] = field(default_factory=list)  # retrieved captions read, with cosine
 
 
 def loaded_batches(items: list[tuple[Any, str]], batch_size: int) -> Iterator[list[Image.Image]]:
@@ -207,6 +227,15 @@ def loaded_batches(items: list[tuple[Any, str]], batch_size: int) -> Iterator[li
 def concept_dicts(concepts: list[tuple[str, float]]) -> list[dict]:
     """Concepts in the output form of the Python API, `caption --json`, bulk JSONL and the REST API."""
     return [{"word": word, "probability": round(p, 3)} for word, p in concepts]
+
+
+def extras(result: Captioned) -> dict[str, list[dict]]:
+    """What every output carries beside the captions: the concepts, and where a retrieval model read
+    them, the captions of similar photos ({"caption", "similarity"}, nearest first)."""
+    out = {"concepts": concept_dicts(result.concepts)}
+    if result.neighbours:
+        out["neighbours"] = [{"caption": text, "similarity": round(sim, 3)} for text, sim in result.neighbours]
+    return out
 
 
 def _as_images(inputs: Any) -> tuple[list[tuple[Any, str | None]], bool]:

@@ -43,7 +43,7 @@ from .bulk import library_path
 from .data import ImageError, ImageTooLarge, expand_inputs, load_image
 from .decoding import Caption
 from .decoding_options import LIMITS, OPTIONS, DecodingOptions, OptionError
-from .pipeline import Captioner, concept_dicts
+from .pipeline import Captioned, Captioner, extras
 from .search import Library
 
 MAX_UPLOAD_BYTES = 10 * 2**20
@@ -75,6 +75,7 @@ class Result:
 
     captions: list[Caption]
     concepts: list[tuple[str, float]]
+    neighbours: list[tuple[str, float]]
     batch_size: int
     queue_ms: float
     model_ms: float
@@ -189,8 +190,8 @@ class Batcher:
         self.batches += 1
         self.images += len(jobs)
         for job, result in zip(jobs, captions):
-            job.future.set_result(Result(result.captions, result.concepts, len(jobs), (start - job.queued) * 1000,
-                                         model_ms))
+            job.future.set_result(Result(result.captions, result.concepts, result.neighbours, len(jobs),
+                                         (start - job.queued) * 1000, model_ms))
 
 
 # What /api/caption takes and answers. The decoding options' names, types, ranges and help come from
@@ -246,6 +247,11 @@ class ConceptOut(BaseModel):
     probability: float = Field(description="the head's probability of it, summed over the classes it names")
 
 
+class NeighbourOut(BaseModel):
+    caption: str = Field(description="a human caption of a similar photo, from the model's caption datastore")
+    similarity: float = Field(description="cosine of the photo's vector and the caption's")
+
+
 class SearchHit(BaseModel):
     file: str = Field(description="the photo's path in the library, as the JSONL names it; "
                                   "/api/thumbnail?file=... shows it")
@@ -263,6 +269,8 @@ class CaptionResponse(BaseModel):
     captions: list[CaptionOut]
     concepts: list[ConceptOut] = Field(description="what the encoder recognised, most probable first (for "
                                                    "tagging; captions mention the confident ones)")
+    neighbours: list[NeighbourOut] | None = Field(None, description="a retrieval model's captions of similar "
+                                                                    "photos, which it read while writing, nearest first")
     timing: Timing
     attention: AttentionOut | None = None
 
@@ -530,8 +538,8 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
                                     result.queue_ms, result.model_ms)]
         timing = Timing(total_ms=ms[0], decode_ms=ms[1], queue_ms=ms[2], model_ms=ms[3], batch_size=result.batch_size)
         return CaptionResponse(model=info["name"], captions=captioner.as_dicts(result.captions),
-                               concepts=concept_dicts(result.concepts),
-                               timing=timing, attention=attention)
+                               timing=timing, attention=attention,
+                               **extras(Captioned(result.captions, result.concepts, neighbours=result.neighbours)))
 
     @app.post("/api/image-to-text", dependencies=guards, openapi_extra=RAW_BODY, responses=CAPTION_ERRORS)
     async def image_to_text(request: Request) -> list[GeneratedText]:
@@ -660,7 +668,7 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
 
     async def run(photo: str | None, *values: float | bool
-                  ) -> tuple[str, dict[str, float], list[list], list[tuple[Image.Image, str]]]:
+                  ) -> tuple[str, dict[str, float], list[list], list[list], list[tuple[Image.Image, str]]]:
         if photo is None:
             raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
         chosen = {name: type(OPTIONS[name].default)(value) for name, value in zip(OPTIONS, values)}
@@ -678,7 +686,8 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         words, alphas = captioner.attention_maps(result.captions[0])
         heatmaps = await anyio.to_thread.run_sync(draw, crop, words, alphas, limiter=slots)
         table = [[rank, c["generated_text"], c["score"]] for rank, c in enumerate(nbest, 1)]
-        return nbest[0]["generated_text"], dict(result.concepts), table, heatmaps
+        similar = [[text, round(sim, 3)] for text, sim in result.neighbours]
+        return nbest[0]["generated_text"], dict(result.concepts), table, similar, heatmaps
 
     def thumbnails(query: str) -> list[tuple[Image.Image, str]]:
         hits = []
@@ -713,8 +722,11 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                                 elem_id="concepts")
                 table = gr.Dataframe(headers=["rank", "caption", "score"], label="Beam search's n-best",
                                      interactive=False, elem_id="nbest")
+                similar = gr.Dataframe(headers=["caption", "similarity"], label="Captions of similar photos (what a "
+                                       "retrieval model read while writing)", interactive=False, elem_id="neighbours",
+                                       visible=captioner.datastore is not None)
                 gallery = gr.Gallery(label="Attention, word by word", columns=5, height="auto", elem_id="attention")
-        inputs, outputs = [image, *controls], [best, tags, table, gallery]
+        inputs, outputs = [image, *controls], [best, tags, table, similar, gallery]
         button.click(run, inputs, outputs, concurrency_limit=None, api_name="caption")
         image.upload(run, inputs, outputs, concurrency_limit=None, api_visibility="private")
         if library is not None:

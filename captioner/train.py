@@ -34,11 +34,12 @@ from .atomic import replace_file, settled
 from .config import Config
 from .decoding_options import DecodingOptions
 from .encoders import Encoder, create_encoder
-from .evaluate import decode_split
+from .evaluate import decode_split, retrieved_memory
 from .features import PENDING, Prepared, image_inputs, open_prepared
 from .metrics import score_captions
 from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
                      load_model, save_model)
+from .models.files import RETRIEVAL_FILE, add_retrieval, read_retrieval
 from .models.lstm import CONCEPT_WEIGHTS
 from .objectives import Batch, make_objective
 from .runtime import (bf16_supported, deterministic_algorithms, is_main, load_checkpoint, make_optimizer, rank_seed,
@@ -69,6 +70,7 @@ class CaptionSet:
         bounds = np.cumsum([0] + [len(caps) for caps in encoded])
         self.captions_of = [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         self.image_lengths = np.array([self.lengths[c].mean() for c in self.captions_of])
+        self.memory: np.ndarray | None = None  # (prepared rows, M) retrieved captions, for a retrieval decoder
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -95,7 +97,9 @@ class CaptionSet:
         """The Batch of these images and their captions on `device`; `inputs` turns their feature rows
         into what the model takes (cached features, or images in stage 2)."""
         rows, owner, captions, lengths = self.batch(images)
-        return Batch(inputs(rows), rows, owner.to(device), captions.to(device), lengths.to(device), teacher_forcing)
+        memory = torch.from_numpy(self.memory[rows]).to(device) if self.memory is not None else None
+        return Batch(inputs(rows), rows, owner.to(device), captions.to(device), lengths.to(device), teacher_forcing,
+                     memory)
 
     def features(self, rows: np.ndarray) -> Tensor:
         return torch.from_numpy(self.prepared.features[rows].astype(np.float32))
@@ -162,13 +166,13 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
 # ---------------------------------------------------------------- evaluation during training
 
 def validate(decoder: nn.Module, prepared: Prepared, cfg: Config, device: torch.device,
-             encoder: Encoder | None = None) -> dict[str, float]:
+             encoder: Encoder | None = None, memory: np.ndarray | None = None) -> dict[str, float]:
     """Dev scores of the model as it will caption (its decoding options), at val_beam_size."""
     rows = prepared.indices("val")
     if cfg.val_images:
         rows = rows[: cfg.val_images]
     opts = DecodingOptions(**{**decoding_defaults(cfg), "beam_size": cfg.val_beam_size})
-    predictions = decode_split(decoder, prepared, rows, opts, device, encoder)
+    predictions = decode_split(decoder, prepared, rows, opts, device, encoder, memory=memory)
     return score_captions(predictions, prepared.references(rows), metrics=("Bleu_4", "CIDEr"))
 
 
@@ -442,9 +446,12 @@ class Run:
         return self.dir / "last.pt"
 
     def save_best(self, encoder: Encoder | None) -> None:
+        """best/: the model, and for a retrieval decoder the image embedder and datastore it reads."""
         state = encoder.state_dict() if encoder is not None else self.features_encoder
         save_model(self.dir / "best", self.decoder, self.prepared.vocab, self.prepared.spec,
                    decoding_defaults(self.cfg), encoder_state=state)
+        if self.data.memory is not None:
+            add_retrieval(self.dir / "best", read_retrieval(Path(self.cfg.embedder_from)), datastore=self.cfg.datastore)
 
 
 @dataclass
@@ -507,6 +514,8 @@ def start_run(cfg: Config, resume: bool, log: Callable[[str], None]) -> Run:
     seed_everything(cfg.seed)  # the same initial weights on every rank
     data = CaptionSet(prepared, "train")
     decoder = new_decoder(cfg, prepared).to(device)
+    if getattr(decoder, "reads_memory", False):
+        data.memory = leave_one_out_memory(cfg, prepared, decoder, log)
     if cfg.init_from and cfg.pretrain != "none":
         raise ValueError(f"init_from ({cfg.init_from}) and pretrain ({cfg.pretrain}) both set the decoder's start: "
                          "choose one")
@@ -517,6 +526,22 @@ def start_run(cfg: Config, resume: bool, log: Callable[[str], None]) -> Run:
 
         pretrain_image_side(cfg, decoder, prepared, device, log)
     return Run(cfg, run_dir, prepared, data, decoder, device, rank, world, features_encoder, log)
+
+
+def leave_one_out_memory(cfg: Config, prepared: Prepared, decoder: CaptionDecoder,
+                         log: Callable[[str], None]) -> np.ndarray:
+    """Every prepared photo's retrieved captions for a retrieval decoder, found with embedder_from's image
+    embedder (the one the trained model carries and caption uses), never the photo's own captions."""
+    from .datastore import load_datastore
+
+    if not cfg.datastore or not cfg.embedder_from:
+        raise ValueError("decoder retrieval needs datastore (a `captioner datastore build` folder) and embedder_from "
+                         "(a model folder with retrieval.safetensors)")
+    embedder = read_retrieval(Path(cfg.embedder_from))
+    if embedder is None:
+        raise ValueError(f"embedder_from: {cfg.embedder_from} has no image embedder ({RETRIEVAL_FILE})")
+    return retrieved_memory(prepared, embedder, load_datastore(cfg.datastore), decoder, prepared.vocab, leave_out=True,
+                            log=log)
 
 
 def resume_run(run: Run, stage: Stage) -> tuple[TrainState, Stage]:
@@ -544,7 +569,8 @@ def resume_run(run: Run, stage: Stage) -> tuple[TrainState, Stage]:
 def score_start(run: Run, state: TrainState) -> None:
     """A run from init_from starts at epoch 0 with the model it was given, so a worse first epoch is
     never kept as best."""
-    scores, _ = share_scores_and_rng(validate(run.decoder, run.prepared, run.cfg, run.device) if is_main() else {},
+    scores, _ = share_scores_and_rng(validate(run.decoder, run.prepared, run.cfg, run.device,
+                                              memory=run.data.memory) if is_main() else {},
                                      run.world)
     state.best_score, state.best_epoch = scores[run.cfg.val_metric], 0
     if is_main():
@@ -617,7 +643,7 @@ def train_epoch(run: Run, stage: Stage, state: TrainState, objective: Callable) 
                       tf_ratio, stage.inputs, desc=f"epoch {state.epoch + 1}/{planned} {stage.name}",
                       augment=stage.augment, use_amp=state.precision == "bfloat16")
     seconds = time.time() - start
-    scores = validate(run.decoder, run.prepared, cfg, run.device, stage.encoder) if is_main() else {}
+    scores = validate(run.decoder, run.prepared, cfg, run.device, stage.encoder, run.data.memory) if is_main() else {}
     scores, rng = share_scores_and_rng(scores, run.world)
     if isinstance(stage.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         stage.scheduler.step(scores[cfg.val_metric])

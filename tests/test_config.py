@@ -125,7 +125,7 @@ def test_every_flag_says_what_it_does_its_choices_or_range_and_default():
             continue
         assert f"--{f.name.replace('_', '-')}" in text
         assert f"(default: {f.default!r})" in text, f.name
-    assert "--schedule {plateau,onecycle,warmup,none}" in text and "--decoder {attention,hard-attention,mean,transformer}" in text
+    assert "--schedule {plateau,onecycle,warmup,none}" in text and "--decoder {attention,hard-attention,mean,transformer,retrieval}" in text
     assert "--beam-size INT beam size; from 1 to 20 (default: 3)" in text
 
 

@@ -284,10 +284,11 @@ def test_ui_function_returns_captions_and_one_heatmap_per_word(captioner: Captio
     demo = build_ui(batcher, [])
     run = next(fn.fn for fn in demo.fns.values() if fn.api_name == "caption")
     values = page_values(beam_size=5, max_length=20, length_penalty=0.5, num_captions=7, block_trigrams=True)
-    best, tags, table, heatmaps = asyncio.run(run(str(PHOTOS / "rocket.jpg"), *values))  # Gradio gives a file path
+    best, tags, table, similar, heatmaps = asyncio.run(run(str(PHOTOS / "rocket.jpg"), *values))  # a file path
     batcher.close()
     assert next(iter(tags)) == "rocket" and all(0 < p <= 1 for p in tags.values())  # what the encoder recognised
     assert best == table[0][1] and len(table) == 5  # num_captions is capped at the beam size
+    assert similar == []  # the shipped model reads no retrieved captions
     assert [word for _, word in heatmaps] == best.split()
     assert heatmaps[0][0].size == (224, 224)
     pixels = [np.asarray(im, dtype=np.float32) for im, _ in heatmaps[:2]]

@@ -1,6 +1,7 @@
 """The model folder: model.safetensors, model.json and vocab.json, written atomically, and optionally
 retrieval.safetensors (an ImageEmbedder: photo vectors for `captioner search`; a folder without it loads
-as before, with no vectors).
+as before, with no vectors) and, for a retrieval decoder, datastore/ (the caption datastore it reads by
+default).
 
 model.json (format version 2) holds what inference needs and nothing about how training ran:
 
@@ -33,11 +34,13 @@ from .embedder import ImageEmbedder
 
 if TYPE_CHECKING:
     from ..config import Config
+    from ..datastore import Datastore
     from ..encoders import Encoder
 
 FORMAT, VERSION = "captioner", 2
 TUNED = "fine-tuned"  # how a spec's weights begin when they are a fine-tuned encoder's (tuned_weights)
 RETRIEVAL_FILE = "retrieval.safetensors"  # optional: the ImageEmbedder, float16, its sentence model in the metadata
+DATASTORE_DIR = "datastore"  # a retrieval decoder's default caption datastore (datastore.py), beside its weights
 
 
 def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_dim: int,
@@ -204,24 +207,46 @@ def read_model_json(path: Path) -> dict[str, Any]:
     return {**meta, "decoding": {**MODEL_DEFAULTS, **meta["decoding"]}}  # options newer than the file: defaults
 
 
-def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str = SENTENCE_MODEL) -> None:
+def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str = SENTENCE_MODEL,
+                  datastore: str | Path | None = None) -> None:
     """Put (or replace) the retrieval file in an existing model folder, in float16 (1.7 MB for Lite0's
-    features into MiniLM; its recall is float32's within 0.1, docs/RESULTS.md). The folder is rewritten
-    whole through replace_folder, so a reader sees it with or without the file, never half of it."""
+    features into MiniLM; its recall is float32's within 0.1, docs/RESULTS.md), and with `datastore` a copy
+    of that caption datastore (a retrieval decoder's default, DATASTORE_DIR). The folder is rewritten whole
+    through replace_folder, so a reader sees it with or without them, never half."""
     from safetensors.torch import save
 
     source = settled(path)
     read_model_json(source)  # a model folder, of a version this captioner reads
     tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in embedder.state_dict().items()}
     data = save(tensors, metadata={"sentence_model": sentence_model})
+    replaced = {RETRIEVAL_FILE} | ({DATASTORE_DIR} if datastore is not None else set())
 
     def write(folder: Path) -> None:
         for file in source.iterdir():
-            if file.name != RETRIEVAL_FILE:
+            if file.name in replaced:
+                continue
+            if file.is_dir():
+                shutil.copytree(file, folder / file.name)
+            else:
                 shutil.copy2(file, folder / file.name)
         (folder / RETRIEVAL_FILE).write_bytes(data)
+        if datastore is not None:
+            shutil.copytree(settled(datastore), folder / DATASTORE_DIR)
 
     replace_folder(path, write)
+
+
+def model_datastore(model: LoadedModel, override: str | Path | None = None) -> Datastore:
+    """The caption datastore a retrieval model reads: `override`, or the one in its folder. A missing one,
+    or one of another sentence encoder or width than the model's image vectors, is refused by name."""
+    from ..datastore import DatastoreError, load_datastore
+
+    if model.embedder is None:
+        raise DatastoreError(f"{model.path}: a retrieval model without an image embedder ({RETRIEVAL_FILE})")
+    path = Path(override) if override is not None else settled(model.path) / DATASTORE_DIR
+    datastore = load_datastore(path)
+    datastore.check_query(model.embedder.head.proj.out_features)
+    return datastore
 
 
 def read_retrieval(folder: Path) -> ImageEmbedder | None:

@@ -1,0 +1,228 @@
+"""The caption datastore: human captions and their sentence vectors, searched with an image's vector.
+
+A model that ships an image embedder (retrieval.safetensors) puts each photo in the MiniLM sentence
+encoder's space, so the captions nearest a photo are one matrix product away, with no sentence encoder
+at inference. A retrieval-augmented decoder (models/retrieval.py) reads those neighbours while it writes;
+swapping the datastore swaps the words and style it draws on, without training.
+
+A datastore folder, written atomically:
+
+    datastore.json     {"format": "captioner-datastore", "version": 1, "sentence_model": ..., "dim": 384,
+                        "reduced_dim": 96, "count": N, "offset": float, "sources": [...]}
+    captions.txt.gz    one caption a line, in row order
+    groups.npy         (N,) int32: the photo each caption describes (rows of one photo share it)
+    group_names.txt.gz one "source:image" a line, indexed by groups.npy: leave-one-out retrieval for
+                       training excludes a photo's own captions by it
+    projection.npy     (dim, reduced_dim) float32: the principal directions of the caption vectors
+    vectors.npy        (N, reduced_dim) int8: each caption's vector minus the mean, on those directions,
+                       divided by `scale` per row
+    scales.npy         (N,) float16
+
+A query q (a unit vector of `dim`) scores caption i as q.mean + (q @ projection) . vectors[i] * scales[i]:
+its cosine with the caption vector, up to what PCA drops and int8 rounds (docs/RESULTS.md measures
+how much that changes the neighbours).
+"""
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import read_folder, replace_folder
+from .data import DatasetError, read_entries
+from .sentences import SENTENCE_MODEL, SentenceEncoder
+
+FORMAT, VERSION = "captioner-datastore", 1
+REDUCED_DIM = 96  # PCA width kept: docs/RESULTS.md, "The datastore's size"
+BATCH = 512  # captions per sentence-encoder call
+CHUNK = 65536  # datastore rows scored per matrix product (bounds the float32 scratch)
+
+
+class DatastoreError(ValueError):
+    """A datastore that is missing, malformed, or made for another model; the message names it."""
+
+
+@dataclass
+class Neighbours:
+    """Per query, the k nearest captions, nearest first."""
+
+    rows: np.ndarray  # (n, k) int64 datastore rows
+    similarity: np.ndarray  # (n, k) float32 cosine
+    texts: list[list[str]]
+
+
+class Datastore:
+    """Captions, their photo groups and their reduced int8 vectors (the module docstring)."""
+
+    def __init__(self, captions: list[str], groups: np.ndarray, group_names: list[str], projection: np.ndarray,
+                 mean: np.ndarray, vectors: np.ndarray, scales: np.ndarray, meta: dict,
+                 path: Path | None = None) -> None:
+        self.captions, self.groups, self.group_names = captions, groups, group_names
+        self.projection, self.mean, self.meta, self.path = projection, mean.astype(np.float32), meta, path
+        # float32 rows scaled once (N x reduced_dim x 4 bytes: 66 MB for 171,000 captions at 96)
+        self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
+        self.dim = int(meta["dim"])
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "the datastore"
+
+    def check_query(self, dim: int, sentence_model: str = SENTENCE_MODEL) -> None:
+        """Refuse queries of another width or sentence encoder, naming the datastore."""
+        if self.meta.get("sentence_model") != sentence_model:
+            raise DatastoreError(f"{self.name}: captions embedded with {self.meta.get('sentence_model')!r}, but the "
+                                 f"model's image vectors are in {sentence_model!r}'s space; rebuild it with "
+                                 f"`captioner datastore build`")
+        if dim != self.dim:
+            raise DatastoreError(f"{self.name}: {self.dim}-dimensional caption vectors, but the model's image "
+                                 f"vectors have {dim}; rebuild it with `captioner datastore build`")
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """(n, dim) unit queries -> (n, N) float32 cosines with every caption (approximate, see above)."""
+        queries = np.asarray(queries, dtype=np.float32)
+        reduced = queries @ self.projection
+        base = queries @ self.mean
+        out = np.empty((len(queries), len(self)), dtype=np.float32)
+        for start in range(0, len(self), CHUNK):
+            out[:, start:start + CHUNK] = reduced @ self.table[start:start + CHUNK].T
+        return out + base[:, None]
+
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None = None) -> Neighbours:
+        """The k nearest captions of each unit query (n, dim), exact over the stored vectors; `exclude[i]`
+        (a group id, or None) leaves out every caption of that photo: leave-one-out for training."""
+        if queries.ndim != 2:
+            raise ValueError(f"expected (n, {self.dim}) query vectors, got shape {tuple(queries.shape)}")
+        self.check_query(queries.shape[1])
+        k = min(k, len(self))
+        scores = self.scores(queries)
+        if exclude is not None:
+            for i, group in enumerate(exclude):
+                if group is not None and group >= 0:
+                    scores[i, self.groups == group] = -np.inf
+        if k <= 0:
+            rows = np.zeros((len(queries), 0), dtype=np.int64)
+        else:
+            part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+            order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
+            rows = np.take_along_axis(part, order, axis=1).astype(np.int64)
+        similarity = np.take_along_axis(scores, rows, axis=1)
+        return Neighbours(rows, similarity, [[self.captions[j] for j in row] for row in rows])
+
+    def groups_by_image(self) -> dict[str, int]:
+        """Image name (a group name without its "source:") -> its group: whose captions leave-one-out
+        retrieval leaves out for that photo."""
+        return {name.partition(":")[2]: i for i, name in enumerate(self.group_names)}
+
+
+def caption_groups(sources: Sequence[str | Path], split: str = "",
+                   log: Callable[[str], None] = print) -> tuple[list[str], list[str], list[str]]:
+    """Every caption of the caption files (any format `prepare` reads, gzip too) as (captions, their
+    "source:image" group names, distinct group names in first-seen order). `split` keeps only the
+    entries of that split where a file has splits (the Flickr8k token file: train)."""
+    captions, groups = [], []
+    for source in sources:
+        fmt, file, _, entries, problems = read_entries(source)
+        stem = Path(file).name.split(".")[0]
+        kept = 0
+        for image, texts, entry_split, where in entries:
+            if split and entry_split and entry_split != split:
+                continue
+            for text in texts:
+                if not isinstance(text, str):
+                    raise DatasetError(f"{where}: caption is not a string: {text!r}")
+                text = " ".join(text.split())
+                if text:
+                    captions.append(text)
+                    groups.append(f"{stem}:{image}")
+                    kept += 1
+        log(f"{file}: {kept:,} captions ({fmt})" + "".join(f"; {p}" for p in problems))
+    if not captions:
+        raise DatasetError(f"no captions in {', '.join(map(str, sources))}")
+    return captions, groups, list(dict.fromkeys(groups))
+
+
+def reduce(vectors: np.ndarray, reduced_dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """PCA to reduced_dim and int8 per row: (projection (D, d), mean (D,), int8 (N, d), float16 scales (N,))."""
+    mean = vectors.mean(axis=0)
+    centred = vectors - mean
+    reduced_dim = min(reduced_dim, vectors.shape[1])
+    # the top eigenvectors of the covariance: the directions the captions differ along most
+    values, basis = np.linalg.eigh(centred.T @ centred)
+    projection = basis[:, np.argsort(-values)[:reduced_dim]].astype(np.float32)
+    low = centred @ projection
+    scales = np.abs(low).max(axis=1) / 127.0
+    scales = np.maximum(scales, 1e-4).astype(np.float16)  # float16 keeps no smaller normal number
+    quantised = np.clip(np.rint(low / scales.astype(np.float32)[:, None]), -127, 127).astype(np.int8)
+    return projection, mean.astype(np.float32), quantised, scales
+
+
+def build(sources: Sequence[str | Path], output: str | Path, encoder: SentenceEncoder | None = None,
+          split: str = "", reduced_dim: int = REDUCED_DIM, log: Callable[[str], None] = print) -> Datastore:
+    """Embed every caption of the sources with MiniLM and write a datastore folder at `output`."""
+    from tqdm import tqdm
+
+    captions, groups, names = caption_groups(sources, split, log)
+    if encoder is None:
+        from .sentences import load_sentence_encoder
+        encoder = load_sentence_encoder()
+    parts = [encoder(captions[i:i + BATCH]) for i in tqdm(range(0, len(captions), BATCH), desc="embedding",
+                                                           unit="batch", leave=False)]
+    vectors = np.concatenate(parts).astype(np.float32)
+    projection, mean, quantised, scales = reduce(vectors, reduced_dim)
+    index = {n: i for i, n in enumerate(names)}
+    group_ids = np.array([index[g] for g in groups], dtype=np.int32)
+    meta = {"format": FORMAT, "version": VERSION, "sentence_model": SENTENCE_MODEL, "dim": int(vectors.shape[1]),
+            "reduced_dim": int(projection.shape[1]), "count": len(captions), "mean": mean.tolist(),
+            "sources": [str(s) for s in sources], "split": split}
+
+    def write(folder: Path) -> None:
+        (folder / "datastore.json").write_text(json.dumps(meta) + "\n")
+        (folder / "captions.txt.gz").write_bytes(gzip.compress("\n".join(captions).encode() + b"\n", mtime=0))
+        (folder / "group_names.txt.gz").write_bytes(gzip.compress("\n".join(names).encode() + b"\n", mtime=0))
+        np.save(folder / "groups.npy", group_ids)
+        np.save(folder / "projection.npy", projection)
+        np.save(folder / "vectors.npy", quantised)
+        np.save(folder / "scales.npy", scales)
+
+    replace_folder(output, write)
+    log(f"{output}: {len(captions):,} captions of {len(names):,} photos, {meta['reduced_dim']}-d int8")
+    return load_datastore(output)
+
+
+def load_datastore(path: str | Path) -> Datastore:
+    """A datastore folder; a missing or malformed one is a DatastoreError naming it."""
+    path = Path(path)
+    if not (path / "datastore.json").is_file():
+        raise DatastoreError(f"{path}: not a caption datastore (no datastore.json); make one with "
+                             f"`captioner datastore build CAPTION_FILES... --output {path}`")
+    return read_folder(path, lambda folder: _read(folder, path))
+
+
+def _read(folder: Path, path: Path) -> Datastore:
+    meta = json.loads((folder / "datastore.json").read_text())
+    if meta.get("format") != FORMAT or not isinstance(meta.get("version"), int):
+        raise DatastoreError(f"{path / 'datastore.json'}: not a caption datastore file")
+    if meta["version"] > VERSION:
+        raise DatastoreError(f"{path / 'datastore.json'}: datastore version {meta['version']} is newer than this "
+                             f"captioner reads ({VERSION}); upgrade captioner")
+    try:
+        captions = gzip.decompress((folder / "captions.txt.gz").read_bytes()).decode().split("\n")[:-1]
+        names = gzip.decompress((folder / "group_names.txt.gz").read_bytes()).decode().split("\n")[:-1]
+        groups, projection = np.load(folder / "groups.npy"), np.load(folder / "projection.npy")
+        vectors, scales = np.load(folder / "vectors.npy"), np.load(folder / "scales.npy")
+    except (OSError, ValueError, EOFError) as err:
+        raise DatastoreError(f"{path}: a datastore file is missing or damaged: {err}") from err
+    count = meta["count"]
+    if not (len(captions) == len(groups) == len(vectors) == len(scales) == count) or \
+            projection.shape != (meta["dim"], meta["reduced_dim"]) or vectors.shape[1:] != (meta["reduced_dim"],):
+        raise DatastoreError(f"{path}: its files disagree with datastore.json ({count} captions, "
+                             f"{meta['dim']} -> {meta['reduced_dim']} dimensions)")
+    return Datastore(captions, groups, names, projection, np.array(meta["mean"], dtype=np.float32), vectors,
+                     scales, meta, path)

@@ -1,0 +1,191 @@
+"""The caption datastore (datastore.py) and the decoder that reads it (models/retrieval.py): building from
+every caption format, exact search, leave-one-out, clear refusals, the copy path, and a trained retrieval
+model whose captions follow the datastore it is given."""
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import train_tiny_model
+from test_models import small_decoder
+
+from captioner.datastore import DatastoreError, build, caption_groups, load_datastore
+from captioner.models.embedder import ImageEmbedder
+from captioner.models.retrieval import memory_tokens
+from captioner.vocab import UNK_ID
+
+DIM = 8
+
+
+def fake_encoder(texts: list[str]) -> np.ndarray:
+    """A deterministic stand-in for MiniLM: letter counts folded into DIM dimensions, unit rows."""
+    out = np.zeros((len(texts), DIM), dtype=np.float32)
+    for i, text in enumerate(texts):
+        for ch in text.lower():
+            if ch.isalpha():
+                out[i, ord(ch) % DIM] += 1.0
+    out += 1e-3
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def write_sources(folder: Path) -> list[Path]:
+    """The same kind of captions in three formats: gzip JSONL, a Flickr token file with splits, COCO JSON."""
+    folder.mkdir(parents=True, exist_ok=True)
+    jsonl = folder / "corpus.jsonl.gz"
+    rows = [{"image": "k1.jpg", "captions": ["a kitchen with a stove and an oven", "a clean kitchen counter"]},
+            {"image": "g1.jpg", "captions": ["a giraffe standing by a tree", "a tall giraffe eats leaves"]}]
+    jsonl.write_bytes(gzip.compress("\n".join(json.dumps(r) for r in rows).encode()))
+    flickr = folder / "flickr"
+    flickr.mkdir()
+    (flickr / "Flickr8k.token.txt").write_text("d1.jpg#0\ta dog runs on the grass\nd1.jpg#1\ta brown dog runs\n"
+                                               "t1.jpg#0\ta test photo caption\n")
+    (flickr / "Flickr_8k.trainImages.txt").write_text("d1.jpg\n")
+    (flickr / "Flickr_8k.testImages.txt").write_text("t1.jpg\n")
+    coco = folder / "captions_train2017.json"
+    coco.write_text(json.dumps({"images": [{"id": 7, "file_name": "b.jpg"}],
+                                "annotations": [{"image_id": 7, "caption": "A red bus on a city street."}]}))
+    return [jsonl, flickr / "Flickr8k.token.txt", coco]
+
+
+def test_a_datastore_is_built_from_every_caption_format_and_searched_exactly(tmp_path):
+    sources = write_sources(tmp_path / "src")
+    captions, groups, names = caption_groups(sources, split="train", log=lambda s: None)
+    assert "a test photo caption" not in captions  # the test split of a file with splits is left out
+    assert "A red bus on a city street." in captions and "a tall giraffe eats leaves" in captions
+    assert len(names) == 4 and groups.count("corpus:g1.jpg") == 2
+    store = build(sources, tmp_path / "ds", encoder=fake_encoder, split="train", reduced_dim=DIM, log=lambda s: None)
+    assert len(store) == len(captions) == 7
+    queries = fake_encoder(["a giraffe standing by a tall tree", "a red bus"])
+    found = store.search(queries, k=3)
+    exact = fake_encoder(captions) @ queries.T  # float32 cosines: the int8 table keeps their order at the top
+    for i in range(2):
+        assert found.texts[i][0] == captions[int(np.argmax(exact[:, i]))]
+        assert np.all(np.diff(found.similarity[i]) <= 0)
+        assert abs(found.similarity[i][0] - exact[:, i].max()) < 0.02
+    reopened = load_datastore(tmp_path / "ds")
+    assert reopened.captions == store.captions and reopened.group_names == store.group_names
+
+
+def test_leave_one_out_never_returns_the_photos_own_captions(tmp_path):
+    store = build(write_sources(tmp_path / "src"), tmp_path / "ds", encoder=fake_encoder, reduced_dim=DIM,
+                  log=lambda s: None)
+    query = fake_encoder(["a giraffe standing by a tree"])
+    assert "a giraffe standing by a tree" in store.search(query, k=2).texts[0]
+    own = store.groups_by_image()["g1.jpg"]
+    left = store.search(query, k=5, exclude=[own]).texts[0]
+    assert not {"a giraffe standing by a tree", "a tall giraffe eats leaves"} & set(left) and len(left) == 5
+
+
+def test_a_missing_or_foreign_datastore_is_refused_by_name(tmp_path):
+    with pytest.raises(DatastoreError, match=f"{tmp_path / 'nowhere'}: not a caption datastore"):
+        load_datastore(tmp_path / "nowhere")
+    store = build(write_sources(tmp_path / "src"), tmp_path / "ds", encoder=fake_encoder, log=lambda s: None)
+    with pytest.raises(DatastoreError, match=f"{tmp_path / 'ds'}: {DIM}-dimensional caption vectors, but the model's "
+                                             "image vectors have 384"):
+        store.check_query(384)
+    meta = json.loads((tmp_path / "ds" / "datastore.json").read_text())
+    (tmp_path / "ds" / "datastore.json").write_text(json.dumps({**meta, "sentence_model": "some/other-encoder"}))
+    with pytest.raises(DatastoreError, match="some/other-encoder"):
+        load_datastore(tmp_path / "ds").check_query(DIM)
+    (tmp_path / "ds" / "vectors.npy").unlink()
+    with pytest.raises(DatastoreError, match="missing or damaged"):
+        load_datastore(tmp_path / "ds")
+
+
+def test_the_copy_path_writes_a_word_the_decoder_would_not():
+    decoder = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3).eval()
+    features = torch.randn(1, 5, 8)
+    memory = torch.tensor([[17, 17, 0, 17, 0, 0]])
+    with torch.no_grad():
+        alone, _, _ = decoder.step(torch.tensor([1]), decoder.init_state(features))
+        decoder.generate_gate.bias.fill_(-30.0)  # all mass through the copy path
+        copying, _, _ = decoder.step(torch.tensor([1]), decoder.init_state(features, memory))
+    assert int(alone.argmax()) != 17
+    assert int(copying.argmax()) == 17 and copying[0, 17].exp() > 0.5
+    assert torch.allclose(copying.exp().sum(), torch.tensor(1.0), atol=1e-4)
+
+
+def test_memory_tokens_put_each_neighbour_in_its_slot():
+    from captioner.vocab import Vocab
+
+    vocab = Vocab(["a", "dog", "cat"])
+    memory = memory_tokens([["a dog", "a zebra cat runs"]], vocab, neighbours=3, length=3)
+    a, dog, cat = vocab.stoi["a"], vocab.stoi["dog"], vocab.stoi["cat"]
+    assert memory.tolist() == [[a, dog, 0, a, UNK_ID, cat, 0, 0, 0]]
+
+
+@pytest.fixture(scope="module")
+def retrieval_model(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny retrieval model trained on a datastore of the training captions, its embedder from a model
+    folder; returns the root, the prepared folder and the model."""
+    from test_retrieval import small_folder
+
+    from captioner.models.files import add_retrieval
+
+    root = tmp_path_factory.mktemp("rag")
+    torch.manual_seed(0)
+    embedder_folder = small_folder(root / "embedder")
+    add_retrieval(embedder_folder, ImageEmbedder(1280, 16, DIM).eval())
+    from conftest import write_flickr_dataset
+
+    data = write_flickr_dataset(root / "src", n=9, size=40)  # the photos train_tiny_model makes, by name
+    lines = []  # captions in the training vocabulary that tell every photo apart: its number in colours
+    for i in range(9):
+        colours = [["red", "green", "blue"][i // 3 ** j % 3] for j in range(3)]
+        lines += [f"img{i:03d}.jpg#0\t{' '.join(colours)} noise", f"img{i:03d}.jpg#1\t{' '.join(colours[::-1])} picture"]
+    (data / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    build([data / "Flickr8k.token.txt"], root / "ds", encoder=fake_encoder, split="train", reduced_dim=DIM,
+          log=lambda s: None)
+    prepared, model = train_tiny_model(root, images=9, decoder="retrieval", datastore=str(root / "ds"),
+                                       embedder_from=str(embedder_folder), neighbours=2, memory_length=4)
+    return root, prepared, model
+
+
+def test_training_retrieves_leave_one_out_and_the_model_carries_its_datastore(retrieval_model):
+    from captioner.evaluate import retrieved_memory
+    from captioner.features import open_prepared
+    from captioner.models import load_model, model_datastore
+
+    root, prepared_dir, model = retrieval_model
+    assert (model / "datastore" / "datastore.json").is_file() and (model / "retrieval.safetensors").is_file()
+    loaded = load_model(model)
+    store, prepared = model_datastore(loaded), open_prepared(prepared_dir)
+    memory = retrieved_memory(prepared, loaded.embedder, store, loaded.decoder, loaded.vocab, leave_out=True,
+                              log=lambda s: None)
+    texts = {name: [] for name in store.groups_by_image()}
+    for caption, group in zip(store.captions, store.groups):
+        texts[store.group_names[group].partition(":")[2]].append(caption)
+    for row in prepared.indices("train"):
+        own = {tuple(loaded.vocab.encode(c)[1:-1]) for c in texts[prepared.records[row].name]}
+        read = {tuple(int(t) for t in slot if t) for slot in memory[row].reshape(2, 4)}
+        assert len(read) == 2 and not read & own, prepared.records[row].name
+    everything = retrieved_memory(prepared, loaded.embedder, store, loaded.decoder, loaded.vocab, k=1,
+                                  log=lambda s: None)  # evaluation's retrieval leaves nothing out
+    assert any(tuple(int(t) for t in everything[row][:4] if t) in
+               {tuple(loaded.vocab.encode(c)[1:-1]) for c in texts[prepared.records[row].name]}
+               for row in prepared.indices("train"))
+
+
+def test_a_swapped_datastore_changes_what_the_model_reads_and_writes(retrieval_model, tmp_path):
+    from captioner.pipeline import Captioner
+
+    root, _, model = retrieval_model
+    photo = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"image": "x.jpg", "captions": ["noise noise noise"]}) + "\n")
+    build([tmp_path / "mine.jsonl"], tmp_path / "mine", encoder=fake_encoder, reduced_dim=DIM, log=lambda s: None)
+    own = Captioner.from_pretrained(model, device="cpu")
+    mine = Captioner.from_pretrained(model, device="cpu", datastore=tmp_path / "mine")
+    for captioner in (own, mine):
+        captioner.decoder.generate_gate.bias.data.fill_(-30.0)  # copy only: the words come from the datastore
+    first, second = own(photo, concepts=False)[0], mine(photo, concepts=False)[0]
+    assert [n["caption"] for n in second["neighbours"]] == ["noise noise noise"]
+    assert all("noise noise noise" != n["caption"] for n in first["neighbours"]) and len(first["neighbours"]) == 2
+    assert set(second["generated_text"].split()) == {"noise"} != set(first["generated_text"].split())
+    assert "neighbours" not in own(photo, retrieval=False)[0]
+    with pytest.raises(ValueError, match="does not read retrieved captions"):
+        from test_models import SHIPPED
+        Captioner.from_pretrained(SHIPPED, device="cpu", datastore=tmp_path / "mine")
