@@ -1,0 +1,130 @@
+"""Score captioning methods on photos with human captions: a model (any decoding options), or retrieval
+alone from a caption datastore (the nearest caption, or the consensus recipe of issue 33's probe).
+
+    python scripts/eval_everyday.py --set ../shared/data/coco-dev --method model --model runs/x/best
+    python scripts/eval_everyday.py --set ../shared/data/coco-dev --method consensus --datastore DIR
+    python scripts/eval_everyday.py --set ../shared/data/flickr8k --split test --method model --no-concepts
+
+A set is a folder with captions.jsonl ({"image", "captions"}) and images/, or a Flickr8k folder with
+--split. Prints one Markdown row: BLEU-1..4, METEOR, ROUGE-L, CIDEr (x100), words used, distinct captions;
+--output writes the captions and scores as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner.concepts import concept_vocabulary
+from captioner.data import load_image
+from captioner.datastore import load_datastore
+from captioner.metrics import fluency, score_captions
+from captioner.pipeline import Captioner
+from captioner.vocab import tokenize
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def read_set(folder: Path, split: str) -> dict[Path, list[str]]:
+    """{image path: its reference captions}."""
+    if (folder / "captions.jsonl").is_file():
+        rows = [json.loads(line) for line in (folder / "captions.jsonl").read_text().splitlines() if line.strip()]
+        return {folder / "images" / r["image"]: r["captions"] for r in rows}
+    names = {"train": "trainImages", "val": "devImages", "test": "testImages"}[split]
+    wanted = set((folder / f"Flickr_8k.{names}.txt").read_text().split())
+    refs: dict[Path, list[str]] = {}
+    for line in (folder / "Flickr8k.token.txt").read_text().splitlines():
+        key, _, caption = line.partition("\t")
+        name = key.rpartition("#")[0]
+        if name in wanted:
+            refs.setdefault(folder / "images" / name, []).append(caption)
+    return refs
+
+
+def consensus(vectors: np.ndarray, datastore, concept_probs: np.ndarray | None, pool: int, top: int,
+              bonus: float) -> list[str]:
+    """Issue 33's probe: of the `pool` nearest captions, add bonus x the summed probability of the concept
+    words each contains, then of the `top` best return the one closest on average to the others."""
+    found = datastore.search(vectors, pool)
+    words = concept_vocabulary()
+    column = {w: j for j, w in enumerate(words)}
+    table = datastore.table / np.linalg.norm(datastore.table, axis=1, keepdims=True)
+    out = []
+    for i, (rows, sims, texts) in enumerate(zip(found.rows, found.similarity, found.texts)):
+        score = sims.copy()
+        if concept_probs is not None and bonus:
+            for j, text in enumerate(texts):
+                score[j] += bonus * sum(concept_probs[i, column[w]] for w in set(tokenize(text)) if w in column)
+        best = np.argsort(-score, kind="stable")[:top]
+        if top == 1:
+            out.append(texts[best[0]])
+            continue
+        v = table[rows[best]]
+        similar = v @ v.T
+        mean = (similar.sum(axis=1) - 1.0) / (len(best) - 1)
+        out.append(texts[best[int(np.argmax(mean))]])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", required=True, help="captions.jsonl + images/, or a Flickr8k folder")
+    parser.add_argument("--split", default="test", help="Flickr8k split (default: test)")
+    parser.add_argument("--method", default="model", choices=["model", "nearest", "consensus"])
+    parser.add_argument("--model", help="model folder (default: the shipped model); for nearest/consensus the "
+                        "model whose image embedder and concepts are used")
+    parser.add_argument("--datastore", help="datastore folder (a retrieval model's own by default)")
+    parser.add_argument("--no-concepts", action="store_true")
+    parser.add_argument("--no-retrieval", action="store_true")
+    parser.add_argument("--retrieved", type=int, help="retrieved captions read (default: the model's)")
+    parser.add_argument("--pool", type=int, default=500, help="consensus: nearest captions re-ranked")
+    parser.add_argument("--top", type=int, default=25, help="consensus: captions voting")
+    parser.add_argument("--bonus", type=float, default=0.3, help="consensus: weight of the concept words")
+    parser.add_argument("--name", default="", help="the row's name")
+    parser.add_argument("--output", help="JSON file for captions and scores")
+    args = parser.parse_args()
+
+    refs = read_set(Path(args.set), args.split)
+    retrieval_only = args.method != "model"
+    captioner = Captioner.from_pretrained(args.model, device="cpu",
+                                          datastore=args.datastore if not retrieval_only else None)
+    datastore = load_datastore(args.datastore) if retrieval_only else None
+    predictions: dict[str, str] = {}
+    paths = list(refs)
+    start = time.time()
+    options = {"concepts": False if args.no_concepts else None, "retrieval": False if args.no_retrieval else None,
+               "retrieved": args.retrieved}
+    opts = captioner.options(**options)
+    for s in range(0, len(paths), 16):
+        batch = paths[s:s + 16]
+        images = [load_image(p) for p in batch]
+        if retrieval_only:
+            with torch.inference_mode():
+                pixels = torch.stack([captioner.encoder.preprocess(im) for im in images])
+                features = captioner.encoder.regions(pixels)
+                vectors = captioner.embedder(features).numpy()
+                probs = captioner.concepts.probs(features).numpy() if captioner.concepts is not None else None
+            texts = consensus(vectors, datastore, probs, args.pool, 1 if args.method == "nearest" else args.top,
+                              0.0 if args.method == "nearest" else args.bonus)
+        else:
+            texts = [captioner.words.decode(r.captions[0].tokens) for r in captioner.generate(images, opts)]
+        predictions.update({str(p): t for p, t in zip(batch, texts)})
+    seconds = time.time() - start
+    scores = score_captions(predictions, {str(p): c for p, c in refs.items()})
+    flu = fluency([" ".join(tokenize(t)) for t in predictions.values()])
+    name = args.name or args.method
+    print(f"| {name} | " + " | ".join(f"{100 * scores[m]:.1f}" for m in METRICS)
+          + f" | {flu['vocabulary']} | {flu['distinct_captions']} |")
+    print(f"{len(predictions)} images in {seconds:.1f} s", file=sys.stderr)
+    if args.output:
+        Path(args.output).write_text(json.dumps({"scores": scores, "fluency": flu, "captions": predictions},
+                                                indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
