@@ -28,11 +28,21 @@ SPLITS = ("train", "val", "test")
 FORMATS = ("flickr", "kaggle", "karpathy", "coco", "custom")
 # split names found in the wild -> ours; "restval" is Karpathy's extra COCO training images
 _SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "dev": "val", "test": "test", "": ""}
-_IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k_images")
+_IMAGE_DIRS = ("images", "Images", "Flicker8k_Dataset", "Flickr8k_Dataset", "flickr30k_images", "flickr30k-images")
 _LOOKED_FOR = (
-    "a *.token.txt or *.token file (flickr), captions.txt with the header image,caption (kaggle), "
-    "captions.csv or captions.jsonl (custom), dataset_*.json (karpathy), captions_*.json (coco)"
+    "a *.token.txt or *.token file or Flickr30k's results.csv (flickr), captions.txt with the header image,caption "
+    "(kaggle), captions.csv or captions.jsonl (custom), dataset_*.json (karpathy), captions_*.json or "
+    "annotations/captions_*.json (coco)"
 )
+# Karpathy's split files, looked for beside the annotations (and in COCO's annotations/) when none is given
+KARPATHY_FILES = {"coco": "dataset_coco.json", "flickr": "dataset_flickr30k.json"}
+# Without a Karpathy split file the held-out splits follow fixed rules with Karpathy's sizes (not his images):
+# COCO: the official val images with captions, sorted by image id: the first min(5000, n // 2) are test, the
+# next min(5000, rest) val, the others train (val2014: 5,000 / 5,000 / 30,504; val2017: 2,500 / 2,500 / 0).
+# Flickr30k: all images sorted by file name: the first min(1000, n // 10) test, the next as many val, rest train.
+COCO_HELD_OUT = 5000
+FLICKR30K_HELD_OUT = 1000
+MAX_REPORTED = 20  # bad lines, missing images: how many one error lists before "and N more"
 
 # what Pillow raises for bad or hostile data: decoders raise OSError, format parsers SyntaxError or ValueError
 _BOMB = (Image.DecompressionBombError, Image.DecompressionBombWarning)
@@ -122,6 +132,7 @@ class Dataset:
     format: str
     missing: list[Path] = field(default_factory=list)  # listed in annotations, absent on disk
     problems: list[str] = field(default_factory=list)  # non-fatal oddities worth telling the user
+    splits: str = ""  # where the splits came from (a split file, a stated rule), so a user knows what test means
 
     def split(self, name: str) -> list[Record]:
         if name not in (*SPLITS, ""):
@@ -137,6 +148,8 @@ class Dataset:
                 captions = sum(len(r.captions) for r in records)
                 lines.append(f"{split or 'unassigned'}: {len(records)} images, {captions} captions")
         lines.append(f"{self.format}: {len(self.missing)} missing images skipped, {len(self.problems)} problems")
+        if self.splits:
+            lines.append(f"splits: {self.splits}")
         return "\n".join(lines)
 
 
@@ -146,11 +159,15 @@ def detect_format(path: str | Path) -> str:
 
 
 def load_dataset(
-    path: str | Path, format: str = "auto", images: str | Path | None = None, skip_missing: bool = False
+    path: str | Path, format: str = "auto", images: str | Path | None = None, skip_missing: bool = False,
+    split_file: str | Path | None = None,
 ) -> Dataset:
-    """Read annotations in any supported format; `images` overrides where image files are looked for."""
-    fmt, source, root, entries, problems = read_entries(path, format, images)
-    return _finish(fmt, source, root, entries, problems, skip_missing)
+    """Read annotations in any supported format; `images` overrides where image files are looked for, and
+    `split_file` (Karpathy's dataset_*.json) where the train/val/test splits come from."""
+    fmt, source, root, entries, problems, splits = _read(Path(path), format, images, split_file)
+    dataset = _finish(fmt, source, root, entries, problems, skip_missing)
+    dataset.splits = splits
+    return dataset
 
 
 def read_entries(
@@ -159,22 +176,82 @@ def read_entries(
     """The caption entries of annotations in any supported format (gzip-compressed too), without looking
     at the images: (format, annotation file, image root, entries, problems). `load_dataset` and the
     caption datastore (which needs only the text) both read through here."""
-    path = Path(path)
+    return _read(Path(path), format, images, None)[:5]
+
+
+def _read(
+    path: Path, format: str, images: str | Path | None, split_file: str | Path | None
+) -> tuple[str, Path, Path, list[Entry], list[str], str]:
+    """read_entries plus the splits: a Karpathy split file's when one is given or lies beside the
+    annotations, else the annotations' own or a fixed rule; the last item says which, for the summary."""
     image_dir = Path(images) if images is not None else None
     fmt, data = _detect(path) if format == "auto" else (format, None)
     if fmt == "flickr":
-        source, root, entries, problems = _flickr(path, image_dir)
+        source, root, entries, problems, splits = _flickr(path, image_dir)
     elif fmt == "kaggle":
-        source, root, entries, problems = _kaggle(path, image_dir)
+        source, root, entries, problems, splits = *_kaggle(path, image_dir), ""
     elif fmt == "karpathy":
         source, root, entries, problems = _karpathy(path, image_dir, data)
+        splits = f"Karpathy's split file {source}"
     elif fmt == "coco":
-        source, root, entries, problems = _coco(path, image_dir, data)
+        source, root, entries, problems, splits = _coco(path, image_dir, data)
     elif fmt == "custom":
-        source, root, entries, problems = _custom(path, image_dir)
+        source, root, entries, problems, splits = *_custom(path, image_dir), ""
     else:
         raise DatasetError(f"unknown dataset format {format!r}; expected auto, {', '.join(FORMATS)}")
-    return fmt, source, root, entries, problems
+    karpathy = Path(split_file) if split_file else _karpathy_file(fmt, path)
+    if karpathy is not None and fmt != "karpathy":
+        entries = _karpathy_splits(karpathy, entries, problems)
+        splits = f"Karpathy's split file {karpathy}"
+    if not splits and any(not e[2] for e in entries):
+        splits = "none in the annotations: prepare assigns 90% train, 5% val, 5% test by a hash of each name"
+    return fmt, source, root, entries, problems, splits
+
+
+def _karpathy_file(fmt: str, path: Path) -> Path | None:
+    """Karpathy's split file of this layout when it lies beside the annotations (or in COCO's
+    annotations/ folder): a downloaded split file is used without being named."""
+    name = KARPATHY_FILES.get(fmt)
+    if name is None:
+        return None
+    folder = path if path.is_dir() else path.parent
+    places = [folder, folder / "annotations"]
+    if folder.name in ("annotations", "flickr30k_images"):  # --data coco/annotations; Kaggle's Flickr30k folder
+        places.append(folder.parent)
+    found = [place / name for place in places if (place / name).is_file()]
+    return found[0] if found else None
+
+
+def _karpathy_splits(file: Path, entries: list[Entry], problems: list[str]) -> list[Entry]:
+    """The entries with the splits of Karpathy's file, matched by file name or (COCO) by the image id
+    that ends both 2014 and 2017 file names, so dataset_coco.json splits the 2017 layout too; entries in
+    none of its splits are left out, and said so."""
+    data = _read_json(file)
+    by_name: dict[str, str] = {}
+    by_id: dict[int, str] = {}
+    for i, image in enumerate(_get(data, "images", str(file))):
+        where = f"{file}: images[{i}]"
+        split = _split_name(_get(image, "split", where), f"{where}.split")
+        by_name[_get(image, "filename", where)] = split
+        if isinstance(image.get("cocoid"), int):
+            by_id[image["cocoid"]] = split
+    out, unmatched = [], []
+    for name, captions, _, where in entries:
+        base = name.rsplit("/", 1)[-1]
+        split = by_name.get(base)
+        if split is None and by_id:
+            number = re.search(r"(\d+)\.\w+$", base)
+            split = by_id.get(int(number.group(1))) if number else None
+        if split is None:
+            unmatched.append(name)
+        else:
+            out.append((name, captions, split, where))
+    if entries and not out:
+        raise DatasetError(f"{file}: names none of the {len(entries)} images of the annotations; is it the split "
+                           "file of this dataset?")
+    if unmatched:
+        problems.append(f"{file}: {len(unmatched)} images in none of its splits left out: {_some(unmatched)}")
+    return out
 
 
 def _detect(path: Path) -> tuple[str, Any]:
@@ -184,8 +261,12 @@ def _detect(path: Path) -> tuple[str, Any]:
             return "flickr", None
         if _has_kaggle_header(path / "captions.txt"):
             return "kaggle", None
+        if _flickr30k_csv(path) is not None:
+            return "flickr", None
         if (path / "captions.csv").is_file() or (path / "captions.jsonl").is_file():
             return "custom", None
+        if _coco_layout(path):  # before dataset_*.json: a dataset_coco.json beside it gives the splits
+            return "coco", None
         if any(path.glob("dataset_*.json")):
             return "karpathy", None
         if any(path.glob("captions_*.json")):
@@ -207,6 +288,8 @@ def _detect(path: Path) -> tuple[str, Any]:
         return "flickr", None
     if _has_kaggle_header(path):
         return "kaggle", None
+    if _has_flickr30k_header(path):
+        return "flickr", None
     if suffix in (".csv", ".jsonl"):
         return "custom", None
     raise DatasetError(f"{path}: cannot tell the dataset format; looked for {_LOOKED_FOR}")
@@ -218,8 +301,10 @@ def _finish(
     """Merge entries per image (in first-seen order), drop empty captions, and check the files exist."""
     root = root.resolve()
     merged: dict[str, tuple[list[str], str]] = {}
+    first_seen: dict[str, str] = {}
     empty: list[str] = []
     for name, captions, split, where in entries:
+        first_seen.setdefault(name, where)
         kept, _ = merged.setdefault(name, ([], split))
         for caption in captions:
             if not isinstance(caption, str):
@@ -235,37 +320,55 @@ def _finish(
         problems.append(f"{len(bare)} images with no captions dropped: {_some(bare)}")
     records = [Record(root / name, tuple(caps), split, root) for name, (caps, split) in merged.items() if caps]
     missing = [r.image for r in records if not r.image.is_file()]
+    if missing:
+        listed = _listed([f"{r.image} ({_line(first_seen[r.name], source)})" for r in records
+                          if not r.image.is_file()], "; ")
     if missing and not skip_missing:
         raise DatasetError(
-            f"{len(missing)} of {len(records)} images listed in {source} are missing, first: {missing[0]}; "
+            f"{len(missing)} of {len(records)} images listed in {source} are missing: {listed}; "
             f"fix the paths (images are looked for in {root}) or pass --skip-missing"
         )
     if missing:
+        problems.append(f"{len(missing)} missing images skipped: {listed}")
         absent = set(missing)
         records = [r for r in records if r.image not in absent]
     return Dataset(records, fmt, missing, problems)
 
 
-def _flickr(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], list[str]]:
+def _line(where: str, source: Path) -> str:
+    """`where` without the annotation file's name that the message already gives: "line 7", "images[3]"."""
+    short = where.removeprefix(f"{source}:").strip()
+    return f"line {short}" if short.isdigit() else short
+
+
+def _listed(items: list[str], sep: str) -> str:
+    """The first MAX_REPORTED items, then how many more: a long list of faults fits one message."""
+    more = len(items) - MAX_REPORTED
+    return sep.join(items[:MAX_REPORTED]) + (f"{sep}and {more} more" if more > 0 else "")
+
+
+def _flickr(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], list[str], str]:
+    """Flickr8k's and Flickr30k's token files (NAME.jpg#N<TAB>caption), or the pipe-separated results.csv of
+    Flickr30k's Kaggle copy; splits from Flickr8k's split files, else (Flickr30k) from Karpathy's file or
+    FLICKR30K_HELD_OUT's rule, else none (prepare's hash rule)."""
     folder = path.parent if path.is_file() else path
-    token = path if path.is_file() else _token_file(path)
+    csv_file = path if path.is_file() and _has_flickr30k_header(path) else None
+    if csv_file is None and path.is_dir():
+        csv_file = None if _token_file(path) else _flickr30k_csv(path)
+    token = csv_file or (path if path.is_file() else _token_file(path))
     if token is None:
-        raise DatasetError(f"{path}: no Flickr token file (Flickr8k.token.txt, *.token.txt or *.token)")
-    entries: list[Entry] = []
-    for lineno, line in enumerate(_read_text(token).splitlines(), 1):
-        if not line.strip():
-            continue
-        key, tab, caption = line.partition("\t")
-        name, _, _ = key.rpartition("#")
-        if not tab or not name:
-            raise DatasetError(f"{token}:{lineno}: expected 'NAME.jpg#N<TAB>caption', got {line[:80]!r}")
-        entries.append((name.strip(), [caption], "", f"{token}:{lineno}"))
+        raise DatasetError(f"{path}: no Flickr token file (Flickr8k.token.txt, *.token.txt or *.token) or "
+                           "Flickr30k results.csv")
+    problems: list[str] = []
+    entries = _flickr30k_csv_entries(token, problems) if csv_file else _token_entries(token)
+    flickr30k = csv_file is not None or token.name.startswith("results_")
+    folder = token.parent if csv_file else folder
     split_of: dict[str, str] = {}
     for pattern, split in (("*trainImages.txt", "train"), ("*devImages.txt", "val"), ("*testImages.txt", "test")):
         for split_file in sorted(folder.glob(pattern)):
             split_of.update((name, split) for name in _read_text(split_file).split())
     root = images or _first_dir(folder, _IMAGE_DIRS) or folder
-    problems = []
+    splits = "Flickr8k's split files (*trainImages.txt, *devImages.txt, *testImages.txt)" if split_of else ""
     if split_of:  # only split images are used; the rest are reported, typos (no such file) apart
         names = dict.fromkeys(e[0] for e in entries)
         unsplit = [name for name in names if name not in split_of]
@@ -281,12 +384,58 @@ def _flickr(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], l
         if uncaptioned:
             problems.append(f"{token}: {len(uncaptioned)} images in split files have no captions: {_some(uncaptioned)}")
         entries = [(name, caps, split_of[name], where) for name, caps, _, where in entries if name in split_of]
-    return token, root, entries, problems
+    elif flickr30k and _karpathy_file("flickr", path) is None:
+        entries, splits = _flickr30k_rule(entries)
+    return token, root, entries, problems, splits
+
+
+def _token_entries(token: Path) -> list[Entry]:
+    entries: list[Entry] = []
+    for lineno, line in enumerate(_read_text(token).splitlines(), 1):
+        if not line.strip():
+            continue
+        key, tab, caption = line.partition("\t")
+        name, _, _ = key.rpartition("#")
+        if not tab or not name:
+            raise DatasetError(f"{token}:{lineno}: expected 'NAME.jpg#N<TAB>caption', got {line[:80]!r}")
+        entries.append((name.strip(), [caption], "", f"{token}:{lineno}"))
+    return entries
+
+
+def _flickr30k_csv_entries(file: Path, problems: list[str]) -> list[Entry]:
+    """Kaggle's Flickr30k results.csv: 'image_name| comment_number| comment'. Its one known broken row
+    (a '|' missing) and any like it are left out and reported, not fatal: the other 158,914 are fine."""
+    entries: list[Entry] = []
+    bad: list[str] = []
+    for lineno, line in enumerate(_read_text(file).splitlines()[1:], 2):
+        if not line.strip():
+            continue
+        parts = line.split("|", 2)
+        if len(parts) != 3 or not parts[0].strip():
+            bad.append(str(lineno))
+            continue
+        entries.append((parts[0].strip(), [parts[2]], "", f"{file}:{lineno}"))
+    if bad:
+        problems.append(f"{file}: {len(bad)} lines without 'image| number| caption' left out: lines {_some(bad)}")
+    return entries
+
+
+def _flickr30k_rule(entries: list[Entry]) -> tuple[list[Entry], str]:
+    """Flickr30k without a split file: the images sorted by file name, the first min(1000, n // 10)
+    test, the next as many val, the rest train (Karpathy's sizes)."""
+    names = sorted({e[0] for e in entries})
+    held = min(FLICKR30K_HELD_OUT, len(names) // 10)
+    split_of = {n: "test" if i < held else "val" if i < 2 * held else "train" for i, n in enumerate(names)}
+    rule = (f"no Karpathy split file ({KARPATHY_FILES['flickr']}); the {len(names)} images sorted by file name: "
+            f"the first {held} test, the next {held} val, the other {len(names) - 2 * held} train")
+    return [(name, caps, split_of[name], where) for name, caps, _, where in entries], rule
 
 
 def _kaggle(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], list[str]]:
     file = path if path.is_file() else path / "captions.txt"
-    return file, images or _first_dir(file.parent, ("Images", "images")) or file.parent, _csv_entries(file), []
+    problems: list[str] = []
+    entries = _csv_entries(file, problems)
+    return file, images or _first_dir(file.parent, ("Images", "images")) or file.parent, entries, problems
 
 
 def _custom(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], list[str]]:
@@ -294,8 +443,10 @@ def _custom(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], l
     file = next((f for f in candidates if f.is_file()), None)
     if file is None:
         raise DatasetError(f"{path}: no captions.csv or captions.jsonl")
-    entries = _jsonl_entries(file) if file.name.removesuffix(".gz").endswith(".jsonl") else _csv_entries(file)
-    return file, images or _first_dir(file.parent, ("images",)) or file.parent, entries, []
+    problems: list[str] = []
+    jsonl = file.name.removesuffix(".gz").endswith(".jsonl")
+    entries = _jsonl_entries(file, problems) if jsonl else _csv_entries(file, problems)
+    return file, images or _first_dir(file.parent, ("images",)) or file.parent, entries, problems
 
 
 def _karpathy(path: Path, images: Path | None, data: Any) -> tuple[Path, Path, list[Entry], list[str]]:
@@ -317,13 +468,20 @@ def _karpathy(path: Path, images: Path | None, data: Any) -> tuple[Path, Path, l
     return path, images or _first_dir(path.parent, _IMAGE_DIRS) or path.parent, entries, []
 
 
-def _coco(path: Path, images: Path | None, data: Any) -> tuple[Path, Path, list[Entry], list[str]]:
-    files = [path] if path.is_file() else sorted(path.glob("captions_*.json"))
+def _coco(path: Path, images: Path | None, data: Any) -> tuple[Path, Path, list[Entry], list[str], str]:
+    """COCO caption files: one file, a folder of captions_*.json, or COCO's own layout (annotations/ beside
+    train2017/ and val2017/, or the 2014 names). The split comes from each file's name; without a test
+    file the val images are split by COCO_HELD_OUT's rule (Karpathy's split file, when found, overrides it)."""
+    layout = _coco_layout(path) if path.is_dir() else []
+    files = [path] if path.is_file() else layout or sorted(path.glob("captions_*.json"))
     if not files:
         raise DatasetError(f"{path}: no captions_*.json files")
-    root = images or files[0].parent
+    root = images or (path if layout else files[0].parent)
+    if images is None and root.name == "annotations" and _image_subdirs(root.parent, files):
+        root = root.parent  # --data coco/annotations: the image folders sit beside it
     entries: list[Entry] = []
-    problems = []
+    ids: dict[str, Any] = {}
+    problems: list[str] = []
     for file in files:
         content = data if data is not None and file == path else _read_json(file)
         match = re.search(r"train|val|test", file.stem)
@@ -346,12 +504,61 @@ def _coco(path: Path, images: Path | None, data: Any) -> tuple[Path, Path, list[
         if orphans:
             problems.append(f"{file}: {orphans} annotations name an image_id missing from 'images'; ignored")
         entries += [(names[i], caps, split, f"{file}: image id {i}") for i, caps in captions.items()]
-    return path, root, entries, problems
+        ids.update((names[i], i) for i in captions)
+    splits = "the annotation files' names (captions_train*, captions_val*, captions_test*)"
+    if not any(e[2] == "test" for e in entries) and any(e[2] == "val" for e in entries):
+        entries, splits = _coco_rule(entries, ids)
+    return path, root, entries, problems, splits
 
 
-def _csv_entries(file: Path) -> list[Entry]:
+def _coco_rule(entries: list[Entry], ids: dict[str, Any]) -> tuple[list[Entry], str]:
+    """COCO without a test split: the val images with captions, sorted by image id, the first
+    min(5000, n // 2) test, the next min(5000, rest) val, the others train (Karpathy's sizes, not his images)."""
+    val = sorted({e[0] for e in entries if e[2] == "val" and e[1]},
+                 key=lambda name: (0, ids[name], "") if isinstance(ids[name], int) else (1, 0, str(ids[name])))
+    test = min(COCO_HELD_OUT, len(val) // 2)
+    keep = min(COCO_HELD_OUT, len(val) - test)
+    split_of = {name: "test" if i < test else "val" if i < test + keep else "train" for i, name in enumerate(val)}
+    rule = (f"no Karpathy split file ({KARPATHY_FILES['coco']}); the {len(val)} val images sorted by image id: "
+            f"the first {test} test, the next {keep} val, the other {len(val) - test - keep} train")
+    return [(name, caps, split_of.get(name, split), where) for name, caps, split, where in entries], rule
+
+
+def _coco_layout(folder: Path) -> list[Path]:
+    """The caption files of COCO's own layout under `folder`: annotations/captions_{train,val}20xx.json
+    beside the image folders they name (train2017/, val2014/, ...); [] for any other folder."""
+    files = sorted((folder / "annotations").glob("captions_*.json"))
+    return files if files and _image_subdirs(folder, files) else []
+
+
+def _image_subdirs(folder: Path, files: list[Path]) -> bool:
+    """Whether `folder` holds an image folder named after one of the caption files (captions_val2014.json:
+    val2014/)."""
+    return any((folder / f.stem.removeprefix("captions_")).is_dir() for f in files)
+
+
+def _flickr30k_csv(folder: Path) -> Path | None:
+    """Kaggle's Flickr30k results.csv in `folder` or in its flickr30k_images/ subfolder."""
+    for file in (folder / "results.csv", folder / "flickr30k_images" / "results.csv"):
+        if _has_flickr30k_header(file):
+            return file
+    return None
+
+
+def _has_flickr30k_header(file: Path) -> bool:
+    if not file.is_file():
+        return False
+    with open(file, encoding="utf-8-sig", errors="replace") as f:
+        return f.readline().replace(" ", "").lower().startswith("image_name|")
+
+
+def _csv_entries(file: Path, problems: list[str] | None = None) -> list[Entry]:
+    """Rows of a csv with the columns image and caption (split optional). Every bad row is found in one
+    pass and reported together, so a hand-made file is fixed in one round, not one error per run."""
     reader = csv.reader(io.StringIO(_read_text(file), newline=""))
     entries: list[Entry] = []
+    bad: list[str] = []
+    seen = _Repeats(file)
     try:
         header = [h.strip().lower() for h in next(reader, [])]
         if "image" not in header or "caption" not in header:
@@ -364,18 +571,30 @@ def _csv_entries(file: Path) -> list[Entry]:
             if not row:
                 continue
             if len(row) != len(header):
-                raise DatasetError(
-                    f"{where}: expected {len(header)} fields, got {len(row)}; quote captions containing commas"
-                )
-            split = _split_name(row[column["split"]], where) if "split" in column else ""
-            entries.append((row[column["image"]].strip(), [row[column["caption"]]], split, where))
+                bad.append(f"{where}: expected {len(header)} fields, got {len(row)}; quote captions containing commas")
+                continue
+            try:
+                split = _split_name(row[column["split"]], where) if "split" in column else ""
+            except DatasetError as err:
+                bad.append(str(err))
+                continue
+            if not row[column["image"]].strip():
+                bad.append(f"{where}: no image name")
+            elif not seen.repeated(tuple(row), reader.line_num):
+                entries.append((row[column["image"]].strip(), [row[column["caption"]]], split, where))
     except csv.Error as e:
-        raise DatasetError(f"{file}:{reader.line_num}: {e}") from e
+        bad.append(f"{file}:{reader.line_num}: {e} (reading stopped here)")
+    _raise_bad_lines(file, bad)
+    seen.report(problems)
     return entries
 
 
-def _jsonl_entries(file: Path) -> list[Entry]:
+def _jsonl_entries(file: Path, problems: list[str] | None = None) -> list[Entry]:
+    """One JSON object per line: {"image": "a.jpg", "caption": "..."} or {"image": ..., "captions": [...]},
+    with "split" optional. Every bad line is found in one pass, as in _csv_entries."""
     entries: list[Entry] = []
+    bad: list[str] = []
+    seen = _Repeats(file)
     for lineno, line in enumerate(_read_text(file).splitlines(), 1):
         if not line.strip():
             continue
@@ -383,14 +602,52 @@ def _jsonl_entries(file: Path) -> list[Entry]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DatasetError(f"{where}: invalid JSON: {e.msg}") from e
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
-            raise DatasetError(f"{where}: expected an object with an 'image' string")
+            bad.append(f"{where}: invalid JSON: {e.msg}")
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or not row["image"].strip():
+            bad.append(f"{where}: expected an object with an 'image' string")
+            continue
         captions = [row["caption"]] if "caption" in row else row.get("captions")
-        if not isinstance(captions, list):
-            raise DatasetError(f"{where}: expected 'caption' (a string) or 'captions' (a list of strings)")
-        entries.append((row["image"].strip(), captions, _split_name(row.get("split") or "", where), where))
+        if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+            bad.append(f"{where}: expected 'caption' (a string) or 'captions' (a list of strings)")
+            continue
+        try:
+            split = _split_name(row.get("split") or "", where)
+        except DatasetError as err:
+            bad.append(str(err))
+            continue
+        if not seen.repeated(line.strip(), lineno):
+            entries.append((row["image"].strip(), captions, split, where))
+    _raise_bad_lines(file, bad)
+    seen.report(problems)
     return entries
+
+
+class _Repeats:
+    """Exact repeats of an earlier line: a pasted block twice over would count its captions twice as
+    references. Repeats are dropped and reported as problems with both line numbers."""
+
+    def __init__(self, file: Path) -> None:
+        self.file = file
+        self.first: dict[Any, int] = {}
+        self.found: list[str] = []
+
+    def repeated(self, key: Any, lineno: int) -> bool:
+        first = self.first.setdefault(key, lineno)
+        if first != lineno:
+            self.found.append(f"line {lineno} repeats line {first}")
+        return first != lineno
+
+    def report(self, problems: list[str] | None) -> None:
+        if self.found and problems is not None:
+            problems.append(f"{self.file}: {len(self.found)} exact duplicate lines dropped: "
+                            f"{_listed(self.found, ', ')}")
+
+
+def _raise_bad_lines(file: Path, bad: list[str]) -> None:
+    if bad:
+        raise DatasetError(f"{file}: {len(bad)} bad line{'s' if len(bad) > 1 else ''}, fix them and run again:\n  "
+                           + _listed(bad, "\n  "))
 
 
 def _token_file(folder: Path) -> Path | None:

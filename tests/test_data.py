@@ -281,6 +281,64 @@ def test_custom_unknown_split_names_line(tmp_path: Path) -> None:
         load_dataset(tmp_path)
 
 
+def test_custom_csv_reports_every_bad_line_in_one_pass(tmp_path: Path) -> None:
+    file = tmp_path / "captions.csv"
+    file.write_text("image,caption,split\na.png,one,train\nb.png,un,quoted,train\na.png,two,holdout\n"
+                    ",no image,train\nc.png,fine,test\n")
+    with pytest.raises(DatasetError) as err:
+        load_dataset(tmp_path)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{file}: 3 bad lines, fix them and run again:"
+    assert [line.strip().split(": ")[0] for line in lines[1:]] == [f"{file}:3", f"{file}:4", f"{file}:5"]
+    assert "expected 3 fields" in lines[1] and "unknown split 'holdout'" in lines[2] and "no image" in lines[3]
+
+
+def test_custom_jsonl_bad_lines_are_listed_up_to_a_limit(tmp_path: Path) -> None:
+    file = tmp_path / "captions.jsonl"
+    good = json.dumps({"image": "a.jpg", "caption": "ok"})
+    bad = ['{"image": "b.jpg", "caption": ', json.dumps({"caption": "no image"}),
+           json.dumps({"image": "c.jpg", "captions": ["x", 3]}), json.dumps({"image": "d.jpg", "split": "nope",
+                                                                              "caption": "y"})]
+    file.write_text("\n".join([good] + bad * 6 + [good]) + "\n")  # 24 bad lines, lines 2-25
+    with pytest.raises(DatasetError) as err:
+        load_dataset(tmp_path)
+    lines = str(err.value).splitlines()
+    assert lines[0].endswith("24 bad lines, fix them and run again:")
+    assert len(lines) == 1 + 20 + 1 and lines[-1].strip() == "and 4 more"
+    assert lines[1].strip().startswith(f"{file}:2: invalid JSON") and lines[4].strip().startswith(f"{file}:5: unknown")
+    assert "a list of strings" in lines[3] and "'image' string" in lines[2]
+
+
+def test_missing_images_are_listed_with_their_lines(tmp_path: Path) -> None:
+    write_images(tmp_path / "images", "a.jpg")
+    rows = ["a.jpg,one"] + [f"gone{i}.jpg,caption" for i in range(23)]
+    (tmp_path / "captions.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DatasetError) as err:
+        load_dataset(tmp_path)
+    message = str(err.value)
+    assert message.startswith(f"23 of 24 images listed in {tmp_path / 'captions.csv'} are missing: ")
+    assert f"{(tmp_path / 'images' / 'gone0.jpg').resolve()} (line 3)" in message
+    assert "gone19.jpg (line 22); and 3 more; fix the paths" in message and "gone20.jpg" not in message
+    data = load_dataset(tmp_path, skip_missing=True)
+    assert [r.name for r in data.records] == ["a.jpg"]
+    assert any(p.startswith("23 missing images skipped") and "gone1.jpg (line 4)" in p for p in data.problems)
+
+
+def test_exact_duplicate_lines_are_dropped_and_reported(tmp_path: Path) -> None:
+    write_images(tmp_path / "images", "a.png", "b.png")
+    (tmp_path / "captions.csv").write_text("image,caption\na.png,one\nb.png,two\na.png,one\na.png,One\n"
+                                           "a.png,one\n")
+    data = load_dataset(tmp_path)
+    assert [(r.name, r.captions) for r in data.records] == [("a.png", ("one", "One")), ("b.png", ("two",))]
+    assert data.problems == [f"{tmp_path / 'captions.csv'}: 2 exact duplicate lines dropped: "
+                             "line 4 repeats line 2, line 6 repeats line 2"]
+    line = json.dumps({"image": "a.png", "captions": ["x", "y"]})
+    (tmp_path / "captions.csv").unlink()
+    (tmp_path / "captions.jsonl").write_text(f"{line}\n{line}\n")
+    data = load_dataset(tmp_path)
+    assert data.records[0].captions == ("x", "y") and "line 2 repeats line 1" in data.problems[0]
+
+
 # ---- detection ----
 
 
