@@ -48,6 +48,11 @@ class Config:
     skip_missing: bool = option(False, "drop records whose image file is missing instead of failing")
     holdout_words: str = option("", "comma-separated words: train images whose captions mention any of them are "
                                     "left out, so the model never learns those words (novel-object evaluation)")
+    split_file: str = option("", "Karpathy's split file (dataset_coco.json, dataset_flickr30k.json) whose "
+                                 "train/val/test splits prepare uses; empty: such a file beside the annotations, "
+                                 "else their own splits or a fixed rule (the summary says which)")
+    max_images: int = option(0, "prepare: keep only the first N images, 80% of them train and 10% each val and "
+                                "test (the first of each split), for a quick first run; 0: all", range=(0, None))
 
     # vocabulary
     min_count: int = option(5, "words seen fewer times in the train split become <unk>", range=(1, None))

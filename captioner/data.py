@@ -351,18 +351,15 @@ def _flickr(path: Path, images: Path | None) -> tuple[Path, Path, list[Entry], l
     """Flickr8k's and Flickr30k's token files (NAME.jpg#N<TAB>caption), or the pipe-separated results.csv of
     Flickr30k's Kaggle copy; splits from Flickr8k's split files, else (Flickr30k) from Karpathy's file or
     FLICKR30K_HELD_OUT's rule, else none (prepare's hash rule)."""
-    folder = path.parent if path.is_file() else path
-    csv_file = path if path.is_file() and _has_flickr30k_header(path) else None
-    if csv_file is None and path.is_dir():
-        csv_file = None if _token_file(path) else _flickr30k_csv(path)
-    token = csv_file or (path if path.is_file() else _token_file(path))
+    token = path if path.is_file() else _token_file(path) or _flickr30k_csv(path)
     if token is None:
         raise DatasetError(f"{path}: no Flickr token file (Flickr8k.token.txt, *.token.txt or *.token) or "
                            "Flickr30k results.csv")
+    csv_file = _has_flickr30k_header(token)
+    folder = token.parent if csv_file or path.is_file() else path  # results.csv may sit in flickr30k_images/
     problems: list[str] = []
     entries = _flickr30k_csv_entries(token, problems) if csv_file else _token_entries(token)
-    flickr30k = csv_file is not None or token.name.startswith("results_")
-    folder = token.parent if csv_file else folder
+    flickr30k = csv_file or token.name.startswith("results_")
     split_of: dict[str, str] = {}
     for pattern, split in (("*trainImages.txt", "train"), ("*devImages.txt", "val"), ("*testImages.txt", "test")):
         for split_file in sorted(folder.glob(pattern)):

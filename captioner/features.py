@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,49 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def first_images(records: list[Record], n: int) -> list[Record]:
+    """The first n images (in the annotations' order) in a fixed proportion, for a quick first run: n // 10
+    (at least 1 from n = 3 on) each from val and test, the rest from train; a split with fewer images gives
+    all it has. 0 keeps everything."""
+    if not n:
+        return records
+    held = max(1, n // 10) if n >= 3 else 0
+    quota = {"train": n - 2 * held, "val": held, "test": held}
+    kept = []
+    for r in records:
+        if quota.get(r.split, 0) > 0:
+            quota[r.split] -= 1
+            kept.append(r)
+    return kept
+
+
+def feature_bytes(images: int, positions: int, channels: int) -> int:
+    """Size of the float16 feature cache: N x positions x channels x 2 bytes."""
+    return images * positions * channels * 2
+
+
+def check_disk(root: Path, needed: int, shape: tuple[int, ...], log: Callable[[str], None]) -> None:
+    """Say what the feature cache will take before extraction, and refuse when the disk lacks it (COCO at
+    7x7x1280 is about 15 GB): a full disk found an hour into extraction costs that hour. `needed` is what is
+    still to be allocated (a resumed cache is already partly there)."""
+    total = feature_bytes(*shape)
+    log(f"feature cache: {shape[0]} images x {shape[1]} positions x {shape[2]} channels x 2 bytes = "
+        f"{_size(total)} in {root}")
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise OSError(f"{root}: the feature cache needs {needed} bytes ({_size(needed)}) more, but only {free} bytes "
+                      f"({_size(free)}) are free there; free some space or pick another --prepared folder")
+
+
+def _size(n: float) -> str:
+    """Bytes in decimal units, as disks are sold and `df -H` shows them."""
+    for unit in ("bytes", "KB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
 def assign_splits(records: list[Record]) -> list[Record]:
     """Give records without a split a stable one from a hash of the name: 90% train, 5% val, 5% test."""
     out = []
@@ -139,6 +183,8 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
     shape = (len(records), h * w, encoder.channels)
     meta = {"spec": encoder.spec(), "shape": list(shape), "batch_size": batch_size}
     meta_path, feat_path, status_path = root / "features.json", root / "features.f16", root / "status.npy"
+    have = feat_path.stat().st_size if feat_path.exists() else 0
+    check_disk(root, max(0, feature_bytes(*shape) - have), shape, log)
     if meta_path.exists():
         old = json.loads(meta_path.read_text())
         if old["spec"] != meta["spec"]:
@@ -252,12 +298,18 @@ def held_out(records: list[Record], words: str, log: Callable[[str], None]) -> l
 
 def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
     """Read the dataset, build the vocabulary and cache the frozen encoder's features."""
-    dataset = load_dataset(cfg.data, format=cfg.format, images=cfg.images or None, skip_missing=cfg.skip_missing)
+    dataset = load_dataset(cfg.data, format=cfg.format, images=cfg.images or None, skip_missing=cfg.skip_missing,
+                           split_file=cfg.split_file or None)
     for problem in dataset.problems:
         log(f"note: {problem}")
     if dataset.missing:
         log(f"skipped {len(dataset.missing)} records whose image is missing (--skip-missing)")
+    if dataset.splits:
+        log(f"splits: {dataset.splits}")
     records = held_out(assign_splits(dataset.records), cfg.holdout_words, log)
+    if cfg.max_images:
+        records = first_images(records, cfg.max_images)
+        log(f"max_images {cfg.max_images}: kept the first {len(records)} images")
     root = Path(cfg.prepared)
     root.mkdir(parents=True, exist_ok=True)
     train_captions = [c for r in records if r.split == "train" for c in r.captions]

@@ -147,3 +147,31 @@ def test_held_out_words_leave_their_train_images_out_and_nothing_else(tmp_path):
     assert "red" not in held.vocab.stoi and "red" in everything.vocab.stoi
     assert [r.name for r in everything.records if r.split != "train"] == \
         [r.name for r in held.records if r.split != "train"]
+
+
+def test_prepare_states_the_feature_cache_size_and_refuses_a_disk_without_room(tiny_dataset, tmp_path, monkeypatch,
+                                                                                capsys):
+    """12 images x 49 positions x 1280 channels x 2 bytes = 1,505,280 bytes: said before extraction, and a disk
+    with less free space is refused in one line that names the folder, the bytes needed and the bytes free."""
+    import shutil
+
+    from captioner import cli
+
+    free = {"bytes": 1_000_000}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 0, free["bytes"]))
+    out = tmp_path / "p"
+    with pytest.raises(OSError, match=rf"^{out}: the feature cache needs 1505280 bytes \(1\.5 MB\) more, but only "
+                                      r"1000000 bytes \(1\.0 MB\) are free there"):
+        prepare(config(tiny_dataset, out), log=lambda s: None)
+    assert not (out / "features.f16").exists()
+    assert cli.main(["prepare", "--data", str(tiny_dataset), "--prepared", str(out), "--min-count", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"captioner prepare: error: {out}: the feature cache needs") and "\n" not in err
+
+    free["bytes"] = 1_505_280  # exactly enough
+    logs: list[str] = []
+    prep = prepare(config(tiny_dataset, out), log=logs.append)
+    assert (prep.status == DONE).all()
+    assert f"feature cache: 12 images x 49 positions x 1280 channels x 2 bytes = 1.5 MB in {out}" in logs
+    free["bytes"] = 0  # a finished cache needs nothing more: running prepare again still works
+    prepare(config(tiny_dataset, out), log=lambda s: None)
