@@ -37,3 +37,17 @@ test: setup-dev
 
 clean:
 	rm -rf $(VENV) prepared attention
+
+# A first training run in about two minutes on 2 CPU cores (configs/quickstart.yaml: 300 Flickr8k photos from
+# ../shared/data/flickr8k, a small decoder, 4 epochs): prepare, train, evaluate on the test split, and the
+# attention picture of a test photo. Run it again and it starts the run afresh on the same prepared photos.
+QUICKSTART_DATA ?= ../shared/data/flickr8k
+.PHONY: quickstart
+quickstart: setup-dev
+	rm -rf runs/quickstart
+	$(VENV)/bin/captioner prepare --config configs/quickstart.yaml --data $(QUICKSTART_DATA)
+	$(VENV)/bin/captioner train --config configs/quickstart.yaml
+	$(VENV)/bin/captioner evaluate --model runs/quickstart/best --prepared prepared/quickstart --split test
+	$(VENV)/bin/captioner caption $(QUICKSTART_DATA)/images/$$(head -1 $(QUICKSTART_DATA)/Flickr_8k.testImages.txt) \
+		--model runs/quickstart/best --attention attention/quickstart
+	@echo "attention picture: attention/quickstart/; scores and captions: runs/quickstart/best-eval_test/"
