@@ -9,6 +9,16 @@ and, on a resume, the set of files already done (16 bytes each):
   release the GIL), at most `PREFETCH_BATCHES` batches ahead.
 - resumable: a rerun skips the files the output already holds and cuts off a half-written last line (the
   process was killed mid-write), so each image ends up in the output exactly once.
+- a library changes: each line records its photo's size and modification time (`size`, `mtime_ns`), and a
+  photo whose size or mtime is no longer its line's is captioned again; its new line is appended, and
+  readers (search, write-metadata) take a file's last line as its caption (`last_lines`). `--prune`
+  (`prune_output`) rewrites the output without the lines of files that no longer exist and without the
+  lines a later one replaced. Lines written before these fields existed count as done by their path.
+  Writing descriptions into the photos themselves changes their size and mtime, so the next run captions
+  those photos once more; `write-metadata --sidecar` leaves the photos as they are.
+- locked: the process writing an output holds an OS lock (flock) on OUTPUT.lock (`output_lock`), released
+  by the kernel on any exit, kill -9 included; a second run on the same output refuses at once, naming the
+  holder's pid, or waits with `--wait`. Two runs appending the same photos would leave each one twice.
 - sharded: under torchrun each rank takes the files whose path hash falls to it (stable when files are
   added, so a resumed rank never takes over another's work), writes its own part `OUTPUT.rank0-of-2`,
   and rank 0 merges the parts into OUTPUT once every rank is done (a gloo barrier).
@@ -19,12 +29,15 @@ vector, `"vector"`: base64 of its float16 values, little-endian (1 KB for 384 va
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -35,6 +48,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import IO
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; outputs there go unlocked
+    fcntl = None  # type: ignore[assignment]
 
 import numpy as np
 import torch
@@ -131,6 +149,126 @@ def rank_of(digest: bytes, world: int) -> int:
     return int.from_bytes(digest[:8], "big") % world
 
 
+def state_hash(key: str, size: int, mtime_ns: int) -> bytes:
+    """16-byte hash of a path with its file's size and mtime: what the done set stores for a line that records
+    them, so a photo edited since its line is no longer "done" and is captioned again."""
+    return path_hash(f"{key}\0{size}\0{mtime_ns}")
+
+
+def line_digest(record: dict) -> bytes:
+    """The done set's entry for a line: its file's state where the line records it, else (a line written before
+    lines had `size` and `mtime_ns`) its path alone."""
+    size, mtime = record.get("size"), record.get("mtime_ns")
+    if isinstance(size, int) and isinstance(mtime, int):
+        return state_hash(record["file"], size, mtime)
+    return path_hash(record["file"])
+
+
+def file_state(stat: os.stat_result) -> dict:
+    """What a line records of its file to notice an edit: size and mtime, to the nanosecond."""
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+class OutputLocked(OSError):
+    """Another process holds the output's lock (the message names it)."""
+
+
+def locked_message(output: Path, holder: str) -> str:
+    return f"{output} is being written by {holder}; wait for it to finish, or add --wait to wait for it"
+
+
+@contextlib.contextmanager
+def output_lock(output: str | Path, wait: bool = False, command: str = "captioner") -> Iterator[Path]:
+    """Hold an exclusive OS lock on OUTPUT.lock while the output is written. flock is released by the kernel
+    when the process ends however it ends (kill -9 too), so a lock is never left stale; the file stays, with
+    the holder's pid, host and start time in it, for the next run's message. Without `wait`, a held lock
+    raises OutputLocked at once; with it, the run says whom it waits for and waits."""
+    output = Path(output)
+    lock = output.with_name(output.name + ".lock")
+    if fcntl is None:
+        yield lock
+        return
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            if not wait:
+                raise OutputLocked(locked_message(output, holder)) from None
+            tqdm.write(f"{output}: waiting for {holder} to finish", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({command}) on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield lock
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def lock_holder(output: str | Path) -> str | None:
+    """Who holds the output's lock now (what OUTPUT.lock says of them), or None when it is free: a check a
+    command makes before loading its model, so a second run refuses at once."""
+    output = Path(output)
+    lock = output.with_name(output.name + ".lock")
+    if fcntl is None or not lock.exists():
+        return None
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+    finally:
+        os.close(fd)
+    return None
+
+
+def last_lines(path: Path) -> Iterator[tuple[int, bytes, dict]]:
+    """read_lines, without the lines a later line of the same file replaced (a photo captioned again after
+    an edit, or an output two unlocked runs appended to): each file once, at its last line's place. A first
+    pass keeps 24 bytes a line (path hash, line number)."""
+    digests, numbers = bytearray(), []
+    for number, (_, _, record) in enumerate(read_lines(path)):
+        digests += path_hash(record["file"])
+        numbers.append(number)
+    if not numbers:
+        return
+    hashes = np.frombuffer(bytes(digests), dtype="S16")
+    # the last line of each hash: unique over the reversed array gives each hash's first index there
+    _, first_reversed = np.unique(hashes[::-1], return_index=True)
+    keep = np.zeros(len(hashes), dtype=bool)
+    keep[len(hashes) - 1 - first_reversed] = True
+    for number, item in enumerate(read_lines(path)):
+        if number < len(keep) and keep[number]:
+            yield item
+
+
+def prune_output(output: Path, library: Path) -> int:
+    """Rewrite the output (atomically) without the lines of files no longer in the library and without
+    lines a later one replaced; returns how many lines were dropped. The caller holds the output's lock."""
+    if not output.exists():
+        return 0
+    total = sum(1 for _ in read_lines(output))
+    kept = 0
+
+    def present(key: str) -> bool:
+        try:
+            return library_path(library, key).is_file()
+        except ValueError:  # a path out of the library: not one of its files
+            return False
+
+    def write(scratch: Path) -> None:
+        nonlocal kept
+        with open(scratch, "wb") as out:
+            for _, line, record in last_lines(output):
+                if present(record["file"]):
+                    out.write(line)
+                    kept += 1
+
+    replace_file(output, write)
+    return total - kept
+
+
 class DoneSet:
     """The files an output already holds, as a sorted array of their 16-byte path hashes: 16 bytes a file
     (16 MB for a million) where a set of path strings would take about ten times that. A false "done"
@@ -157,6 +295,7 @@ class Summary:
     failed: int = 0
     already_done: int = 0
     seconds: float = 0.0
+    pruned: int | None = None  # lines --prune dropped (None: no --prune)
     passed_over: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -167,8 +306,9 @@ class Summary:
             reasons = ", ".join(f"{self.passed_over[r]} {r}" for r in PASSED_OVER if self.passed_over.get(r))
             skipped = f", {sum(self.passed_over.values())} passed over ({reasons})"
         rate = self.captioned / max(self.seconds, 1e-9)
+        pruned = "" if self.pruned is None else f", {self.pruned} lines pruned (gone or replaced)"
         return (f"{self.captioned} images captioned, {self.failed} unreadable (listed with their error), "
-                f"{self.already_done} already done{skipped}; {rate:.1f} images/s")
+                f"{self.already_done} already done{skipped}{pruned}; {rate:.1f} images/s")
 
 
 def part_path(output: Path, rank: int, world: int) -> Path:
@@ -179,8 +319,8 @@ def existing_parts(output: Path) -> list[Path]:
     """Parts of this output left by any run, in name order."""
     if not output.parent.is_dir():
         return []
-    prefix = output.name + ".rank"
-    return sorted(p for p in output.parent.iterdir() if p.name.startswith(prefix) and "-of-" in p.name)
+    pattern = re.compile(re.escape(output.name) + r"\.rank\d+-of-\d+")  # not a part's .lock or .tmp
+    return sorted(p for p in output.parent.iterdir() if pattern.fullmatch(p.name))
 
 
 def read_lines(path: Path, start: int = 0) -> Iterator[tuple[int, bytes, dict]]:
@@ -231,7 +371,7 @@ def read_done(captioner: Captioner, decoding: dict, output: Path, target: Path, 
                 changed = ", ".join(f"{k} {saved.get(k)!r} -> {v!r}" for k, v in decoding.items() if saved.get(k) != v)
                 raise ValueError(f"{source}: has captions decoded with other options ({changed}); one output holds "
                                  "one decoding, so give another --output, the same options, or delete it to start over")
-            hashes += digest
+            hashes += line_digest(record)
         if source == target and source.exists() and source.stat().st_size > end:
             with open(source, "r+b") as f:
                 f.truncate(end)
@@ -252,7 +392,10 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
     target = output if world == 1 else part_path(output, rank, world)
     decoding = asdict(opts)
     done = read_done(captioner, decoding, output, target, rank, world)
-    summary = Summary(already_done=len(done))
+    summary = Summary()
+
+    def count_done() -> None:
+        summary.already_done += 1
 
     def count_passed_over(key: str, reason: str) -> None:
         if rank_of(path_hash(key), world) == rank:  # each rank counts its share: the ranks' counts add up
@@ -268,14 +411,15 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
             tqdm(unit="img", desc=f"rank {rank}" if world > 1 else "captions", disable=not progress,
                  mininterval=0.5 if tty else 30, dynamic_ncols=True) as bar:
         total: Future | None = counter.submit(count_until, todo(library, done, rank, world, None), stop)
-        batch: list[tuple[str, torch.Tensor]] = []
+        batch: list[tuple[str, torch.Tensor, os.stat_result]] = []
         try:
-            for key, image in prefetched(todo(library, done, rank, world, warn_skipped, count_passed_over),
+            for key, image in prefetched(todo(library, done, rank, world, warn_skipped, count_passed_over,
+                                              count_done),
                                          load, pool, PREFETCH_BATCHES * batch_size):
                 try:
-                    batch.append((key, image.result()))
+                    batch.append((key, *image.result()))
                 except ImageError as err:
-                    out.write(json_line({"file": key, "error": str(err)}))
+                    out.write(json_line({"file": key, "error": str(err), **error_state(library / key)}))
                     out.flush()
                     summary.failed += 1
                     bar.update(1)
@@ -293,13 +437,25 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
     return summary
 
 
-def todo(library: Path, done: DoneSet, rank: int, world: int,
-         warn: Callable[[str], None] | None, on_skip: Callable[[str, str], None] | None = None) -> Iterator[str]:
-    """This rank's files of the library (relative paths) not in `done`, in walk order."""
+def todo(library: Path, done: DoneSet, rank: int, world: int, warn: Callable[[str], None] | None,
+         on_skip: Callable[[str, str], None] | None = None, on_done: Callable[[], None] | None = None) -> Iterator[str]:
+    """This rank's files of the library (relative paths) not in `done` (by their path and their size and
+    mtime now: `line_digest`), in walk order; each file found done goes to `on_done`."""
     for key in walk_library(library, on_error=warn, on_skip=on_skip):
         digest = path_hash(key)
-        if rank_of(digest, world) == rank and digest not in done:
-            yield key
+        if rank_of(digest, world) != rank:
+            continue
+        if digest not in done:
+            try:
+                stat = os.stat(library / key)
+            except OSError:
+                yield key  # gone since the walk saw it: loading it says so, in its line
+                continue
+            if state_hash(key, stat.st_size, stat.st_mtime_ns) not in done:
+                yield key
+                continue
+        if on_done is not None:
+            on_done()
 
 
 def warn_skipped(message: str) -> None:
@@ -311,8 +467,22 @@ def count_until(keys: Iterator[str], stop: threading.Event) -> int:
     return sum(1 for _ in itertools.takewhile(lambda _: not stop.is_set(), keys))
 
 
-def load_preprocessed(captioner: Captioner, library: Path, key: str) -> torch.Tensor:
-    return captioner.encoder.preprocess(load_image(library / key, name=key))
+def load_preprocessed(captioner: Captioner, library: Path, key: str) -> tuple[torch.Tensor, os.stat_result]:
+    """An image ready for the model, and its file's stat taken before reading (an edit while it is read
+    then shows on the next run)."""
+    try:
+        stat = os.stat(library / key)
+    except OSError as err:
+        raise ImageError(f"{key}: {err.strerror or err}") from None
+    return captioner.encoder.preprocess(load_image(library / key, name=key)), stat
+
+
+def error_state(path: Path) -> dict:
+    """The size and mtime of a file that could not be read, for its error line (a fixed file is retried)."""
+    try:
+        return file_state(os.stat(path))
+    except OSError:
+        return {}
 
 
 def prefetched(keys: Iterator[str], load: Callable[[str], torch.Tensor], pool: ThreadPoolExecutor,
@@ -349,21 +519,23 @@ def json_line(record: dict) -> str:
     return text + "\n"
 
 
-def caption_record(key: str, captioner: Captioner, result: Captioned, decoding: dict) -> dict:
+def caption_record(key: str, captioner: Captioner, result: Captioned, decoding: dict,
+                   stat: os.stat_result | None = None) -> dict:
     """One captioned photo's JSONL line."""
     record = {"file": key, "captions": captioner.as_dicts(result.captions), **extras(result),
-              "model": captioner.name, "version": captioner.version, "decoding": decoding}
+              "model": captioner.name, "version": captioner.version, "decoding": decoding,
+              **(file_state(stat) if stat is not None else {})}
     if result.vector is not None:
         record["vector"] = encode_vector(result.vector)
     return record
 
 
-def write_batch(out: IO[str], captioner: Captioner, batch: list[tuple[str, torch.Tensor]], opts: DecodingOptions,
-                decoding: dict, bar: tqdm) -> int:
+def write_batch(out: IO[str], captioner: Captioner, batch: list[tuple[str, torch.Tensor, os.stat_result]],
+                opts: DecodingOptions, decoding: dict, bar: tqdm) -> int:
     """Caption a batch and append its JSON lines, flushed (what is on disk is whole lines); how many."""
-    results = captioner.generate(torch.stack([x for _, x in batch]), opts, vectors=True)
-    out.write("".join(json_line(caption_record(key, captioner, result, decoding))
-                      for (key, _), result in zip(batch, results)))
+    results = captioner.generate(torch.stack([x for _, x, _ in batch]), opts, vectors=True)
+    out.write("".join(json_line(caption_record(key, captioner, result, decoding, stat))
+                      for (key, _, stat), result in zip(batch, results)))
     out.flush()
     bar.update(len(batch))
     return len(batch)
@@ -400,20 +572,27 @@ def merge_parts(output: str | Path) -> int:
     replace_file(output, write)
     for part in parts:
         part.unlink()
+        part.with_name(part.name + ".lock").unlink(missing_ok=True)  # its rank is done with it
     return added
 
 
 def caption_library(captioner: Captioner, library: str | Path, output: str | Path, opts: DecodingOptions,
-                    batch_size: int = 16, workers: int = 2) -> Summary:
+                    batch_size: int = 16, workers: int = 2, prune: bool = False, wait: bool = False) -> Summary:
     """The whole job for this process: its share (all of it without torchrun), then, once every rank is
-    done, rank 0 merges the parts (also parts an earlier run left) into the output."""
+    done, rank 0 merges the parts (also parts an earlier run left) into the output and, with `prune`, drops
+    the lines of files gone from the library and lines replaced by a later one. Rank 0 holds the output's
+    lock throughout, every other rank its part's (`output_lock`)."""
     rank, world = shard()
-    if world > 1:
-        join_barrier(BARRIER_TIMEOUT)
-    summary = caption_share(captioner, library, output, opts, batch_size=batch_size, workers=workers,
-                            rank=rank, world=world, progress=rank == 0)
-    if world > 1:
-        wait_for_all()
-    if rank == 0:
-        merge_parts(output)
+    output = Path(output)
+    with output_lock(output if rank == 0 else part_path(output, rank, world), wait, "captioner caption"):
+        if world > 1:
+            join_barrier(BARRIER_TIMEOUT)
+        summary = caption_share(captioner, library, output, opts, batch_size=batch_size, workers=workers,
+                                rank=rank, world=world, progress=rank == 0)
+        if world > 1:
+            wait_for_all()
+        if rank == 0:
+            merge_parts(output)
+            if prune:
+                summary.pruned = prune_output(output, Path(library))
     return summary
