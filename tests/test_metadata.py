@@ -118,9 +118,14 @@ def test_a_photo_with_its_own_description_is_kept_unless_overwrite(tmp_path):
     with pyexiv2.Image(str(photo)) as im:
         im.modify_xmp({"Xmp.dc.description": {'lang="x-default"': "grandma's birthday"}, "Xmp.dc.subject": ["family"]})
     (tmp_path / "c.jsonl").write_text(line("own.jpg"))
-    before = photo.read_bytes()
+    before = pixels(photo), image_data(photo)
     assert write_library(tmp_path / "c.jsonl", tmp_path / "photos", progress=False).kept == 1
-    assert photo.read_bytes() == before  # not rewritten at all
+    assert description(photo) == "grandma's birthday"  # kept, but the concepts join its keywords
+    assert metadata.read_current(photo).keywords == ["family", "dog", "seashore"]
+    assert np.array_equal(pixels(photo), before[0]) and image_data(photo) == before[1]
+    written = photo.read_bytes()
+    assert write_library(tmp_path / "c.jsonl", tmp_path / "photos", progress=False).kept == 1
+    assert photo.read_bytes() == written  # a rerun finds the keywords there: not rewritten
 
     assert write_library(tmp_path / "c.jsonl", tmp_path / "photos", overwrite=True, progress=False).written == 1
     assert description(photo) == CAPTION
@@ -233,3 +238,140 @@ def test_killed_mid_run_every_photo_is_whole_and_a_rerun_writes_each_once(tmp_pa
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metadata of 15 photos written, 15 already had their caption" in result.stderr
     assert check_whole() == len(names) and not list(photos.rglob("*.tmp"))
+
+
+XMP_WITH_HISTORY = """<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>
+<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">
+<rdf:Description rdf:about="" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:darktable="http://darktable.sf.net/"
+ xmlns:dc="http://purl.org/dc/elements/1.1/" xmp:Rating="4" darktable:history_end="3">
+<dc:description><rdf:Alt><rdf:li xml:lang="x-default">{description}</rdf:li></rdf:Alt></dc:description>
+<dc:subject><rdf:Bag><rdf:li>family</rdf:li></rdf:Bag></dc:subject>
+</rdf:Description></rdf:RDF></x:xmpmeta>
+<?xpacket end="w"?>
+"""
+
+
+def sidecar_fields(path: Path) -> dict:
+    """A sidecar's description, keywords, rating and darktable history end, read by ExifTool where installed,
+    else Exiv2's command line, else the XML itself: each an independent reader of what was written."""
+    if shutil.which("exiftool"):
+        got = json.loads(subprocess.run(["exiftool", "-json", "-G1", "-XMP:all", str(path)], capture_output=True,
+                                        text=True, check=True).stdout)[0]
+        subject = got.get("XMP-dc:Subject", [])
+        return {"description": got.get("XMP-dc:Description"), "subject": [subject] if isinstance(subject, str)
+                else subject, "rating": got.get("XMP-xmp:Rating"), "history_end": got.get("XMP-darktable:History_end")}
+    if shutil.which("exiv2"):
+        out = subprocess.run(["exiv2", "-PXkv", str(path)], capture_output=True, text=True, check=True).stdout
+        values = dict(row.split(None, 1) for row in out.splitlines() if len(row.split(None, 1)) == 2)
+        return {"description": values.get("Xmp.dc.description", "").removeprefix('lang="x-default" ') or None,
+                "subject": values["Xmp.dc.subject"].split(", ") if "Xmp.dc.subject" in values else [],
+                "rating": int(values["Xmp.xmp.Rating"]) if "Xmp.xmp.Rating" in values else None,
+                "history_end": int(values["Xmp.darktable.history_end"]) if "Xmp.darktable.history_end" in values
+                else None}
+    import xml.etree.ElementTree as ET
+    ns = {"rdf": "http://www.w3.org/1999/02/22-rdf-syntax-ns#", "dc": "http://purl.org/dc/elements/1.1/"}
+    root = ET.fromstring(path.read_text().split("?>", 1)[1].rsplit("<?xpacket", 1)[0])
+    about = root.find(".//rdf:Description", ns)
+    attr = {k.rsplit("}", 1)[-1]: v for k, v in about.attrib.items()}
+    description = root.find(".//dc:description//rdf:li", ns)
+    return {"description": description.text if description is not None else None,
+            "subject": [li.text for li in root.findall(".//dc:subject//rdf:li", ns)],
+            "rating": int(attr["Rating"]) if "Rating" in attr else None,
+            "history_end": int(attr["history_end"]) if "history_end" in attr else None}
+
+
+@pytest.mark.parametrize("name", ["2019/beach.jpg", "IMG_0001.CR2", "kitten.heic"])
+def test_sidecar_is_written_beside_the_photo_which_is_not_touched(tmp_path, name):
+    """`--sidecar`: NAME.ext.xmp holds the caption and concepts; the photo (RAW and HEIC included, which
+    cannot be written otherwise) keeps every byte and its mtime; a rerun writes nothing."""
+    photos = tmp_path / "photos"
+    if name.endswith(".jpg"):
+        make_photos(photos, [name])
+    else:
+        (photos / name).parent.mkdir(parents=True, exist_ok=True)
+        (photos / name).write_bytes(b"II*\0" + bytes(range(256)) * 4)
+    photo = photos / name
+    before, mtime = photo.read_bytes(), photo.stat().st_mtime_ns
+    (tmp_path / "c.jsonl").write_text(line(name))
+    summary = write_library(tmp_path / "c.jsonl", photos, sidecar=True, progress=False)
+    assert (summary.written, summary.failed, summary.unsupported) == (1, 0, 0)
+    sidecar = photo.with_name(photo.name + ".xmp")
+    assert sidecar_fields(sidecar) == {"description": CAPTION, "subject": ["dog", "seashore"], "rating": None,
+                                       "history_end": None}
+    assert photo.read_bytes() == before and photo.stat().st_mtime_ns == mtime
+    assert sorted(p.name for p in photo.parent.iterdir()) == sorted([photo.name, sidecar.name])  # no .tmp left
+
+    written = sidecar.read_bytes()
+    again = write_library(tmp_path / "c.jsonl", photos, sidecar=True, progress=False)
+    assert (again.written, again.already_done) == (0, 1) and sidecar.read_bytes() == written
+
+
+def test_an_existing_sidecar_is_merged_and_its_description_kept_unless_overwrite(tmp_path, capsys):
+    """darktable's fields (rating, history) and the sidecar's own keywords survive; its own description stays
+    without --overwrite-metadata (the concepts still join the keywords) and is replaced with it."""
+    make_photos(tmp_path / "photos", ["beach.jpg"])
+    sidecar = tmp_path / "photos" / "beach.jpg.xmp"
+    sidecar.write_text(XMP_WITH_HISTORY.format(description="our first holiday"), encoding="utf-8")
+    (tmp_path / "c.jsonl").write_text(line("beach.jpg"))
+    argv = ["write-metadata", str(tmp_path / "c.jsonl"), "--photos", str(tmp_path / "photos"), "--sidecar"]
+    assert cli.main(argv) == 0
+    assert "1 kept a description of their own" in capsys.readouterr().err
+    assert sidecar_fields(sidecar) == {"description": "our first holiday", "subject": ["family", "dog", "seashore"],
+                                       "rating": 4, "history_end": 3}
+    assert cli.main([*argv, "--overwrite-metadata"]) == 0
+    assert "metadata of 1 XMP sidecars written" in capsys.readouterr().err
+    assert sidecar_fields(sidecar) == {"description": CAPTION, "subject": ["family", "dog", "seashore"],
+                                       "rating": 4, "history_end": 3}
+
+
+def test_a_new_sidecar_starts_from_the_photos_own_description_and_keywords(tmp_path):
+    """A photo manager reading the sidecar must not lose what the photo itself says: a photo with its own
+    description keeps it in the new sidecar, with its keywords first."""
+    make_photos(tmp_path / "photos", ["own.jpg"])
+    photo = tmp_path / "photos" / "own.jpg"
+    with pyexiv2.Image(str(photo)) as im:
+        im.modify_xmp({"Xmp.dc.description": {'lang="x-default"': "grandma's birthday"}, "Xmp.dc.subject": ["family"]})
+    (tmp_path / "c.jsonl").write_text(line("own.jpg"))
+    assert write_library(tmp_path / "c.jsonl", tmp_path / "photos", sidecar=True, progress=False).kept == 1
+    fields = sidecar_fields(photo.with_name("own.jpg.xmp"))
+    assert fields["description"] is None and fields["subject"] == ["family", "dog", "seashore"]
+
+
+def test_caption_write_metadata_sidecar_end_to_end(tmp_path):
+    """`caption LIB --output x.jsonl --write-metadata --sidecar` with the shipped model: a sidecar per photo,
+    the photos byte for byte as they were."""
+    make_photos(tmp_path / "photos", ["x.jpg", "sub/y.png"])
+    before = {p: p.read_bytes() for p in (tmp_path / "photos").rglob("*.*")}
+    out = tmp_path / "captions.jsonl"
+    assert cli.main(["caption", str(tmp_path / "photos"), "--output", str(out), "--device", "cpu",
+                     "--write-metadata", "--sidecar"]) == 0
+    for record in map(json.loads, out.read_text().splitlines()):
+        fields = sidecar_fields(tmp_path / "photos" / (record["file"] + ".xmp"))
+        assert fields["description"] == record["captions"][0]["generated_text"]
+        assert fields["subject"] == [c["word"] for c in record["concepts"]]
+    assert all(p.read_bytes() == data for p, data in before.items())
+    with pytest.raises(SystemExit, match="go with --write-metadata"):
+        cli.main(["caption", str(tmp_path / "photos"), "--output", str(out), "--sidecar"])
+
+
+def test_a_wrong_photos_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    make_photos(tmp_path / "photos", [f"p{i}.jpg" for i in range(30)])
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "c.jsonl").write_text("".join(line(f"p{i}.jpg") for i in range(30)))
+    assert cli.main(["write-metadata", str(tmp_path / "c.jsonl"), "--photos", str(tmp_path / "elsewhere")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "holds none of the first 20 photos c.jsonl lists (such as p0.jpg)" in err
+
+
+def test_error_lines_are_counted_and_a_files_last_line_is_its_caption(tmp_path, capsys):
+    """A photo captioned twice (edited since) is written once, with its last caption; the JSONL's error
+    lines are counted in the summary."""
+    make_photos(tmp_path / "photos", ["a.jpg", "b.jpg"])
+    (tmp_path / "c.jsonl").write_text(line("a.jpg", caption="an old caption") + line("b.jpg")
+                                      + json.dumps({"file": "bad.jpg", "error": "bad.jpg: cannot identify"}) + "\n"
+                                      + line("a.jpg", caption="a new caption"))
+    assert cli.main(["write-metadata", str(tmp_path / "c.jsonl"), "--photos", str(tmp_path / "photos")]) == 0
+    err = capsys.readouterr().err
+    assert "metadata of 2 photos written" in err and "1 lines the captioning could not read" in err
+    assert description(tmp_path / "photos" / "a.jpg") == "a new caption"
