@@ -17,9 +17,17 @@ that calibration a library captioned partly before its model had an embedder wou
 search alone, its photos with vectors pushed down by their lower raw cosines; with it, such a library
 ranks between the two (docs/RESULTS.md, "Search over a captioned library", measures all three).
 
+Words a photo was tagged with count as such: a one-word query ("cat", "coffee") that is one of a photo's
+concepts or a word of its caption (or its plural or singular) adds MATCH_BONUS to its score, which puts
+every such photo above every photo without it, ranked among themselves by the mix. Without it the image
+vector's large share (0.9, chosen for sentence queries) ranked a photo captioned "a white cat" and tagged cat
+16th of 300 for "cat". `--image-weight` (`weight`) sets that share per query. A file with several lines (a
+photo captioned again after an edit, bulk.py) is found once, by its last line.
+
 The vectors are cached beside the JSONL (NAME.jsonl.search.npy, float16, the caption texts';
 NAME.jsonl.search-images.npz, the image vectors of the rows that have one and those rows; and
-NAME.jsonl.search.json: the files in row order and how many bytes of the JSONL they cover). The JSONL only grows while a library is
+NAME.jsonl.search.json: the files, captions and concept words in row order and how many bytes of the JSONL
+they cover). The JSONL only grows while a library is
 captioned, so a later search embeds just the lines added since; a JSONL that no longer starts with the
 covered bytes (rewritten, merged from shards) is embedded again from the top.
 """
@@ -28,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +58,11 @@ ROUGH = 4e-3
 IMAGE_WEIGHT = 0.9
 IMAGE_SCALE = 1.173
 IMAGE_SHIFT = 0.066
+# added to the score of a photo a one-word query names exactly (a concept, or a word of its caption): more than
+# the width of the mix's whole range (IMAGE_SHIFT -+ IMAGE_SCALE at weight 1, -1 to 1 at 0), so such photos
+# come first, in their mixed order, whatever the weight
+MATCH_BONUS = 2.5
+WORD = re.compile(r"[^\W_]+(?:'[^\W_]+)?")  # a word of a caption or query: letters and digits, "dog's" whole
 
 
 @dataclass
@@ -68,6 +82,44 @@ class Index:
     files: list[str]  # row i's photo, as the JSONL names it
     vectors: np.ndarray  # (N, D) float16 unit rows: the caption texts'
     images: Images = field(default_factory=no_images)
+    captions: list[str] = field(default_factory=list)  # row i's best caption
+    concepts: list[list[str]] = field(default_factory=list)  # row i's concept words
+    _stale: np.ndarray | None = field(default=None, repr=False)
+    _words: dict[str, list[int]] | None = field(default=None, repr=False)
+
+    def stale(self) -> np.ndarray:
+        """Rows a later row of the same file replaced (a photo captioned again), as a boolean mask."""
+        if self._stale is None or len(self._stale) != len(self.files):
+            last = {file: row for row, file in enumerate(self.files)}
+            self._stale = np.ones(len(self.files), dtype=bool)
+            self._stale[list(last.values())] = False
+        return self._stale
+
+    def rows_named(self, word: str) -> np.ndarray:
+        """Rows whose concepts or caption words include `word` (any case, or its plural or singular); the
+        word index is built on the first call and kept (a server answers many queries)."""
+        if self._words is None:
+            self._words = {}
+            for row, (caption, concepts) in enumerate(zip(self.captions, self.concepts)):
+                for w in set(words(caption)) | {c.lower() for c in concepts}:
+                    self._words.setdefault(w, []).append(row)
+        found = sorted({row for form in forms(word) for row in self._words.get(form, [])})
+        return np.asarray(found, dtype=np.int64)
+
+
+def words(text: str) -> list[str]:
+    """A text's words, lowercased."""
+    return WORD.findall(text.lower())
+
+
+def forms(word: str) -> set[str]:
+    """A query word and its plain English plural or singular: "cat" also finds "cats", "dishes" "dish"."""
+    found = {word, word + "s", word + "es"}
+    if word.endswith("s") and len(word) > 3:
+        found.add(word[:-1])
+    if word.endswith("es") and len(word) > 4:
+        found.add(word[:-2])
+    return found
 
 
 def record_text(record: dict) -> str | None:
@@ -86,15 +138,19 @@ def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str]
     meta_path, table_path = jsonl.with_name(jsonl.name + ".search.json"), jsonl.with_name(jsonl.name + ".search.npy")
     images_path = jsonl.with_name(jsonl.name + ".search-images.npz")
     files: list[str] = []
+    captions: list[str] = []
+    concepts: list[list[str]] = []
     vectors = np.zeros((0, 0), dtype=np.float16)
     images = no_images()
     covered = 0
     if meta_path.exists() and table_path.exists():
         meta = json.loads(meta_path.read_text())
         if (meta["model"] == SENTENCE_MODEL and meta["bytes"] <= jsonl.stat().st_size
+                and "captions" in meta  # a cache from before captions were kept: made again
                 and prefix_sha256(jsonl, meta["bytes"]) == meta["sha256"]
                 and (cached := read_images(images_path, meta.get("images", 0))) is not None):
             files, vectors, images, covered = meta["files"], np.load(table_path), cached, meta["bytes"]
+            captions, concepts = meta["captions"], meta["concepts"]
     end, texts, new_files, new_images, new_rows = covered, [], [], [], []
     for end, _, record in read_lines(jsonl, start=covered):  # a half-written last line waits for the next search
         text = record_text(record)
@@ -104,6 +160,8 @@ def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str]
                 new_rows.append(len(files) + len(texts))
             texts.append(text)
             new_files.append(record["file"])
+            captions.append(record["captions"][0]["generated_text"])
+            concepts.append([c["word"] for c in record.get("concepts", [])])
     if texts:
         log(f"search: embedding {len(texts)} new captions of {jsonl}")
         fresh = np.concatenate([encoder(texts[s:s + BATCH]) for s in range(0, len(texts), BATCH)]).astype(np.float16)
@@ -125,9 +183,9 @@ def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str]
             np.savez(packed, vectors=images.vectors, rows=images.rows)
             replace_file(images_path, lambda tmp: tmp.write_bytes(packed.getvalue()))
         meta = {"model": SENTENCE_MODEL, "bytes": end, "sha256": prefix_sha256(jsonl, end), "files": files,
-                "images": len(images.rows)}
+                "images": len(images.rows), "captions": captions, "concepts": concepts}
         replace_file(meta_path, lambda tmp: tmp.write_text(json.dumps(meta) + "\n"))  # last: it names the tables
-    return Index(files, vectors, images)
+    return Index(files, vectors, images, captions, concepts)
 
 
 def read_images(path: Path, count: int) -> Images | None:
@@ -158,14 +216,16 @@ def mix(text: np.ndarray, image: np.ndarray, weight: float) -> np.ndarray:
 
 
 def nearest(vectors: np.ndarray, query: np.ndarray, top: int, images: Images | None = None,
-            weight: float = IMAGE_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
+            weight: float = IMAGE_WEIGHT, bonus_rows: np.ndarray | None = None,
+            exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Rows and scores of the `top` rows nearest the unit `query`, best first (ties: the earlier row): the
     cosine with the float16 unit `vectors`, mixed with the image vector's cosine (`mix`) for the rows
     `images` has. Brute force in two passes: float16 matrix-vector products over the tables as they are
     stored (no float32 copy of a million rows), then the rows within ROUGH of the top-th rough score (times
     the mix's largest factor) scored again in float32, so the order is exact (a million photos: 0.08 s on 2 cores
-    without image vectors, docs/BENCHMARKS.md)."""
-    top = min(top, len(vectors))
+    without image vectors, docs/BENCHMARKS.md). `bonus_rows` get MATCH_BONUS added; rows `exclude` (a
+    boolean mask) are never returned."""
+    top = min(top, len(vectors) - (int(exclude.sum()) if exclude is not None else 0))
     if top <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
     mixed = images is not None and len(images.rows) > 0
@@ -175,6 +235,10 @@ def nearest(vectors: np.ndarray, query: np.ndarray, top: int, images: Images | N
     if mixed:
         pictures = (torch.from_numpy(np.ascontiguousarray(images.vectors, dtype=np.float16)) @ query16).float().numpy()
         rough[images.rows] = mix(rough[images.rows], pictures, weight)
+    bonus_rows = np.zeros(0, dtype=np.int64) if bonus_rows is None else bonus_rows
+    rough[bonus_rows] += MATCH_BONUS
+    if exclude is not None:
+        rough[exclude] = -np.inf
     kth = np.partition(rough, len(rough) - top)[len(rough) - top]
     error = ROUGH * max(1.0, abs(float(kth))) * (max(1.0, 1 - weight + weight * IMAGE_SCALE) if mixed else 1.0)
     candidates = np.flatnonzero(rough >= kth - error)  # in row order
@@ -183,17 +247,31 @@ def nearest(vectors: np.ndarray, query: np.ndarray, top: int, images: Images | N
         at = np.minimum(np.searchsorted(images.rows, candidates), len(images.rows) - 1)
         has = images.rows[at] == candidates
         exact[has] = mix(exact[has], images.vectors[at[has]].astype(np.float32) @ query.astype(np.float32), weight)
+    exact[np.isin(candidates, bonus_rows)] += MATCH_BONUS
     best = np.argsort(-exact, kind="stable")[:top]
     return candidates[best], exact[best]
 
 
+def search_rows(index: Index, encoder: SentenceEncoder, query: str, top: int = 10,
+                weight: float = IMAGE_WEIGHT) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and scores of the `top` photos nearest the query, best first: the cosine with their text, mixed
+    with their image vector's where they have one (`weight`), MATCH_BONUS for a one-word query they are
+    tagged or captioned with, each file once (its last row). An empty query raises ValueError."""
+    if not query.strip():
+        raise ValueError("the query is empty: say what to look for, e.g. \"two dogs on a beach\" or \"cat\"")
+    if not 0 <= weight <= 1:
+        raise ValueError(f"the image weight is {weight}; it is a share of the score, from 0 to 1")
+    if not len(index.files):
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    said = words(query)
+    bonus = index.rows_named(said[0]) if len(said) == 1 else None
+    return nearest(index.vectors, encoder([query])[0], top, index.images, weight, bonus, index.stale())
+
+
 def search(index: Index, encoder: SentenceEncoder, query: str, top: int = 10,
            weight: float = IMAGE_WEIGHT) -> list[tuple[str, float]]:
-    """The `top` photos nearest the query, best first, with their score: the cosine with their text, mixed
-    with their image vector's where they have one (`weight`, the module docstring)."""
-    if not len(index.files):
-        return []
-    rows, scores = nearest(index.vectors, encoder([query])[0], top, index.images, weight)
+    """The `top` photos nearest the query, best first, with their score (`search_rows`)."""
+    rows, scores = search_rows(index, encoder, query, top, weight)
     return [(index.files[i], float(s)) for i, s in zip(rows, scores)]
 
 
@@ -208,7 +286,10 @@ class Library:
     encoder: SentenceEncoder
 
     def find(self, query: str, top: int = 10) -> list[dict]:
-        """The `top` photos nearest the query, best first: file, score, caption, concepts."""
+        """The `top` photos nearest the query, best first: file, score, caption, concepts. A blank query finds
+        nothing (the API refuses an empty one itself)."""
+        if not query.strip():
+            return []
         return [{"file": file, "score": round(score, 4), **self.records[file]}
                 for file, score in search(self.index, self.encoder, query, top)
                 if file in self.records]  # the index can hold a line the JSONL gained after it was read

@@ -307,3 +307,87 @@ def test_nearest_orders_unit_rows_closer_than_float16_can_tell_apart() -> None:
     found, scores = search.nearest(vectors, query, 50)
     assert found.tolist() == np.argsort(-full, kind="stable")[:50].tolist()
     assert len(set(scores.astype(np.float16).tolist())) < 50  # float16 alone could not have ordered them
+
+
+# ---------------------------------------------------------------- what it tagged, the mix, the command's output
+
+TAGGED = [("beach1.jpg", "a dog runs on the beach", ("dog",)), ("beach2.jpg", "two dogs on the beach", ("dog",)),
+          ("sofa.jpg", "a white cat sleeps on a sofa", ("cat",)), ("snow.jpg", "a man in the snow", ("snow",)),
+          ("street.jpg", "a man rides a bike on the street", ("bike",))]
+
+
+def tagged_index(tmp_path, query_like: str) -> search.Index:
+    """TAGGED, where every photo's image vector but the cat's looks like `query_like`: at weight 0.9 the
+    image vectors outweigh the captions, as the issue found on Flickr8k."""
+    like, unlike = bag_of_words([query_like, "red ball"])
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(line(f, c, k, vector=unlike if f == "sofa.jpg" else like) for f, c, k in TAGGED))
+    return build_index(jsonl, bag_of_words, log=lambda s: None)
+
+
+def test_a_one_word_query_puts_the_photos_tagged_or_captioned_with_it_first(tmp_path):
+    index = tagged_index(tmp_path, "cat")
+    plain = search.nearest(index.vectors, bag_of_words(["cat"])[0], 5, index.images)[0]
+    assert index.files[plain[0]] != "sofa.jpg"  # without the bonus the image vectors bury it
+    found = search.search(index, bag_of_words, "cat")
+    assert found[0][0] == "sofa.jpg" and found[0][1] > search.MATCH_BONUS - 1.2 > found[1][1]
+    assert [f for f, _ in search.search(index, bag_of_words, "Dog")][:2] == ["beach1.jpg", "beach2.jpg"]
+    assert [f for f, _ in search.search(index, bag_of_words, "dogs.")][:2] == ["beach1.jpg", "beach2.jpg"]
+    assert search.search(index, bag_of_words, "bikes")[0][0] == "street.jpg"  # a caption word, plural
+    # a sentence gets no bonus: every score is a cosine mix, below 1 + IMAGE_SHIFT
+    assert all(s < IMAGE_SCALE + IMAGE_SHIFT + 1e-3 for _, s in search.search(index, bag_of_words, "a cat on a sofa"))
+
+
+def test_the_image_weight_is_a_choice(tmp_path):
+    index = tagged_index(tmp_path, "a man on the beach")
+    sentence = "a cat on a sofa"
+    assert search.search(index, bag_of_words, sentence, weight=0.0)[0][0] == "sofa.jpg"
+    assert search.search(index, bag_of_words, sentence, weight=1.0)[0][0] != "sofa.jpg"
+    with pytest.raises(ValueError, match="from 0 to 1"):
+        search.search(index, bag_of_words, sentence, weight=1.5)
+
+
+def test_a_photo_captioned_twice_is_found_once_by_its_last_line(tmp_path):
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text(line("a.jpg", "a dog on the beach") + line("b.jpg", "a dog in the snow")
+                     + line("a.jpg", "a red ball on a sofa"))
+    index = build_index(jsonl, bag_of_words, log=lambda s: None)
+    found = search.search(index, bag_of_words, "a dog on the beach", top=10)
+    assert [f for f, _ in found] == ["b.jpg", "a.jpg"]  # a.jpg once, ranked by its new caption
+    assert found[1][1] == pytest.approx(float(bag_of_words(["a red ball on a sofa"])[0]
+                                              @ bag_of_words(["a dog on the beach"])[0]), abs=1e-3)
+    assert search.search(index, bag_of_words, "sofa")[0][0] == "a.jpg"
+
+
+def test_the_caption_words_survive_the_cache(tmp_path, counted):
+    """A search served from the cache still knows each photo's caption and concepts (the bonus, the output)."""
+    encode, calls = counted
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(line(*item) for item in TAGGED))
+    build_index(jsonl, encode, log=lambda s: None)
+    cached = build_index(jsonl, encode, log=lambda s: None)
+    assert calls["texts"] == len(TAGGED)  # nothing embedded again
+    assert cached.captions[2] == "a white cat sleeps on a sofa" and cached.concepts[2] == ["cat"]
+    assert search.search(cached, encode, "cat")[0][0] == "sofa.jpg"
+
+
+def test_search_command_prints_captions_takes_a_weight_and_refuses_an_empty_query(tmp_path, monkeypatch, capsys):
+    from captioner import sentences
+
+    def noisy_loader(model=None, device="cpu"):
+        print("Loading weights: 100%|##########|")  # what a model loader may print
+        return bag_of_words
+    monkeypatch.setattr(sentences, "load_sentence_encoder", noisy_loader)
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text("".join(line(f, c, k) for f, c, k in TAGGED))
+    assert cli.main(["search", str(jsonl), "cat", "--top", "2", "--image-weight", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert out.splitlines()[0].split("\t")[1:] == ["sofa.jpg", "a white cat sleeps on a sofa"]
+    assert len(out.splitlines()) == 2 and "Loading weights" not in out and "Loading weights" in err
+    assert cli.main(["search", str(jsonl), "snow", "--json"]) == 0
+    best = json.loads(capsys.readouterr().out)[0]
+    assert best["file"] == "snow.jpg" and best["caption"] == "a man in the snow" and best["score"] > 1
+    for query, weight in [("  ", "0.9"), ("cat", "2")]:
+        assert cli.main(["search", str(jsonl), query, "--image-weight", weight]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and ("query is empty" in err or "from 0 to 1" in err)
