@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import apply_thread_policy, usable_cpus  # noqa: F401  the thread policy: torch-free, so in __init__
+from . import apply_thread_policy, usable_cores  # noqa: F401  the thread policy: torch-free, so in __init__
 from .atomic import replace_file
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop")

@@ -23,9 +23,8 @@ def coco_file(path: Path, images: dict[int, str], captions: int = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     anns = [{"id": 1000 * k + i, "image_id": i, "caption": f"caption {k} of image {i} ."}
             for i in images for k in range(captions)]
-    path.write_text(json.dumps({"info": {"year": 2017}, "licenses": [],
-                                "images": [{"id": i, "file_name": f, "height": 8, "width": 8} for i, f in images.items()],
-                                "annotations": anns}))
+    listed = [{"id": i, "file_name": f, "height": 8, "width": 8} for i, f in images.items()]
+    path.write_text(json.dumps({"info": {"year": 2017}, "licenses": [], "images": listed, "annotations": anns}))
 
 
 def coco_2017(root: Path, train_ids: list[int], val_ids: list[int]) -> Path:

@@ -1,5 +1,5 @@
 """The thread policy the CLI applies before torch loads: passive OpenMP waiting and a thread count from the
-cores this process may use, each unless the user set it (no timings here: those are in docs/BENCHMARKS.md)."""
+cores this process may use, each unless the user set it (no timings in tests)."""
 from __future__ import annotations
 
 import logging
@@ -11,30 +11,45 @@ from pathlib import Path
 import pytest
 
 import captioner
-from captioner import apply_thread_policy, usable_cpus
+from captioner import apply_thread_policy, usable_cores
 
 from conftest import ROOT
 
 
 @pytest.fixture
 def eight_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Eight CPUs allowed, and no sysfs topology (each CPU counts as a core)."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(captioner, "CPU_TOPOLOGY", Path("/nonexistent"))
 
 
 @pytest.mark.parametrize("cpu_max, expected", [("max 100000\n", 8), ("200000 100000\n", 2), ("150000 100000\n", 2),
                                                ("50000 100000\n", 1), ("1600000 100000\n", 8), ("odd\n", 8),
                                                (None, 8)])
-def test_usable_cpus_is_the_affinity_cut_to_the_cgroup_quota(tmp_path: Path, eight_cores: None,
-                                                             cpu_max: str | None, expected: int) -> None:
+def test_usable_cores_is_the_affinity_cut_to_the_cgroup_quota(tmp_path: Path, eight_cores: None,
+                                                              cpu_max: str | None, expected: int) -> None:
     file = tmp_path / "cpu.max"
     if cpu_max is not None:
         file.write_text(cpu_max)
-    assert usable_cpus(file) == expected
+    assert usable_cores(file) == expected
 
 
-def test_usable_cpus_follows_the_affinity_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_usable_cores_follows_the_affinity_mask(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3})
-    assert usable_cpus(tmp_path / "none") == 1
+    assert usable_cores(tmp_path / "none", tmp_path / "none") == 1
+
+
+def test_hyper_threads_of_one_core_count_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPUs 0-3 as two cores with two hyper-threads each (0 and 2 share core 0), as sysfs describes them."""
+    for cpu, core in enumerate([0, 1, 0, 1]):
+        folder = tmp_path / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "physical_package_id").write_text("0\n")
+        (folder / "core_id").write_text(f"{core}\n")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert usable_cores(tmp_path / "none", tmp_path) == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})  # taskset to one core's two threads
+    assert usable_cores(tmp_path / "none", tmp_path) == 1
 
 
 def test_policy_sets_passive_waiting_and_the_usable_cores(tmp_path: Path, eight_cores: None,
@@ -90,4 +105,4 @@ def test_the_cli_applies_the_policy_before_torch_starts_its_threads(tmp_path: Pa
 def test_runtime_offers_the_same_policy() -> None:
     from captioner import runtime
 
-    assert runtime.apply_thread_policy is captioner.apply_thread_policy and runtime.usable_cpus is usable_cpus
+    assert runtime.apply_thread_policy is captioner.apply_thread_policy and runtime.usable_cores is usable_cores
