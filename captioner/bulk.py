@@ -14,8 +14,8 @@ and, on a resume, the set of files already done (16 bytes each):
   readers (search, write-metadata) take a file's last line as its caption (`last_lines`). `--prune`
   (`prune_output`) rewrites the output without the lines of files that no longer exist and without the
   lines a later one replaced. Lines written before these fields existed count as done by their path.
-  Writing descriptions into the photos themselves changes their size and mtime, so the next run captions
-  those photos once more; `write-metadata --sidecar` leaves the photos as they are.
+  `write-metadata`, which changes the photos it writes into, brings their lines to their new size and mtime
+  (metadata.refresh_states), so they are not taken for edited.
 - locked: the process writing an output holds an OS lock (flock) on OUTPUT.lock (`output_lock`), released
   by the kernel on any exit, kill -9 included; a second run on the same output refuses at once, naming the
   holder's pid, or waits with `--wait`. Two runs appending the same photos would leave each one twice.

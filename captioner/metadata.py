@@ -18,6 +18,10 @@ system package). Exiv2 rewrites the metadata segments only: the compressed image
   lines the captioning could not read are counted; a `--photos` folder that holds none of the first photos
   the JSONL lists is refused up front (one line), not reported photo by photo.
 - locked: the run holds NAME.jsonl.lock (bulk.output_lock), so two runs never write the same photos at once.
+- no second captioning: writing into a photo changes its size and mtime, which bulk.py takes for an edit;
+  so the lines of the photos written are brought to their new size and mtime (the JSONL rewritten
+  atomically, under its lock, `refresh_states`), and the next `caption` run finds them done. (A search
+  index of the JSONL then embeds its captions again, once.)
 
 Sidecars (`--sidecar`): the caption and keywords go into an XMP file beside the photo, which is not touched;
 the only way for camera RAW (left as the camera wrote them) and HEIC/AVIF (Exiv2 cannot write them). The
@@ -47,7 +51,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from .atomic import replace_file
-from .bulk import captioned_library, last_lines, library_path, output_lock, read_lines
+from .bulk import captioned_library, file_state, json_line, last_lines, library_path, output_lock, read_lines
 from .data import RAW_SUFFIXES
 
 WRITABLE = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}  # Exiv2 reads BMP and GIF, but cannot write them
@@ -262,6 +266,7 @@ def write_lines(jsonl: Path, photos: Path, overwrite: bool, keep_mtime: bool, pr
                 sidecar: bool) -> MetadataSummary:
     """write_library's loop over the lines, under the JSONL's lock."""
     summary = MetadataSummary()
+    moved: dict[str, tuple[dict, dict]] = {}  # photos written in place: their size and mtime before and after
 
     def report(message: str) -> None:
         tqdm.write(f"skipped {message}", file=sys.stderr)  # above the progress bar, not through it
@@ -291,10 +296,34 @@ def write_lines(jsonl: Path, photos: Path, overwrite: bool, keep_mtime: bool, pr
                            "(Exiv2 cannot write them); --sidecar writes an XMP sidecar beside them")
                     summary.unsupported += 1
                     continue
+                before = file_state(path.stat())
                 outcome = write_photo(path, captions[0]["generated_text"], keywords, overwrite, keep_mtime)
+                after = file_state(path.stat())
+                if after != before:
+                    moved[key] = (before, after)
             except (OSError, RuntimeError, ValueError) as err:  # pyexiv2 raises RuntimeError for Exiv2's errors
                 report(f"{key}: cannot write its metadata: {err}")
                 summary.failed += 1
                 continue
             setattr(summary, outcome, getattr(summary, outcome) + 1)
+    refresh_states(jsonl, moved)
     return summary
+
+
+def refresh_states(jsonl: Path, moved: dict[str, tuple[dict, dict]]) -> None:
+    """Give the lines of the photos this run wrote into their new size and mtime, so bulk.py does not
+    caption them again. Only a line that recorded the state the photo had just before the write changes: a
+    photo edited since its line stays edited. The JSONL is rewritten atomically (the caller holds its lock)."""
+    if not moved:
+        return
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as out:
+            for _, line, record in read_lines(jsonl):
+                before, after = moved.get(record["file"], (None, None))
+                if before is not None and {k: record.get(k) for k in before} == before:
+                    out.write(json_line({**record, **after}).encode("utf-8"))
+                else:
+                    out.write(line)
+
+    replace_file(jsonl, write)

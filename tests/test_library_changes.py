@@ -184,3 +184,19 @@ def test_output_lock_refuses_a_second_holder_in_the_same_process(tmp_path):
     assert bulk.lock_holder(out) is None
     with bulk.output_lock(out):  # free again once released
         pass
+
+
+def test_writing_captions_into_the_photos_does_not_make_them_captioned_again(library, capsys):
+    """write-metadata changes each photo's size and mtime; it brings their lines up to date, so the next
+    `caption` run finds every photo done, while a photo edited afterwards is still caught."""
+    pytest.importorskip("pyexiv2")
+    root, out = library
+    before = {r["file"]: (r["size"], r["mtime_ns"]) for r in lines(out)}
+    assert cli.main(["write-metadata", str(out), "--photos", str(root)]) == 0
+    for record in lines(out):
+        stat = (root / record["file"]).stat()
+        assert (record["size"], record["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns) != before[record["file"]]
+    save_photo(root / "top.jpg", 5, size=(10, 10))
+    capsys.readouterr()
+    assert caption(root, out) == 0
+    assert "1 images captioned" in capsys.readouterr().err  # top.jpg only
