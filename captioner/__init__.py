@@ -31,8 +31,8 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'captioner' has no attribute {name!r}")
 
 
-# The thread policy lives here, not in runtime.py (which re-exports it), because it must run before torch is
-# imported: OpenMP reads OMP_WAIT_POLICY once, when torch loads it, and runtime.py imports torch.
+# The thread policy lives here, not in runtime.py, because it must run before torch is imported: OpenMP reads
+# OMP_WAIT_POLICY once, when torch loads it, and runtime.py imports torch.
 
 def usable_cores(cpu_max: Path | None = None, topology: Path | None = None) -> int:
     """The cores this process may use: the physical cores of its CPU affinity (taskset, a job scheduler; two

@@ -23,13 +23,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from . import apply_thread_policy, usable_cores  # noqa: F401  the thread policy: torch-free, so in __init__
 from .atomic import replace_file
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop")
 
 
 # ---------------------------------------------------------------- devices and processes
+# The thread policy (passive OpenMP waiting, one thread per usable core) is captioner.apply_thread_policy in
+# __init__.py, not here: it must run before torch is imported, and this module imports torch.
+
 
 def resolve_device(name: str) -> torch.device:
     """'auto' picks CUDA when present, so the same command runs on a laptop and a GPU box."""

@@ -180,3 +180,23 @@ def test_flickr30k_kaggle_results_csv_is_detected_and_its_broken_row_reported(tm
         assert data.records[0].captions == ("A dog , running | jumping .",) * 2  # a '|' in a caption is kept
         assert any("1 lines without" in p and "lines 6" in p for p in data.problems)
         assert sorted(split_of(data).values()).count("test") == 1  # min(1000, 10 // 10)
+
+
+def test_prepare_reads_the_coco_layout_with_a_split_file_given_on_the_command_line(tmp_path: Path, capsys) -> None:
+    from captioner import cli
+    from captioner.features import open_prepared
+
+    root = coco_2017(tmp_path / "coco", [9, 25, 30, 42], [73, 74])
+    split_file = karpathy_coco(tmp_path / "dataset_coco.json", {("train", 9): "train", ("train", 25): "restval",
+                                                                ("train", 30): "train", ("val", 42): "test",
+                                                                ("val", 73): "val", ("val", 74): "test"})
+    assert cli.main(["prepare", "--data", str(root), "--prepared", str(tmp_path / "p"), "--min-count", "1",
+                     "--split-file", str(split_file)]) == 0
+    out = capsys.readouterr().out
+    assert f"splits: Karpathy's split file {split_file}" in out
+    assert "feature cache: 6 images x 49 positions x 1280 channels x 2 bytes = 752.6 KB" in out
+    prep = open_prepared(tmp_path / "p")
+    assert {r.name: r.split for r in prep.records} == {
+        "train2017/000000000009.jpg": "train", "train2017/000000000025.jpg": "train",
+        "train2017/000000000030.jpg": "train", "train2017/000000000042.jpg": "test",
+        "val2017/000000000073.jpg": "val", "val2017/000000000074.jpg": "test"}

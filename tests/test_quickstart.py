@@ -56,3 +56,13 @@ def test_quickstart_config_is_a_small_run_on_a_few_hundred_flickr8k_photos() -> 
     assert (ROOT / cfg.data).resolve() == (ROOT.parent / "shared" / "data" / "flickr8k").resolve()
     assert cfg.hidden_dim < Config().hidden_dim and cfg.prepared != Config().prepared
     assert "quickstart:" in (ROOT / "Makefile").read_text()
+
+
+def test_prepare_max_images_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from captioner import cli
+
+    data = write_flickr_dataset(tmp_path / "data", n=30, size=32)
+    assert cli.main(["prepare", "--data", str(data), "--prepared", str(tmp_path / "p"), "--min-count", "1",
+                     "--max-images", "10"]) == 0
+    assert "(train 8, val 1, test 1)" in capsys.readouterr().out
+    assert open_prepared(tmp_path / "p").features.shape[0] == 10

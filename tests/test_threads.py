@@ -101,8 +101,3 @@ def test_the_cli_applies_the_policy_before_torch_starts_its_threads(tmp_path: Pa
     assert run_cli(tmp_path) == ["1", "PASSIVE", "1"]
     assert run_cli(tmp_path, OMP_NUM_THREADS="2", OMP_WAIT_POLICY="ACTIVE") == ["2", "ACTIVE", "2"]
 
-
-def test_runtime_offers_the_same_policy() -> None:
-    from captioner import runtime
-
-    assert runtime.apply_thread_policy is captioner.apply_thread_policy and runtime.usable_cores is usable_cores
