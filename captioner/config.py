@@ -57,8 +57,9 @@ class Config:
     # vocabulary
     min_count: int = option(5, "words seen fewer times in the train split become <unk>", range=(1, None))
     extra_vocabulary: str = option("", "comma-separated caption files (any format prepare reads) whose words, seen "
-                                       "min_count times, join the vocabulary with every concept word: what a "
+                                       "extra_min_count times, join the vocabulary with every concept word: what a "
                                        "retrieval decoder may copy")
+    extra_min_count: int = option(20, "how often a word of extra_vocabulary must occur to join", range=(1, None))
     max_caption_length: int = option(50, "tokens kept per caption (without <start>/<end>)", range=(1, None))
 
     # encoder
@@ -105,6 +106,8 @@ class Config:
     memory_length: int = option(16, "retrieval: words kept of each retrieved caption", range=(1, 50))
     memory_dropout: float = option(0.1, "retrieval: share of training photos whose retrieved captions are hidden, "
                                         "so the decoder also captions without them", range=(0.0, 1.0))
+    memory_dim: int = option(256, "retrieval: width of the encoded retrieved captions and of the attentions over "
+                                  "them", range=(2, None))
     datastore: str = option("", "retrieval: the caption datastore (`captioner datastore build`) training retrieves "
                                 "from, leaving each photo's own captions out; the model folder carries a copy")
     embedder_from: str = option("", "retrieval: the model folder whose image embedder (retrieval.safetensors) "

@@ -317,7 +317,7 @@ def prepare(cfg: Config, log: Callable[[str], None] = print) -> Prepared:
         raise ValueError(f"{cfg.data}: no training captions, so no vocabulary can be built")
     vocab = Vocab.build(train_captions, min_count=cfg.min_count, max_length=cfg.max_caption_length)
     if cfg.extra_vocabulary:
-        vocab = extended_vocabulary(vocab, cfg.extra_vocabulary.split(","), cfg.min_count, log)
+        vocab = extended_vocabulary(vocab, cfg.extra_vocabulary.split(","), cfg.extra_min_count, log)
     records_path = root / "records.json"
     if records_path.exists() and json.loads(records_path.read_text()) != _records_to_json(records):
         raise ValueError(f"{root} was prepared from other data; use another --prepared folder or delete it")

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from ..datastore import Datastore, Neighbours
 
 TINY = 1e-9  # floor of a mixture probability before its log (a word neither path gives)
+MIXTURE_STATE = ("copy_keys", "memory_mask", "memory", "memory_ids")  # what the output mixture reads of the state
 
 
 @dataclass
@@ -47,6 +48,7 @@ class RetrievalArgs(LSTMArgs):
     memory_length: int = 16  # words kept of each
     memory_dropout: float = 0.1  # training: share of photos whose neighbours are hidden, so decoding without
     # retrieval still works
+    memory_dim: int = 256  # width of the encoded memory and of its two attentions
 
 
 @register_decoder("retrieval")
@@ -60,8 +62,8 @@ class RetrievalLSTM(AttentionLSTM):
     def __init__(self, args: RetrievalArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None,
                  **extra) -> None:
         super().__init__(args, vocab_size, feature_dim, words, **extra)
-        hidden, attention = args.hidden_dim, args.attention_dim
-        memory_dim = args.embed_dim
+        hidden, memory_dim = args.hidden_dim, args.memory_dim
+        attention = memory_dim
         self.memory_rnn = nn.GRU(args.embed_dim, memory_dim // 2, batch_first=True, bidirectional=True)
         self.memory_rank = nn.Embedding(args.neighbours + 1, memory_dim)  # rank 0: the learned slot
         self.memory_slot = nn.Parameter(torch.zeros(memory_dim))
@@ -162,15 +164,19 @@ class RetrievalLSTM(AttentionLSTM):
         alphas = features.new_zeros(len(lengths), steps, features.shape[1])
         running = (lengths - 1).unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
         gates = self.word_gates(captions[:, :steps])
-        out = []
-        for t, n in enumerate(running.sum(dim=1).tolist()):
+        n_running = running.sum(dim=1).tolist()
+        hiddens = []
+        for t, n in enumerate(n_running):
             sub = {k: v[:n] for k, v in state.items()}
             sub["h"], sub["c"] = h[:n], c[:n]
             h, c, alpha = self._advance(gates[:n, t], sub)
             alphas[:n, t] = alpha
-            out.append(self._mixture(h, sub))
-        targets = torch.cat([captions[:len(o), t + 1] for t, o in enumerate(out)])
-        return DecoderOutput(torch.cat(out), targets, attention_penalty(alphas.float(), self.args.alpha_c))
+            hiddens.append(h)
+        # the mixture depends on each step's h only: one pass over every step's rows, as the LSTM's output layer
+        rows = torch.cat([torch.arange(n, device=lengths.device) for n in n_running])
+        logprobs = self._mixture(torch.cat(hiddens), {k: state[k][rows] for k in MIXTURE_STATE})
+        targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
+        return DecoderOutput(logprobs, targets, attention_penalty(alphas.float(), self.args.alpha_c))
 
     def reading(self, memory: Tensor) -> "WithMemory":
         """This decoder for beam search over photos whose retrieved captions are `memory` (B, M)."""
