@@ -18,9 +18,9 @@ RESUME = {"prepare": "run the same command again to resume",
           "caption": "with a .jsonl --output, run the same command again to resume",
           "write-metadata": "run the same command again to resume; the photos already written are skipped"}
 EVALUATE_KEYS = tuple(k for k in MODEL_KEYS if k != "beam_size")  # beam sizes: --beam-sizes
-PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "holdout_words", "min_count",
-                 "max_caption_length", "encoder", "image_size", "feature_layer", "prepare_batch_size", "encoder_from",
-                 "device"]
+PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "holdout_words", "split_file", "max_images",
+                 "min_count", "extra_vocabulary", "extra_min_count", "max_caption_length", "encoder", "image_size", "feature_layer", "prepare_batch_size",
+                 "encoder_from", "device"]
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -133,8 +133,10 @@ def export_onnx_folder(args: argparse.Namespace) -> int:
 
 
 def cmd_caption(args: argparse.Namespace) -> int:
-    if (args.overwrite_metadata or args.keep_mtime) and not args.write_metadata:
-        raise SystemExit("captioner caption: --overwrite-metadata and --keep-mtime go with --write-metadata")
+    if (args.overwrite_metadata or args.keep_mtime or args.sidecar) and not args.write_metadata:
+        raise SystemExit("captioner caption: --overwrite-metadata, --keep-mtime and --sidecar go with --write-metadata")
+    if (args.prune or args.wait) and not (args.output and Path(args.output).suffix == ".jsonl"):
+        raise SystemExit("captioner caption: --prune and --wait go with a .jsonl --output")
     if args.output and Path(args.output).suffix == ".jsonl":
         return caption_library(args)
     if args.write_metadata:
@@ -197,11 +199,13 @@ def caption_library(args: argparse.Namespace) -> int:
         from .metadata import exiv2
 
         exiv2()  # a missing package fails now, not after hours of captioning
+    if not args.wait and shard()[0] == 0 and (holder := bulk.lock_holder(args.output)):  # before the model loads
+        raise bulk.OutputLocked(bulk.locked_message(Path(args.output), holder))
     captioner = Captioner.from_pretrained(args.model, device=rank_device(args.device), backend=args.backend,
                                           datastore=args.datastore)
     opts = captioner.options(**given(args))
     summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
-                             workers=args.workers)
+                                   workers=args.workers, prune=args.prune, wait=args.wait)
     rank, world = shard()
     who = f"rank {rank} of {world}: " if world > 1 else ""
     print(f"captioner caption: {who}{summary.line()}", file=sys.stderr)
@@ -219,10 +223,15 @@ def write_metadata(captions: str, photos: str, args: argparse.Namespace, command
     """Captions of a bulk JSONL into its photos' metadata (metadata.py); 1 when a photo could not be written."""
     from .metadata import write_library
 
-    s = write_library(captions, photos, overwrite=args.overwrite_metadata, keep_mtime=args.keep_mtime)
-    print(f"captioner {command}: metadata of {s.written} photos written, {s.already_done} already had their caption, "
-          f"{s.kept} kept a description of their own (--overwrite-metadata replaces it), {s.unsupported} in formats "
-          f"that cannot hold one, {s.failed} failed (listed above)", file=sys.stderr)
+    s = write_library(captions, photos, overwrite=args.overwrite_metadata, keep_mtime=args.keep_mtime,
+                      sidecar=args.sidecar, wait=args.wait)
+    where = "XMP sidecars" if args.sidecar else "photos"
+    print(f"captioner {command}: metadata of {s.written} {where} written, {s.already_done} already had their caption, "
+          f"{s.kept} kept a description of their own (--overwrite-metadata replaces it; its concepts were added as "
+          f"keywords), {s.unsupported} in formats that cannot hold one, {s.failed} failed (listed above), "
+          f"{s.unread} lines the captioning could not read"
+          f"{'; --sidecar writes XMP sidecars beside them' if s.unsupported and not args.sidecar else ''}",
+          file=sys.stderr)
     return 1 if s.failed else 0
 
 
@@ -230,6 +239,13 @@ def add_metadata_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite-metadata", action="store_true",
                    help="replace a description a photo already has (default: such photos are left as they are)")
     p.add_argument("--keep-mtime", action="store_true", help="keep each photo's modification time as it was")
+    p.add_argument("--sidecar", action="store_true",
+                   help="write an XMP sidecar beside each photo (NAME.ext.xmp, as darktable and digiKam name them) "
+                        "instead of touching the photo; merged into a sidecar already there; the only way for RAW "
+                        "and HEIC files")
+    p.add_argument("--wait", action="store_true",
+                   help="when another run is writing the same .jsonl (it holds NAME.jsonl.lock), wait for it "
+                        "instead of stopping")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -264,20 +280,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .search import build_index, search
+    """Rank a captioned library's photos against the query (search.py): score, file and caption a line."""
+    import contextlib
+
+    from .search import IMAGE_WEIGHT, build_index, search_rows
     from .sentences import load_sentence_encoder
 
+    if not args.query.strip():
+        raise ValueError('the query is empty: say what to look for, e.g. "two dogs on a beach" or "cat"')
+    if args.image_weight is None:
+        args.image_weight = IMAGE_WEIGHT
+    if not 0 <= args.image_weight <= 1:
+        raise ValueError(f"--image-weight {args.image_weight}: a share of the score, from 0 to 1")
     if not Path(args.captions).is_file():
         raise SystemExit(f"captioner search: {args.captions}: no such file (make one with `captioner caption "
                          "LIBRARY/ --output captions.jsonl`)")
-    encoder = load_sentence_encoder(device=args.device)
-    found = search(build_index(args.captions, encoder, log=lambda s: print(s, file=sys.stderr)), encoder,
-                   args.query, args.top)
+    with contextlib.redirect_stdout(sys.stderr):  # whatever loading the model prints: stdout is the results
+        encoder = load_sentence_encoder(device=args.device)
+    index = build_index(args.captions, encoder, log=lambda s: print(s, file=sys.stderr))
+    rows, scores = search_rows(index, encoder, args.query, args.top, args.image_weight)
+    found = [(index.files[row], round(float(score), 4), index.captions[row]) for row, score in zip(rows, scores)]
     if args.json:
-        print(json.dumps([{"file": f, "score": round(s, 4)} for f, s in found], indent=1))
+        print(json.dumps([{"file": f, "score": s, "caption": c} for f, s, c in found], indent=1, ensure_ascii=False))
     else:
-        for file, score in found:
-            print(f"{score:.3f}\t{file}")
+        for file, score, caption in found:
+            print(f"{score:.3f}\t{file}\t{caption}")
     return 0
 
 
@@ -353,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--write-metadata", action="store_true",
                    help="with a .jsonl --output: then write each caption into its photo's XMP, IPTC and EXIF "
                         "description, and its concepts as keywords (the metadata extra)")
+    p.add_argument("--prune", action="store_true",
+                   help="with a .jsonl --output: drop the lines of files no longer in the library, and lines a "
+                        "later one replaced (a photo edited since is captioned again)")
     add_metadata_flags(p)
     p.set_defaults(func=cmd_caption)
 
@@ -367,8 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("captions", help="the .jsonl `caption LIBRARY/ --output NAME.jsonl` wrote")
     p.add_argument("query", help='what to look for, e.g. "two dogs on a beach"')
     p.add_argument("--top", type=int, default=10, help="how many photos to list (default: 10)")
-    p.add_argument("--json", action="store_true", help="print JSON: file and score, best first")
+    p.add_argument("--json", action="store_true", help="print JSON: file, score and caption, best first")
     p.add_argument("--device", default="cpu", help="device of the sentence encoder (default: cpu)")
+    p.add_argument("--image-weight", type=float, metavar="W",
+                   help="the photo's own image vector's share of its score, 0 to 1, the rest its caption's and "
+                        "concepts' (default: 0.9, search.IMAGE_WEIGHT); a one-word query puts the photos tagged or "
+                        "captioned with that word first whatever the weight")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("serve", help="REST API (/api/caption, /docs) and browser UI (/) in one process")
@@ -418,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import apply_thread_policy
+
+    apply_thread_policy()  # before any command imports torch, whose OpenMP reads the policy once, at load
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
