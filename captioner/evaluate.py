@@ -123,7 +123,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     refs = prepared.references(rows)
     memory = None
     if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
-        memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded, datastore), loaded.decoder,
+        memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded.path, loaded.embedder, datastore), loaded.decoder,
                                   loaded.vocab, base.retrieved, log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")

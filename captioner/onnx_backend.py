@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 
 from .encoders import image_transforms
-from .models.base import State
-from .models.files import read_model_json
+from .models.base import State, decoder_class
+from .models.embedder import ImageEmbedder
+from .models.files import read_model_json, read_retrieval
+from .models.retrieval import WithMemory
 from .vocab import Vocab
 
 if TYPE_CHECKING:
@@ -89,14 +91,26 @@ class OnnxDecoder:
     """decoder_init.onnx and decoder_step.onnx as a decoding.Decoder: init_state and step on torch tensors."""
 
     def __init__(self, init: onnxruntime.InferenceSession, step: onnxruntime.InferenceSession,
-                 state: Sequence[str], step_outputs: Sequence[str]) -> None:
+                 state: Sequence[str], step_outputs: Sequence[str], args: Any = None) -> None:
         self.init, self.step_session = init, step
         self.state_names, self.step_outputs = list(state), list(step_outputs)
         self._outputs = ["logprobs", *(f"next.{n}" for n in self.step_outputs), "alpha"]
+        # a retrieval decoder's init graph also takes the memory (models/retrieval.py): its arguments say how big
+        self.reads_memory = "memory" in {i.name for i in init.get_inputs()}
+        self.args = args
 
-    def init_state(self, features: Tensor) -> State:
-        outputs = self.init.run([f"state.{n}" for n in self.state_names], {"features": features.contiguous().numpy()})
+    def init_state(self, features: Tensor, memory: Tensor | None = None) -> State:
+        feed = {"features": features.contiguous().numpy()}
+        if self.reads_memory:
+            if memory is None:  # nothing retrieved: the decoder reads only its learned slot
+                memory = torch.zeros(len(features), self.args.neighbours * self.args.memory_length, dtype=torch.long)
+            feed["memory"] = memory.contiguous().numpy()
+        outputs = self.init.run([f"state.{n}" for n in self.state_names], feed)
         return {name: torch.from_numpy(x) for name, x in zip(self.state_names, outputs)}
+
+    def reading(self, memory: Tensor) -> WithMemory:
+        """This decoder for photos whose retrieved captions are `memory`, as the PyTorch one."""
+        return WithMemory(self, memory)
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         feed = {"words": words.contiguous().numpy(), **{f"state.{n}": state[n].contiguous().numpy() for n in self.state_names}}
@@ -117,6 +131,7 @@ class OnnxModel:
     meta: dict[str, Any]  # model.json's "onnx" section
     path: Path
     head: tuple[Tensor, Tensor] | None  # the encoder's ImageNet classifier, for concepts (weight, bias)
+    embedder: ImageEmbedder | None = None  # photo vectors (retrieval.safetensors, run in PyTorch), where exported
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
@@ -136,11 +151,14 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
             raise ValueError(f"{path / name} was exported from other weights (sha256 {origin[:12]}) than "
                              f"{path / 'model.json'} records ({info['weights_sha256'][:12]}); export the folder again")
     encoder = OnnxEncoder(sessions["encoder"], meta["encoder"])
-    decoder = OnnxDecoder(sessions["init"], sessions["step"], info["state"], info["step_outputs"])
+    family = decoder_class(meta["decoder"]["family"])
+    decoder = OnnxDecoder(sessions["init"], sessions["step"], info["state"], info["step_outputs"],
+                          family.Args(**meta["decoder"]["args"]))
     head = None
     if "concept_head" in info:  # run in PyTorch: one small matrix product over the encoder's output
         from safetensors.torch import load_file
 
         tensors = load_file(str(path / info["concept_head"]))
         head = tensors["weight"], tensors["bias"]
-    return OnnxModel(encoder, decoder, Vocab.load(path / "vocab.json"), meta["decoding"], info, path, head)
+    return OnnxModel(encoder, decoder, Vocab.load(path / "vocab.json"), meta["decoding"], info, path, head,
+                     read_retrieval(path))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -31,7 +32,8 @@ from torch import Tensor, nn
 from .atomic import replace_folder
 from .encoders import image_transforms
 from .models.base import CaptionDecoder, State
-from .models.files import read_model_json, weights_sha256, write_model_json
+from .models.files import DATASTORE_DIR, RETRIEVAL_FILE, read_model_json, weights_sha256, write_model_json
+from .models.retrieval import retrieve
 from .onnx_backend import CONCEPT_HEAD, GRAPHS, WEIGHTS_KEY, require_onnxruntime
 from .pipeline import Captioner
 
@@ -66,8 +68,9 @@ class _Init(nn.Module):
         super().__init__()
         self.decoder, self.names = decoder, names
 
-    def forward(self, features: Tensor) -> tuple[Tensor, ...]:
-        state = self.decoder.init_state(features)
+    def forward(self, features: Tensor, memory: Tensor | None = None) -> tuple[Tensor, ...]:
+        # memory: a retrieval decoder's retrieved captions, its init graph's second input
+        state = self.decoder.init_state(features, memory) if memory is not None else self.decoder.init_state(features)
         return tuple(state[n] for n in self.names)
 
 
@@ -121,12 +124,15 @@ def export_encoder(encoder: nn.Module, out: Path, weights: str) -> Tensor:
         return encoder.regions(images)
 
 
-def export_decoder(decoder: CaptionDecoder, features: Tensor, vocab_size: int, out: Path, weights: str) -> dict[str, Any]:
-    """Write the decoder's init and step graphs into `out`, traced on `features` (EXPORT_ROWS, L, C);
+def export_decoder(decoder: CaptionDecoder, features: Tensor, vocab_size: int, out: Path, weights: str,
+                   memory: Tensor | None = None) -> dict[str, Any]:
+    """Write the decoder's init and step graphs into `out`, traced on `features` (EXPORT_ROWS, L, C) and, for
+    a retrieval decoder, their retrieved captions `memory` (EXPORT_ROWS, M), a second input of the init graph;
     return what model.json records of them. L stays as in `features`: it is the encoder's grid."""
     auto = torch.export.Dim.AUTO
+    extra = (memory,) if memory is not None else ()
     with torch.no_grad():
-        state = decoder.init_state(features)
+        state = decoder.init_state(features, *extra)
         words = torch.randint(4, vocab_size, (len(features),), generator=torch.Generator().manual_seed(0))
         _, first, _ = decoder.step(words, state)
         _, second, _ = decoder.step(words, first)  # two steps in: no growing axis is left at a size of 0 or 1
@@ -136,8 +142,8 @@ def export_decoder(decoder: CaptionDecoder, features: Tensor, vocab_size: int, o
                          "the exported graphs need the same names")
     changed = [n for n in names if second[n] is not first[n]]
     varying = _varying_dims(first, second)
-    _export(_Init(decoder, names), (features,), out / GRAPHS["init"], ["features"], [f"state.{n}" for n in names],
-            ({0: auto},), weights)
+    _export(_Init(decoder, names), (features, *extra), out / GRAPHS["init"], ["features", *(["memory"] if extra else [])],
+            [f"state.{n}" for n in names], ({0: auto},) * (1 + len(extra)), weights)
     state_shapes = [{d: auto for d in {0} | varying[n]} for n in names]
     # contiguous examples: the graphs take dense arrays, and a view's strides would enter the trace
     _export(_Step(decoder, names, changed), (words, [second[n].contiguous() for n in names]), out / GRAPHS["step"],
@@ -234,14 +240,27 @@ def compare(reference: Captioner, exported: Captioner, images: list[Image.Image]
     best = [c[0].tokens for c in ours]
     vocab = reference.vocab
     logprobs = []
+    memory = retrieved(reference, images)
     for captioner in (reference, exported):
         batch = torch.stack([captioner.encoder.preprocess(im) for im in images])
-        logprobs.append(stepwise_logprobs(captioner.decoder, captioner.encoder.regions(batch), best, vocab.start, vocab.end))
+        decoder = captioner.decoder.reading(memory) if memory is not None else captioner.decoder
+        logprobs.append(stepwise_logprobs(decoder, captioner.encoder.regions(batch), best, vocab.start, vocab.end))
     same = [a[0].tokens == b[0].tokens for a, b in zip(ours, theirs)]
     return Agreement(
         images=len(images), same_captions=sum(same),
         max_logprob_diff=max(float((a - b).abs().max()) for a, b in zip(*logprobs)),
         max_score_diff=max((abs(a[0].logprob - b[0].logprob) for a, b, s in zip(ours, theirs, same) if s), default=0.0))
+
+
+def retrieved(reference: Captioner, images: list[Image.Image] | Tensor) -> Tensor | None:
+    """A retrieval model's memory for images (or their features), as `caption` retrieves it; None for others."""
+    if reference.datastore is None:
+        return None
+    with torch.no_grad():
+        if not isinstance(images, Tensor):
+            images = reference.encoder.regions(torch.stack([reference.encoder.preprocess(im) for im in images]))
+        vectors = reference.embedder(images).numpy()
+    return retrieve(reference.datastore, vectors, reference.vocab, reference.decoder.args)[0]
 
 
 def verify(reference: Captioner, folder: Path, images: list[Image.Image], log: Callable[[str], None] = print) -> Agreement:
@@ -287,8 +306,14 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
         features = export_encoder(reference.encoder, tmp, weights)
         log(f"exporting {GRAPHS['init']} and {GRAPHS['step']}")
         info = {"weights_sha256": weights, "exported_from": model_dir.name, "quantized": [],
-                **export_decoder(reference.decoder, features, len(reference.vocab), tmp, weights)}
+                **export_decoder(reference.decoder, features, len(reference.vocab), tmp, weights,
+                                 retrieved(reference, features))}
         reference.vocab.save(tmp / "vocab.json")
+        for extra in (RETRIEVAL_FILE, DATASTORE_DIR):  # photo vectors, and a retrieval model's captions
+            if (model_dir / extra).is_dir():
+                shutil.copytree(model_dir / extra, tmp / extra)
+            elif (model_dir / extra).is_file():
+                shutil.copy2(model_dir / extra, tmp / extra)
         head = reference.encoder.imagenet_head()
         if head is not None:  # what concepts need: the classifier over the encoder graph's output
             from safetensors.torch import save_file

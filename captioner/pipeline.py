@@ -70,8 +70,6 @@ class Captioner:
         build`): a user's captions steer its words without training."""
         path = Path(path) if path is not None else DEFAULT_MODEL
         if backend == "onnx":
-            if datastore is not None:
-                raise ValueError("--datastore goes with a retrieval model run by PyTorch (--backend torch)")
             from .onnx_backend import load_onnx
 
             if device not in ("auto", "cpu"):
@@ -79,7 +77,8 @@ class Captioner:
             exported = load_onnx(path)
             concepts = Concepts(*exported.head, exported.vocab) if exported.head is not None else None
             return cls(exported.encoder, exported.decoder, exported.vocab, DecodingOptions(**exported.decoding),
-                       torch.device("cpu"), path=path, concepts=concepts)
+                       torch.device("cpu"), path=path, concepts=concepts, embedder=exported.embedder,
+                       datastore=_datastore(path, exported.decoder, exported.embedder, datastore))
         if backend != "torch":
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         dev = resolve_device(device)
@@ -87,13 +86,9 @@ class Captioner:
         encoder = model.encoder(dev).for_inference()
         head = encoder.imagenet_head()
         concepts = Concepts(*head, model.vocab) if head is not None else None
-        store = None
-        if getattr(model.decoder, "reads_memory", False):
-            store = model_datastore(model, datastore)
-        elif datastore is not None:
-            raise ValueError(f"{path} does not read retrieved captions: --datastore needs a retrieval model")
         return cls(encoder, model.decoder, model.vocab, DecodingOptions(**model.decoding), dev, path=path,
-                   concepts=concepts, embedder=model.embedder, datastore=store)
+                   concepts=concepts, embedder=model.embedder,
+                   datastore=_datastore(path, model.decoder, model.embedder, datastore))
 
     @functools.cached_property
     def version(self) -> str:
@@ -216,6 +211,17 @@ class Captioned:
     concepts: list[tuple[str, float]]
     vector: np.ndarray | None = None
     neighbours: list[tuple[str, float]] = field(default_factory=list)  # retrieved captions read, with cosine
+
+
+def _datastore(path: Path, decoder: Decoder, embedder: ImageEmbedder | None,
+               override: str | Path | None) -> Datastore | None:
+    """The datastore a retrieval decoder reads (its folder's, or `override`); None for other decoders, which
+    refuse an override."""
+    if getattr(decoder, "reads_memory", False):
+        return model_datastore(path, embedder, override)
+    if override is not None:
+        raise ValueError(f"{path} does not read retrieved captions: --datastore needs a retrieval model")
+    return None
 
 
 def loaded_batches(items: list[tuple[Any, str]], batch_size: int) -> Iterator[list[Image.Image]]:

@@ -153,7 +153,7 @@ def test_training_retrieves_leave_one_out_and_the_model_carries_its_datastore(re
     root, prepared_dir, model = retrieval_model
     assert (model / "datastore" / "datastore.json").is_file() and (model / "retrieval.safetensors").is_file()
     loaded = load_model(model)
-    store, prepared = model_datastore(loaded), open_prepared(prepared_dir)
+    store, prepared = model_datastore(model, loaded.embedder), open_prepared(prepared_dir)
     memory = retrieved_memory(prepared, loaded.embedder, store, loaded.decoder, loaded.vocab, leave_out=True,
                               log=lambda s: None)
     texts = {name: [] for name in store.groups_by_image()}
@@ -189,3 +189,19 @@ def test_a_swapped_datastore_changes_what_the_model_reads_and_writes(retrieval_m
     with pytest.raises(ValueError, match="does not read retrieved captions"):
         from test_models import SHIPPED
         Captioner.from_pretrained(SHIPPED, device="cpu", datastore=tmp_path / "mine")
+
+
+def test_the_onnx_export_carries_retrieval_and_captions_as_pytorch(retrieval_model, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from captioner.onnx_export import export_onnx
+    from captioner.pipeline import Captioner
+
+    _, _, model = retrieval_model
+    export_onnx(model, tmp_path / "onnx", log=lambda s: None)
+    assert (tmp_path / "onnx" / "datastore" / "datastore.json").is_file()
+    photo = np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    ours = Captioner.from_pretrained(model, device="cpu")(photo, num_captions=2, beam_size=3)
+    theirs = Captioner.from_pretrained(tmp_path / "onnx", backend="onnx")(photo, num_captions=2, beam_size=3)
+    assert [c["generated_text"] for c in ours] == [c["generated_text"] for c in theirs]
+    assert ours[0]["neighbours"] == theirs[0]["neighbours"] and len(ours[0]["neighbours"]) == 2

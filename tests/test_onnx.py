@@ -191,3 +191,30 @@ def test_int8_decoder_loads_and_captions_from_the_command_line(model_dir, export
 
     result = run_cli("caption", str(PHOTOS[0]), "--model", str(model_dir), "--backend", "onnx")
     assert result.returncode == 2 and "holds no ONNX graphs" in result.stderr
+
+
+def test_a_retrieval_decoder_exports_with_its_memory_and_searches_alike(tmp_path):
+    """The init graph takes the retrieved captions as a second input; beam search over the graphs reading them
+    gives PyTorch's captions, and the copy path's scatter keeps a dynamic batch."""
+    from captioner.models.retrieval import RetrievalArgs
+
+    torch.manual_seed(0)
+    cfg = Config(decoder="retrieval", **{k: v for k, v in TINY.items() if k in {f.name for f in fields(RetrievalArgs)}},
+                 neighbours=2, memory_length=3, memory_dim=8)
+    decoder = decoder_from_config(cfg, 30, 8).eval()
+    with torch.no_grad():
+        decoder.generate_gate.bias.fill_(-1.0)  # the copy path carries real weight
+    memory = torch.randint(0, 30, (5, 6), generator=torch.Generator().manual_seed(1))
+    info = export_decoder(decoder, torch.randn(5, 49, 8), 30, tmp_path, "0" * 64, memory)
+    runtime = OnnxDecoder(open_session(tmp_path / GRAPHS["init"], None), open_session(tmp_path / GRAPHS["step"], None),
+                          info["state"], info["step_outputs"], decoder.args)
+    assert runtime.reads_memory
+    features, rows = torch.randn(3, 49, 8), memory[[4, 0, 2]]
+    opts = DecodingOptions(beam_size=4, max_length=12, num_captions=2)
+    with torch.inference_mode():
+        ours = beam_search(decoder.reading(rows), features, opts)
+        theirs = beam_search(runtime.reading(rows), features, opts)
+        blind = beam_search(runtime, features, opts)  # nothing retrieved: the learned slot alone
+    assert [[c.tokens for c in r] for r in ours] == [[c.tokens for c in r] for r in theirs]
+    assert max(abs(a.logprob - b.logprob) for r, o in zip(ours, theirs) for a, b in zip(r, o)) <= TOLERANCE
+    assert [[c.tokens for c in r] for r in blind] == [[c.tokens for c in r] for r in beam_search(decoder, features, opts)]

@@ -236,16 +236,17 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
     replace_folder(path, write)
 
 
-def model_datastore(model: LoadedModel, override: str | Path | None = None) -> Datastore:
-    """The caption datastore a retrieval model reads: `override`, or the one in its folder. A missing one,
-    or one of another sentence encoder or width than the model's image vectors, is refused by name."""
+def model_datastore(folder: str | Path, embedder: ImageEmbedder | None, override: str | Path | None = None) -> Datastore:
+    """The caption datastore a retrieval model (PyTorch or ONNX folder) reads: `override`, or the one in its
+    folder. A missing one, or one of another sentence encoder or width than the model's image vectors, is
+    refused by name."""
     from ..datastore import DatastoreError, load_datastore
 
-    if model.embedder is None:
-        raise DatastoreError(f"{model.path}: a retrieval model without an image embedder ({RETRIEVAL_FILE})")
-    path = Path(override) if override is not None else settled(model.path) / DATASTORE_DIR
+    if embedder is None:
+        raise DatastoreError(f"{folder}: a retrieval model without an image embedder ({RETRIEVAL_FILE})")
+    path = Path(override) if override is not None else settled(folder) / DATASTORE_DIR
     datastore = load_datastore(path)
-    datastore.check_query(model.embedder.head.proj.out_features)
+    datastore.check_query(embedder.head.proj.out_features)
     return datastore
 
 
