@@ -51,8 +51,10 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_model, evaluate_nearest_neighbour
-    from .metrics import format_table
+    from .metrics import format_table, require_java
 
+    if args.model or args.nearest_neighbour:
+        require_java()  # before decoding a split, not after
     rows = []
     if args.model:
         beams = [int(b) for b in args.beam_sizes.split(",")] if args.beam_sizes else None

@@ -23,6 +23,16 @@ FUNCTION_WORDS = frozenset("a an the of in on with and at to".split())
 _JAVA_LOCALE = "-Duser.language=en -Duser.country=US"
 
 
+def require_java(who: str = "coco-caption's scorers") -> None:
+    """Fail before the work, not after it: coco-caption runs its tokenizer and METEOR in a JVM.
+
+    A FileNotFoundError, so `captioner` prints it as one line and exits 2 like any missing file.
+    """
+    if shutil.which("java") is None:
+        raise FileNotFoundError(f"java: not found; {who} need Java: "
+                                "install it (e.g. `apt-get install default-jre-headless`)")
+
+
 def score_captions(
     predictions: dict[str, str], references: dict[str, list[str]], metrics: Sequence[str] = METRICS
 ) -> dict[str, float]:
@@ -40,11 +50,7 @@ def score_captions(
     for image_id in predictions:
         if not references.get(image_id):
             raise ValueError(f"prediction for {image_id!r} has no references")
-    if shutil.which("java") is None:
-        raise RuntimeError(
-            "coco-caption metrics need Java for the PTB tokenizer and METEOR: "
-            "install it (e.g. `apt-get install default-jre-headless`)"
-        )
+    require_java("coco-caption's PTB tokenizer and METEOR")
     gts = _ptb_tokenize({i: references[i] for i in predictions})
     res = _ptb_tokenize({i: [caption] for i, caption in predictions.items()})
     scores = _run_scorers(gts, res, set(metrics))

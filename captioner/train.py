@@ -16,7 +16,6 @@ import csv
 import importlib.util
 import math
 import os
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,7 +35,7 @@ from .decoding_options import DecodingOptions
 from .encoders import Encoder, create_encoder
 from .evaluate import decode_split, retrieved_memory
 from .features import PENDING, Prepared, image_inputs, open_prepared
-from .metrics import score_captions
+from .metrics import require_java, score_captions
 from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
                      load_model, save_model)
 from .models.files import RETRIEVAL_FILE, add_retrieval, read_retrieval
@@ -186,9 +185,7 @@ def check_before_training(cfg: Config, prepared: Prepared) -> None:
     if not prepared.indices("val"):
         raise ValueError(f"{prepared.root}: the val split has no images, and every epoch is scored on it; "
                          "prepare a dataset with a dev split (one without splits gets 5% of its images as dev)")
-    if shutil.which("java") is None:
-        raise FileNotFoundError("java: not found; every epoch is scored by coco-caption, which needs Java: "
-                                "install it (e.g. `apt-get install default-jre-headless`)")
+    require_java("every epoch is scored by coco-caption, whose scorers")
     if importlib.util.find_spec("pycocoevalcap") is None:
         raise FileNotFoundError("pycocoevalcap: not installed; every epoch is scored by coco-caption: "
                                 "`pip install 'captioner[train]'`")

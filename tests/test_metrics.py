@@ -2,7 +2,7 @@ import shutil
 
 import pytest
 
-from captioner import metrics
+from captioner.cli import main
 from captioner.metrics import METRICS, fluency, format_fluency_table, format_table, score_captions
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="coco-caption needs Java")
@@ -64,9 +64,18 @@ def test_unknown_metric_is_an_error():
 
 
 def test_missing_java_says_how_to_install_it(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
-    with pytest.raises(RuntimeError, match="apt-get install default-jre-headless"):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="apt-get install default-jre-headless"):
         score_captions({"dog": "a dog"}, REFERENCES)
+
+
+@pytest.mark.parametrize("how", [["--nearest-neighbour"], ["--model", "no-such-model"]])
+def test_evaluate_without_java_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, how):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert main(["evaluate", "--prepared", str(tmp_path), *how]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("captioner evaluate: error: java: not found;") and "default-jre-headless" in err
 
 
 def test_format_table_prints_percentages():

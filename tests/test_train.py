@@ -243,13 +243,13 @@ def one_image_gone(records: list[dict]) -> None:
 @pytest.mark.parametrize("edit, error, message", [
     (no_dev_split, ValueError, "the val split has no images"),
     (one_image_gone, FileNotFoundError, r"stage 2 \(finetune_epochs 1\) reads the images again, and 1 are missing"),
-    (None, FileNotFoundError, "needs Java: install it"),
+    (None, FileNotFoundError, "need Java: install it"),
 ])
 def test_what_would_fail_after_an_epoch_fails_before_the_first_batch(prepared, tmp_path, monkeypatch, edit, error,
                                                                      message):
     folder = edited_copy(prepared, tmp_path / "p", edit) if edit else prepared
     if edit is None:
-        monkeypatch.setattr(train_mod.shutil, "which", lambda name: None)
+        monkeypatch.setattr(shutil, "which", lambda name: None)
     monkeypatch.setattr(train_mod, "train_step", lambda *args: pytest.fail("a batch ran"))
     with pytest.raises(error, match=message):
         train(small(folder, tmp_path / "run", finetune_epochs=1), log=lambda s: None)
