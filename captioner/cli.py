@@ -272,7 +272,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
     access, warning = access_control(args.host, args.api_key, args.max_inflight_per_client)
     app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, library=library, **access,
-                     **{k: v for k, v in limits.items() if v is not None})  # unset: serve.py's defaults
+                     **{k: v for k, v in limits.items() if v is not None})  # unset: create_app's defaults
     print(f"captioner serve: model {captioner.name} on {captioner.device}; "
           f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
     if warning:

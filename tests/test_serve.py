@@ -398,12 +398,12 @@ def test_images_too_narrow_to_crop_are_a_4xx_not_gigabytes(client: TestClient) -
 @pytest.mark.parametrize("where", ["decoding", "model"])
 def test_unexpected_errors_answer_a_generic_500_and_log_the_traceback(
         captioner: Captioner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, where: str) -> None:
-    from captioner import serve
+    from captioner.serve import api
 
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA error: device-side assert in /home/alice/secret/model.py")
     if where == "decoding":
-        monkeypatch.setattr(serve, "decode_upload", broken)
+        monkeypatch.setattr(api, "decode_upload", broken)
     else:
         monkeypatch.setattr(captioner, "generate", broken)
     with TestClient(create_app(captioner, ui=False, batch_wait_ms=0), raise_server_exceptions=False) as c:
@@ -449,10 +449,11 @@ def test_a_slow_page_job_does_not_stall_the_api(captioner: Captioner, monkeypatc
     import anyio
     import httpx
 
-    from captioner import serve, visualize
+    from captioner import visualize
+    from captioner.serve import photos
 
     entered, api_answered, seen = threading.Event(), threading.Event(), []
-    module = serve if slow == "load_image" else visualize
+    module = photos if slow == "load_image" else visualize
     real = getattr(module, slow)
 
     def slowed(source, *args, **kwargs):

@@ -1,0 +1,86 @@
+"""Reading a request's body: the image file and its options from multipart, JSON or a raw image body, and
+the 422s that name the field at fault in the form FastAPI's own take."""
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from typing import Any
+
+from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from .schemas import JsonRequest
+
+
+def invalid(err: ValidationError) -> RequestValidationError:
+    """Pydantic's errors as FastAPI's 422, each located in the body like FastAPI's own; an unknown field's
+    message lists the known ones, so a misspelling is easy to fix."""
+    known = f"unknown field; the fields are {', '.join(JsonRequest.model_fields)}"
+    return RequestValidationError([echo({**e, "loc": ("body", *e["loc"]), "msg": known if e["type"] == "extra_forbidden"
+                                         else e["msg"]}) for e in err.errors(include_url=False)])
+
+
+def echo(value: Any, limit: int = 100) -> Any:
+    """A request's value as a 422 can quote it: JSON has no Infinity or NaN, a body need not be UTF-8, and
+    a client needs the start of a long value (a whole base64 photo) to find it, not all of it."""
+    if isinstance(value, dict):
+        return {str(k): echo(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [echo(v, limit) for v in value]
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "..."
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value if value is None or isinstance(value, (bool, int, float)) else echo(repr(value), limit)
+
+
+def invalid_field(field: str, message: str, value: Any) -> RequestValidationError:
+    """A 422 for one field, in the same form as pydantic's."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message,
+                                    "input": echo(value)}])
+
+
+async def read_request(request: Request) -> tuple[bytes, str, dict]:
+    """The image file, its name and the option fields of a multipart or JSON request, or of a raw image
+    body (`image/*` or `application/octet-stream`, as Hugging Face clients send it) with the options in
+    the query string; any other body, or an empty one, is refused with the status that says why."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind.startswith("image/") or kind in ("application/octet-stream", ""):  # no type: a client sending bytes
+        data = await request.body()
+        if not data:
+            raise HTTPException(400, "empty body: send the image as multipart field 'image', as JSON, or as the "
+                                     "body itself (image/*)")
+        return data, "image", dict(request.query_params)
+    if kind == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=10)
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise HTTPException(400, "multipart body has no file field 'image'")
+        data = await upload.read()
+        await form.close()
+        fields = {k: v for k, v in form.items() if k != "image" and v != ""}
+        return data, upload.filename or "image", fields
+    if kind == "application/json":
+        body = await request.body()
+        if not body:
+            raise HTTPException(400, "empty body: send JSON {\"image\": \"<base64>\", ...}")
+        try:
+            parsed = JsonRequest.model_validate_json(body)
+        except ValidationError as err:
+            raise invalid(err) from None
+        text = parsed.image
+        if text.startswith("data:"):
+            _, comma, text = text.partition(",")
+            if not comma:
+                raise invalid_field("image", "a data: URL needs a comma before the base64 data", parsed.image)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid_field("image", "image is not valid base64", text) from None
+        return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
+    raise HTTPException(415, f"content type {kind or '(none)'} is not multipart/form-data, application/json, "
+                             "image/* or application/octet-stream")

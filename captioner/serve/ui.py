@@ -1,0 +1,131 @@
+"""The Gradio page: a photo in, the n-best captions, concepts and attention heatmaps out, and a search box
+over the library; its work goes through the API's batcher and decoding pool."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import torch
+from fastapi import HTTPException
+from PIL import Image
+
+from ..data import ImageError, expand_inputs
+from ..decoding_options import LIMITS, OPTIONS, DecodingOptions, OptionError
+from ..search import Library
+from .batcher import Batcher, Busy, Closed
+from .photos import MAX_PIXELS, decode_slots, read_photo, thumbnail
+
+
+def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXELS,
+             slots: anyio.CapacityLimiter | None = None, library: Library | None = None) -> Any:
+    """The Gradio page: a photo (upload, webcam, clipboard or an example), beam size and length sliders,
+    the n-best captions, and one attention heatmap per word of the best caption; with a `library`, a search
+    box whose hits show as thumbnails (made here and handed to Gradio, so the page's login covers them too).
+
+    Gradio hands over the photo's file path, not its pixels, so the pixel limit is checked from the header
+    before anything is decoded; decoding, resizing and the heatmaps run in `slots`, the pool the API decodes
+    in, so a large photo on the page never holds up the event loop that answers everyone else."""
+    import gradio as gr
+
+    from .. import visualize
+
+    captioner = batcher.captioner
+    slots = slots or decode_slots()
+
+    def prepare(photo: str) -> tuple[torch.Tensor, Image.Image]:
+        picture = read_photo(photo, Path(photo).name, max_pixels)  # by its name: no server paths in messages
+        return captioner.encoder.preprocess(picture), captioner.encoder.crop(picture)
+
+    def draw(crop: Image.Image, words: list[str], alphas: np.ndarray) -> list[tuple[Image.Image, str]]:
+        return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
+
+    async def run(photo: str | None, *values: float | bool
+                  ) -> tuple[str, dict[str, float], list[list], list[list], list[tuple[Image.Image, str]]]:
+        if photo is None:
+            raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
+        chosen = {name: type(OPTIONS[name].default)(value) for name, value in zip(OPTIONS, values)}
+        chosen["num_captions"] = min(chosen["num_captions"], chosen["beam_size"])
+        try:
+            opts = captioner.options(**chosen)
+        except OptionError as err:
+            raise gr.Error(str(err)) from None
+        try:
+            pixels, crop = await anyio.to_thread.run_sync(prepare, photo, limiter=slots)
+            result = await batcher.caption(pixels, opts)
+        except (ImageError, Busy, Closed) as err:
+            raise gr.Error(str(err)) from None
+        nbest = captioner.as_dicts(result.captions)
+        words, alphas = captioner.attention_maps(result.captions[0])
+        heatmaps = await anyio.to_thread.run_sync(draw, crop, words, alphas, limiter=slots)
+        table = [[rank, c["generated_text"], c["score"]] for rank, c in enumerate(nbest, 1)]
+        similar = [[text, round(sim, 3)] for text, sim in result.neighbours]
+        return nbest[0]["generated_text"], dict(result.concepts), table, similar, heatmaps
+
+    def thumbnails(query: str) -> list[tuple[Image.Image, str]]:
+        hits = []
+        for hit in library.find(query) if query.strip() else []:
+            label = f"{hit['caption']} ({hit['score']:.2f}) {hit['file']}"
+            try:
+                hits.append((thumbnail(library, hit["file"], max_pixels), label))
+            except HTTPException:  # listed, but gone or unreadable since: left out
+                continue
+        return hits
+
+    async def find(query: str) -> list[tuple[Image.Image, str]]:
+        return await anyio.to_thread.run_sync(thumbnails, query, limiter=slots)
+
+    defaults = captioner.defaults
+    with gr.Blocks(title="captioner") as demo:
+        gr.Markdown(f"## captioner\n{captioner.title[0].upper()}{captioner.title[1:]}, model `{captioner.name}`. "
+                    "Pick a photo; the captions come with a heatmap of where the model looked for each word. "
+                    "REST API: [/docs](/docs).")
+        with gr.Row():
+            with gr.Column(scale=2):
+                # a file path, and image_mode=None so Gradio does not convert (decode) the photo itself
+                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
+                                 label="Photo", elem_id="photo", height=320)
+                controls = [page_control(gr, name, defaults) for name in OPTIONS]
+                button = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                if examples:
+                    gr.Examples([[str(p)] for p in examples], inputs=[image], label="Example photos")
+            with gr.Column(scale=3):
+                best = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
+                tags = gr.Label(label="What the encoder recognises (ImageNet concepts, as tags)", num_top_classes=5,
+                                elem_id="concepts")
+                table = gr.Dataframe(headers=["rank", "caption", "score"], label="Beam search's n-best",
+                                     interactive=False, elem_id="nbest")
+                similar = gr.Dataframe(headers=["caption", "similarity"], label="Captions of similar photos (what a "
+                                       "retrieval model read while writing)", interactive=False, elem_id="neighbours",
+                                       visible=captioner.datastore is not None)
+                gallery = gr.Gallery(label="Attention, word by word", columns=5, height="auto", elem_id="attention")
+        inputs, outputs = [image, *controls], [best, tags, table, similar, gallery]
+        button.click(run, inputs, outputs, concurrency_limit=None, api_name="caption")
+        image.upload(run, inputs, outputs, concurrency_limit=None, api_visibility="private")
+        if library is not None:
+            gr.Markdown(f"### Search the library\n{len(library.records)} captioned photos; describe what to find.")
+            query = gr.Textbox(label="Find photos", placeholder="two dogs on a beach", elem_id="search")
+            found = gr.Gallery(label="Best matches", columns=5, height="auto", elem_id="search-results")
+            query.submit(find, [query], [found], concurrency_limit=None, api_name="search")
+    return demo
+
+
+def page_control(gr: Any, name: str, defaults: DecodingOptions) -> Any:
+    """The page's control of one decoding option, from its row in the table: a slider over its range,
+    or a checkbox. The page shows 3 captions unless the beam is narrower."""
+    f = OPTIONS[name]
+    label, value = name.replace("_", " ").capitalize(), getattr(defaults, name)
+    if name == "num_captions":
+        value = min(3, defaults.beam_size)
+    if name not in LIMITS:
+        return gr.Checkbox(value=value, label=label, info=f.metadata["help"])
+    low, high = LIMITS[name]
+    step = 1 if type(f.default) is int else 0.1
+    return gr.Slider(low, high, value=value, step=step, label=label, info=f.metadata["help"], elem_id=name)
+
+
+def example_photos(folder: str | Path | None = None) -> list[Path]:
+    """The photos the UI offers as examples: the given folder, or the repository's examples/photos."""
+    root = Path(folder) if folder else Path(__file__).resolve().parents[2] / "examples" / "photos"
+    return expand_inputs([str(root)]) if root.is_dir() else []
