@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned: a plain `pip install torch` would pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev demo serve test clean
+.PHONY: setup setup-dev demo serve test test-fast clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,13 @@ demo: setup
 serve: $(VENV)/.serve
 	$(VENV)/bin/captioner serve
 
+# the full suite, as CI runs it (.ci/run)
 test: setup-dev
 	$(PY) -m pytest -q
+
+# the fast lane for the edit-test loop: all but the tests marked slow (training, the CLI in a child process)
+test-fast: setup-dev
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) prepared attention

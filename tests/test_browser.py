@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import running_server
+from helpers import running_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # no network here: without these, Chromium keeps trying to reach Google's services at start

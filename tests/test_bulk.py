@@ -15,7 +15,7 @@ from PIL import Image
 
 from captioner import bulk
 
-from conftest import ROOT, train_tiny_model
+from helpers import ROOT, train_tiny_model
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # the CPU is shared: one thread per process keeps runs steady
 
@@ -134,6 +134,7 @@ def test_json_lines_keep_non_ascii_names_readable():
     assert json.loads(line)["file"] == undecodable and bulk.path_hash(json.loads(line)["file"]) == bulk.path_hash(undecodable)
 
 
+@pytest.mark.slow
 def test_phone_formats_and_non_ascii_names_get_their_lines(model_dir, tmp_path):
     """HEIC and AVIF are captioned by the walk, not passed over; a non-ASCII name stays readable in the JSONL;
     the summary counts what was passed over."""
@@ -181,6 +182,8 @@ def test_done_set_finds_exactly_its_members():
     assert b"\x00" * 16 not in bulk.DoneSet()
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_resume_after_sigkill_captions_each_image_exactly_once(library, model_dir, tmp_path):
     photos, reference = library
     output = tmp_path / "captions.jsonl"
@@ -202,6 +205,8 @@ def test_resume_after_sigkill_captions_each_image_exactly_once(library, model_di
     assert_same_captions(by_file(output), reference)
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_half_written_last_line_is_cut_off_and_redone(library, model_dir, tmp_path):
     photos, reference = library
     lines = [json.dumps(r) for r in reference.values()]
@@ -219,6 +224,8 @@ def test_half_written_last_line_is_cut_off_and_redone(library, model_dir, tmp_pa
     assert_same_captions(got, reference)
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_bad_files_are_listed_with_their_error_and_the_run_goes_on(model_dir, tmp_path):
     photos = tmp_path / "photos"
     names = make_library(photos, 6)
@@ -243,6 +250,8 @@ def test_bad_files_are_listed_with_their_error_and_the_run_goes_on(model_dir, tm
     assert output.read_bytes() == before
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_refuses_to_resume_an_output_from_another_model(library, model_dir, tmp_path):
     photos, reference = library
     output = tmp_path / "captions.jsonl"
@@ -257,6 +266,8 @@ def test_refuses_to_resume_an_output_from_another_model(library, model_dir, tmp_
     assert result.returncode == 2 and f"{output}, line 1" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_refuses_to_resume_an_output_decoded_with_other_options(library, model_dir, tmp_path):
     photos, reference = library
     line = next(r for r in reference.values())
@@ -271,6 +282,8 @@ def test_refuses_to_resume_an_output_decoded_with_other_options(library, model_d
     assert len(output.read_text().splitlines()) == len(reference)
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_jsonl_output_takes_one_library_folder(model_dir, tmp_path):
     photo = ROOT / "examples" / "photos" / "chelsea.jpg"
     result = run(photo, tmp_path / "out.jsonl", model_dir)
@@ -288,6 +301,8 @@ def test_merge_after_a_kill_between_rename_and_cleanup_adds_nothing_twice(tmp_pa
     assert bulk.existing_parts(output) == []
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_torchrun_shards_resumes_parts_and_merges(library, model_dir, tmp_path):
     """Two CPU processes split the library by path hash; each resumes its part; rank 0 merges, and also
     takes in a part left by an earlier run with three processes."""

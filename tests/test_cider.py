@@ -8,7 +8,7 @@ import pytest
 from captioner.cider import CiderD
 from captioner.vocab import tokenize
 
-from conftest import FLICKR8K
+from helpers import FLICKR8K
 
 WORDS = "a an the dog dogs cat man woman child ball grass water red blue runs jumps sits plays on in with of".split()
 

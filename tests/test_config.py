@@ -139,6 +139,8 @@ def test_config_fields_of_the_decoding_options_come_from_their_one_table():
             (OPTIONS[name].default, OPTIONS[name].metadata["help"], LIMITS.get(name)), name
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_help_does_not_import_torch():
     code = ("import sys; from captioner.cli import build_parser; p = build_parser(); "
             "[a.choices[name].format_help() for a in p._subparsers._group_actions for name in a.choices]; "

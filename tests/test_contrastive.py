@@ -25,7 +25,7 @@ from captioner.models import decoder_from_config, load_model
 from captioner.train import train
 from captioner.vocab import Vocab
 
-from conftest import needs_java, prepare_tiny_flickr
+from helpers import needs_java, prepare_tiny_flickr
 
 pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -192,6 +192,7 @@ def test_real_minilm_sentence_embeddings(tmp_path):
 
 # ---------------------------------------------------------------- the loop
 
+@pytest.mark.slow
 def test_short_pretraining_raises_recall_well_above_chance(tmp_path, fake_minilm):
     torch.manual_seed(0)
     prepared = synthetic_prepared(tmp_path)
@@ -234,6 +235,7 @@ def small(prepared: Path, run_dir: Path, **kw) -> Config:
 TRANSFORMER = {"decoder": "transformer", "model_dim": 16, "heads": 2, "layers": 1, "encoder_layers": 1, "ff_dim": 32}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", [{}, TRANSFORMER], ids=["attention", "transformer"])
 def test_train_pretrains_then_starts_the_captioner_from_the_image_side(prepared_dir, tmp_path, fake_minilm,
                                                                         monkeypatch, capsys, family):
@@ -282,6 +284,7 @@ def test_retrieve_refuses_a_pretraining_file_that_would_run_code(prepared_dir, t
     assert "not a checkpoint this captioner can load safely" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_restarted_run_reuses_its_finished_pretraining(prepared_dir, tmp_path, fake_minilm, monkeypatch):
     train(small(prepared_dir, tmp_path / "whole"), log=lambda s: None)
     real = train_mod.run_epoch

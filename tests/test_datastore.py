@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import train_tiny_model
+from helpers import train_tiny_model
 from test_models import small_decoder
 
 from captioner.datastore import DatastoreError, build, caption_groups, load_datastore
@@ -130,7 +130,7 @@ def retrieval_model(tmp_path_factory) -> tuple[Path, Path, Path]:
     torch.manual_seed(0)
     embedder_folder = small_folder(root / "embedder")
     add_retrieval(embedder_folder, ImageEmbedder(1280, 16, DIM).eval())
-    from conftest import write_flickr_dataset
+    from helpers import write_flickr_dataset
 
     data = write_flickr_dataset(root / "src", n=9, size=40)  # the photos train_tiny_model makes, by name
     lines = []  # captions in the training vocabulary that tell every photo apart: its number in colours
@@ -145,6 +145,7 @@ def retrieval_model(tmp_path_factory) -> tuple[Path, Path, Path]:
     return root, prepared, model
 
 
+@pytest.mark.slow
 def test_training_retrieves_leave_one_out_and_the_model_carries_its_datastore(retrieval_model):
     from captioner.evaluate import retrieved_memory
     from captioner.features import open_prepared
@@ -170,6 +171,7 @@ def test_training_retrieves_leave_one_out_and_the_model_carries_its_datastore(re
                for row in prepared.indices("train"))
 
 
+@pytest.mark.slow
 def test_a_swapped_datastore_changes_what_the_model_reads_and_writes(retrieval_model, tmp_path):
     from captioner.pipeline import Captioner
 
@@ -191,6 +193,7 @@ def test_a_swapped_datastore_changes_what_the_model_reads_and_writes(retrieval_m
         Captioner.from_pretrained(SHIPPED, device="cpu", datastore=tmp_path / "mine")
 
 
+@pytest.mark.slow
 def test_the_onnx_export_carries_retrieval_and_captions_as_pytorch(retrieval_model, tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

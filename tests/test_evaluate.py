@@ -13,7 +13,7 @@ from captioner.metrics import fluency
 from captioner.models import load_model
 from captioner.train import train
 
-from conftest import ROOT, needs_java, train_tiny_model, write_flickr_dataset
+from helpers import ROOT, needs_java, train_tiny_model, write_flickr_dataset
 
 pytestmark = needs_java
 
@@ -24,6 +24,8 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
                             beam_size=3)
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
     prepared, model = trained
     out = tmp_path / "eval"
@@ -47,6 +49,7 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
     assert "| beam 1 |" in result.stdout and "| Captions | Ends in a function word |" in result.stdout
 
 
+@pytest.mark.slow
 def test_evaluate_scores_a_model_in_its_own_words_on_a_folder_of_another_vocabulary(trained, tmp_path, monkeypatch):
     """A prepared folder's vocabulary is what its training split says; any model on the same features can
     be scored on it (the shipped model on a held-out folder), writing the words it knows."""
@@ -64,6 +67,7 @@ def test_evaluate_scores_a_model_in_its_own_words_on_a_folder_of_another_vocabul
     assert words and words <= known and "static" not in known
 
 
+@pytest.mark.slow
 def test_evaluate_decodes_with_the_models_own_options_unless_overridden(trained, tmp_path, monkeypatch):
     """The scores must describe what `caption` and `serve` give: the model's beam size, maximum length,
     length penalty and trigram blocking, each overridable. (Scoring is stubbed: the decoding is the point.)"""
@@ -97,6 +101,7 @@ def test_evaluate_decodes_with_the_models_own_options_unless_overridden(trained,
         evaluate_model(custom, prepared, out_dir=tmp_path / "c", log=lambda s: None, length_penalty=9.0)
 
 
+@pytest.mark.slow
 def test_evaluate_scores_an_ensemble_and_refuses_members_of_another_vocabulary(trained, tmp_path, monkeypatch):
     from captioner import evaluate as evaluate_mod
 

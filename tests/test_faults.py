@@ -1,7 +1,7 @@
 """Fault injection: real `captioner train` and `captioner prepare` processes killed with SIGKILL at named
 points, then run again; a full disk and a read-only run folder; the atomic writes they rely on.
 
-A child is killed by patching one function in it (conftest.KILLER: the Nth call that meets a condition
+A child is killed by patching one function in it (helpers.KILLER: the Nth call that meets a condition
 SIGKILLs its own process, before or after the real call), so the product code carries no hook.
 docs/RELIABILITY.md records what this suite covers.
 """
@@ -22,12 +22,12 @@ from captioner.config import Config
 from captioner.features import DONE, prepare
 from captioner.models import load_model
 
-from conftest import ROOT, killer_command, needs_java, prepare_tiny_flickr, write_flickr_dataset
+from helpers import ROOT, killer_command, needs_java, prepare_tiny_flickr, write_flickr_dataset
 
 pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 
 def run_cli(*argv: str, kill: tuple[str, str, int, str] | None = None) -> subprocess.CompletedProcess:
-    """`captioner ARGV` in a child process, SIGKILLed at the point `kill` names (see conftest.killer_command)."""
+    """`captioner ARGV` in a child process, SIGKILLed at the point `kill` names (see helpers.killer_command)."""
     cmd = [sys.executable, "-m", "captioner.cli", *argv] if kill is None else killer_command(kill, *argv)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
 
@@ -84,6 +84,8 @@ TRAIN_KILLS = [
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(prepared, tmp_path):
     """One run killed at each point in turn (each `--resume` goes on until the next kill), then finished:
     its weights, optimizer state, history and best model equal those of a run never interrupted."""
@@ -113,6 +115,8 @@ def test_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(prepared
     assert not same_tensors(load_model(whole / "best").decoder.state_dict(), load_model(cut / "best").decoder.state_dict())
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_distributed_run_saves_every_rank_and_resumes_exactly(prepared, tmp_path):
     """Two CPU processes (gloo): ranks draw their own dropout and sampling (their states differ) and
     each rank's state is saved; one epoch then a resumed second equals two epochs in one go."""
@@ -145,6 +149,7 @@ def small_train(prepared: Path, run: Path, epochs: int = 2) -> list[str]:
             "--max-length", "6", "--lr", "3e-3", "--no-amp"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file", ["last.pt", "model.safetensors"])
 def test_a_full_disk_stops_training_with_a_message_and_whole_files(prepared, tmp_path, monkeypatch, capsys, file):
     """ENOSPC on epoch 2's checkpoint, or on its new best model: the run ends with what to do (no
@@ -180,6 +185,7 @@ def test_a_full_disk_stops_training_with_a_message_and_whole_files(prepared, tmp
     assert checkpoint(run)["train_state"]["epoch"] == 2
 
 
+@pytest.mark.slow
 def test_a_real_full_disk(prepared, tmp_path, capsys, monkeypatch):
     """The run folder on a small tmpfs, filled up during epoch 2's validation: torch.save and safetensors
     would raise their own error types on a full disk; the run must still end with ENOSPC and whole files."""
@@ -214,6 +220,7 @@ def test_a_real_full_disk(prepared, tmp_path, capsys, monkeypatch):
         subprocess.run(["umount", str(run)], check=True)
 
 
+@pytest.mark.slow
 def test_a_read_only_run_folder_gives_a_message_and_keeps_the_checkpoint(prepared, tmp_path, capsys):
     """chmod does not stop root, so as root the folder is made immutable (chattr +i), which does."""
     run = tmp_path / "run"
@@ -244,6 +251,8 @@ PREPARE_KILLS = [
 ]
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_killed_prepare_resumes_to_identical_features_even_from_a_cut_file(tmp_path):
     """One prepare killed at each point in turn, then its feature file cut short as a kill during its
     creation or a full disk would leave it: run again, it ends byte-identical to an uninterrupted one."""

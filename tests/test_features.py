@@ -14,7 +14,7 @@ from captioner import encoders
 from captioner.config import Config
 from captioner.features import DONE, FAILED, open_prepared, prepare
 
-from conftest import ROOT, write_flickr_dataset
+from helpers import ROOT, write_flickr_dataset
 
 
 def config(data: Path, out: Path, **kw) -> Config:
@@ -61,6 +61,8 @@ def test_interrupted_prepare_resumes_to_identical_features(tiny_dataset, tmp_pat
     assert (tmp_path / "cut" / "features.f16").read_bytes() == whole
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_killed_prepare_process_resumes(tmp_path):
     data = write_flickr_dataset(tmp_path / "data", n=40, size=32)
     out = tmp_path / "p"

@@ -17,7 +17,7 @@ from PIL import Image
 
 from captioner import bulk, cli
 
-from conftest import ROOT
+from helpers import ROOT
 
 HOLD = """
 import sys, time

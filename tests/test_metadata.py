@@ -18,7 +18,7 @@ from PIL import Image, IptcImagePlugin
 from captioner import cli, metadata
 from captioner.metadata import write_library
 
-from conftest import ROOT, killer_command
+from helpers import ROOT, killer_command
 
 pyexiv2 = pytest.importorskip("pyexiv2")
 
@@ -200,6 +200,8 @@ def test_caption_with_write_metadata_writes_what_the_jsonl_holds(tmp_path):
         cli.main(["caption", str(tmp_path / "photos" / "x.jpg"), "--write-metadata"])
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_killed_mid_run_every_photo_is_whole_and_a_rerun_writes_each_once(tmp_path):
     """A `write-metadata` child SIGKILLed just before the 12th rename over a photo, then a second one killed
     while editing its 5th copy (a half-edited NAME.tmp left behind), then a full run: every photo is either

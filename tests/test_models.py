@@ -15,7 +15,7 @@ from captioner.models import (DECODERS, CaptionDecoder, LoadedModel, decoder_cla
                               register_decoder, save_model)
 from captioner.vocab import Vocab
 
-from conftest import random_concepts
+from helpers import random_concepts
 
 SHIPPED = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
 SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16, heads=2, layers=2,

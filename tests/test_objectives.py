@@ -16,7 +16,7 @@ from captioner.runtime import make_optimizer
 from captioner.train import CaptionSet, train, train_step
 from captioner.vocab import Vocab, tokenize
 
-from conftest import SHAPES, needs_java
+from helpers import SHAPES, needs_java
 
 pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 START, END, A, B = 1, 2, 4, 5
@@ -222,6 +222,7 @@ def test_scst_xe_weight_adds_the_cross_entropy_of_the_human_captions(shapes):
     assert "xe" not in without.logs
 
 
+@pytest.mark.slow
 def test_train_command_runs_scst_from_a_cross_entropy_model(shapes, tmp_path):
     # lr 0: the run's best model is the one it started from, so init_from loaded every weight
     cfg = tiny(shapes["prepared"], objective="scst", init_from=str(shapes["xe"]), epochs=1, lr=0.0,
@@ -236,6 +237,7 @@ def test_train_command_runs_scst_from_a_cross_entropy_model(shapes, tmp_path):
     assert all(torch.equal(started[k], best[k]) for k in started)
 
 
+@pytest.mark.slow
 def test_init_from_refuses_a_model_that_does_not_fit(shapes, tmp_path):
     cfg = tiny(shapes["prepared"], init_from=str(shapes["xe"]), hidden_dim=16, epochs=1, run_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"does not fit the configured decoder: hidden_dim 32 \(model\) != 16 \(config\)"):

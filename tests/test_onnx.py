@@ -26,7 +26,7 @@ from captioner.onnx_export import TOLERANCE, _stamp, compare, export_decoder, qu
 from captioner.pipeline import Captioner  # noqa: E402
 from captioner.vocab import Vocab  # noqa: E402
 
-from conftest import ROOT, random_concepts, run_cli  # noqa: E402
+from helpers import ROOT, random_concepts, run_cli  # noqa: E402
 
 PHOTOS = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
 TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
@@ -65,6 +65,8 @@ def exported(model_dir) -> Path:
     return out
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_export_writes_a_self_contained_folder_that_records_its_origin(model_dir, exported):
     assert sorted(p.name for p in exported.iterdir()) == sorted([*GRAPHS.values(), CONCEPT_HEAD, "model.json",
                                                                  "vocab.json"])
@@ -78,6 +80,8 @@ def test_export_writes_a_self_contained_folder_that_records_its_origin(model_dir
     assert (exported / "vocab.json").read_text() == (model_dir / "vocab.json").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_onnxruntime_gives_pytorchs_captions(model_dir, exported):
     reference = Captioner.from_pretrained(model_dir, device="cpu")
     runtime = Captioner.from_pretrained(exported, backend="onnx")
@@ -139,6 +143,8 @@ def test_preprocessing_without_the_network_is_the_encoders():
         image_transforms({**encoder.spec(), "encoder": "timm:resnet18", "preprocess": "crop_pct=0.875"})
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_the_export_check_catches_graphs_that_disagree(model_dir, exported):
     reference = Captioner.from_pretrained(model_dir, device="cpu")
     images = [Image.open(PHOTOS[0])]
@@ -149,6 +155,8 @@ def test_the_export_check_catches_graphs_that_disagree(model_dir, exported):
         verify(reference, exported, images, log=lambda s: None)
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_graphs_from_other_weights_are_refused(exported, tmp_path):
     mixed = tmp_path / "mixed"
     shutil.copytree(exported, mixed)
@@ -157,6 +165,8 @@ def test_graphs_from_other_weights_are_refused(exported, tmp_path):
         Captioner.from_pretrained(mixed, backend="onnx")
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_wrong_backend_and_missing_onnxruntime_say_what_to_do(model_dir, exported, monkeypatch):
     with pytest.raises(ValueError, match="ONNX export without PyTorch weights"):
         Captioner.from_pretrained(exported)
@@ -171,6 +181,8 @@ def test_wrong_backend_and_missing_onnxruntime_say_what_to_do(model_dir, exporte
         require_onnxruntime()
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_int8_decoder_loads_and_captions_from_the_command_line(model_dir, exported, tmp_path):
     out = tmp_path / "int8"
     shutil.copytree(exported, out)

@@ -11,7 +11,7 @@ from PIL import Image
 from captioner.data import load_image
 from captioner.pipeline import Captioner
 
-from conftest import ROOT, run_cli, train_tiny_model
+from helpers import ROOT, run_cli, train_tiny_model
 
 PHOTOS = ROOT / "examples" / "photos"
 
@@ -21,6 +21,7 @@ def model_dir(tmp_path_factory) -> Path:
     return train_tiny_model(tmp_path_factory.mktemp("pipeline"))[1]
 
 
+@pytest.mark.slow
 def test_one_call_from_any_image_input_to_text(model_dir):
     captioner = Captioner.from_pretrained(model_dir, device="cpu")
     path = PHOTOS / "chelsea.jpg"
@@ -34,6 +35,7 @@ def test_one_call_from_any_image_input_to_text(model_dir):
     assert len(batch) == 3 and batch[0] == out
 
 
+@pytest.mark.slow
 def test_arrays_and_tensors_of_the_documented_shapes(model_dir):
     import torch
 
@@ -56,6 +58,7 @@ def test_arrays_and_tensors_of_the_documented_shapes(model_dir):
     assert captioner.attention(chw)["generated_text"] == text
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad, error, says", [
     (42, TypeError, "got int"),
     (None, TypeError, "got NoneType"),
@@ -82,6 +85,7 @@ def test_other_inputs_get_an_error_saying_what_is_accepted(model_dir, bad, error
         assert str(caught.value).startswith("<tensor>: ")
 
 
+@pytest.mark.slow
 def test_n_best_and_option_errors_name_the_field(model_dir):
     captioner = Captioner.from_pretrained(model_dir, device="cpu")
     best = captioner(PHOTOS / "coffee.jpg", beam_size=3, num_captions=3)
@@ -93,6 +97,7 @@ def test_n_best_and_option_errors_name_the_field(model_dir):
             captioner(PHOTOS / "coffee.jpg", **bad)
 
 
+@pytest.mark.slow
 def test_attention_maps_per_word(model_dir):
     captioner = Captioner.from_pretrained(model_dir, device="cpu")
     att = captioner.attention(PHOTOS / "astronaut.jpg")
@@ -101,6 +106,8 @@ def test_attention_maps_per_word(model_dir):
     assert att["image"].size == (224, 224) and att["generated_text"] == " ".join(att["words"])
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_caption_command_files_folders_globs_and_bad_files(model_dir, tmp_path):
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -117,6 +124,8 @@ def test_caption_command_files_folders_globs_and_bad_files(model_dir, tmp_path):
     assert "broken.jpg" in result.stderr and "notes.txt" in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_caption_command_json_csv_and_attention_pictures(model_dir, tmp_path):
     result = run_cli("caption", str(PHOTOS / "chelsea.jpg"), str(PHOTOS / "camera.jpg"), "--model", str(model_dir),
                      "--json", "--num-captions", "2", "--beam-size", "3", "--output", str(tmp_path / "out.csv"),
@@ -132,6 +141,8 @@ def test_caption_command_json_csv_and_attention_pictures(model_dir, tmp_path):
         assert picture.size[0] > 300 and picture.size[1] > 150
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_caption_command_rejects_bad_options(model_dir):
     result = run_cli("caption", str(PHOTOS / "chelsea.jpg"), "--model", str(model_dir), "--beam-size", "0")
     assert result.returncode == 2 and "beam_size" in result.stderr

@@ -10,7 +10,7 @@ from captioner.config import Config
 from captioner.data import Record
 from captioner.features import first_images, open_prepared
 
-from conftest import ROOT, write_flickr_dataset
+from helpers import ROOT, write_flickr_dataset
 
 
 def records(train: int, val: int, test: int) -> list[Record]:

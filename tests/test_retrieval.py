@@ -99,9 +99,11 @@ def test_the_shipped_model_has_image_vectors_in_minilm_space():
     assert vectors.shape == (2, 384) and torch.allclose(vectors.norm(dim=1), torch.ones(2))
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_export_keeps_the_embedder(tmp_path):
     """`captioner export` (a dtype, new decoding defaults) writes a new folder: the photo vectors go with it."""
-    from conftest import run_cli
+    from helpers import run_cli
 
     folder = small_folder(tmp_path / "m")
     made = embedder(8)

