@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned: a plain `pip install torch` would pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev demo serve test test-fast clean
+.PHONY: setup setup-dev demo serve lint test test-fast clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,15 @@ demo: setup
 serve: $(VENV)/.serve
 	$(VENV)/bin/captioner serve
 
+LINT := $(VENV)/bin/ruff check captioner tests scripts app.py
+
+# ruff, configured in pyproject.toml; `make test` runs it first
+lint: setup-dev
+	$(LINT)
+
 # the full suite, as CI runs it (.ci/run)
 test: setup-dev
+	$(LINT)
 	$(PY) -m pytest -q
 
 # the fast lane for the edit-test loop: all but the tests marked slow (training, the CLI in a child process)

@@ -16,8 +16,8 @@ CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 CPU_TOPOLOGY = Path("/sys/devices/system/cpu")  # cpuN/topology/{physical_package_id,core_id}
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .pipeline import Captioner
+    from .config import Config as Config  # re-exported: `captioner.Config`, loaded lazily below
+    from .pipeline import Captioner as Captioner
 
 
 def __getattr__(name: str) -> Any:

@@ -19,7 +19,8 @@ RESUME = {"prepare": "run the same command again to resume",
           "write-metadata": "run the same command again to resume; the photos already written are skipped"}
 EVALUATE_KEYS = tuple(k for k in MODEL_KEYS if k != "beam_size")  # beam sizes: --beam-sizes
 PREPARE_FLAGS = ["data", "format", "images", "prepared", "skip_missing", "holdout_words", "split_file", "max_images",
-                 "min_count", "extra_vocabulary", "extra_min_count", "max_caption_length", "encoder", "image_size", "feature_layer", "prepare_batch_size",
+                 "min_count", "extra_vocabulary", "extra_min_count", "max_caption_length", "encoder", "image_size",
+                 "feature_layer", "prepare_batch_size",
                  "encoder_from", "device"]
 
 
@@ -174,7 +175,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 from .visualize import attention_figure
 
                 words, alphas = captioner.attention_maps(result.captions[0])
-                attention_figure(captioner.encoder.crop(image), words, alphas, Path(args.attention) / f"{path.stem}.png")
+                attention_figure(captioner.encoder.crop(image), words, alphas,
+                                 Path(args.attention) / f"{path.stem}.png")
     if args.json:
         print(json.dumps([{"file": str(p), "captions": c, **more} for p, c, more in results], indent=1))
     if args.output:

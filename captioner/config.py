@@ -218,7 +218,7 @@ class Config:
         replace_file(path, lambda tmp: tmp.write_text(text))  # a resumed run reads it back
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "Config":
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -229,7 +229,7 @@ class Config:
             raise ValueError(f"{source}: {err}") from None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Config":
+    def load(cls, path: str | Path) -> Config:
         """Read a YAML or JSON file of options (a flat mapping). `base: OTHER.yaml` (a path relative to
         the file) reads that file's options first and lets this one override them, so a variant of a
         recipe states only how it differs."""

@@ -61,7 +61,8 @@ def sentence_embeddings(prepared: Prepared, model: str = SENTENCE_MODEL, device:
     table_path, meta_path = prepared.root / f"{CACHE}.npy", prepared.root / f"{CACHE}.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        stale = [f"{key} {meta.get(key)!r} (cache) != {value!r}" for key, value in want.items() if meta.get(key) != value]
+        stale = [f"{key} {meta.get(key)!r} (cache) != {value!r}"
+                 for key, value in want.items() if meta.get(key) != value]
         if stale:
             raise ValueError(f"{meta_path} is stale: {'; '.join(stale)}; delete {table_path.name} and "
                              f"{meta_path.name} to recompute")
@@ -104,7 +105,8 @@ def info_nce(images: Tensor, texts: Tensor, owner: Tensor, log_scale: Tensor) ->
     return (image_to_caption.mean() + caption_to_image) / 2
 
 
-def retrieval_recall(images: Tensor, texts: Tensor, owner: Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+def retrieval_recall(images: Tensor, texts: Tensor, owner: Tensor,
+                     ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
     """Recall@k both ways from cosine similarity. Image -> caption: a hit when any of the image's own
     captions is among its k nearest captions; caption -> image: when its image is among the caption's
     k nearest images. Ties count against the hit, so constant embeddings score no better than chance."""
@@ -176,12 +178,14 @@ def pretrain(cfg: Config, image_side: nn.Module, region_dim: int, prepared: Prep
     optimizer = make_optimizer(cfg.optimizer, list(image_side.parameters()) + list(head.parameters()), cfg.pretrain_lr,
                                cfg.weight_decay)
     steps_per_epoch = math.ceil(len(rows) / cfg.pretrain_batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, steps_per_epoch * cfg.pretrain_epochs))
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer,
+                                                          T_max=max(1, steps_per_epoch * cfg.pretrain_epochs))
     use_amp = cfg.amp and bf16_supported(device)
     rng = np.random.default_rng(cfg.seed)
     sentences = sentences.to(device)
     history: list[dict] = []
-    best: tuple[float, int, dict, dict] = (-math.inf, 0, copy.deepcopy(image_side.state_dict()), copy.deepcopy(head.state_dict()))
+    best: tuple[float, int, dict, dict] = (-math.inf, 0, copy.deepcopy(image_side.state_dict()),
+                                           copy.deepcopy(head.state_dict()))
     for epoch in range(1, cfg.pretrain_epochs + 1):
         image_side.train()
         head.train()
@@ -207,7 +211,8 @@ def pretrain(cfg: Config, image_side: nn.Module, region_dim: int, prepared: Prep
                                "temperature": float(1 / head.log_scale.detach().clamp(0, MAX_LOG_SCALE).exp()),
                                "seconds": round(time.time() - start, 1)}
         if validate:
-            row.update({f"val_{k}": v for k, v in split_recall(image_side, head, prepared, sentences, "val", device).items()})
+            recall = split_recall(image_side, head, prepared, sentences, "val", device)
+            row.update({f"val_{k}": v for k, v in recall.items()})
         history.append(row)
         score = sum(v for k, v in row.items() if k.startswith("val_")) if validate else epoch
         if score > best[0]:
@@ -244,7 +249,8 @@ def pretrain_image_side(cfg: Config, decoder: nn.Module, prepared: Prepared, dev
         changed = [f"{key} ({result['settings'].get(key)!r} -> {value!r})" for key, value in settings.items()
                    if result["settings"].get(key) != value]
         if changed:
-            raise ValueError(f"{path} was pretrained with other options: {', '.join(changed)}; delete it to pretrain again")
+            raise ValueError(f"{path} was pretrained with other options: {', '.join(changed)}; "
+                             "delete it to pretrain again")
         log(f"contrastive pretraining: done earlier, image side from {path} (epoch {result['best_epoch']})")
     elif not is_main():
         return
@@ -291,7 +297,8 @@ def evaluate_retrieval(run: str | Path, prepared_dir: str | Path, split: str = "
     prepared = open_prepared(prepared_dir)
     side, head, result = load_pretrained(run, dev)
     check_encoder_spec(result["encoder_spec"], prepared.spec, f"{run} (against {prepared_dir})")
-    sentences = torch.from_numpy(sentence_embeddings(prepared, result["sentence_model"], dev, log=log).astype(np.float32))
+    sentences = torch.from_numpy(sentence_embeddings(prepared, result["sentence_model"], dev,
+                                                     log=log).astype(np.float32))
     scores = split_recall(side, head, prepared, sentences, split, dev)
     rows = prepared.indices(split)
     log(f"{split}: {len(rows)} images, {sum(len(prepared.records[r].captions) for r in rows)} captions "

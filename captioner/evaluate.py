@@ -104,7 +104,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     dev = resolve_device(device)
     prepared = open_prepared(prepared_dir)
     loaded = load_model(model, dev)
-    base = dataclasses.replace(DecodingOptions(**loaded.decoding), **{k: v for k, v in overrides.items() if v is not None})
+    base = dataclasses.replace(DecodingOptions(**loaded.decoding),
+                               **{k: v for k, v in overrides.items() if v is not None})
     members = [(model, loaded)] + [(path, load_model(path, dev)) for path in ensemble]
     for path, member in members[1:]:  # the features must fit (below); the vocabulary is the model's own
         if member.vocab.itos != loaded.vocab.itos:
@@ -123,7 +124,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     refs = prepared.references(rows)
     memory = None
     if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
-        memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded.path, loaded.embedder, datastore), loaded.decoder,
+        memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded.path, loaded.embedder, datastore),
+                                  loaded.decoder,
                                   loaded.vocab, base.retrieved, log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
@@ -144,7 +146,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
             f"({len(rows)} images decoded in {seconds:.1f}s)")
     decoding = {key: value for key, value in vars(base).items() if key not in ("beam_size", "num_captions")}
     results = {"model": str(model), **({"ensemble": [str(p) for p in ensemble]} if ensemble else {}),
-               "split": split, "images": len(rows), "max_length": base.max_length, "decoding": decoding, "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
+               "split": split, "images": len(rows), "max_length": base.max_length, "decoding": decoding,
+               "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
     _write_json(out / "results.json", results, indent=1)
     log(format_fluency_table(fluent))
     return table

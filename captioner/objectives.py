@@ -36,7 +36,8 @@ class Batch:
     captions: Tensor  # (B, T) `<start> w.. <end> <pad>..`, longest first
     lengths: Tensor  # (B,)
     teacher_forcing: float = 1.0  # scheduled sampling: the probability of feeding the true previous word
-    memory: Tensor | None = None  # (I, M) each image's retrieved captions, for a retrieval decoder (models/retrieval.py)
+    # (I, M) each image's retrieved captions, for a retrieval decoder (models/retrieval.py)
+    memory: Tensor | None = None
 
 
 @dataclass
@@ -70,7 +71,8 @@ class CrossEntropy:
 
 class CaptionReward:
     """CIDEr-D, plus bleu_weight x sentence BLEU-4 and less repeat_penalty per repeated bigram if asked,
-    of sampled captions against all the references of their images. The document frequencies come from every image given (the train
+    of sampled captions against all the references of their images. The document frequencies come from every image given
+    (the train
     split), worked out once.
 
     CIDEr-D sees the end of a caption as a word (`<end>`, closing every reference and every sample

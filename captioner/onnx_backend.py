@@ -113,7 +113,8 @@ class OnnxDecoder:
         return WithMemory(self, memory)
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
-        feed = {"words": words.contiguous().numpy(), **{f"state.{n}": state[n].contiguous().numpy() for n in self.state_names}}
+        feed = {"words": words.contiguous().numpy(),
+                **{f"state.{n}": state[n].contiguous().numpy() for n in self.state_names}}
         logprobs, *changed, alpha = self.step_session.run(self._outputs, feed)
         new_state = dict(state)  # what the step does not change stays the same object
         new_state.update((name, torch.from_numpy(x)) for name, x in zip(self.step_outputs, changed))

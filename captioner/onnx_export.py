@@ -142,7 +142,8 @@ def export_decoder(decoder: CaptionDecoder, features: Tensor, vocab_size: int, o
                          "the exported graphs need the same names")
     changed = [n for n in names if second[n] is not first[n]]
     varying = _varying_dims(first, second)
-    _export(_Init(decoder, names), (features, *extra), out / GRAPHS["init"], ["features", *(["memory"] if extra else [])],
+    _export(_Init(decoder, names), (features, *extra), out / GRAPHS["init"],
+            ["features", *(["memory"] if extra else [])],
             [f"state.{n}" for n in names], ({0: auto},) * (1 + len(extra)), weights)
     state_shapes = [{d: auto for d in {0} | varying[n]} for n in names]
     # contiguous examples: the graphs take dense arrays, and a view's strides would enter the trace
@@ -156,7 +157,8 @@ def export_decoder(decoder: CaptionDecoder, features: Tensor, vocab_size: int, o
 def _opset(path: Path) -> int:
     import onnx
 
-    return next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    return next(o.version for o in onnx.load(str(path),
+                                             load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
 
 
 def quantize_graphs(folder: Path, roles: Sequence[str]) -> None:
@@ -263,7 +265,8 @@ def retrieved(reference: Captioner, images: list[Image.Image] | Tensor) -> Tenso
     return retrieve(reference.datastore, vectors, reference.vocab, reference.decoder.args)[0]
 
 
-def verify(reference: Captioner, folder: Path, images: list[Image.Image], log: Callable[[str], None] = print) -> Agreement:
+def verify(reference: Captioner, folder: Path, images: list[Image.Image],
+           log: Callable[[str], None] = print) -> Agreement:
     """The export's self-check: onnxruntime on `folder` must give the reference's captions on `images`, and
     log-probabilities within TOLERANCE; a ValueError says how far off it is."""
     agreement = compare(reference, Captioner.from_pretrained(folder, backend="onnx"), images)
@@ -280,7 +283,8 @@ def check_images(n: int = 3, seed: int = 0) -> list[Image.Image]:
     """Smooth random colour fields of different shapes: any picture will do to compare two backends."""
     rng = np.random.default_rng(seed)
     sizes = [(320, 240), (240, 320), (300, 300), (400, 260)]
-    return [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize(sizes[i % len(sizes)], Image.BICUBIC)
+    return [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+            .resize(sizes[i % len(sizes)], Image.BICUBIC)
             for i in range(n)]
 
 

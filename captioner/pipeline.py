@@ -13,7 +13,7 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from .onnx_backend import OnnxEncoder
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
-ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
 ACCEPTED = "a path (str or Path), the bytes of an image file, a PIL image, a numpy array or a torch tensor"
 
 
@@ -63,7 +63,7 @@ class Captioner:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", backend: str = "torch",
-                        datastore: str | Path | None = None) -> "Captioner":
+                        datastore: str | Path | None = None) -> Captioner:
         """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best); with
         backend="onnx", a folder `captioner export --format onnx` wrote, run by onnxruntime on the CPU.
         `datastore`: the caption datastore a retrieval model reads instead of its own (`captioner datastore
@@ -73,7 +73,8 @@ class Captioner:
             from .onnx_backend import load_onnx
 
             if device not in ("auto", "cpu"):
-                raise ValueError(f"the onnx backend runs on the CPU, not {device!r}; use --backend torch for that device")
+                raise ValueError(f"the onnx backend runs on the CPU, not {device!r}; "
+                                 "use --backend torch for that device")
             exported = load_onnx(path)
             concepts = Concepts(*exported.head, exported.vocab) if exported.head is not None else None
             return cls(exported.encoder, exported.decoder, exported.vocab, DecodingOptions(**exported.decoding),
@@ -166,7 +167,8 @@ class Captioner:
 
         One image gives [{"generated_text", "score", "concepts"}, ...] (n-best, best first; "concepts"
         lists what the encoder recognised in the image, {"word", "probability"} most probable first, the
-        same in each); many give one such list per image. Anything else raises TypeError saying what is accepted; pixels of another shape or
+        same in each); many give one such list per image. Anything else raises TypeError saying what is accepted; pixels
+        of another shape or
         dtype raise ValueError (ImageError) naming them."""
         opts = self.options(**options)
         items, single = _as_images(inputs)

@@ -178,7 +178,8 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
 
 # ---------------------------------------------------------------- optimizer and checkpoints
 
-def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params: Iterable[nn.Parameter], lr: float,
+                   weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """One of OPTIMIZERS over the trainable parameters."""
     params = [p for p in params if p.requires_grad]
     if name == "adam":
@@ -206,4 +207,5 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{path}: not a checkpoint this captioner can load safely ({str(err).splitlines()[0]})") from None
+        raise ValueError(f"{path}: not a checkpoint this captioner can load safely "
+                         f"({str(err).splitlines()[0]})") from None

@@ -152,7 +152,8 @@ def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str]
             files, vectors, images, covered = meta["files"], np.load(table_path), cached, meta["bytes"]
             captions, concepts = meta["captions"], meta["concepts"]
     end, texts, new_files, new_images, new_rows = covered, [], [], [], []
-    for end, _, record in read_lines(jsonl, start=covered):  # a half-written last line waits for the next search
+    # a half-written last line waits for the next search; the last line's end is read after the loop
+    for end, _, record in read_lines(jsonl, start=covered):  # noqa: B007
         text = record_text(record)
         if text is not None:
             if "vector" in record:

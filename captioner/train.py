@@ -36,16 +36,34 @@ from .encoders import Encoder, create_encoder
 from .evaluate import decode_split, retrieved_memory
 from .features import PENDING, Prepared, image_inputs, open_prepared
 from .metrics import require_java, score_captions
-from .models import (CaptionDecoder, DecoderOutput, check_encoder_spec, decoder_from_config, decoding_defaults,
-                     load_model, save_model)
+from .models import (
+    CaptionDecoder,
+    DecoderOutput,
+    check_encoder_spec,
+    decoder_from_config,
+    decoding_defaults,
+    load_model,
+    save_model,
+)
 from .models.files import RETRIEVAL_FILE, add_retrieval, read_retrieval
 from .models.lstm import CONCEPT_WEIGHTS
 from .objectives import Batch, make_objective
-from .runtime import (bf16_supported, deterministic_algorithms, is_main, load_checkpoint, make_optimizer, rank_seed,
-                      resolve_device, save_checkpoint, seed_everything, set_rng_state, setup_distributed,
-                      share_scores_and_rng, synchronize)
+from .runtime import (
+    bf16_supported,
+    deterministic_algorithms,
+    is_main,
+    load_checkpoint,
+    make_optimizer,
+    rank_seed,
+    resolve_device,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    setup_distributed,
+    share_scores_and_rng,
+    synchronize,
+)
 from .vocab import Vocab
-
 
 # ---------------------------------------------------------------- data
 
@@ -152,7 +170,8 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer, steps_per_epoc
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=0.5, patience=1)
     if cfg.schedule == "onecycle":
         max_lr = [g["lr"] for g in optimizer.param_groups]
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=max(1, steps_per_epoch * epochs))
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr,
+                                                   total_steps=max(1, steps_per_epoch * epochs))
     if cfg.schedule == "warmup":  # what transformers need: no total step count, so more epochs stay honest
         warmup = max(1, cfg.warmup_steps)
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min((step + 1) / warmup,
@@ -221,7 +240,8 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
     except ImportError:
         return
     epochs = [h["epoch"] for h in history]
-    titles = {"train_loss": "loss", "train_top5": "top-5 accuracy", "val_Bleu_4": "BLEU-4 (dev)", "val_CIDEr": "CIDEr (dev)"}
+    titles = {"train_loss": "loss", "train_top5": "top-5 accuracy", "val_Bleu_4": "BLEU-4 (dev)",
+              "val_CIDEr": "CIDEr (dev)"}
     panels = [(key, titles.get(key, key)) for key in keys if key.startswith(("train_", "val_"))]
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
     for ax, (key, title) in zip(axes, panels):
@@ -354,7 +374,8 @@ def wrap(module: nn.Module, device: torch.device, world: int) -> nn.Module:
 
 
 # What a resumed run may change: how long it runs, where, and where it finds its files; not what it trains.
-RESUME_MAY_CHANGE = frozenset({"epochs", "finetune_epochs", "patience", "device", "num_workers", "val_images", "deterministic",
+RESUME_MAY_CHANGE = frozenset({"epochs", "finetune_epochs", "patience", "device", "num_workers", "val_images",
+                               "deterministic",
                                "amp", "data", "images", "prepared", "run_dir"})
 
 

@@ -21,7 +21,8 @@ NEVER_WRITTEN = (PAD_ID, START_ID, UNK_ID)  # what decoding forbids by default
 _TOKEN = re.compile(r"[a-z0-9]+(?:[-'.][a-z0-9]+)*|'(?:s|re|ve|ll|d|m)\b|\S")
 _CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$")
 # Tokens coco-caption's tokenizer removes after PTB tokenization.
-_PUNCTUATION = set("''  '  ``  `  -lrb-  -rrb-  -lcb-  -rcb-  .  ?  !  ,  :  -  --  ...  ;  \"  (  )  [  ]  {  }".split())
+_PUNCTUATION = set("''  '  ``  `  -lrb-  -rrb-  -lcb-  -rcb-  .  ?  !  ,  :  -  --  ...  ;  \"  (  )  [  ]  {  }"
+                   .split())
 
 
 def tokenize(text: str) -> list[str]:
@@ -52,7 +53,7 @@ class Vocab:
         return len(self.itos)
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5, max_length: int = 50) -> "Vocab":
+    def build(cls, captions: Iterable[str], min_count: int = 5, max_length: int = 50) -> Vocab:
         """Keep words seen at least `min_count` times; pass only training captions so dev/test never leak in."""
         counts = Counter(tok for caption in captions for tok in tokenize(caption))
         words = sorted((w for w, c in counts.items() if c >= min_count), key=lambda w: (-counts[w], w))
@@ -79,7 +80,7 @@ class Vocab:
         Path(path).write_text(json.dumps(data, indent=0) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocab":
+    def load(cls, path: str | Path) -> Vocab:
         data = json.loads(Path(path).read_text())
         if data.get("itos", [])[:4] != list(SPECIALS):
             raise ValueError(f"{path}: not a captioner vocabulary (must start with {', '.join(SPECIALS)})")

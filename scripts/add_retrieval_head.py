@@ -46,13 +46,15 @@ def embedder_of(run: str) -> tuple[ImageEmbedder, dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="a run folder trained with --pretrain contrastive (its pretrain.pt)")
+    parser.add_argument("--run", required=True,
+                        help="a run folder trained with --pretrain contrastive (its pretrain.pt)")
     parser.add_argument("--model", default="captioner/models/flickr8k-lite0")
     parser.add_argument("--prepared", help="the prepared folder the run trained on: check float16 against float32")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     embedder, result = embedder_of(args.run)
-    check_encoder_spec(result["encoder_spec"], load_model(args.model).features_spec, f"{args.run} (against {args.model})")
+    check_encoder_spec(result["encoder_spec"], load_model(args.model).features_spec,
+                       f"{args.run} (against {args.model})")
     if args.prepared:
         prepared = open_prepared(args.prepared)
         sentences = torch.from_numpy(sentence_embeddings(prepared, result["sentence_model"]).astype(np.float32))

@@ -9,7 +9,6 @@ with the encoder and decoder shares of the time.
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import time
@@ -34,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
 
     paths = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg"))[: args.n]
-    cmd = [sys.executable, "-m", "captioner.cli", "caption", str(paths[0])] + (["--model", args.model] if args.model else [])
+    cmd = [sys.executable, "-m", "captioner.cli", "caption",
+           str(paths[0])] + (["--model", args.model] if args.model else [])
     cold = []
     for _ in range(args.cold_runs):
         start = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,13 @@ import torch
 from captioner.data import expand_inputs, load_image
 from captioner.datastore import BATCH, build, caption_groups
 from captioner.pipeline import Captioner
+
+
+def replay(vectors: np.ndarray, n: int) -> Callable[[list[str]], np.ndarray]:
+    """An encoder for build() that hands out the caption vectors computed once above, in order, instead of
+    running MiniLM again for every size measured."""
+    position = iter(range(n))
+    return lambda texts: vectors[[next(position) for _ in texts]]
 
 
 def main() -> None:
@@ -58,12 +66,10 @@ def main() -> None:
     print(f"{len(captions):,} captions, {len(paths)} query photos, top {args.k}")
     print("| kept dims | size (MiB) | exact top-k found | cosine error (mean abs) | search ms / photo |")
     print("| ---: | ---: | ---: | ---: | ---: |")
-    position = iter(range(len(captions)))
     for dim in [int(d) for d in args.dims.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
-            store = build(args.sources, Path(tmp) / "ds", encoder=lambda texts: vectors[[next(position) for _ in texts]],
+            store = build(args.sources, Path(tmp) / "ds", encoder=replay(vectors, len(captions)),
                           split=args.split, reduced_dim=dim, log=lambda s: None)
-            position = iter(range(len(captions)))
             size = sum(f.stat().st_size for f in (Path(tmp) / "ds").iterdir()) / 2**20
             found = store.search(queries, args.k)
             start = time.perf_counter()

@@ -120,7 +120,8 @@ def compare_chunks(encoder: Encoder, inputs: list[torch.Tensor], chunks: list[in
                     folded(x)
                 speeds[chunk].append(n / (time.perf_counter() - start))
     base = sorted(speeds[chunks[-1]])[rounds // 2]
-    print(f"| threads | images per pass | forward img/s (median of {rounds}) | vs {chunks[-1]} |\n| ---: | ---: | ---: | ---: |")
+    print(f"| threads | images per pass | forward img/s (median of {rounds}) | vs {chunks[-1]} |\n"
+          "| ---: | ---: | ---: | ---: |")
     for chunk, values in speeds.items():
         median = sorted(values)[rounds // 2]
         print(f"| {threads} | {chunk} | {median:.1f} | {median / base:.2f}x |")

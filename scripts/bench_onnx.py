@@ -78,7 +78,8 @@ def caption_files(captioner: Captioner, paths: list[Path], beam_size: int, batch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
-    parser.add_argument("--prepared", default="prepared/flickr8k", help="prepared Flickr8k (its records list the test images)")
+    parser.add_argument("--prepared", default="prepared/flickr8k",
+                        help="prepared Flickr8k (its records list the test images)")
     parser.add_argument("--work", default="bench-onnx", help="folder for the exported models")
     parser.add_argument("--n", type=int, default=96, help="images for the speed figures")
     parser.add_argument("--threads", type=lambda v: [int(t) for t in v.split(",")], default=[1, 2],
@@ -128,8 +129,8 @@ def main() -> None:
             baseline = baseline or texts
             scores = score_captions(dict(zip(names, texts)), references, metrics=("Bleu_4", "CIDEr"))
             same = sum(a == b for a, b in zip(texts, baseline))
-            print(f"| {name} | {100 * scores['Bleu_4']:.1f} | {100 * scores['CIDEr']:.1f} | {same} / {len(texts)} | {rate:.1f} |",
-                  flush=True)
+            print(f"| {name} | {100 * scores['Bleu_4']:.1f} | {100 * scores['CIDEr']:.1f} | {same} / {len(texts)} "
+                  f"| {rate:.1f} |", flush=True)
         print()
 
     cold: dict[str, list[float]] = {name: [] for name in list(models)[:3]}
@@ -146,7 +147,8 @@ def main() -> None:
     print("size on disk (PyTorch: the model folder plus the encoder's weight file from its package): " +
           "; ".join(f"{name} {size_mib(*models[name]):.1f} MiB" for name in models) + "\n")
 
-    print(f"| threads | model | images/s (beam 5) | vs PyTorch | ms/image: load + preprocess, encoder, decoder steps, search |")
+    print("| threads | model | images/s (beam 5) | vs PyTorch "
+          "| ms/image: load + preprocess, encoder, decoder steps, search |")
     print("|---:|---|---:|---:|---|")
     for threads in args.threads:
         torch.set_num_threads(threads)  # onnxruntime sessions take torch's thread count when they open
@@ -167,9 +169,10 @@ def main() -> None:
             base_rate = base_rate or rate
             split = ", ".join(f"{1000 * spent[k] / args.n:.1f}" for k in ("load", "encoder", "decoder", "search"))
             every = ", ".join(f"{args.n / s:.1f}" for s, _ in runs[name])
-            print(f"| {threads} | {name} | {rate:.1f} (rounds: {every}) | {rate / base_rate:.2f}x | {split} |", flush=True)
-    print(f"\nimages/s: median of {args.rounds} rounds over {args.n} images, batches of {args.batch_size}, the backends "
-          "taking turns; the time split is that of the median round.")
+            print(f"| {threads} | {name} | {rate:.1f} (rounds: {every}) | {rate / base_rate:.2f}x | {split} |",
+                  flush=True)
+    print(f"\nimages/s: median of {args.rounds} rounds over {args.n} images, batches of {args.batch_size}, "
+          "the backends taking turns; the time split is that of the median round.")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--rounds", type=int, default=20)
     args = parser.parse_args()
-    print(f"{cpu_name()}, {torch.get_num_threads()} threads; float16 table, float16 product, nearest rescored in float32")
+    print(f"{cpu_name()}, {torch.get_num_threads()} threads; "
+          "float16 table, float16 product, nearest rescored in float32")
     encode = load_sentence_encoder()
     with open(args.captions, encoding="utf-8") as lines:
         texts = [line.split("\t", 1)[1].strip() for line in lines][:args.n_build]
@@ -59,7 +60,8 @@ def main() -> None:
         encode(texts[s:s + BATCH])
     build = len(texts) / (time.perf_counter() - start)
     print(f"index build: {build:.0f} captions/s ({len(texts)} captions, batches of {BATCH})")
-    print("| photos | table MiB | query ms (median) | of which ranking ms | ranking with image vectors ms | peak RSS MiB (process, MiniLM included) |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| photos | table MiB | query ms (median) | of which ranking ms | ranking with image vectors ms "
+          "| peak RSS MiB (process, MiniLM included) |\n| ---: | ---: | ---: | ---: | ---: | ---: |")
     rng = np.random.default_rng(0)
     query = encode([QUERIES[0]])[0]
     for size in (int(s) for s in args.sizes.split(",")):

@@ -89,7 +89,8 @@ def main() -> None:
         predicted = ([bool(p >= base.concept_threshold) for p in probs[:, words.index(name)].tolist()]
                      if name in words else [False] * len(rows))  # ImageNet-1k may have no class for it
         head_alone[name] = f1(predicted, actual)[2]
-    report: dict = {"model": args.model, "head_alone_F1": head_alone, "split": args.split, "decoding": vars(base), "strength": args.strength,
+    report: dict = {"model": args.model, "head_alone_F1": head_alone, "split": args.split, "decoding": vars(base),
+                    "strength": args.strength,
                     "runs": {}}
     for label, on in (("without concepts", False), ("with concepts", True)):
         opts = dataclasses.replace(base, concepts=on)

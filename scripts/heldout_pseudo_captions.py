@@ -1,7 +1,8 @@
 """Pseudo-captions for the held-out protocol's withheld images (PS-NOC's lever, Bujimalla et al., 2021):
 the held-out model captions the train images whose human captions were withheld, writing what the
 encoder's ImageNet head recognises in the place of its nearest known words (concepts.py, with a
-stronger bonus than captioning's default), and every caption that so gained a word the model never learned becomes a training caption.
+stronger bonus than captioning's default), and every caption that so gained a word the model never learned becomes a
+training caption.
 
     python scripts/heldout_pseudo_captions.py --model runs/flickr8k-heldout/best \
         --full prepared/flickr8k --heldout prepared/flickr8k-heldout --output prepared/heldout-pseudo.jsonl \

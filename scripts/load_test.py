@@ -17,13 +17,12 @@ import json
 import os
 import platform
 import socket
+import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import struct
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np

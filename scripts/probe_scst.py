@@ -19,12 +19,12 @@ import numpy as np
 import torch
 
 from captioner.config import Config
+from captioner.decoding_options import DecodingOptions
+from captioner.evaluate import decode_split
 from captioner.features import open_prepared
+from captioner.metrics import score_captions
 from captioner.models import decoder_from_config
 from captioner.objectives import Batch, make_objective
-from captioner.decoding_options import DecodingOptions
-from captioner.metrics import score_captions
-from captioner.evaluate import decode_split
 from captioner.runtime import make_optimizer
 from captioner.train import CaptionSet, init_decoder_from, train_step
 

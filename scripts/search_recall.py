@@ -63,7 +63,8 @@ def calibration(index: Index, queries: np.ndarray) -> str:
     image = queries.astype(np.float32) @ index.images.vectors.astype(np.float32).T
     scale = float(text.std() / image.std())
     return (f"{text.size} query-photo pairs: caption cosine mean {text.mean():.3f} sd {text.std():.3f}, image cosine "
-            f"mean {image.mean():.3f} sd {image.std():.3f} -> scale {scale:.3f}, shift {text.mean() - scale * image.mean():.3f} "
+            f"mean {image.mean():.3f} sd {image.std():.3f} -> scale {scale:.3f}, "
+            f"shift {text.mean() - scale * image.mean():.3f} "
             f"(search.py: IMAGE_SCALE {IMAGE_SCALE}, IMAGE_SHIFT {IMAGE_SHIFT})")
 
 

@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.concepts import (N_CLASSES, TABLE, Concepts, concept_probs, concept_vocabulary, load_concept_words,
-                                neighbours, read_concept_words, top_concepts)
+from captioner.concepts import (
+    N_CLASSES,
+    TABLE,
+    Concepts,
+    concept_probs,
+    concept_vocabulary,
+    load_concept_words,
+    neighbours,
+    read_concept_words,
+    top_concepts,
+)
 from captioner.decoding import beam_search
 from captioner.decoding_options import DecodingOptions
 from captioner.vocab import Vocab, tokenize

@@ -106,7 +106,8 @@ def test_values_are_checked_when_the_config_is_read(tmp_path, values, message):
 def test_flags_are_checked_with_the_file_they_override(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("num_captions: 3\n")
-    with pytest.raises(ValueError, match=r"c.yaml with the flags given: .*num_captions \(3\) must be at most beam_size \(2\)"):
+    with pytest.raises(ValueError,
+                       match=r"c.yaml with the flags given: .*num_captions \(3\) must be at most beam_size \(2\)"):
         parse(["--config", str(path), "--beam-size", "2"])
     parser = argparse.ArgumentParser()
     add_config_flags(parser)
@@ -125,7 +126,8 @@ def test_every_flag_says_what_it_does_its_choices_or_range_and_default():
             continue
         assert f"--{f.name.replace('_', '-')}" in text
         assert f"(default: {f.default!r})" in text, f.name
-    assert "--schedule {plateau,onecycle,warmup,none}" in text and "--decoder {attention,hard-attention,mean,transformer,retrieval}" in text
+    assert "--schedule {plateau,onecycle,warmup,none}" in text
+    assert "--decoder {attention,hard-attention,mean,transformer,retrieval}" in text
     assert "--beam-size INT beam size; from 1 to 20 (default: 3)" in text
 
 

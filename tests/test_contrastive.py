@@ -13,12 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner import cli
-from captioner import contrastive
+from captioner import cli, contrastive
 from captioner import train as train_mod
 from captioner.config import Config
-from captioner.contrastive import (PooledHead, info_nce, pretrain, retrieval_recall, sentence_embeddings,
-                                   split_recall)
+from captioner.contrastive import PooledHead, info_nce, pretrain, retrieval_recall, sentence_embeddings, split_recall
 from captioner.data import Record
 from captioner.features import DONE, Prepared
 from captioner.models import decoder_from_config, load_model
@@ -165,7 +163,8 @@ def test_sentence_cache_is_written_once_and_refuses_a_stale_one(tmp_path, fake_m
     again = sentence_embeddings(prepared, log=lambda s: None)
     assert fake_minilm["texts"] == 100 and np.array_equal(again, table)  # read back, not recomputed
 
-    with pytest.raises(ValueError, match=r"sentences-minilm.json is stale: model .*all-MiniLM-L6-v2.* != 'other/model'"):
+    with pytest.raises(ValueError,
+                       match=r"sentences-minilm.json is stale: model .*all-MiniLM-L6-v2.* != 'other/model'"):
         sentence_embeddings(prepared, model="other/model")
     edited = synthetic_prepared(tmp_path, n=20, seed=1)  # the same number of captions, other words
     with pytest.raises(ValueError, match="stale: sha1"):
@@ -255,7 +254,8 @@ def test_train_pretrains_then_starts_the_captioner_from_the_image_side(prepared_
     for key, value in pretrained["image_side"].items():
         assert torch.equal(seen[0][key], value), key  # caption training started from the pretrained image side
     fresh = decoder_from_config(small(prepared_dir, run, **family), len(load_model(run / "best").vocab), 1280)
-    assert any(not torch.equal(value, pretrained["image_side"][key]) for key, value in fresh.image_side().state_dict().items())
+    assert any(not torch.equal(value,
+                               pretrained["image_side"][key]) for key, value in fresh.image_side().state_dict().items())
     assert any(line.startswith("pretrain epoch 2: InfoNCE") for line in logs)
     assert not any(p.name.startswith("pretrain") for p in (run / "best").iterdir())  # the head stays in the run
 
@@ -310,7 +310,8 @@ def test_a_restarted_run_reuses_its_finished_pretraining(prepared_dir, tmp_path,
     other = tmp_path / "other"  # a pretrain.pt left by other options is refused, by name
     other.mkdir()
     (other / "pretrain.pt").write_bytes((tmp_path / "cut" / "pretrain.pt").read_bytes())
-    with pytest.raises(ValueError, match=r"pretrain.pt was pretrained with other options: pretrain_lr \(0.01 -> 0.02\)"):
+    with pytest.raises(ValueError,
+                       match=r"pretrain.pt was pretrained with other options: pretrain_lr \(0.01 -> 0.02\)"):
         train(small(prepared_dir, other, pretrain_lr=0.02), log=lambda s: None)
     # a resumed run takes its decoder from last.pt and never looks at the pretraining
     monkeypatch.setattr(contrastive, "pretrain_image_side", must_not_pretrain)

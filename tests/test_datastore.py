@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import train_tiny_model
 from test_models import small_decoder
 
 from captioner.datastore import DatastoreError, build, caption_groups, load_datastore
 from captioner.models.embedder import ImageEmbedder
 from captioner.models.retrieval import memory_tokens
 from captioner.vocab import UNK_ID
+
+from helpers import train_tiny_model
 
 DIM = 8
 
@@ -136,7 +137,8 @@ def retrieval_model(tmp_path_factory) -> tuple[Path, Path, Path]:
     lines = []  # captions in the training vocabulary that tell every photo apart: its number in colours
     for i in range(9):
         colours = [["red", "green", "blue"][i // 3 ** j % 3] for j in range(3)]
-        lines += [f"img{i:03d}.jpg#0\t{' '.join(colours)} noise", f"img{i:03d}.jpg#1\t{' '.join(colours[::-1])} picture"]
+        lines += [f"img{i:03d}.jpg#0\t{' '.join(colours)} noise",
+                  f"img{i:03d}.jpg#1\t{' '.join(colours[::-1])} picture"]
     (data / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
     build([data / "Flickr8k.token.txt"], root / "ds", encoder=fake_encoder, split="train", reduced_dim=DIM,
           log=lambda s: None)

@@ -7,10 +7,10 @@ import torch
 from torch import Tensor
 
 from captioner.config import Config
-from captioner.models import DECODERS, State, decoder_class, decoder_from_config
-from captioner.models.lstm import AttentionLSTM, LSTMArgs, MeanLSTM
 from captioner.decoding import Caption, Ensemble, beam_search, greedy, sample
 from captioner.decoding_options import DecodingOptions
+from captioner.models import DECODERS, State, decoder_class, decoder_from_config
+from captioner.models.lstm import AttentionLSTM, LSTMArgs, MeanLSTM
 
 PAD, START, END, UNK = 0, 1, 2, 3
 A, B, C, D, E, F, G = range(4, 11)  # the words of the hand-made decoders
@@ -30,7 +30,8 @@ def attention_decoder(vocab_size: int = 12, attention: bool = True, seed: int = 
     near-ties (which could make equal searches pick different words) are unlikely."""
     torch.manual_seed(seed)
     family = AttentionLSTM if attention else MeanLSTM
-    decoder = family(LSTMArgs(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16), vocab_size, feature_dim=8).eval()
+    decoder = family(LSTMArgs(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16), vocab_size,
+                     feature_dim=8).eval()
     with torch.no_grad():
         decoder.out.weight.mul_(4)
     return decoder

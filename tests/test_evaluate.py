@@ -34,9 +34,9 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
                              "--nearest-neighbour", "--block-trigrams", "--length-penalty", "0.5"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    table = [l for l in result.stdout[result.stdout.find("| Model |"):].splitlines() if l.startswith("|")]
+    table = [row for row in result.stdout[result.stdout.find("| Model |"):].splitlines() if row.startswith("|")]
     assert table[0].startswith("| Model | BLEU-1") and "CIDEr" in table[0]
-    assert [l.split("|")[1].strip() for l in table[2:]] == ["beam 1", "nearest neighbour"]
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["beam 1", "nearest neighbour"]
     results = json.loads((out / "results.json").read_text())
     assert results["images"] == 2 and set(results["scores"]["beam 1"]) == {
         "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}

@@ -10,13 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from captioner import atomic, train as train_mod
+from captioner import atomic
+from captioner import train as train_mod
 from captioner.cli import main
 from captioner.config import Config
 from captioner.features import DONE, prepare
@@ -110,9 +112,11 @@ def test_killed_training_resumes_to_the_weights_of_an_uninterrupted_run(prepared
     assert result.returncode == 0, result.stderr[-3000:]
     assert not same_tensors(trained_tensors(whole), trained_tensors(cut))
     resumed = checkpoint(cut)["train_state"]["history"]
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ("seconds", "captions_per_s")} for r in rows]
+    def strip(rows: list[dict]) -> list[dict]:  # without the timings, which differ run to run
+        return [{k: v for k, v in r.items() if k not in ("seconds", "captions_per_s")} for r in rows]
     assert strip(resumed) == strip(history)
-    assert not same_tensors(load_model(whole / "best").decoder.state_dict(), load_model(cut / "best").decoder.state_dict())
+    assert not same_tensors(load_model(whole / "best").decoder.state_dict(),
+                            load_model(cut / "best").decoder.state_dict())
 
 
 @pytest.mark.slow
@@ -127,7 +131,8 @@ def test_distributed_run_saves_every_rank_and_resumes_exactly(prepared, tmp_path
             sock.bind(("127.0.0.1", 0))
             port = str(sock.getsockname()[1])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               "-m", "captioner.cli", "train", "--prepared", str(prepared), "--run-dir", str(run), "--epochs", str(epochs),
+               "-m", "captioner.cli", "train", "--prepared", str(prepared), "--run-dir", str(run), "--epochs",
+               str(epochs),
                "--batch-size", "4", "--hidden-dim", "16", "--embed-dim", "16", "--attention-dim", "16",
                "--context-dim", "16", "--device", "cpu", "--no-amp", "--teacher-forcing-end", "0.5", *extra]
         result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600,
@@ -284,8 +289,11 @@ def test_folder_swap_leaves_a_whole_version_at_every_step(tmp_path, monkeypatch)
     """A failure at each step of replace_folder: readers always find one whole version, and the next
     write recovers."""
     path = tmp_path / "best"
-    write = lambda text: (lambda folder: [(folder / name).write_text(text) for name in ("a", "b")])
-    read = lambda folder: {(folder / "a").read_text(), (folder / "b").read_text()}
+    def write(text: str) -> Callable[[Path], object]:
+        return lambda folder: [(folder / name).write_text(text) for name in ("a", "b")]
+
+    def read(folder: Path) -> set[str]:
+        return {(folder / "a").read_text(), (folder / "b").read_text()}
     atomic.replace_folder(path, write("v1"))
     assert atomic.read_folder(path, read) == {"v1"}
 

@@ -68,7 +68,8 @@ def test_killed_prepare_process_resumes(tmp_path):
     out = tmp_path / "p"
     cmd = [sys.executable, "-m", "captioner.cli", "prepare", "--data", str(data), "--prepared", str(out),
            "--prepare-batch-size", "2", "--min-count", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # features are bit-equal at equal thread counts
+    # features are bit-equal at equal thread counts
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     deadline = time.time() + 60
     while time.time() < deadline and proc.poll() is None:
@@ -122,7 +123,7 @@ def test_prepare_on_real_flickr8k_images(tmp_path):
     (folder / "images").mkdir(parents=True)
     for name in names:
         (folder / "images" / name).symlink_to(real / "images" / name)
-    (folder / "Flickr8k.token.txt").write_text("\n".join(l for l in lines if l.split("#")[0] in names) + "\n")
+    (folder / "Flickr8k.token.txt").write_text("\n".join(line for line in lines if line.split("#")[0] in names) + "\n")
     for kind, group in chosen.items():
         (folder / f"Flickr_8k.{kind}Images.txt").write_text("\n".join(group) + "\n")
     prep = prepare(Config(data=str(folder), prepared=str(tmp_path / "p"), prepare_batch_size=32), log=lambda s: None)

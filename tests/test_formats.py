@@ -14,8 +14,16 @@ import pytest
 from PIL import Image, features
 
 from captioner import bulk, data
-from captioner.data import (HEIF_SUFFIXES, IMAGE_SUFFIXES, PILLOW_SUFFIXES, RAW_SUFFIXES, ImageError, expand_inputs,
-                            format_of, load_image)
+from captioner.data import (
+    HEIF_SUFFIXES,
+    IMAGE_SUFFIXES,
+    PILLOW_SUFFIXES,
+    RAW_SUFFIXES,
+    ImageError,
+    expand_inputs,
+    format_of,
+    load_image,
+)
 
 ORIENTATION = 0x0112
 
@@ -165,14 +173,16 @@ def write_dng(path: Path, preview: Image.Image, orientation: int = 1, jpeg: bool
     common = {277: (3, [3]), 284: (3, [1])}
     identity = [(1, 1), (0, 1), (0, 1), (0, 1), (1, 1), (0, 1), (0, 1), (0, 1), (1, 1)]
     ifd0: dict[int, tuple[int, object]] = {
-        **common, 256: (4, [w]), 257: (4, [h]), 278: (4, [h]), 254: (4, [1]), 258: (3, [8, 8, 8]), 259: (3, [compression]), 262: (3, [photometric]),
+        **common, 256: (4, [w]), 257: (4, [h]), 278: (4, [h]), 254: (4, [1]), 258: (3, [8, 8, 8]),
+                                           259: (3, [compression]), 262: (3, [photometric]),
         273: (4, [8]), 279: (4, [len(strip0)]), 274: (3, [orientation]), 271: (2, b"Captioner\0"),
         272: (2, b"Test\0"), 50706: (1, [1, 4, 0, 0]), 50707: (1, [1, 1, 0, 0]), 50708: (2, b"Captioner Test\0"),
         50721: (10, identity), 50778: (3, [21]), 330: (4, [0])}
     size0 = len(_ifd(ifd0, ifd0_at))
     sub_at = ifd0_at + size0 + size0 % 2
     ifd0[330] = (4, [sub_at])  # SubIFDs: the raw image
-    sub = {**common, 256: (4, [rw]), 257: (4, [rh]), 278: (4, [rh]), 254: (4, [0]), 258: (3, [16, 16, 16]), 259: (3, [1]), 262: (3, [34892]),
+    sub = {**common, 256: (4, [rw]), 257: (4, [rh]), 278: (4, [rh]), 254: (4, [0]), 258: (3, [16, 16, 16]),
+           259: (3, [1]), 262: (3, [34892]),
            273: (4, [8 + len(strip0)]), 279: (4, [len(strip1)])}
     path.write_bytes(b"II*\0" + struct.pack("<I", ifd0_at) + strip0 + strip1 + _ifd(ifd0, ifd0_at)
                      + b"\0" * (size0 % 2) + _ifd(sub, sub_at))

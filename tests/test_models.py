@@ -11,14 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from captioner.config import Config
-from captioner.models import (DECODERS, CaptionDecoder, LoadedModel, decoder_class, decoder_from_config, load_model,
-                              register_decoder, save_model)
+from captioner.models import (
+    DECODERS,
+    CaptionDecoder,
+    LoadedModel,
+    decoder_class,
+    decoder_from_config,
+    load_model,
+    register_decoder,
+    save_model,
+)
 from captioner.vocab import Vocab
 
 from helpers import random_concepts
 
 SHIPPED = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
-SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16, heads=2, layers=2,
+SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16, heads=2,
+             layers=2,
              encoder_layers=1, ff_dim=32)
 
 
@@ -39,7 +48,8 @@ def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed:
     return random_concepts(decoder, seed) if cfg.concept_input or cfg.concept_copy else decoder
 
 
-def captions_batch(vocab_size: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def captions_batch(vocab_size: int = 20,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features of 3 images and 5 captions of lengths 7..3 (sorted, as training feeds them)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.tensor([7, 6, 5, 4, 3])
@@ -105,14 +115,15 @@ def test_export_average_writes_the_mean_of_the_weights_and_refuses_models_that_d
     assert main(["export", str(tmp_path / "m0"), str(tmp_path / "mean"), "--dtype", "float32",
                  "--average", str(tmp_path / "m1"), str(tmp_path / "m2")]) == 0
     mean = load_model(tmp_path / "mean").decoder.state_dict()
-    for key, value in decoders[0].state_dict().items():
+    for key in decoders[0].state_dict():
         expected = sum(d.state_dict()[key] for d in decoders) / 3
         torch.testing.assert_close(mean[key], expected)
     save_model(tmp_path / "wide", small_decoder("mean"), vocab, spec, decoding)  # another family
     save_model(tmp_path / "other", decoders[1], Vocab([f"v{i}" for i in range(16)]), spec, decoding)
     for name, what in (("wide", "decoder"), ("other", "vocabulary")):
         assert main(["export", str(tmp_path / "m0"), str(tmp_path / "x"), "--average", str(tmp_path / name)]) == 2
-        assert f"cannot average {tmp_path / 'm0'} and {tmp_path / name}: their {what} differs" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"cannot average {tmp_path / 'm0'} and {tmp_path / name}: their {what} differs" in err
     assert not (tmp_path / "x").exists()
 
 
@@ -253,7 +264,8 @@ def test_the_reinforce_estimator_is_unbiased():
 
     def estimate(baseline: torch.Tensor | float) -> torch.Tensor:
         s = draw(torch.softmax(logits, 0).detach().expand(n, -1))
-        loss = surrogate(torch.log_softmax(logits, 0)[s], rewards[s] - (baseline(s) if callable(baseline) else baseline))
+        loss = surrogate(torch.log_softmax(logits, 0)[s],
+                         rewards[s] - (baseline(s) if callable(baseline) else baseline))
         return -torch.autograd.grad(loss.mean(), logits)[0]
 
     assert ((estimate(b) - expected).abs() < tolerance).all()
@@ -302,7 +314,8 @@ def test_hard_attention_baseline_is_saved_and_argmax_shows_one_region_per_word(t
     spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
     save_model(tmp_path / "m", decoder, vocab, spec, {"beam_size": 2, "max_length": 5})
     loaded = load_model(tmp_path / "m").decoder
-    assert float(loaded.baseline_weight) == pytest.approx(0.1) and torch.equal(loaded.baseline_sum, decoder.baseline_sum)
+    assert float(loaded.baseline_weight) == pytest.approx(0.1)
+    assert torch.equal(loaded.baseline_sum, decoder.baseline_sum)
     with torch.no_grad():
         _, _, alpha = loaded.step(torch.ones(3, dtype=torch.long), loaded.init_state(features))
     assert set(alpha.flatten().tolist()) == {0.0, 1.0} and torch.equal(alpha.sum(dim=1), torch.ones(3))

@@ -119,7 +119,8 @@ def test_caption_reward_counts_the_end_of_a_caption_as_a_word():
     vocab = Vocab(["a", "dog", "runs", "on", "the", "grass"])
     reward = CaptionReward({0: ["a dog runs on the grass", "a dog runs", "the dog runs on grass"],
                             1: ["a cat sleeps on a bed", "a cat on the bed"]}, vocab)
-    ids = lambda words, ended: [vocab.stoi[w] for w in words] + ([vocab.end] if ended else [])
+    def ids(words: list[str], ended: bool) -> list[int]:
+        return [vocab.stoi[w] for w in words] + ([vocab.end] if ended else [])
     rows = [ids("a dog runs".split(), True), ids("a dog runs".split(), False), ids("a dog runs on a".split(), True)]
     width = max(map(len, rows))
     tokens = torch.tensor([r + [vocab.pad] * (width - len(r)) for r in rows])
@@ -198,7 +199,8 @@ def test_scst_steps_raise_the_reward_of_samples_on_the_training_images(shapes):
     for epoch in range(5):  # 25 steps: +0.09 to +0.18 with seeds 0 to 4 of both trainings
         for images in data.batches(cfg.batch_size, epoch):
             rows, owner, captions, lengths = data.batch(images)
-            logs = train_step(decoder, objective, optimizer, Batch(data.features(rows), rows, owner, captions, lengths), 5.0)
+            logs = train_step(decoder, objective, optimizer, Batch(data.features(rows), rows, owner, captions, lengths),
+                              5.0)
             assert set(logs) == {"loss", "reward", "n"} and logs["n"] == 5 * len(images)
     after = mean_sample_reward(decoder, objective, data)
     assert after > before + 0.05, (before, after)
@@ -233,14 +235,16 @@ def test_train_command_runs_scst_from_a_cross_entropy_model(shapes, tmp_path):
     # the start was scored as epoch 0, and an epoch that is no better does not replace it as best
     assert any(line.startswith(f"epoch 0 ({shapes['xe']}): dev BLEU-4") for line in lines)
     assert state.best_epoch == 0 and state.history[0]["val_CIDEr"] == pytest.approx(state.best_score)
-    started, best = load_model(shapes["xe"]).decoder.state_dict(), load_model(tmp_path / "run" / "best").decoder.state_dict()
+    started = load_model(shapes["xe"]).decoder.state_dict()
+    best = load_model(tmp_path / "run" / "best").decoder.state_dict()
     assert all(torch.equal(started[k], best[k]) for k in started)
 
 
 @pytest.mark.slow
 def test_init_from_refuses_a_model_that_does_not_fit(shapes, tmp_path):
     cfg = tiny(shapes["prepared"], init_from=str(shapes["xe"]), hidden_dim=16, epochs=1, run_dir=str(tmp_path / "run"))
-    with pytest.raises(ValueError, match=r"does not fit the configured decoder: hidden_dim 32 \(model\) != 16 \(config\)"):
+    with pytest.raises(ValueError,
+                       match=r"does not fit the configured decoder: hidden_dim 32 \(model\) != 16 \(config\)"):
         train(cfg, log=lambda s: None)
     both = tiny(shapes["prepared"], init_from=str(shapes["xe"]), pretrain="contrastive", run_dir=str(tmp_path / "run2"))
     with pytest.raises(ValueError, match="init_from .* and pretrain .* choose one"):

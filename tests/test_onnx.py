@@ -16,11 +16,16 @@ pytest.importorskip("onnxscript")
 onnx = pytest.importorskip("onnx")
 
 from captioner.config import Config  # noqa: E402
-from captioner.encoders import create_encoder, image_transforms  # noqa: E402
 from captioner.decoding import beam_search  # noqa: E402
 from captioner.decoding_options import DecodingOptions  # noqa: E402
-from captioner.models import DECODERS, decoder_class, decoder_from_config, save_model  # noqa: E402
-from captioner.models import weights_sha256  # noqa: E402
+from captioner.encoders import create_encoder, image_transforms  # noqa: E402
+from captioner.models import (  # noqa: E402
+    DECODERS,
+    decoder_class,
+    decoder_from_config,
+    save_model,
+    weights_sha256,  # noqa: E402
+)
 from captioner.onnx_backend import CONCEPT_HEAD, GRAPHS, OnnxDecoder, open_session, require_onnxruntime  # noqa: E402
 from captioner.onnx_export import TOLERANCE, _stamp, compare, export_decoder, quantize_decoder, verify  # noqa: E402
 from captioner.pipeline import Captioner  # noqa: E402
@@ -97,7 +102,9 @@ def test_onnxruntime_gives_pytorchs_captions(model_dir, exported):
         assert [c["score"] for c in r] == pytest.approx([c["score"] for c in o], abs=1e-3)
     # the export carries the encoder's ImageNet head: the same concepts (the cat, the espresso) either way
     assert runtime.concepts is not None
-    assert [[k["word"] for k in r[0]["concepts"]] for r in ours] == [[k["word"] for k in r[0]["concepts"]] for r in theirs]
+    def words(results: list) -> list[list[str]]:
+        return [[k["word"] for k in r[0]["concepts"]] for r in results]
+    assert words(ours) == words(theirs)
     assert any(k["word"] == "cat" for k in ours[PHOTOS.index(ROOT / "examples/photos/chelsea.jpg")][0]["concepts"])
     a, b = reference.attention(PHOTOS[0]), runtime.attention(PHOTOS[0])
     assert a["words"] == b["words"] and abs(a["alphas"] - b["alphas"]).max() < 1e-4
@@ -229,4 +236,5 @@ def test_a_retrieval_decoder_exports_with_its_memory_and_searches_alike(tmp_path
         blind = beam_search(runtime, features, opts)  # nothing retrieved: the learned slot alone
     assert [[c.tokens for c in r] for r in ours] == [[c.tokens for c in r] for r in theirs]
     assert max(abs(a.logprob - b.logprob) for r, o in zip(ours, theirs) for a, b in zip(r, o)) <= TOLERANCE
-    assert [[c.tokens for c in r] for r in blind] == [[c.tokens for c in r] for r in beam_search(decoder, features, opts)]
+    seen = beam_search(decoder, features, opts)
+    assert [[c.tokens for c in r] for r in blind] == [[c.tokens for c in r] for r in seen]

@@ -92,7 +92,8 @@ def test_n_best_and_option_errors_name_the_field(model_dir):
     assert len(best) == 3 and [b["score"] for b in best] == sorted((b["score"] for b in best), reverse=True)
     assert len({b["generated_text"] for b in best}) == 3
     for bad, field in [({"beam_size": 0}, "beam_size"), ({"max_length": 10000}, "max_length"),
-                       ({"num_captions": 5, "beam_size": 2}, "num_captions"), ({"length_penalty": -1.0}, "length_penalty")]:
+                       ({"num_captions": 5, "beam_size": 2}, "num_captions"),
+                       ({"length_penalty": -1.0}, "length_penalty")]:
         with pytest.raises(ValueError, match=field):
             captioner(PHOTOS / "coffee.jpg", **bad)
 
@@ -119,8 +120,8 @@ def test_caption_command_files_folders_globs_and_bad_files(model_dir, tmp_path):
                      "--model", str(model_dir), "--device", "cpu")
     assert result.returncode == 1  # something failed
     lines = result.stdout.strip().splitlines()
-    assert [Path(l.split("\t")[0]).name for l in lines] == ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]
-    assert all(len(l.split("\t")) == 2 and l.split("\t")[1] for l in lines)
+    assert [Path(line.split("\t")[0]).name for line in lines] == ["chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    assert all(len(line.split("\t")) == 2 and line.split("\t")[1] for line in lines)
     assert "broken.jpg" in result.stderr and "notes.txt" in result.stderr
 
 

@@ -118,7 +118,8 @@ def test_an_image_vector_that_matches_the_query_breaks_a_tie_between_captions(tm
     assert [f for f, _ in found] == ["match.jpg", "plain.jpg", "other.jpg"]
     text = float(bag_of_words(["a dog runs"])[0] @ bag_of_words([query])[0])
     assert found[1][1] == pytest.approx(text, abs=1e-3)  # no vector: the caption's cosine
-    assert found[0][1] == pytest.approx((1 - IMAGE_WEIGHT) * text + IMAGE_WEIGHT * (IMAGE_SCALE + IMAGE_SHIFT), abs=1e-3)
+    assert found[0][1] == pytest.approx((1 - IMAGE_WEIGHT) * text + IMAGE_WEIGHT * (IMAGE_SCALE + IMAGE_SHIFT),
+                                        abs=1e-3)
     assert [f for f, _ in search.search(index, bag_of_words, query, weight=0.0)] == ["other.jpg", "plain.jpg",
                                                                                     "match.jpg"]  # a tie: row order
 
@@ -137,13 +138,15 @@ def test_a_library_without_vectors_ranks_by_caption_cosine_alone(tmp_path):
 
 def test_nearest_with_image_vectors_is_the_exact_mix_of_the_two_cosines() -> None:
     rng = np.random.default_rng(2)
-    unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
+    def unit(x: np.ndarray) -> np.ndarray:
+        return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float16)
     texts, pictures = unit(rng.standard_normal((3000, 32))), unit(rng.standard_normal((3000, 32)))
     query = unit(rng.standard_normal(32)).astype(np.float32)
     rows = np.sort(rng.choice(3000, 1000, replace=False))
     images = search.Images(pictures[rows], rows)
     full = texts.astype(np.float32) @ query
-    full[rows] = (1 - 0.3) * full[rows] + 0.3 * (IMAGE_SCALE * (pictures[rows].astype(np.float32) @ query) + IMAGE_SHIFT)
+    image_scores = IMAGE_SCALE * (pictures[rows].astype(np.float32) @ query) + IMAGE_SHIFT
+    full[rows] = (1 - 0.3) * full[rows] + 0.3 * image_scores
     found, scores = search.nearest(texts, query, 20, images, weight=0.3)
     assert found.tolist() == np.argsort(-full, kind="stable")[:20].tolist()
     np.testing.assert_allclose(scores, full[found], atol=1e-6)
@@ -253,7 +256,8 @@ def test_the_page_has_a_search_box_only_with_a_library(captioner, library):
     batcher = Batcher(captioner, max_wait_ms=0)
     with_library, without = build_ui(batcher, [], library=library), build_ui(batcher, [])
     batcher.close()
-    ids = lambda demo: {getattr(block, "elem_id", None) for block in demo.blocks.values()}
+    def ids(demo) -> set:
+        return {getattr(block, "elem_id", None) for block in demo.blocks.values()}
     assert {"search", "search-results"} <= ids(with_library) and "search" not in ids(without)
     assert not [fn for fn in without.fns.values() if fn.api_name == "search"]
     find = next(fn.fn for fn in with_library.fns.values() if fn.api_name == "search")

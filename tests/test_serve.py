@@ -84,7 +84,8 @@ def test_json_base64_with_attention_maps(client: TestClient) -> None:
 
 @pytest.mark.parametrize("name, data, status, says", [
     ("notes.jpg", b"these are words, not pixels", 400, "notes.jpg: not an image"),
-    ("cut.jpg", (PHOTOS / "camera.jpg").read_bytes()[:2000], 400, "cut.jpg: cannot read image: image file is truncated"),
+    ("cut.jpg", (PHOTOS / "camera.jpg").read_bytes()[:2000], 400,
+     "cut.jpg: cannot read image: image file is truncated"),
     ("empty.jpg", b"", 400, "empty.jpg: empty image"),
     ("big.png", png_header(8_000, 8_000), 413, "big.png: 8000x8000 pixels is more than the limit of 50000000"),
     ("bomb.png", png_header(40_000, 40_000), 413, "bomb.png: Image size (1600000000 pixels) exceeds limit"),
@@ -550,7 +551,7 @@ def test_concurrent_starts_run_one_worker(fast_switching) -> None:
     before = batcher_threads()
     for _ in range(30):
         batcher = Batcher(SlowModel())  # type: ignore[arg-type]
-        hammer(lambda i: batcher.start())
+        hammer(lambda i: batcher.start())  # noqa: B023 - hammer returns before the loop moves on
         within(10, batcher.close)  # stops the one worker it knows of; a second would be left running
         assert batcher_threads() == before, "two workers were started"
 
@@ -565,7 +566,7 @@ def test_queue_limit_holds_under_concurrent_submits(fast_switching) -> None:
         deadline = time.time() + 10
         while batcher._queue.qsize() and time.time() < deadline:  # the worker takes it and blocks in generate
             time.sleep(0.001)
-        out = hammer(lambda i: batcher.submit(torch.zeros(3, 2, 2), DecodingOptions()), threads=12)
+        out = hammer(lambda i: batcher.submit(torch.zeros(3, 2, 2), DecodingOptions()), threads=12)  # noqa: B023
         accepted = [f for f in out if not isinstance(f, Exception)]
         assert all(isinstance(f, Busy) for f in out if isinstance(f, Exception))
         model.release.set()
@@ -585,8 +586,8 @@ def test_submits_racing_close_get_an_answer_or_an_error_never_a_hang(fast_switch
 
         def act(i: int):
             if i == 0:
-                return batcher.close()
-            return [batcher.submit(torch.zeros(3, 2, 2), DecodingOptions()) for _ in range(5)]
+                return batcher.close()  # noqa: B023 - act runs before the loop moves on
+            return [batcher.submit(torch.zeros(3, 2, 2), DecodingOptions()) for _ in range(5)]  # noqa: B023
         out = hammer(act)
         for answer in out[1:]:
             if isinstance(answer, Exception):
@@ -600,7 +601,7 @@ def test_submits_racing_close_get_an_answer_or_an_error_never_a_hang(fast_switch
 
 def test_requests_after_shutdown_get_a_503(captioner: Captioner) -> None:
     app = create_app(captioner, ui=False)
-    with TestClient(app) as c:
+    with TestClient(app):
         pass  # the lifespan ends: the batcher closes
     r = post_file(TestClient(app), (PHOTOS / "coffee.jpg").read_bytes())
     assert r.status_code == 503 and "shutting down" in r.json()["detail"]

@@ -13,9 +13,9 @@ import torch
 
 from captioner import train as train_mod
 from captioner.config import Config
-from captioner.models import load_model
 from captioner.data import load_image
 from captioner.features import open_prepared
+from captioner.models import load_model
 from captioner.train import sortish_batches, teacher_forcing_ratio, train
 
 from helpers import ROOT, needs_java, prepare_tiny_flickr, write_synthetic_prepared
@@ -63,7 +63,8 @@ def test_training_learns_and_writes_its_outputs(prepared, tmp_path):
     assert len((run / "metrics.csv").read_text().splitlines()) == 4
     scores = [h["val_CIDEr"] for h in state.history]  # the best model is the first epoch with the top score
     assert state.best_score == max(scores) and state.best_epoch == 1 + scores.index(max(scores))
-    best, last = load_model(run / "best").decoder.state_dict(), torch.load(run / "last.pt", weights_only=True)["decoder"]
+    best = load_model(run / "best").decoder.state_dict()
+    last = torch.load(run / "last.pt", weights_only=True)["decoder"]
     assert (state.best_epoch == 3) == all(torch.equal(best[k], last[k]) for k in last)
     model = load_model(run / "best")
     assert model.decoder.args.hidden_dim == 16 and model.encoder_state is None
@@ -85,7 +86,10 @@ def weights_of(run: Path) -> dict[str, torch.Tensor]:
 def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[0]}: max {float((a[differ[0]] - b[differ[0]]).abs().max()):.2e}"
+    if differ:
+        first = differ[0]
+        raise AssertionError(f"{len(differ)} tensors differ, e.g. {first}: "
+                             f"max {float((a[first] - b[first]).abs().max()):.2e}")
 
 
 @pytest.mark.slow
@@ -101,7 +105,8 @@ def test_seeded_training_at_real_size_is_bit_identical_and_resumes_so(tmp_path, 
         "Bleu_4": 0.0, "CIDEr": float(np.mean([len(set(c.split())) for c in predictions.values()]))})
     options = dict(epochs=2, batch_size=80, max_length=6, lr=1e-3, amp=False, teacher_forcing_start=1.0,
                    teacher_forcing_end=0.75, teacher_forcing_epochs=1)
-    cfg = lambda name: Config(prepared=str(tmp_path / "p"), run_dir=str(tmp_path / name), **options)
+    def cfg(name: str) -> Config:
+        return Config(prepared=str(tmp_path / "p"), run_dir=str(tmp_path / name), **options)
     assert torch.get_num_threads() >= 2
     first = train(cfg("first"), log=lambda s: None)
     second = train(cfg("second"), log=lambda s: None)
@@ -157,7 +162,8 @@ def test_stage_two_fine_tunes_the_encoder(prepared, tmp_path):
     assert torch.equal(tuned["_blocks.14._project_conv.weight"], pretrained["_blocks.14._project_conv.weight"])
     assert torch.equal(tuned["_conv_stem.weight"], pretrained["_conv_stem.weight"])  # frozen rest stayed
     # Stage 1 is over: it cannot be lengthened now, but stage 2 can, and a resumed stage 2 stays stage 2.
-    with pytest.raises(ValueError, match=r"--epochs 2: .* is fine-tuning, so stage 1 cannot change; resume with --epochs 1"):
+    with pytest.raises(ValueError,
+                       match=r"--epochs 2: .* is fine-tuning, so stage 1 cannot change; resume with --epochs 1"):
         train(small(prepared, tmp_path / "run", epochs=2, finetune_epochs=1, finetune_blocks=1, batch_size=8),
               resume=True, log=lambda s: None)
     more = train(small(prepared, tmp_path / "run", epochs=1, finetune_epochs=2, finetune_blocks=1, batch_size=8),
@@ -272,7 +278,8 @@ def test_mean_baseline_with_frozen_glove_embeddings(prepared, tmp_path):
     pytest.importorskip("pyarrow")
     from captioner.models.lstm import glove_vectors
 
-    train(small(prepared, tmp_path / "run", epochs=1, decoder="mean", glove=True, freeze_glove=True), log=lambda s: None)
+    train(small(prepared, tmp_path / "run", epochs=1, decoder="mean", glove=True, freeze_glove=True),
+          log=lambda s: None)
     model = load_model(tmp_path / "run" / "best")
     decoder, vocab = model.decoder, model.vocab
     assert model.decoder.family == "mean" and decoder.embed.weight.shape == (len(vocab), 50)
@@ -336,7 +343,8 @@ def test_the_transformer_trains_with_warmup_and_label_smoothing_and_captions(pre
     captioner = Captioner.from_pretrained(tmp_path / "run" / "best", device="cpu")
     captioner.decoder.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["decoder"])
     image = open_prepared(prepared).records[0].image  # a training image: "a red picture of noise"
-    assert captioner(str(image))[0]["generated_text"].split()[-1] == "noise"  # "a red picture of noise", "some red noise"
+    # "a red picture of noise", "some red noise"
+    assert captioner(str(image))[0]["generated_text"].split()[-1] == "noise"
     with pytest.raises(ValueError, match="teacher forcing only"):
         train(small(prepared, tmp_path / "ss", decoder="transformer", model_dim=16, heads=2, ff_dim=32,
                     teacher_forcing_start=0.5, teacher_forcing_end=0.5), log=lambda s: None)
@@ -401,7 +409,9 @@ def test_features_from_a_fine_tuned_encoder_let_training_follow_stage_two(prepar
     prepare(Config(data=data, prepared=str(tuned_dir), min_count=1, encoder_from=str(model)), log=lambda s: None)
     tuned, plain = open_prepared(tuned_dir), open_prepared(prepared)
     assert tuned.spec == stage2.features_spec and tuned.spec["weights"].startswith("fine-tuned")
-    assert {k: v for k, v in tuned.spec.items() if k != "weights"} == {k: v for k, v in plain.spec.items() if k != "weights"}
+    def without_weights(spec: dict) -> dict:
+        return {k: v for k, v in spec.items() if k != "weights"}
+    assert without_weights(tuned.spec) == without_weights(plain.spec)
     assert not np.array_equal(tuned.features, plain.features)  # the tuned top blocks give other features
     encoder = stage2.encoder()
     with torch.no_grad():
@@ -422,7 +432,8 @@ def test_features_from_a_fine_tuned_encoder_let_training_follow_stage_two(prepar
     train(small(tuned_dir, tmp_path / "again", epochs=0, finetune_epochs=1, finetune_blocks=1, batch_size=8,
                 init_from=str(model), finetune_lr=0.0), log=lambda s: None)
     again = torch.load(tmp_path / "again" / "last.pt", weights_only=True)["encoder"]
-    learned = [k for k in stage2.encoder_state if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    learned = [k for k in stage2.encoder_state if not k.endswith(buffers)]
     assert "_conv_head.weight" in learned  # tuned by stage 2, so a pretrained start would differ here
     for key in learned:  # BatchNorm statistics of the unfrozen block move even at lr 0
         torch.testing.assert_close(again[key], stage2.encoder_state[key])
@@ -563,7 +574,8 @@ def test_concept_input_and_copy_start_from_their_init_from_model_and_train_their
     class_words = torch.randint(0, len(prepared.vocab), (1000,), generator=g)  # the random words have no table
     monkeypatch.setattr(concepts, "class_word_ids", lambda vocab: class_words)
     with pytest.raises(ValueError, match="concept_input is an option of the LSTM decoders, not of 'transformer'"):
-        train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_input=True, decoder="transformer"), prepared)
+        train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_input=True, decoder="transformer"),
+                              prepared)
     calls = iter(range(100))  # every scoring better than the last, so the trained epoch is the best
     monkeypatch.setattr(train_mod, "score_captions", lambda predictions, references, metrics: {"Bleu_4": 0.0,
                                                                                                "CIDEr": next(calls)})
@@ -580,7 +592,8 @@ def test_concept_input_and_copy_start_from_their_init_from_model_and_train_their
     features = torch.from_numpy(prepared.features[:3].astype(np.float32))
     words = torch.full((3,), 1)
     with torch.no_grad():
-        theirs, ours = base.step(words, base.init_state(features))[0], started.step(words, started.init_state(features))[0]
+        theirs = base.step(words, base.init_state(features))[0]
+        ours = started.step(words, started.init_state(features))[0]
     torch.testing.assert_close(ours, theirs)
 
     changed = record_changed_weights(monkeypatch)

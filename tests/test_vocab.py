@@ -13,8 +13,8 @@ CAPTIONS = [
 
 
 def test_tokenize_follows_ptb_rules():
-    assert tokenize("A black dog 's running on the grass .") == ["a", "black", "dog", "'s", "running", "on", "the", "grass"]
-    assert tokenize("The dog isn't running; it's jumping!") == ["the", "dog", "is", "n't", "running", "it", "'s", "jumping"]
+    assert tokenize("A black dog 's running on the grass .") == "a black dog 's running on the grass".split()
+    assert tokenize("The dog isn't running; it's jumping!") == "the dog is n't running it 's jumping".split()
     assert tokenize("black-and-white  shirts,one") == ["black-and-white", "shirts", "one"]
     assert tokenize("blue & black") == ["blue", "&", "black"]
     assert tokenize("  ") == []

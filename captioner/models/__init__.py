@@ -5,8 +5,20 @@ Importing this package registers every family: `attention` and `mean` (lstm.py),
 """
 from . import hard_attention, lstm, retrieval, transformer  # noqa: F401  (registers their families)
 from .base import DECODERS, CaptionDecoder, DecoderOutput, State, decoder_class, register_decoder
-from .files import (TUNED, LoadedModel, average_models, build_decoder, check_encoder_spec, decoder_from_config,
-                    decoding_defaults, load_model, model_datastore, save_model, tuned_weights, weights_sha256)
+from .files import (
+    TUNED,
+    LoadedModel,
+    average_models,
+    build_decoder,
+    check_encoder_spec,
+    decoder_from_config,
+    decoding_defaults,
+    load_model,
+    model_datastore,
+    save_model,
+    tuned_weights,
+    weights_sha256,
+)
 
 __all__ = ["DECODERS", "TUNED", "CaptionDecoder", "DecoderOutput", "LoadedModel", "State", "average_models",
            "build_decoder", "check_encoder_spec", "decoder_class", "decoder_from_config", "decoding_defaults",

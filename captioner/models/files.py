@@ -194,7 +194,8 @@ def read_model_json(path: Path) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text())
     version = meta.get("version")
     if meta.get("format") != FORMAT or not isinstance(version, int):
-        raise ValueError(f"{meta_path}: not a captioner model file (format {meta.get('format')!r}, version {version!r})")
+        raise ValueError(f"{meta_path}: not a captioner model file "
+                         f"(format {meta.get('format')!r}, version {version!r})")
     if version > VERSION:
         raise ValueError(f"{meta_path}: model format version {version} is newer than this captioner reads "
                          f"({VERSION}); upgrade captioner")
@@ -202,7 +203,8 @@ def read_model_json(path: Path) -> dict[str, Any]:
         config = meta["config"]
         family = config["decoder"]
         names = [f.name for f in fields(decoder_class(family).Args)]
-        meta = {**meta, "version": 2, "decoder": {"family": family, "args": {k: config[k] for k in names if k in config}},
+        meta = {**meta, "version": 2,
+                "decoder": {"family": family, "args": {k: config[k] for k in names if k in config}},
                 "decoding": {k: config[k] for k in MODEL_KEYS if k in config}}
     return {**meta, "decoding": {**MODEL_DEFAULTS, **meta["decoding"]}}  # options newer than the file: defaults
 
@@ -236,7 +238,8 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
     replace_folder(path, write)
 
 
-def model_datastore(folder: str | Path, embedder: ImageEmbedder | None, override: str | Path | None = None) -> Datastore:
+def model_datastore(folder: str | Path, embedder: ImageEmbedder | None,
+                    override: str | Path | None = None) -> Datastore:
     """The caption datastore a retrieval model (PyTorch or ONNX folder) reads: `override`, or the one in its
     folder. A missing one, or one of another sentence encoder or width than the model's image vectors, is
     refused by name."""
@@ -262,7 +265,8 @@ def read_retrieval(folder: Path) -> ImageEmbedder | None:
     with safe_open(str(path), "pt") as f:
         model = (f.metadata() or {}).get("sentence_model")
     if model != SENTENCE_MODEL:
-        raise ValueError(f"{path}: image vectors for sentence encoder {model!r}, not this captioner's {SENTENCE_MODEL!r}")
+        raise ValueError(f"{path}: image vectors for sentence encoder {model!r}, "
+                         f"not this captioner's {SENTENCE_MODEL!r}")
     tensors = {k: v.float() for k, v in load_file(str(path)).items()}
     embed_dim, region_dim = tensors["head.proj.weight"].shape
     embedder = ImageEmbedder(tensors["image_side.0.weight"].shape[1], region_dim, embed_dim)
@@ -310,7 +314,8 @@ def _read_model(folder: Path, path: Path, device: str | torch.device) -> LoadedM
 
     meta = read_model_json(folder)
     if "onnx" in meta and not (folder / "model.safetensors").exists():
-        raise ValueError(f"{path} is an ONNX export without PyTorch weights: load it with backend='onnx' (--backend onnx)")
+        raise ValueError(f"{path} is an ONNX export without PyTorch weights: "
+                         "load it with backend='onnx' (--backend onnx)")
     vocab = Vocab.load(folder / "vocab.json")
     tensors = load_file(str(folder / "model.safetensors"), device="cpu")
     decoder = build_decoder(meta["decoder"]["family"], meta["decoder"]["args"], len(vocab), meta["encoder"]["channels"],

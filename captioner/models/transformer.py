@@ -110,7 +110,8 @@ class DecoderLayer(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.self_attn = Attention(d, args.heads, args.dropout)
         self.cross_attn = Attention(d, args.heads, args.dropout)
-        self.ff = nn.Sequential(nn.Linear(d, args.ff_dim), nn.GELU(), nn.Dropout(args.dropout), nn.Linear(args.ff_dim, d))
+        self.ff = nn.Sequential(nn.Linear(d, args.ff_dim), nn.GELU(), nn.Dropout(args.dropout),
+                                nn.Linear(args.ff_dim, d))
         self.dropout = nn.Dropout(args.dropout)
 
     def forward(self, x: Tensor, self_k: Tensor, self_v: Tensor, memory_k: Tensor, memory_v: Tensor,
@@ -128,7 +129,8 @@ class TransformerCaptioner(CaptionDecoder):
     title = "a transformer decoder"
     kv_cache = True  # False: every step re-runs the whole prefix (for measuring and testing the cache)
 
-    def __init__(self, args: TransformerArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:
+    def __init__(self, args: TransformerArgs, vocab_size: int, feature_dim: int,
+                 words: list[str] | None = None) -> None:
         super().__init__(args, vocab_size, feature_dim)
         if args.model_dim % args.heads:
             raise ValueError(f"model_dim ({args.model_dim}) must be a multiple of heads ({args.heads})")
@@ -180,7 +182,7 @@ class TransformerCaptioner(CaptionDecoder):
         state = self._memory(self.regions(features))
         batch = features.shape[0]
         if self.kv_cache:
-            for i, layer in enumerate(self.layers):
+            for i in range(len(self.layers)):
                 empty = state["memory_k0"].new_zeros(batch, self.args.heads, 0, self.region_dim // self.args.heads)
                 state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         else:

@@ -30,8 +30,17 @@ from .guards import inflight_guard, key_guard
 from .middleware import BodyLimit, InternalErrors
 from .payload import invalid, invalid_field, read_request
 from .photos import MAX_PIXELS, MAX_UPLOAD_BYTES, decode_slots, decode_upload, jpeg, thumbnail
-from .schemas import (CAPTION_ERRORS, OPENAPI_BODY, RAW_BODY, AttentionOut, CaptionResponse, GeneratedText, Options,
-                      SearchHit, Timing)
+from .schemas import (
+    CAPTION_ERRORS,
+    OPENAPI_BODY,
+    RAW_BODY,
+    AttentionOut,
+    CaptionResponse,
+    GeneratedText,
+    Options,
+    SearchHit,
+    Timing,
+)
 from .ui import build_ui
 
 NO_LIBRARY = ("this server has no library to search: start it with `captioner serve --library captions.jsonl "

@@ -83,8 +83,8 @@ class CaptionResponse(BaseModel):
     captions: list[CaptionOut]
     concepts: list[ConceptOut] = Field(description="what the encoder recognised, most probable first (for "
                                                    "tagging; captions mention the confident ones)")
-    neighbours: list[NeighbourOut] | None = Field(None, description="a retrieval model's captions of similar "
-                                                                    "photos, which it read while writing, nearest first")
+    neighbours: list[NeighbourOut] | None = Field(None, description="a retrieval model's captions of similar photos, "
+                                                                    "which it read while writing, nearest first")
     timing: Timing
     attention: AttentionOut | None = None
 
