@@ -197,6 +197,7 @@ class Config:
     concept_threshold: float = config_field("concept_threshold")
     retrieval: bool = config_field("retrieval")
     retrieved: int = config_field("retrieved")
+    retrieval_concepts: float = config_field("retrieval_concepts")
 
     def __post_init__(self) -> None:
         """Every value is checked when a Config is made (from a file, flags or code), not where it is
@@ -279,7 +280,7 @@ def _checked(f: dataclasses.Field, value: Any) -> Any:
     low, high = f.metadata.get("range", (None, None))
     if (low is not None and value < low) or (high is not None and value > high):
         raise ValueError(f"option {f.name} must be {_describe_range(low, high)}, got {value!r}")
-    if f.name == "device" and not _DEVICE.fullmatch(value):
+    if f.name == "device" and not _DEVICE.fullmatch(str(value)):
         raise ValueError(f"option device must be auto, cpu, mps, cuda or cuda:N, got {value!r}")
     return value
 

@@ -43,6 +43,8 @@ class DecodingOptions:
                                     "(retrieval-augmented models); off: the image alone")
     retrieved: int = _option(4, "retrieved captions read per photo (at most as many as the model was trained "
                                 "with)", (1, 16))
+    retrieval_concepts: float = _option(0.3, "how much the concept words a caption names count in retrieving it "
+                                             "(the encoder's ImageNet head); 0: the image vector alone", (0.0, 2.0))
 
     def __post_init__(self) -> None:
         for f in fields(self):

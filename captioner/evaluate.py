@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
-from .concepts import Concepts
+from .concepts import Concepts, concept_vocabulary
 from .decoding import Ensemble, beam_search
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
@@ -71,9 +71,11 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
 @torch.inference_mode()
 def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Datastore, decoder: nn.Module,
                      vocab: Vocab, k: int | None = None, leave_out: bool = False, batch_size: int = 256,
+                     concepts: Concepts | None = None, concept_weight: float = 0.0,
                      log: Callable[[str], None] = print) -> np.ndarray:
     """Every prepared photo's k retrieved captions as a retrieval decoder's memory rows (prepared rows, M),
-    from its cached features; `leave_out`: never the photo's own captions (training)."""
+    from its cached features; `leave_out`: never the photo's own captions (training); with `concepts`, ranked
+    again by the concept words they name as `caption` does (models/retrieval.retrieve)."""
     from .models.retrieval import retrieve
 
     own = datastore.groups_by_image() if leave_out else {}
@@ -82,10 +84,13 @@ def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Dat
     excluded = 0
     for start in tqdm(range(0, len(rows), batch_size), desc="retrieving", unit="batch", leave=False):
         chunk = rows[start:start + batch_size]
-        vectors = embedder(torch.from_numpy(prepared.features[chunk].astype(np.float32))).numpy()
+        features = torch.from_numpy(prepared.features[chunk].astype(np.float32))
+        vectors = embedder(features).numpy()
+        probs = concepts.probs(features).numpy() if concepts is not None else None
         exclude = [own.get(prepared.records[i].name) for i in chunk]
         excluded += sum(e is not None for e in exclude)
-        memory[chunk] = retrieve(datastore, vectors, vocab, decoder.args, k, exclude)[0].numpy()
+        memory[chunk] = retrieve(datastore, vectors, vocab, decoder.args, k, exclude, probs, concept_vocabulary(),
+                                 concept_weight)[0].numpy()
     log(f"retrieved {k or decoder.args.neighbours} captions for {len(rows)} photos from {datastore.name}"
         + (f" ({excluded} photos' own captions left out)" if leave_out else ""))
     return memory
@@ -125,8 +130,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     memory = None
     if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
         memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded.path, loaded.embedder, datastore),
-                                  loaded.decoder,
-                                  loaded.vocab, base.retrieved, log=log)
+                                  loaded.decoder, loaded.vocab, base.retrieved, concepts=concepts,
+                                  concept_weight=base.retrieval_concepts, log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)

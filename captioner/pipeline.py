@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .concepts import Concepts
+from .concepts import Concepts, concept_vocabulary
 from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
@@ -130,7 +130,10 @@ class Captioner:
         embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
                     else None)
         if retrieving:
-            memory, found = retrieve(self.datastore, embedded, self.vocab, self.decoder.args, opts.retrieved)
+            probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
+            memory, found = retrieve(self.datastore, embedded, self.vocab, self.decoder.args, opts.retrieved,
+                                     concept_probs=probs, concept_words=concept_vocabulary(),
+                                     concept_weight=opts.retrieval_concepts)
             decoder = self.decoder.reading(memory.to(self.device))
             similar = [list(zip(texts, sims.tolist())) for texts, sims in zip(found.texts, found.similarity)]
         if self.concepts is not None:

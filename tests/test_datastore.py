@@ -210,3 +210,34 @@ def test_the_onnx_export_carries_retrieval_and_captions_as_pytorch(retrieval_mod
     theirs = Captioner.from_pretrained(tmp_path / "onnx", backend="onnx")(photo, num_captions=2, beam_size=3)
     assert [c["generated_text"] for c in ours] == [c["generated_text"] for c in theirs]
     assert ours[0]["neighbours"] == theirs[0]["neighbours"] and len(ours[0]["neighbours"]) == 2
+
+
+def test_named_concepts_sum_what_the_head_sees_of_the_words_a_caption_names():
+    from captioner.concepts import concept_vocabulary
+    from captioner.models.retrieval import named_concepts
+
+    words = concept_vocabulary()
+    probs = np.zeros((1, len(words)), dtype=np.float32)
+    probs[0, words.index("bus")], probs[0, words.index("cat")] = 0.6, 0.3
+    scores = named_concepts([["a red bus and a bus stop", "a cat near a bus", "a giraffe"]], probs, words)
+    assert scores.tolist() == [[pytest.approx(0.6), pytest.approx(0.9), 0.0]]  # each word once
+
+
+def test_retrieval_weighs_the_concepts_a_caption_names(tmp_path):
+    from captioner.concepts import concept_vocabulary
+    from captioner.models.retrieval import RetrievalArgs, retrieve
+    from captioner.vocab import Vocab
+
+    store = build(write_sources(tmp_path / "src"), tmp_path / "ds", encoder=fake_encoder, reduced_dim=DIM,
+                  log=lambda s: None)
+    words = concept_vocabulary()
+    probs = np.zeros((1, len(words)), dtype=np.float32)
+    probs[0, words.index("bus")] = 0.9
+    query = fake_encoder(["a giraffe standing by a tree"])
+    args, vocab = RetrievalArgs(neighbours=1, memory_length=4), Vocab(["a"])
+    assert retrieve(store, query, vocab, args)[1].texts == [["a giraffe standing by a tree"]]
+    assert retrieve(store, query, vocab, args, concept_probs=probs, concept_words=words,
+                    concept_weight=0.01)[1].texts == [["a giraffe standing by a tree"]]  # too light to move it
+    found = retrieve(store, query, vocab, args, concept_probs=probs, concept_words=words, concept_weight=1.0)[1]
+    assert found.texts == [["A red bus on a city street."]]
+    assert found.similarity[0, 0] < store.search(query, 1).similarity[0, 0]  # the cosine, not the bonus, is shown

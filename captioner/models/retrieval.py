@@ -31,13 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..datastore import Neighbours
 from ..vocab import Vocab, tokenize
 from .base import DecoderOutput, State, register_decoder
 from .lstm import AttentionLSTM, LSTMArgs, attention_penalty
 
 if TYPE_CHECKING:
-    from ..datastore import Datastore, Neighbours
+    from ..datastore import Datastore
 
+POOL = 500  # nearest captions ranked again by the concepts they name (issue 33's probe: 500)
 TINY = 1e-9  # floor of a mixture probability before its log (a word neither path gives)
 MIXTURE_STATE = ("copy_keys", "memory_mask", "memory", "memory_ids")  # what the output mixture reads of the state
 
@@ -209,9 +211,33 @@ def memory_tokens(captions: Sequence[Sequence[str]], vocab: Vocab, neighbours: i
     return memory
 
 
+def named_concepts(captions: Sequence[Sequence[str]], probs: np.ndarray, words: Sequence[str]) -> np.ndarray:
+    """(B, n): per image, for each of its n captions, the summed probability (probs (B, W) of `words`) of the
+    concept words the caption names: how far it agrees with what the ImageNet head sees."""
+    column = {word: j for j, word in enumerate(words)}
+    out = np.zeros((len(captions), max((len(c) for c in captions), default=0)), dtype=np.float32)
+    for i, texts in enumerate(captions):
+        for j, text in enumerate(texts):
+            named = list({column[w] for w in tokenize(text) if w in column})
+            out[i, j] = float(probs[i, named].sum()) if named else 0.0
+    return out
+
+
 def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: RetrievalArgs, k: int | None = None,
-             exclude: Sequence[int | None] | None = None) -> tuple[Tensor, Neighbours]:
+             exclude: Sequence[int | None] | None = None, concept_probs: np.ndarray | None = None,
+             concept_words: Sequence[str] = (), concept_weight: float = 0.0) -> tuple[Tensor, Neighbours]:
     """The memory of photos with unit image vectors (B, D): their k (at most args.neighbours) nearest captions
-    in the datastore, leaving out group exclude[i] for photo i (training's leave-one-out)."""
-    found = datastore.search(vectors, min(k or args.neighbours, args.neighbours), exclude)
+    in the datastore, leaving out group exclude[i] for photo i (training's leave-one-out). With concept_probs
+    (B, W) of concept_words (concepts.py) and a weight, the POOL nearest are ranked again by cosine + weight x
+    the summed probability of the concept words each names: the ImageNet head knows an espresso that the
+    image vector, trained on Flickr8k, takes for a dog in water."""
+    k = min(k or args.neighbours, args.neighbours)
+    if concept_probs is None or concept_weight <= 0:
+        found = datastore.search(vectors, k, exclude)
+    else:
+        found = datastore.search(vectors, POOL, exclude)
+        scores = found.similarity + concept_weight * named_concepts(found.texts, concept_probs, concept_words)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        found = Neighbours(np.take_along_axis(found.rows, order, axis=1), np.take_along_axis(found.similarity, order, 1),
+                           [[texts[j] for j in row] for texts, row in zip(found.texts, order)])
     return memory_tokens(found.texts, vocab, args.neighbours, args.memory_length), found
