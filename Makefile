@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch first, pinned: a plain `pip install torch` would pull several GB of CUDA wheels.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup setup-dev demo serve lint test test-fast clean
+.PHONY: setup setup-dev demo serve lint typecheck test test-fast clean
 
 $(VENV)/.core: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ LINT := $(VENV)/bin/ruff check captioner tests scripts app.py
 # ruff, configured in pyproject.toml; `make test` runs it first
 lint: setup-dev
 	$(LINT)
+
+# mypy over the package, configured in pyproject.toml: the package ships py.typed, so its hints must hold
+typecheck: setup-dev
+	$(VENV)/bin/mypy
 
 # the full suite, as CI runs it (.ci/run)
 test: setup-dev

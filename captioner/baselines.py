@@ -77,7 +77,7 @@ class _NgramVectors:
         pairs = np.sort(np.array(image_of)[owner] * size + gram)
         in_images = pairs[np.diff(pairs, prepend=-1) != 0] % size
         idf = np.log(len(train_captions) / np.bincount(in_images, minlength=size))
-        weight = counts * idf[gram]
+        weight: np.ndarray = counts * idf[gram]
         block = owner * (MAX_N + 1) + order[gram]
         norm = np.sqrt(np.bincount(block, weights=weight**2))[block]
         weight /= np.where(norm > 0, norm, 1.0)

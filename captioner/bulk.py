@@ -47,7 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 try:
     import fcntl
@@ -485,7 +485,7 @@ def error_state(path: Path) -> dict:
         return {}
 
 
-def prefetched(keys: Iterator[str], load: Callable[[str], torch.Tensor], pool: ThreadPoolExecutor,
+def prefetched(keys: Iterator[str], load: Callable[[str], Any], pool: ThreadPoolExecutor,
                ahead: int) -> Iterator[tuple[str, Future]]:
     """(key, the future of its loaded image) in order, with up to `ahead` images read in the background."""
     pending: deque[tuple[str, Future]] = deque()

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .config import Config
 from .features import Prepared, open_prepared
-from .models import build_decoder, check_encoder_spec
+from .models import CaptionDecoder, build_decoder, check_encoder_spec
 from .models.embedder import PooledHead
 from .runtime import bf16_supported, is_main, load_checkpoint, make_optimizer, resolve_device, save_checkpoint
 from .sentences import SENTENCE_MODEL, load_sentence_encoder
@@ -217,19 +217,19 @@ def pretrain(cfg: Config, image_side: nn.Module, region_dim: int, prepared: Prep
         score = sum(v for k, v in row.items() if k.startswith("val_")) if validate else epoch
         if score > best[0]:
             best = (score, epoch, copy.deepcopy(image_side.state_dict()), copy.deepcopy(head.state_dict()))
-        recall = (f" dev R@1 image->caption {100 * row['val_i2t_r1']:.1f} caption->image {100 * row['val_t2i_r1']:.1f}"
-                  if validate else "")
-        log(f"pretrain epoch {epoch}: InfoNCE {row['loss']:.3f} temperature {row['temperature']:.3f}{recall} "
+        shown = (f" dev R@1 image->caption {100 * row['val_i2t_r1']:.1f} caption->image {100 * row['val_t2i_r1']:.1f}"
+                 if validate else "")
+        log(f"pretrain epoch {epoch}: InfoNCE {row['loss']:.3f} temperature {row['temperature']:.3f}{shown} "
             f"[{row['seconds']:.0f}s]")
     _, best_epoch, side_state, head_state = best
     return {"image_side": side_state, "head": head_state, "best_epoch": best_epoch, "history": history}
 
 
-def pretrain_settings(cfg: Config, decoder: nn.Module) -> dict[str, Any]:
+def pretrain_settings(cfg: Config, decoder: CaptionDecoder) -> dict[str, Any]:
     return {**{key: getattr(cfg, key) for key in PRETRAIN_KEYS}, "decoder_args": decoder.arguments()}
 
 
-def pretrain_image_side(cfg: Config, decoder: nn.Module, prepared: Prepared, device: torch.device,
+def pretrain_image_side(cfg: Config, decoder: CaptionDecoder, prepared: Prepared, device: torch.device,
                         log: Callable[[str], None] = print) -> None:
     """`train`'s hook: give `decoder`'s image side this run's contrastively pretrained weights.
 

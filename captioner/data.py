@@ -235,17 +235,18 @@ def _karpathy_splits(file: Path, entries: list[Entry], problems: list[str]) -> l
         by_name[_get(image, "filename", where)] = split
         if isinstance(image.get("cocoid"), int):
             by_id[image["cocoid"]] = split
-    out, unmatched = [], []
+    out: list[Entry] = []
+    unmatched: list[str] = []
     for name, captions, _, where in entries:
         base = name.rsplit("/", 1)[-1]
-        split = by_name.get(base)
-        if split is None and by_id:
+        found = by_name.get(base)
+        if found is None and by_id:
             number = re.search(r"(\d+)\.\w+$", base)
-            split = by_id.get(int(number.group(1))) if number else None
-        if split is None:
+            found = by_id.get(int(number.group(1))) if number else None
+        if found is None:
             unmatched.append(name)
         else:
-            out.append((name, captions, split, where))
+            out.append((name, captions, found, where))
     if entries and not out:
         raise DatasetError(f"{file}: names none of the {len(entries)} images of the annotations; is it the split "
                            "file of this dataset?")
@@ -827,12 +828,12 @@ def _open_raw(source: str | Path | bytes, name: str) -> Image.Image:
                 thumb = raw.extract_thumb()
             except (rawpy.LibRawNoThumbnailError, rawpy.LibRawUnsupportedThumbnailError):
                 thumb = None
-            image = None
+            image: Image.Image | None = None
             if thumb is not None and thumb.format == rawpy.ThumbFormat.JPEG:
-                image = Image.open(io.BytesIO(thumb.data))
+                image = Image.open(io.BytesIO(bytes(thumb.data)))  # bytes for a JPEG: no copy
                 image.load()
             elif thumb is not None and thumb.format == rawpy.ThumbFormat.BITMAP:
-                image = Image.fromarray(thumb.data)
+                image = Image.fromarray(np.asarray(thumb.data))
             if image is None or min(image.size) < MIN_RAW_PREVIEW:
                 return Image.fromarray(raw.postprocess(use_camera_wb=True, half_size=True))
             if image.getexif().get(_ORIENTATION, 1) not in (0, 1):

@@ -25,7 +25,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import torch
 from torch import Tensor, nn
@@ -57,12 +57,16 @@ class Ensemble(nn.Module):
             raise ValueError(f"an ensemble needs at least 2 decoders, got {len(members)}")
         self.members = nn.ModuleList(members)
 
+    def decoders(self) -> list[Decoder]:
+        """The members with their type: iterating an nn.ModuleList gives plain Modules."""
+        return cast("list[Decoder]", list(self.members))
+
     def init_state(self, features: Tensor) -> State:
-        return {f"{i}.{name}": v for i, m in enumerate(self.members) for name, v in m.init_state(features).items()}
+        return {f"{i}.{name}": v for i, m in enumerate(self.decoders()) for name, v in m.init_state(features).items()}
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         logprobs, alphas, new = [], [], {}
-        for i, member in enumerate(self.members):
+        for i, member in enumerate(self.decoders()):
             prefix = f"{i}."
             own = {name[len(prefix):]: v for name, v in state.items() if name.startswith(prefix)}
             lp, own, alpha = member.step(words, own)

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -108,11 +109,8 @@ def round_filters(channels: int, width: float) -> int:
 @functools.cache
 def same_padding(height: int, width: int, kernel: int, stride: int) -> tuple[int, int, int, int]:
     """TensorFlow 'SAME' padding (left, right, top, bottom): the extra pixel goes right/bottom."""
-    pads = []
-    for size in (width, height):
-        total = max((math.ceil(size / stride) - 1) * stride + kernel - size, 0)
-        pads += [total // 2, total - total // 2]
-    return tuple(pads)
+    across, down = (max((math.ceil(size / stride) - 1) * stride + kernel - size, 0) for size in (width, height))
+    return across // 2, across - across // 2, down // 2, down - down // 2
 
 
 # Without gradients the encoder runs a batch this many images at a time: their feature maps stay in the
@@ -203,7 +201,7 @@ def lite_crop(image: Image.Image, size: int) -> Image.Image:
         image = image.convert("RGB")
     scale = round(size / 0.875) / min(image.size)
     resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
-    image = image.resize(resized, Image.BICUBIC)
+    image = image.resize(resized, Image.Resampling.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
@@ -283,7 +281,7 @@ class EfficientNetLite(Encoder):
         gamma / sqrt(var + eps), t = beta - mean * s becomes one convolution with bias): the frozen encoder
         spent more than half its time in BatchNorm. Stage 2, which trains the encoder, keeps the original."""
         folded = copy.deepcopy(self).eval()
-        pairs = [(folded, "_conv_stem", "_bn0"), (folded, "_conv_head", "_bn1")]
+        pairs: list[tuple[nn.Module, str, str]] = [(folded, "_conv_stem", "_bn0"), (folded, "_conv_head", "_bn1")]
         for block in folded._blocks:
             if block.has_expansion:
                 pairs.append((block, "_expand_conv", "_bn0"))
@@ -307,7 +305,8 @@ class EfficientNetLite(Encoder):
 
     def grid(self) -> tuple[int, int]:
         side = self.image_size
-        for stride in [self._conv_stem.stride[0]] + [b.stride for b in self._blocks[:self.n_blocks]]:
+        strides: list[int] = [self._conv_stem.stride[0]] + [cast(int, b.stride) for b in self._blocks[:self.n_blocks]]
+        for stride in strides:
             side = math.ceil(side / stride)  # SAME padding: out = ceil(in / stride)
         return side, side
 
@@ -407,7 +406,7 @@ class TimmEncoder(Encoder):
         return image
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        x = self.crop(image)
+        x: Any = self.crop(image)  # a PIL image until the ToTensor step, a tensor after
         for step in self.tensor_steps:
             x = step(x)
         return x
@@ -450,6 +449,7 @@ def list_encoders() -> list[str]:
 def create_encoder(name: str = "efficientnet_lite0", pretrained: bool = True, image_size: int = 0,
                    layer: str = "head") -> Encoder:
     """Build an encoder, frozen and in eval mode: it is a feature extractor until set_trainable_blocks says not."""
+    factory: Callable[[bool, int, str], Encoder]
     if name.startswith("timm:"):
         factory = functools.partial(TimmEncoder, name.removeprefix("timm:"))
     elif name in _FACTORIES:

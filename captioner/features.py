@@ -18,6 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,7 +182,7 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
     """Fill root/features.f16 for `records`, resuming from root/status.npy."""
     h, w = encoder.grid()
     shape = (len(records), h * w, encoder.channels)
-    meta = {"spec": encoder.spec(), "shape": list(shape), "batch_size": batch_size}
+    meta: dict[str, Any] = {"spec": encoder.spec(), "shape": list(shape), "batch_size": batch_size}
     meta_path, feat_path, status_path = root / "features.json", root / "features.f16", root / "status.npy"
     have = feat_path.stat().st_size if feat_path.exists() else 0
     check_disk(root, max(0, feature_bytes(*shape) - have), shape, log)
@@ -214,6 +215,7 @@ def extract(records: list[Record], encoder: Encoder, root: Path, batch_size: int
                                                         mininterval=0.1 if sys.stderr.isatty() else 60) as bar:
         pending = pool.submit(_load_batch, encoder, [records[i] for i in todo[0]]) if todo else None
         for k, rows in enumerate(todo):
+            assert pending is not None  # submitted above for the first batch, below for the next
             batch, ok, errors = pending.result()
             if k + 1 < len(todo):  # decode the next batch while this one runs through the network
                 pending = pool.submit(_load_batch, encoder, [records[i] for i in todo[k + 1]])
@@ -276,7 +278,7 @@ def _encoder_to_prepare(cfg: Config) -> tuple[Encoder, dict[str, torch.Tensor] |
         raise ValueError(f"encoder_from {cfg.encoder_from} has no fine-tuned encoder (its decoder was trained on "
                          "cached features); leave encoder_from empty for the pretrained encoder's features")
     spec = model.encoder_spec
-    asked = {"encoder": cfg.encoder, "layer": cfg.feature_layer}
+    asked: dict[str, str | int] = {"encoder": cfg.encoder, "layer": cfg.feature_layer}
     if cfg.image_size:  # 0: whatever the model was trained at
         asked["image_size"] = cfg.image_size
     differ = [f"{k} {v!r} (config) != {spec[k]!r} (model)" for k, v in asked.items() if spec[k] != v]

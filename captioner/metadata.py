@@ -321,7 +321,7 @@ def refresh_states(jsonl: Path, moved: dict[str, tuple[dict, dict]]) -> None:
         with open(tmp, "wb") as out:
             for _, line, record in read_lines(jsonl):
                 before, after = moved.get(record["file"], (None, None))
-                if before is not None and {k: record.get(k) for k in before} == before:
+                if before is not None and after is not None and {k: record.get(k) for k in before} == before:
                     out.write(json_line({**record, **after}).encode("utf-8"))
                 else:
                     out.write(line)

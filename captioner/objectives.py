@@ -10,6 +10,7 @@ import contextlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -19,6 +20,7 @@ from torch import Tensor, nn
 from .cider import CiderD
 from .config import Config
 from .decoding import sample
+from .encoders import Encoder
 from .features import Prepared
 from .metrics import repeated_bigrams
 from .models import CaptionDecoder
@@ -170,9 +172,9 @@ class SelfCritical:
         the images go through its encoder first."""
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise ValueError("objective scst runs in one process only (not under torchrun)")
-        if hasattr(model, "encoder"):
-            return model.decoder, model.encoder.regions(inputs)
-        return model, inputs
+        if hasattr(model, "encoder"):  # train.EndToEnd (not imported here: train imports this module)
+            return cast(CaptionDecoder, model.decoder), cast(Encoder, model.encoder).regions(inputs)
+        return cast(CaptionDecoder, model), inputs
 
 
 def make_objective(cfg: Config, prepared: Prepared) -> CrossEntropy | SelfCritical:

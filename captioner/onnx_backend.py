@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -110,7 +110,7 @@ class OnnxDecoder:
 
     def reading(self, memory: Tensor) -> WithMemory:
         """This decoder for photos whose retrieved captions are `memory`, as the PyTorch one."""
-        return WithMemory(self, memory)
+        return WithMemory(cast(Any, self), memory)  # duck-types RetrievalLSTM: the same init_state and step
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         feed = {"words": words.contiguous().numpy(),

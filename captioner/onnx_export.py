@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .atomic import replace_folder
-from .encoders import image_transforms
+from .encoders import Encoder, image_transforms
 from .models.base import CaptionDecoder, State
 from .models.files import DATASTORE_DIR, RETRIEVAL_FILE, read_model_json, weights_sha256, write_model_json
 from .models.retrieval import retrieve
@@ -55,7 +55,7 @@ def require_exporter() -> None:
 
 
 class _Regions(nn.Module):
-    def __init__(self, encoder: nn.Module) -> None:
+    def __init__(self, encoder: Encoder) -> None:
         super().__init__()
         self.encoder = encoder
 
@@ -70,7 +70,8 @@ class _Init(nn.Module):
 
     def forward(self, features: Tensor, memory: Tensor | None = None) -> tuple[Tensor, ...]:
         # memory: a retrieval decoder's retrieved captions, its init graph's second input
-        state = self.decoder.init_state(features, memory) if memory is not None else self.decoder.init_state(features)
+        init: Callable[..., State] = self.decoder.init_state  # a retrieval decoder's takes the memory too
+        state = init(features, memory) if memory is not None else init(features)
         return tuple(state[n] for n in self.names)
 
 
@@ -94,6 +95,7 @@ def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outpu
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         program = torch.onnx.export(module.eval(), args, dynamo=True, verbose=False, input_names=inputs,
                                     output_names=outputs, dynamic_shapes=dynamic_shapes)
+    assert program is not None  # dynamo=True returns the program
     program.save(str(path))
     _stamp(path, weights)
     onnx.checker.check_model(str(path))
@@ -114,7 +116,7 @@ def _varying_dims(before: State, after: State) -> dict[str, set[int]]:
     return {n: {d for d in range(1, v.dim()) if v.shape[d] != after[n].shape[d]} for n, v in before.items()}
 
 
-def export_encoder(encoder: nn.Module, out: Path, weights: str) -> Tensor:
+def export_encoder(encoder: Encoder, out: Path, weights: str) -> Tensor:
     """Write encoder.onnx into `out`; return the features of the example images, for export_decoder."""
     images = torch.rand(EXPORT_ROWS, 3, encoder.image_size, encoder.image_size,
                         generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -245,7 +247,8 @@ def compare(reference: Captioner, exported: Captioner, images: list[Image.Image]
     memory = retrieved(reference, images)
     for captioner in (reference, exported):
         batch = torch.stack([captioner.encoder.preprocess(im) for im in images])
-        decoder = captioner.decoder.reading(memory) if memory is not None else captioner.decoder
+        # memory: both are retrieval decoders, whose reading() gives the decoder for these photos
+        decoder = cast(Any, captioner.decoder).reading(memory) if memory is not None else captioner.decoder
         logprobs.append(stepwise_logprobs(decoder, captioner.encoder.regions(batch), best, vocab.start, vocab.end))
     same = [a[0].tokens == b[0].tokens for a, b in zip(ours, theirs)]
     return Agreement(
@@ -256,13 +259,13 @@ def compare(reference: Captioner, exported: Captioner, images: list[Image.Image]
 
 def retrieved(reference: Captioner, images: list[Image.Image] | Tensor) -> Tensor | None:
     """A retrieval model's memory for images (or their features), as `caption` retrieves it; None for others."""
-    if reference.datastore is None:
+    if reference.datastore is None or reference.embedder is None:  # a model with a datastore ships an embedder
         return None
     with torch.no_grad():
         if not isinstance(images, Tensor):
             images = reference.encoder.regions(torch.stack([reference.encoder.preprocess(im) for im in images]))
         vectors = reference.embedder(images).numpy()
-    return retrieve(reference.datastore, vectors, reference.vocab, reference.decoder.args)[0]
+    return retrieve(reference.datastore, vectors, reference.vocab, cast(Any, reference.decoder).args)[0]
 
 
 def verify(reference: Captioner, folder: Path, images: list[Image.Image],
@@ -284,7 +287,7 @@ def check_images(n: int = 3, seed: int = 0) -> list[Image.Image]:
     rng = np.random.default_rng(seed)
     sizes = [(320, 240), (240, 320), (300, 300), (400, 260)]
     return [Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
-            .resize(sizes[i % len(sizes)], Image.BICUBIC)
+            .resize(sizes[i % len(sizes)], Image.Resampling.BICUBIC)
             for i in range(n)]
 
 
@@ -303,14 +306,16 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
     images = images if images is not None else check_images()
     weights = weights_sha256(model_dir / "model.safetensors")
     reference = Captioner.from_pretrained(model_dir, device="cpu")
+    encoder, decoder = reference.encoder, reference.decoder
+    assert isinstance(encoder, Encoder) and isinstance(decoder, CaptionDecoder)  # the PyTorch backend's
     image_transforms(reference.encoder.spec())  # refuses an encoder whose preprocessing needs its network
     meta = {k: v for k, v in read_model_json(model_dir).items() if k != "config"}
     def write(tmp: Path) -> None:  # the folder appears only whole and checked, as any model folder (atomic.py)
         log(f"exporting {GRAPHS['encoder']}")
-        features = export_encoder(reference.encoder, tmp, weights)
+        features = export_encoder(encoder, tmp, weights)
         log(f"exporting {GRAPHS['init']} and {GRAPHS['step']}")
         info = {"weights_sha256": weights, "exported_from": model_dir.name, "quantized": [],
-                **export_decoder(reference.decoder, features, len(reference.vocab), tmp, weights,
+                **export_decoder(decoder, features, len(reference.vocab), tmp, weights,
                                  retrieved(reference, features))}
         reference.vocab.save(tmp / "vocab.json")
         for extra in (RETRIEVAL_FILE, DATASTORE_DIR):  # photo vectors, and a retrieval model's captions
@@ -318,7 +323,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
                 shutil.copytree(model_dir / extra, tmp / extra)
             elif (model_dir / extra).is_file():
                 shutil.copy2(model_dir / extra, tmp / extra)
-        head = reference.encoder.imagenet_head()
+        head = encoder.imagenet_head()
         if head is not None:  # what concepts need: the classifier over the encoder graph's output
             from safetensors.torch import save_file
 

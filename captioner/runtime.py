@@ -17,6 +17,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -134,7 +135,7 @@ def rng_state() -> dict:
     """This process's random states as plain tensors, numbers and lists (not numpy or tuples), so a
     checkpoint loads with torch.load(weights_only=True)."""
     version, keys, gauss = random.getstate()
-    _, mt, pos, has_gauss, cached = np.random.get_state()
+    _, mt, pos, has_gauss, cached = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())
     state = {"python": [version, list(keys), gauss],
              "numpy": [torch.from_numpy(mt.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
              "torch": torch.get_rng_state()}

@@ -151,7 +151,8 @@ def build_index(jsonl: str | Path, encoder: SentenceEncoder, log: Callable[[str]
                 and (cached := read_images(images_path, meta.get("images", 0))) is not None):
             files, vectors, images, covered = meta["files"], np.load(table_path), cached, meta["bytes"]
             captions, concepts = meta["captions"], meta["concepts"]
-    end, texts, new_files, new_images, new_rows = covered, [], [], [], []
+    texts: list[str] = []
+    end, new_files, new_images, new_rows = covered, [], [], []
     # a half-written last line waits for the next search; the last line's end is read after the loop
     for end, _, record in read_lines(jsonl, start=covered):  # noqa: B007
         text = record_text(record)
@@ -229,25 +230,26 @@ def nearest(vectors: np.ndarray, query: np.ndarray, top: int, images: Images | N
     top = min(top, len(vectors) - (int(exclude.sum()) if exclude is not None else 0))
     if top <= 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    mixed = images is not None and len(images.rows) > 0
+    mixed = images if images is not None and len(images.rows) > 0 else None  # None: text only
     table = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float16))
     query16 = torch.from_numpy(query.astype(np.float16))
     rough = (table @ query16).float().numpy()
-    if mixed:
-        pictures = (torch.from_numpy(np.ascontiguousarray(images.vectors, dtype=np.float16)) @ query16).float().numpy()
-        rough[images.rows] = mix(rough[images.rows], pictures, weight)
+    if mixed is not None:
+        pictures = (torch.from_numpy(np.ascontiguousarray(mixed.vectors, dtype=np.float16)) @ query16).float().numpy()
+        rough[mixed.rows] = mix(rough[mixed.rows], pictures, weight)
     bonus_rows = np.zeros(0, dtype=np.int64) if bonus_rows is None else bonus_rows
     rough[bonus_rows] += MATCH_BONUS
     if exclude is not None:
         rough[exclude] = -np.inf
     kth = np.partition(rough, len(rough) - top)[len(rough) - top]
-    error = ROUGH * max(1.0, abs(float(kth))) * (max(1.0, 1 - weight + weight * IMAGE_SCALE) if mixed else 1.0)
+    widest = max(1.0, 1 - weight + weight * IMAGE_SCALE) if mixed is not None else 1.0
+    error = ROUGH * max(1.0, abs(float(kth))) * widest
     candidates = np.flatnonzero(rough >= kth - error)  # in row order
     exact = vectors[candidates].astype(np.float32) @ query.astype(np.float32)
-    if mixed:
-        at = np.minimum(np.searchsorted(images.rows, candidates), len(images.rows) - 1)
-        has = images.rows[at] == candidates
-        exact[has] = mix(exact[has], images.vectors[at[has]].astype(np.float32) @ query.astype(np.float32), weight)
+    if mixed is not None:
+        at = np.minimum(np.searchsorted(mixed.rows, candidates), len(mixed.rows) - 1)
+        has = mixed.rows[at] == candidates
+        exact[has] = mix(exact[has], mixed.vectors[at[has]].astype(np.float32) @ query.astype(np.float32), weight)
     exact[np.isin(candidates, bonus_rows)] += MATCH_BONUS
     best = np.argsort(-exact, kind="stable")[:top]
     return candidates[best], exact[best]

@@ -469,7 +469,11 @@ class Run:
         save_model(self.dir / "best", self.decoder, self.prepared.vocab, self.prepared.spec,
                    decoding_defaults(self.cfg), encoder_state=state)
         if self.data.memory is not None:
-            add_retrieval(self.dir / "best", read_retrieval(Path(self.cfg.embedder_from)), datastore=self.cfg.datastore)
+            embedder = read_retrieval(Path(self.cfg.embedder_from))
+            if embedder is None:
+                raise ValueError(f"embedder_from {self.cfg.embedder_from} ships no image embedder; a retrieval "
+                                 "decoder's model folder needs one")
+            add_retrieval(self.dir / "best", embedder, datastore=self.cfg.datastore)
 
 
 @dataclass
@@ -570,6 +574,7 @@ def resume_run(run: Run, stage: Stage) -> tuple[TrainState, Stage]:
     run.decoder.load_state_dict(ckpt["decoder"])
     if ckpt["stage"] == "finetune":
         stage = stage_two(run)
+        assert stage.encoder is not None  # stage 2 trains the encoder
         stage.encoder.load_state_dict(ckpt["encoder"])
     stage.optimizer.load_state_dict(ckpt["optimizer"])
     if stage.scheduler is not None and ckpt["scheduler"] is not None:
@@ -760,7 +765,7 @@ def lr_find(cfg: Config, start_lr: float = 1e-7, end_lr: float = 1.0, steps: int
             group["lr"] = lr
         batch = data.on_device(batches[i % len(batches)], lambda rows: data.features(rows).to(device), device)
         logs = train_step(decoder, objective, optimizer, batch, cfg.grad_clip, cfg.amp and bf16_supported(device))
-        smooth = 0.9 * smooth + 0.1 * float(logs["loss"]) / logs["n"]
+        smooth = 0.9 * smooth + 0.1 * float(logs["loss"]) / float(logs["n"])
         value = smooth / (1 - 0.9 ** (i + 1))  # bias-corrected running mean
         lrs.append(lr)
         losses.append(value)

@@ -14,8 +14,8 @@ def attention_overlay(image: Image.Image, alpha: np.ndarray, strength: float = 0
     from matplotlib import colormaps
 
     picture = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
-    heat = Image.fromarray((alpha / max(float(alpha.max()), 1e-8) * 255).astype(np.uint8))
-    heat = np.asarray(heat.resize(image.size, Image.BICUBIC), dtype=np.float32) / 255
+    grid = Image.fromarray((alpha / max(float(alpha.max()), 1e-8) * 255).astype(np.uint8))
+    heat = np.asarray(grid.resize(image.size, Image.Resampling.BICUBIC), dtype=np.float32) / 255
     blended = (1 - strength) * picture + strength * colormaps["jet"](heat)[..., :3]
     return Image.fromarray((blended * 255).round().astype(np.uint8))
 

@@ -39,7 +39,8 @@ class CaptionDecoder(nn.Module):
     family: ClassVar[str] = ""  # the registered name, set by register_decoder
     title: ClassVar[str] = ""  # what a page or an API description calls the family
 
-    def __init__(self, args: Any, vocab_size: int, feature_dim: int) -> None:
+    def __init__(self, args: Any, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:
+        """`words`: the vocabulary, for families whose embeddings can start from GloVe (build_decoder passes it)."""
         super().__init__()
         self.args, self.vocab_size, self.feature_dim = args, vocab_size, feature_dim
 

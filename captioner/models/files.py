@@ -139,8 +139,11 @@ def tuned_weights(state: dict[str, Tensor]) -> str:
 
 def weights_sha256(path: Path) -> str:
     """The hex sha256 of a weights file: what a model's version and an export's origin are named by."""
+    digest = hashlib.sha256()  # not hashlib.file_digest: that is Python 3.11+, and 3.10 is supported
     with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+        while chunk := f.read(2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tied_keys(module: torch.nn.Module) -> set[str]:
@@ -287,8 +290,8 @@ def average_models(models: list[LoadedModel]) -> LoadedModel:
             if a != b:
                 raise ValueError(f"cannot average {first.path} and {other.path}: their {what} differs")
     first.decoder.load_state_dict(_mean_state([m.decoder.state_dict() for m in models]))
-    if first.encoder_state is not None:
-        first.encoder_state = _mean_state([m.encoder_state for m in models])
+    if first.encoder_state is not None:  # then every model has one: checked above
+        first.encoder_state = _mean_state([m.encoder_state for m in models if m.encoder_state is not None])
     return first
 
 

@@ -53,6 +53,9 @@ class HardAttentionLSTM(AttentionLSTM):
     Args = HardAttentionArgs
     title = "Show, Attend and Tell (hard attention)"
 
+    baseline_sum: Tensor  # buffers: the moving-average baseline
+    baseline_weight: Tensor
+
     def __init__(self, args: HardAttentionArgs, vocab_size: int, feature_dim: int,
                  words: list[str] | None = None) -> None:
         super().__init__(args, vocab_size, feature_dim, words)
@@ -73,6 +76,7 @@ class HardAttentionLSTM(AttentionLSTM):
         n, _, regions = alpha.shape
         log_alpha = alpha.clamp_min(torch.finfo(alpha.dtype).tiny).log()
         chosen = draw(alpha.detach().flatten(0, 1)).view(n, -1)  # (B, H)
+        assert self._expect is not None  # set with _draws by the training pass
         expect = self._expect[:n]
         weights = torch.where(expect[:, None, None], alpha, F.one_hot(chosen, regions).to(alpha.dtype))
         log_p = log_alpha.gather(2, chosen.unsqueeze(2)).sum(dim=(1, 2))

@@ -61,6 +61,14 @@ class AttentionLSTM(CaptionDecoder):
     title = "Show, Attend and Tell (soft attention)"
     attends = True  # False: the mean-feature baseline
 
+    # buffers, registered in __init__ when the options use them
+    classifier_weight: Tensor
+    classifier_bias: Tensor
+    class_word: Tensor
+    head_mask: Tensor
+    embed_proj: nn.Module
+    project: nn.Module
+
     def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None,
                  classifier: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
         super().__init__(args, vocab_size, feature_dim)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -148,6 +149,10 @@ class TransformerCaptioner(CaptionDecoder):
     def image_side(self) -> nn.Module:
         return self.image
 
+    def decoder_layers(self) -> list[DecoderLayer]:
+        """self.layers with their type: iterating an nn.ModuleList gives plain Modules."""
+        return cast("list[DecoderLayer]", list(self.layers))
+
     def _words(self, words: Tensor, start: int) -> Tensor:
         """(B, T) ids from position `start` -> (B, T, D) scaled embeddings plus positions."""
         x = self.embed(words) * math.sqrt(self.region_dim)
@@ -155,7 +160,7 @@ class TransformerCaptioner(CaptionDecoder):
 
     def _memory(self, regions: Tensor) -> State:
         state = {}
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
             state[f"memory_k{i}"], state[f"memory_v{i}"] = layer.cross_attn.keys_values(regions)
         return state
 
@@ -192,7 +197,7 @@ class TransformerCaptioner(CaptionDecoder):
     def _stack(self, x: Tensor, state: State) -> tuple[Tensor, Tensor]:
         """The decoder layers over all positions of x (causal), each layer's keys and values from its
         own input: (hidden states, the last layer's cross-attention queries)."""
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(self.decoder_layers()):
             k, v = layer.self_attn.keys_values(layer.norm1(x))
             x, query = layer(x, k, v, state[f"memory_k{i}"], state[f"memory_v{i}"], causal=True)
         return x, query
@@ -201,7 +206,7 @@ class TransformerCaptioner(CaptionDecoder):
         new = dict(state)
         if self.kv_cache:  # one new position; its keys and values join each layer's cache
             x = self._words(words[:, None], state["self_k0"].shape[2])  # the cache's length is its position
-            for i, layer in enumerate(self.layers):
+            for i, layer in enumerate(self.decoder_layers()):
                 k, v = layer.self_attn.keys_values(layer.norm1(x))
                 new[f"self_k{i}"] = torch.cat([state[f"self_k{i}"], k], dim=2)
                 new[f"self_v{i}"] = torch.cat([state[f"self_v{i}"], v], dim=2)
@@ -213,5 +218,5 @@ class TransformerCaptioner(CaptionDecoder):
             x, query = x[:, -1:], query[:, -1:]
         logprobs = F.log_softmax(self.out(self.norm(x[:, 0])).float(), dim=-1)
         last = len(self.layers) - 1  # the picture: the last layer's cross-attention, averaged over heads
-        alpha = self.layers[last].cross_attn.weights(query, state[f"memory_k{last}"])[:, 0]
+        alpha = self.decoder_layers()[last].cross_attn.weights(query, state[f"memory_k{last}"])[:, 0]
         return logprobs, new, alpha

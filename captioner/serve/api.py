@@ -86,8 +86,9 @@ async def caption(request: Request) -> CaptionResponse:
     captioner = server.captioner
     data, name, fields = await read_request(request)
     try:
-        options = Options.model_validate(fields)
-        opts = captioner.options(**options.model_dump(exclude={"attention"}))
+        chosen = Options.model_validate(fields).model_dump()
+        attend = chosen.pop("attention")
+        opts = captioner.options(**chosen)
     except ValidationError as err:
         raise invalid(err) from None
     except OptionError as err:
@@ -100,16 +101,16 @@ async def caption(request: Request) -> CaptionResponse:
     except (Busy, Closed) as err:
         raise HTTPException(503, str(err), headers={"Retry-After": "1"}) from None
     attention = None
-    if options.attention:
+    if attend:
         words, alphas = captioner.attention_maps(result.captions[0])
         attention = AttentionOut(words=words, grid=list(alphas.shape[1:]),
                                  maps=alphas.astype(np.float64).round(5).tolist())
     ms = [round(x, 2) for x in ((time.perf_counter() - start) * 1000, (decoded - start) * 1000,
                                 result.queue_ms, result.model_ms)]
     timing = Timing(total_ms=ms[0], decode_ms=ms[1], queue_ms=ms[2], model_ms=ms[3], batch_size=result.batch_size)
-    return CaptionResponse(model=server.info["name"], captions=captioner.as_dicts(result.captions),
-                           timing=timing, attention=attention,
-                           **extras(Captioned(result.captions, result.concepts, neighbours=result.neighbours)))
+    return CaptionResponse.model_validate({
+        "model": server.info["name"], "captions": captioner.as_dicts(result.captions), "timing": timing,
+        "attention": attention, **extras(Captioned(result.captions, result.concepts, neighbours=result.neighbours))})
 
 
 @captioning.post("/api/image-to-text", openapi_extra=RAW_BODY, responses=CAPTION_ERRORS)
@@ -129,7 +130,8 @@ async def search_library(request: Request,
     server = server_of(request)
     if server.library is None:
         raise HTTPException(404, NO_LIBRARY)
-    return await anyio.to_thread.run_sync(server.library.find, q, top, limiter=server.slots)
+    hits = await anyio.to_thread.run_sync(server.library.find, q, top, limiter=server.slots)
+    return [SearchHit.model_validate(hit) for hit in hits]
 
 
 @library_routes.get("/api/thumbnail", response_class=Response,

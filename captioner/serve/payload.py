@@ -69,18 +69,19 @@ async def read_request(request: Request) -> tuple[bytes, str, dict]:
         if not body:
             raise HTTPException(400, "empty body: send JSON {\"image\": \"<base64>\", ...}")
         try:
-            parsed = JsonRequest.model_validate_json(body)
+            values = JsonRequest.model_validate_json(body).model_dump(exclude_none=True)
         except ValidationError as err:
             raise invalid(err) from None
-        text = parsed.image
+        given: str = values.pop("image")
+        text = given
         if text.startswith("data:"):
             _, comma, text = text.partition(",")
             if not comma:
-                raise invalid_field("image", "a data: URL needs a comma before the base64 data", parsed.image)
+                raise invalid_field("image", "a data: URL needs a comma before the base64 data", given)
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
             raise invalid_field("image", "image is not valid base64", text) from None
-        return data, "image", parsed.model_dump(exclude={"image"}, exclude_none=True)
+        return data, "image", values
     raise HTTPException(415, f"content type {kind or '(none)'} is not multipart/form-data, application/json, "
                              "image/* or application/octet-stream")

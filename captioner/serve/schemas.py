@@ -27,14 +27,13 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-Options = create_model("Options", __base__=_Strict, __doc__="Decoding options of a request; any left out take "
-                       "the model's defaults.", **{name: _option_field(name) for name in OPTIONS},
-                       attention=(bool, Field(False, description="also answer each word's attention map of the "
-                                                                 "best caption")))
-
-
-class JsonRequest(Options):
-    image: str = Field(description="the image file, base64-encoded (a data: URL works too)")
+_FIELDS: dict[str, Any] = {name: _option_field(name) for name in OPTIONS}
+_FIELDS["attention"] = (bool, Field(False, description="also answer each word's attention map of the best caption"))
+# Built from the table at import, so their type is their base's: read their fields with model_dump().
+Options: type[_Strict] = create_model("Options", __base__=_Strict, __doc__="Decoding options of a request; any left "
+                                      "out take the model's defaults.", **_FIELDS)
+JsonRequest: type[_Strict] = create_model("JsonRequest", __base__=Options, image=(str, Field(
+    description="the image file, base64-encoded (a data: URL works too)")))
 
 
 class CaptionOut(BaseModel):
@@ -97,11 +96,12 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
 RAW_BODY = {"requestBody": {"required": True, "content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}},
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-CAPTION_ERRORS = {400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
-                  401: {"description": "the server has an API key and the request did not bear it"},
-                  413: {"description": "file or pixel count over the server's limits"},
-                  415: {"description": "not multipart, JSON or an image body"},
-                  422: {"description": "bad or unknown option"},
-                  429: {"description": "this client has the most requests in flight the server allows"},
-                  500: {"description": "a fault of the server; its log has the details under error_id"},
-                  503: {"description": "the queue is full, or the server is shutting down"}}
+CAPTION_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
+    401: {"description": "the server has an API key and the request did not bear it"},
+    413: {"description": "file or pixel count over the server's limits"},
+    415: {"description": "not multipart, JSON or an image body"},
+    422: {"description": "bad or unknown option"},
+    429: {"description": "this client has the most requests in flight the server allows"},
+    500: {"description": "a fault of the server; its log has the details under error_id"},
+    503: {"description": "the queue is full, or the server is shutting down"}}

@@ -2,6 +2,7 @@
 over the library; its work goes through the API's batcher and decoding pool."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                   ) -> tuple[str, dict[str, float], list[list], list[list], list[tuple[Image.Image, str]]]:
         if photo is None:
             raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
-        chosen = {name: type(OPTIONS[name].default)(value) for name, value in zip(OPTIONS, values)}
+        # each option's type (int, float or bool) from its default
+        kinds: dict[str, Callable[[Any], Any]] = {name: type(OPTIONS[name].default) for name in OPTIONS}
+        chosen = {name: kinds[name](value) for name, value in zip(OPTIONS, values)}
         chosen["num_captions"] = min(chosen["num_captions"], chosen["beam_size"])
         try:
             opts = captioner.options(**chosen)
@@ -64,7 +67,9 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         return nbest[0]["generated_text"], dict(result.concepts), table, similar, heatmaps
 
     def thumbnails(query: str) -> list[tuple[Image.Image, str]]:
-        hits = []
+        hits: list[tuple[Image.Image, str]] = []
+        if library is None:  # the search box is only on the page with a library
+            return hits
         for hit in library.find(query) if query.strip() else []:
             label = f"{hit['caption']} ({hit['score']:.2f}) {hit['file']}"
             try:
