@@ -61,7 +61,7 @@ def replace_folder(path: str | Path, write: Callable[[Path], object]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def settled(path: str | Path) -> Path:
+def whole_version(path: str | Path) -> Path:
     """`path`, or its .old twin while a folder swap is between its two renames (or a crash left it so)."""
     path = Path(path)
     old = _sibling(path, ".old")
@@ -72,7 +72,7 @@ def read_folder(path: str | Path, read: Callable[[Path], T], attempts: int = 5) 
     """read(folder) on one whole version of the folder at `path`. If the folder was swapped while it
     was being read (a writer in another process), its files may be of two versions: read again."""
     for attempt in range(attempts):
-        folder = settled(path)
+        folder = whole_version(path)
         before = _identity(folder)
         try:
             result = read(folder)

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import BACKENDS, add_config_flags, add_decoding_flags, config_from_args, given
+from .config import BACKENDS, add_config_flags, add_decoding_flags, config_from_args, flags_given
 from .decoding_options import MODEL_KEYS
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N or mps (default: auto)"
@@ -60,7 +60,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model:
         beams = [int(b) for b in args.beam_sizes.split(",")] if args.beam_sizes else None
         rows += evaluate_model(args.model, args.prepared, args.split, beams, args.device, args.output,
-                               ensemble=args.ensemble, datastore=args.datastore, **given(args, EVALUATE_KEYS))
+                               ensemble=args.ensemble, datastore=args.datastore, **flags_given(args, EVALUATE_KEYS))
     if args.nearest_neighbour:
         rows.append(("nearest neighbour", evaluate_nearest_neighbour(args.prepared, args.split)))
     if not rows:
@@ -86,7 +86,7 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
-        if given(args, MODEL_KEYS):
+        if flags_given(args, MODEL_KEYS):
             raise SystemExit("captioner export: --format onnx keeps the model's decoding defaults; export to "
                              "safetensors with new decoding defaults first, then that to onnx")
         if args.average:
@@ -103,7 +103,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if args.average:
         model = average_models([model, *map(load_model, args.average)])
-    decoding = {**model.decoding, **given(args, MODEL_KEYS)}
+    decoding = {**model.decoding, **flags_given(args, MODEL_KEYS)}
     DecodingOptions(**decoding)  # an option out of range fails here, naming it, not when the model is used
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype)
@@ -153,7 +153,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         raise SystemExit("captioner caption: no images found in " + " ".join(args.inputs))
     captioner = Captioner.from_pretrained(args.model, device=args.device, backend=args.backend,
                                           datastore=args.datastore)
-    opts = captioner.options(**given(args))
+    opts = captioner.options(**flags_given(args))
     failed = 0
     results: list[tuple[Path, list[dict], dict]] = []
     for s in range(0, len(paths), args.batch_size):
@@ -207,7 +207,7 @@ def caption_library(args: argparse.Namespace) -> int:
         raise bulk.OutputLocked(bulk.locked_message(Path(args.output), holder))
     captioner = Captioner.from_pretrained(args.model, device=rank_device(args.device), backend=args.backend,
                                           datastore=args.datastore)
-    opts = captioner.options(**given(args))
+    opts = captioner.options(**flags_given(args))
     summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
                                    workers=args.workers, prune=args.prune, wait=args.wait)
     rank, world = shard()

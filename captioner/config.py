@@ -327,7 +327,7 @@ def add_field_flag(parser: argparse.ArgumentParser, f: dataclasses.Field, defaul
                             metavar=None if "choices" in f.metadata else kind.__name__.upper(), help=text)
 
 
-def given(args: argparse.Namespace, names: tuple[str, ...] = tuple(OPTIONS)) -> dict[str, Any]:
+def flags_given(args: argparse.Namespace, names: tuple[str, ...] = tuple(OPTIONS)) -> dict[str, Any]:
     """The decoding options among `names` that the user gave as flags."""
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
@@ -335,8 +335,8 @@ def given(args: argparse.Namespace, names: tuple[str, ...] = tuple(OPTIONS)) -> 
 def config_from_args(args: argparse.Namespace) -> Config:
     """Defaults, then the --config file, then every flag the user actually gave."""
     cfg = Config.load(args.config) if getattr(args, "config", None) else Config()
-    given = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
+    from_flags = {f.name: getattr(args, f.name) for f in fields(Config) if getattr(args, f.name, None) is not None}
     try:
-        return dataclasses.replace(cfg, **given)
+        return dataclasses.replace(cfg, **from_flags)
     except ValueError as err:
         raise ValueError(f"{args.config + ' with ' if args.config else ''}the flags given: {err}") from None

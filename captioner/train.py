@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .atomic import replace_file, settled
+from .atomic import replace_file, whole_version
 from .config import Config
 from .decoding_options import DecodingOptions
 from .encoders import Encoder, create_encoder
@@ -367,7 +367,8 @@ def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepa
         raise ValueError(f"init_from {path} does not fit the configured decoder: {'; '.join(differ) or err}") from None
 
 
-def wrap(module: nn.Module, device: torch.device, world: int) -> nn.Module:
+def wrap_ddp(module: nn.Module, device: torch.device, world: int) -> nn.Module:
+    """`module` under DistributedDataParallel when the run has several processes, else itself."""
     if world == 1:
         return module
     return nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -375,12 +376,11 @@ def wrap(module: nn.Module, device: torch.device, world: int) -> nn.Module:
 
 # What a resumed run may change: how long it runs, where, and where it finds its files; not what it trains.
 RESUME_MAY_CHANGE = frozenset({"epochs", "finetune_epochs", "patience", "device", "num_workers", "val_images",
-                               "deterministic",
-                               "amp", "data", "images", "prepared", "run_dir"})
+                               "deterministic", "amp", "data", "images", "prepared", "run_dir"})
 
 
 @contextlib.contextmanager
-def saving(run_dir: Path, what: str, resumable: bool) -> Iterator[None]:
+def save_errors_explained(run_dir: Path, what: str, resumable: bool) -> Iterator[None]:
     """A full disk or a read-only run folder ends the run with what to do, not a traceback (the CLI
     prints OSErrors); every write is atomic, so what is on disk is still whole."""
     try:
@@ -492,7 +492,7 @@ class Stage:
 
 def stage_one(run: Run) -> Stage:
     cfg = run.cfg
-    model = wrap(run.decoder, run.device, run.world)
+    model = wrap_ddp(run.decoder, run.device, run.world)
     optimizer = make_optimizer(cfg.optimizer, run.decoder.parameters(), cfg.lr, cfg.weight_decay)
     steps = len(run.data.batches(cfg.batch_size, 0, run.rank, run.world))
     return Stage("train", model, optimizer, make_scheduler(cfg, optimizer, steps, cfg.epochs),
@@ -511,7 +511,7 @@ def stage_two(run: Run) -> Stage:
     params = list(run.decoder.parameters()) + [p for p in encoder.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg.optimizer, params, cfg.finetune_lr, cfg.weight_decay)
     scheduler = make_scheduler(cfg, optimizer, 1, 1) if cfg.schedule == "plateau" else None
-    return Stage("finetune", wrap(EndToEnd(encoder, run.decoder), device, run.world), optimizer, scheduler,
+    return Stage("finetune", wrap_ddp(EndToEnd(encoder, run.decoder), device, run.world), optimizer, scheduler,
                  image_inputs(encoder, run.prepared, device), encoder,
                  mirror_batch(run.prepared.vocab, device) if cfg.finetune_mirror else None)
 
@@ -597,7 +597,7 @@ def score_start(run: Run, state: TrainState) -> None:
                                      run.world)
     state.best_score, state.best_epoch = scores[run.cfg.val_metric], 0
     if is_main():
-        with saving(run.dir, "epoch 0", False):
+        with save_errors_explained(run.dir, "epoch 0", False):
             run.save_best(None)
         run.log(f"epoch 0 ({run.cfg.init_from}): dev BLEU-4 {100 * scores['Bleu_4']:.1f} "
                 f"CIDEr {100 * scores['CIDEr']:.1f}")
@@ -607,7 +607,7 @@ def enter_stage_two(run: Run) -> Stage:
     """Stage 2 fine-tunes from the best stage-1 decoder, not the last."""
     if run.world > 1:
         dist.barrier()  # rank 0 writes best/ at the end of stage 1; the others read it here
-    if settled(run.dir / "best").exists():
+    if whole_version(run.dir / "best").exists():
         run.decoder.load_state_dict(load_model(run.dir / "best", run.device).decoder.state_dict())
     return stage_two(run)
 
@@ -694,7 +694,7 @@ def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict, scores: dict
         state.stage, state.stage_start, state.bad_epochs = "finetune", state.epoch, 0
     if not is_main():
         return
-    with saving(run.dir, f"epoch {state.epoch}", run.last.exists()):
+    with save_errors_explained(run.dir, f"epoch {state.epoch}", run.last.exists()):
         if improved:
             run.save_best(stage.encoder)
         save_checkpoint(run.last, stage=stage.name, decoder=run.decoder.state_dict(),
@@ -722,7 +722,7 @@ def _train(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
     if resume:
         state, stage = resume_run(run, stage)
     if is_main():
-        with saving(run.dir, "the run's config", resume):
+        with save_errors_explained(run.dir, "the run's config", resume):
             cfg.save(run.dir / "config.json")
         n_params = sum(p.numel() for p in run.decoder.parameters() if p.requires_grad)
         log(f"training on {run.device} ({run.world} process{'es' if run.world > 1 else ''}): {len(run.data)} "

@@ -317,7 +317,7 @@ def test_folder_swap_leaves_a_whole_version_at_every_step(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         atomic.replace_folder(path, write("v2"))
     monkeypatch.setattr(os, "replace", real)
-    assert not path.exists() and atomic.settled(path) == tmp_path / "best.old"
+    assert not path.exists() and atomic.whole_version(path) == tmp_path / "best.old"
     assert atomic.read_folder(path, read) == {"v1"}
     atomic.replace_folder(path, write("v3"))
     assert atomic.read_folder(path, read) == {"v3"} and not (tmp_path / "best.old").exists()

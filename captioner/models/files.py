@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ..atomic import read_folder, replace_folder, settled
+from ..atomic import read_folder, replace_folder, whole_version
 from ..decoding_options import MODEL_DEFAULTS, MODEL_KEYS
 from ..sentences import SENTENCE_MODEL
 from ..vocab import Vocab
@@ -220,7 +220,7 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
     through replace_folder, so a reader sees it with or without them, never half."""
     from safetensors.torch import save
 
-    source = settled(path)
+    source = whole_version(path)
     read_model_json(source)  # a model folder, of a version this captioner reads
     tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in embedder.state_dict().items()}
     data = save(tensors, metadata={"sentence_model": sentence_model})
@@ -236,7 +236,7 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
                 shutil.copy2(file, folder / file.name)
         (folder / RETRIEVAL_FILE).write_bytes(data)
         if datastore is not None:
-            shutil.copytree(settled(datastore), folder / DATASTORE_DIR)
+            shutil.copytree(whole_version(datastore), folder / DATASTORE_DIR)
 
     replace_folder(path, write)
 
@@ -250,7 +250,7 @@ def model_datastore(folder: str | Path, embedder: ImageEmbedder | None,
 
     if embedder is None:
         raise DatastoreError(f"{folder}: a retrieval model without an image embedder ({RETRIEVAL_FILE})")
-    path = Path(override) if override is not None else settled(folder) / DATASTORE_DIR
+    path = Path(override) if override is not None else whole_version(folder) / DATASTORE_DIR
     datastore = load_datastore(path)
     datastore.check_query(embedder.head.proj.out_features)
     return datastore

@@ -28,7 +28,7 @@ from ..search import Library
 from .batcher import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_QUEUE, Batcher, Busy, Closed
 from .guards import inflight_guard, key_guard
 from .middleware import BodyLimit, InternalErrors
-from .payload import invalid, invalid_field, read_request
+from .payload import invalid_body, invalid_field, read_request
 from .photos import MAX_PIXELS, MAX_UPLOAD_BYTES, decode_slots, decode_upload, jpeg, thumbnail
 from .schemas import (
     CAPTION_ERRORS,
@@ -90,7 +90,7 @@ async def caption(request: Request) -> CaptionResponse:
         attend = chosen.pop("attention")
         opts = captioner.options(**chosen)
     except ValidationError as err:
-        raise invalid(err) from None
+        raise invalid_body(err) from None
     except OptionError as err:
         raise invalid_field(err.field, str(err), fields.get(err.field)) from None
     pixels = await anyio.to_thread.run_sync(decode_upload, data, name, captioner, server.max_upload_bytes,

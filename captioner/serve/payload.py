@@ -14,34 +14,35 @@ from pydantic import ValidationError
 from .schemas import JsonRequest
 
 
-def invalid(err: ValidationError) -> RequestValidationError:
+def invalid_body(err: ValidationError) -> RequestValidationError:
     """Pydantic's errors as FastAPI's 422, each located in the body like FastAPI's own; an unknown field's
     message lists the known ones, so a misspelling is easy to fix."""
     known = f"unknown field; the fields are {', '.join(JsonRequest.model_fields)}"
-    return RequestValidationError([echo({**e, "loc": ("body", *e["loc"]), "msg": known if e["type"] == "extra_forbidden"
-                                         else e["msg"]}) for e in err.errors(include_url=False)])
+    return RequestValidationError([quotable({**e, "loc": ("body", *e["loc"]),
+                                             "msg": known if e["type"] == "extra_forbidden" else e["msg"]})
+                                   for e in err.errors(include_url=False)])
 
 
-def echo(value: Any, limit: int = 100) -> Any:
+def quotable(value: Any, limit: int = 100) -> Any:
     """A request's value as a 422 can quote it: JSON has no Infinity or NaN, a body need not be UTF-8, and
     a client needs the start of a long value (a whole base64 photo) to find it, not all of it."""
     if isinstance(value, dict):
-        return {str(k): echo(v, limit) for k, v in value.items()}
+        return {str(k): quotable(v, limit) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [echo(v, limit) for v in value]
+        return [quotable(v, limit) for v in value]
     if isinstance(value, bytes):
         value = value.decode("utf-8", "replace")
     if isinstance(value, str):
         return value if len(value) <= limit else value[:limit] + "..."
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
-    return value if value is None or isinstance(value, (bool, int, float)) else echo(repr(value), limit)
+    return value if value is None or isinstance(value, (bool, int, float)) else quotable(repr(value), limit)
 
 
 def invalid_field(field: str, message: str, value: Any) -> RequestValidationError:
     """A 422 for one field, in the same form as pydantic's."""
     return RequestValidationError([{"type": "value_error", "loc": ("body", field), "msg": message,
-                                    "input": echo(value)}])
+                                    "input": quotable(value)}])
 
 
 async def read_request(request: Request) -> tuple[bytes, str, dict]:
@@ -71,7 +72,7 @@ async def read_request(request: Request) -> tuple[bytes, str, dict]:
         try:
             values = JsonRequest.model_validate_json(body).model_dump(exclude_none=True)
         except ValidationError as err:
-            raise invalid(err) from None
+            raise invalid_body(err) from None
         given: str = values.pop("image")
         text = given
         if text.startswith("data:"):
