@@ -61,7 +61,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .data import IMAGE_SUFFIXES, OTHER_IMAGE_SUFFIXES, ImageError, load_image
 from .decoding_options import DecodingOptions
-from .pipeline import Captioned, Captioner, extras
+from .pipeline import Captioner, CaptionResult, extras
 from .runtime import join_barrier, shard, wait_for_all
 
 PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
@@ -519,7 +519,7 @@ def json_line(record: dict) -> str:
     return text + "\n"
 
 
-def caption_record(key: str, captioner: Captioner, result: Captioned, decoding: dict,
+def caption_record(key: str, captioner: Captioner, result: CaptionResult, decoding: dict,
                    stat: os.stat_result | None = None) -> dict:
     """One captioned photo's JSONL line."""
     record = {"file": key, "captions": captioner.as_dicts(result.captions), **extras(result),

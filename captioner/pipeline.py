@@ -118,7 +118,7 @@ class Captioner:
 
     @torch.inference_mode()
     def generate(self, images: list[Image.Image] | torch.Tensor, opts: DecodingOptions,
-                 vectors: bool = False) -> list[Captioned]:
+                 vectors: bool = False) -> list[CaptionResult]:
         """Captions, concepts and (with `vectors` and an embedder: bulk captioning's lines) vectors for loaded
         RGB images, or for a (B, 3, S, S) batch `encoder.preprocess` made, as one batch."""
         if not isinstance(images, torch.Tensor):
@@ -141,7 +141,7 @@ class Captioner:
             if opts.concepts:
                 decoder = self.concepts.decoder(decoder, opts.concept_threshold)
         kept = embedded if vectors and embedded is not None else [None] * len(batch)
-        return [Captioned(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
+        return [CaptionResult(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
                 in zip(beam_search(decoder, features, opts), shown, kept, similar)]
 
     @torch.inference_mode()
@@ -206,7 +206,7 @@ class Captioner:
 
 
 @dataclass
-class Captioned:
+class CaptionResult:
     """One image's n-best captions (best first), the concepts its encoder recognised, (word,
     probability) most probable first (concepts.SHOWN and SHOWN_MOST choose which), its unit vector
     (float32) where the model has an embedder, and the captions of similar photos a retrieval model read,
@@ -240,7 +240,7 @@ def concept_dicts(concepts: list[tuple[str, float]]) -> list[dict]:
     return [{"word": word, "probability": round(p, 3)} for word, p in concepts]
 
 
-def extras(result: Captioned) -> dict[str, list[dict]]:
+def extras(result: CaptionResult) -> dict[str, list[dict]]:
     """What every output carries beside the captions: the concepts, and where a retrieval model read
     them, the captions of similar photos ({"caption", "similarity"}, nearest first)."""
     out = {"concepts": concept_dicts(result.concepts)}

@@ -16,7 +16,7 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from captioner.decoding_options import LIMITS, OPTIONS, DecodingOptions  # noqa: E402
-from captioner.pipeline import DEFAULT_MODEL, Captioned, Captioner  # noqa: E402
+from captioner.pipeline import DEFAULT_MODEL, Captioner, CaptionResult  # noqa: E402
 from captioner.serve import Batcher, Busy, create_app  # noqa: E402
 
 PHOTOS = Path(__file__).resolve().parent.parent / "examples" / "photos"
@@ -209,7 +209,7 @@ class SlowModel:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("model broke")
-        return [Captioned([f"caption {float(p.sum()):.0f} beam {opts.beam_size}"], []) for p in pixels]
+        return [CaptionResult([f"caption {float(p.sum()):.0f} beam {opts.beam_size}"], []) for p in pixels]
 
 
 def test_batcher_groups_by_options_and_survives_a_failing_batch() -> None:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from .. import __version__
 from ..decoding_options import OptionError
-from ..pipeline import Captioned, Captioner, extras
+from ..pipeline import Captioner, CaptionResult, extras
 from ..search import Library
 from .batcher import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_QUEUE, Batcher, Busy, Closed
 from .guards import inflight_guard, key_guard
@@ -108,9 +108,10 @@ async def caption(request: Request) -> CaptionResponse:
     ms = [round(x, 2) for x in ((time.perf_counter() - start) * 1000, (decoded - start) * 1000,
                                 result.queue_ms, result.model_ms)]
     timing = Timing(total_ms=ms[0], decode_ms=ms[1], queue_ms=ms[2], model_ms=ms[3], batch_size=result.batch_size)
+    found = CaptionResult(result.captions, result.concepts, neighbours=result.neighbours)
     return CaptionResponse.model_validate({
         "model": server.info["name"], "captions": captioner.as_dicts(result.captions), "timing": timing,
-        "attention": attention, **extras(Captioned(result.captions, result.concepts, neighbours=result.neighbours))})
+        "attention": attention, **extras(found)})
 
 
 @captioning.post("/api/image-to-text", openapi_extra=RAW_BODY, responses=CAPTION_ERRORS)
