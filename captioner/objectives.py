@@ -144,7 +144,9 @@ class SelfCritical:
     def __call__(self, model: nn.Module, batch: Batch) -> StepResult:
         decoder, features = self._decoder_and_features(model, batch.inputs)
         k, images = self.samples, len(batch.rows)
-        tokens, logprobs, _ = sample(decoder, features, k, self.max_length)
+        # a retrieval decoder samples reading each image's retrieved captions (models/retrieval.py)
+        sampler = decoder.reading(batch.memory) if batch.memory is not None else decoder
+        tokens, logprobs, _ = sample(sampler, features, k, self.max_length)
         rewards = torch.from_numpy(self.reward(np.repeat(batch.rows, k), tokens)).float().view(images, k)
         logs: dict[str, Tensor] = {"reward": rewards.sum()}
         greedy_reward = None
@@ -152,7 +154,7 @@ class SelfCritical:
             was_training = decoder.training
             decoder.eval()
             with torch.no_grad():
-                greedy_tokens, _, _ = sample(decoder, features, 1, self.max_length, greedy=True)
+                greedy_tokens, _, _ = sample(sampler, features, 1, self.max_length, greedy=True)
             decoder.train(was_training)
             greedy_reward = torch.from_numpy(self.reward(np.asarray(batch.rows), greedy_tokens)).float()
             logs["greedy_reward"] = greedy_reward.sum() * k  # per sample, like the others

@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--no-concepts", action="store_true")
     parser.add_argument("--no-retrieval", action="store_true")
     parser.add_argument("--retrieved", type=int, help="retrieved captions read (default: the model's)")
+    parser.add_argument("--retrieval-concepts", type=float, help="weight of the concept words in retrieval "
+                        "(default: the model's)")
     parser.add_argument("--pool", type=int, default=500, help="consensus: nearest captions re-ranked")
     parser.add_argument("--top", type=int, default=25, help="consensus: captions voting")
     parser.add_argument("--bonus", type=float, default=0.3, help="consensus: weight of the concept words")
@@ -98,7 +100,7 @@ def main() -> None:
     paths = list(refs)
     start = time.time()
     options = {"concepts": False if args.no_concepts else None, "retrieval": False if args.no_retrieval else None,
-               "retrieved": args.retrieved}
+               "retrieved": args.retrieved, "retrieval_concepts": args.retrieval_concepts}
     opts = captioner.options(**options)
     for s in range(0, len(paths), 16):
         batch = paths[s:s + 16]

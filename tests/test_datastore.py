@@ -241,3 +241,17 @@ def test_retrieval_weighs_the_concepts_a_caption_names(tmp_path):
     found = retrieve(store, query, vocab, args, concept_probs=probs, concept_words=words, concept_weight=1.0)[1]
     assert found.texts == [["A red bus on a city street."]]
     assert found.similarity[0, 0] < store.search(query, 1).similarity[0, 0]  # the cosine, not the bonus, is shown
+
+
+def test_self_critical_training_samples_a_retrieval_decoder_reading_its_memory():
+    from captioner.objectives import Batch, SelfCritical
+
+    decoder = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3).train()
+    captions = torch.tensor([[1, 5, 6, 2], [1, 7, 2, 0]])
+    batch = Batch(torch.randn(2, 5, 8), np.arange(2), torch.tensor([0, 1]), captions, torch.tensor([4, 3]),
+                  memory=torch.tensor([[9, 9, 0, 11, 0, 0], [12, 0, 0, 0, 0, 0]]))
+    rewards = np.random.default_rng(0).random
+    result = SelfCritical(lambda rows, tokens: rewards(len(rows)), samples=3)(decoder, batch)
+    result.loss.backward()
+    assert decoder.copy_key.weight.grad is not None and decoder.copy_key.weight.grad.abs().sum() > 0
+    assert decoder.memory_rnn.weight_ih_l0.grad.abs().sum() > 0  # the samples read the retrieved captions

@@ -1,0 +1,91 @@
+"""What retrieval costs at inference: a retrieval model against the shipped one, measured in one run.
+
+    OMP_NUM_THREADS=1 python scripts/bench_retrieval.py --model runs/flickr8k-retrieval/best \
+        --photos ../shared/data/coco-dev/images
+
+Rows: the datastore search per photo (one query at a time, by image vector alone and with the concept
+ranking), captioning the folder (batches of 8, as `captioner caption`), and the cold start (a new process
+importing captioner, loading the model and captioning one photo). Run nothing else heavy beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from captioner.concepts import concept_vocabulary
+from captioner.data import expand_inputs, load_image
+from captioner.models.retrieval import retrieve
+from captioner.pipeline import DEFAULT_MODEL, Captioner
+
+COLD = """
+import sys, time
+start = time.perf_counter()
+from captioner.pipeline import Captioner
+c = Captioner.from_pretrained(sys.argv[1], device="cpu")
+c(sys.argv[2])
+print(time.perf_counter() - start)
+"""
+
+
+def caption_folder(captioner: Captioner, images: list, batch: int = 8) -> float:
+    start = time.perf_counter()
+    opts = captioner.options()
+    for s in range(0, len(images), batch):
+        captioner.generate(images[s:s + batch], opts)
+    return time.perf_counter() - start
+
+
+def cold_start(model: Path, photo: Path, repeats: int) -> float:
+    times = [float(subprocess.run([sys.executable, "-c", COLD, str(model), str(photo)], capture_output=True,
+                                  text=True, check=True).stdout.split()[-1]) for _ in range(repeats)]
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="the retrieval model folder")
+    parser.add_argument("--baseline", default=str(DEFAULT_MODEL), help="the model it is compared with")
+    parser.add_argument("--photos", required=True)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    paths = expand_inputs([args.photos])
+    images = [load_image(p) for p in paths]
+    ours, theirs = Captioner.from_pretrained(args.model, device="cpu"), Captioner.from_pretrained(args.baseline, device="cpu")
+    print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()} "
+          f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), float32; {len(paths)} photos")
+    with torch.inference_mode():
+        batch = torch.stack([ours.encoder.preprocess(im) for im in images[:64]])
+        features = ours.encoder.regions(batch)
+        vectors = ours.embedder(features).numpy()
+        probs = ours.concepts.probs(features).numpy()
+    words, args_ = concept_vocabulary(), ours.decoder.args
+    for name, weight in (("by image vector", 0.0), ("with the concept ranking", ours.defaults.retrieval_concepts)):
+        start = time.perf_counter()
+        for i in range(len(vectors)):
+            retrieve(ours.datastore, vectors[i:i + 1], ours.vocab, args_, concept_probs=probs[i:i + 1],
+                     concept_words=words, concept_weight=weight)
+        print(f"| datastore search {name} ({len(ours.datastore):,} captions) | "
+              f"{1000 * (time.perf_counter() - start) / len(vectors):.1f} ms / photo |")
+    with torch.inference_mode():
+        caption_folder(ours, images[:8]), caption_folder(theirs, images[:8])  # warm up
+        ours_s = min(caption_folder(ours, images) for _ in range(args.repeats))
+        theirs_s = min(caption_folder(theirs, images) for _ in range(args.repeats))
+    print(f"| caption {len(paths)} photos, shipped model | {theirs_s:.2f} s |")
+    print(f"| caption {len(paths)} photos, retrieval model | {ours_s:.2f} s ({ours_s / theirs_s:.2f}x) |")
+    cold_ours, cold_theirs = cold_start(Path(args.model), paths[0], args.repeats), cold_start(Path(args.baseline),
+                                                                                               paths[0], args.repeats)
+    print(f"| cold start, shipped model | {cold_theirs:.2f} s |")
+    print(f"| cold start, retrieval model | {cold_ours:.2f} s ({cold_ours / cold_theirs:.2f}x) |")
+
+
+if __name__ == "__main__":
+    main()
