@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
 from .concepts import Concepts, concept_vocabulary
-from .decoding import Ensemble, beam_search
+from .decoding import Decoder, Ensemble, beam_search
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
 from .features import DONE, Prepared, image_inputs, open_prepared
@@ -34,6 +34,7 @@ from .vocab import Vocab, tokenize
 if TYPE_CHECKING:
     from .datastore import Datastore
     from .models.embedder import ImageEmbedder
+    from .models.retrieval import RetrievalLSTM
 
 
 @torch.inference_mode()
@@ -55,10 +56,10 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
             feats = torch.from_numpy(prepared.features[chunk].astype(np.float32)).to(device)
         else:
             encoder.eval()
-            feats = encoder.regions(image_inputs(encoder, prepared, device)(chunk))
-        search = decoder
-        if memory is not None and opts.retrieval:
-            search = decoder.reading(torch.from_numpy(memory[chunk]))
+            feats = encoder.regions(image_inputs(encoder, prepared, device)(np.asarray(chunk)))
+        search = cast(Decoder, decoder)
+        if memory is not None and opts.retrieval:  # a retrieval decoder: reading() gives it for these photos
+            search = cast(Any, decoder).reading(torch.from_numpy(memory[chunk]))
         if concepts is not None and opts.concepts:
             search = concepts.decoder(search, opts.concept_threshold)
         results = beam_search(search, feats, opts)
@@ -69,7 +70,7 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
 
 
 @torch.inference_mode()
-def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Datastore, decoder: nn.Module,
+def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Datastore, decoder: RetrievalLSTM,
                      vocab: Vocab, k: int | None = None, leave_out: bool = False, batch_size: int = 256,
                      concepts: Concepts | None = None, concept_weight: float = 0.0,
                      log: Callable[[str], None] = print) -> np.ndarray:
@@ -129,8 +130,11 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     refs = prepared.references(rows)
     memory = None
     if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
+        if loaded.embedder is None:
+            raise ValueError(f"{model} reads retrieved captions but has no image embedder (retrieval.safetensors)")
+        reader = cast("RetrievalLSTM", loaded.decoder)
         memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded.path, loaded.embedder, datastore),
-                                  loaded.decoder, loaded.vocab, base.retrieved, concepts=concepts,
+                                  reader, loaded.vocab, base.retrieved, concepts=concepts,
                                   concept_weight=base.retrieval_concepts, log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")

@@ -10,7 +10,7 @@ import contextlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ class SelfCritical:
         decoder, features = self._decoder_and_features(model, batch.inputs)
         k, images = self.samples, len(batch.rows)
         # a retrieval decoder samples reading each image's retrieved captions (models/retrieval.py)
-        sampler = decoder.reading(batch.memory) if batch.memory is not None else decoder
+        sampler = cast(Any, decoder).reading(batch.memory) if batch.memory is not None else decoder
         tokens, logprobs, _ = sample(sampler, features, k, self.max_length)
         rewards = torch.from_numpy(self.reward(np.repeat(batch.rows, k), tokens)).float().view(images, k)
         logs: dict[str, Tensor] = {"reward": rewards.sum()}

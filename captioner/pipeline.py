@@ -13,7 +13,7 @@ import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
 from .decoding_options import DecodingOptions
-from .models import decoder_class, load_model, model_datastore, weights_sha256
+from .models import CaptionDecoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
 from .models.retrieval import retrieve
 from .runtime import resolve_device
@@ -106,7 +106,9 @@ class Captioner:
     @functools.cached_property
     def title(self) -> str:
         """What the page and the API description call the model: its decoder family's title."""
-        family = read_model_json(self.path)["decoder"]["family"] if self.path is not None else self.decoder.family
+        # no folder: a PyTorch decoder built in memory, whose class is registered under its family
+        family = (read_model_json(self.path)["decoder"]["family"] if self.path is not None
+                  else cast(CaptionDecoder, self.decoder).family)
         return decoder_class(family).title
 
     def options(self, **overrides: Any) -> DecodingOptions:
@@ -125,16 +127,20 @@ class Captioner:
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
         features = self.encoder.regions(batch)
-        decoder, shown, similar = self.decoder, [[] for _ in range(len(batch))], [[] for _ in range(len(batch))]
+        decoder = self.decoder
+        shown: list[list[tuple[str, float]]] = [[] for _ in range(len(batch))]
+        similar: list[list[tuple[str, float]]] = [[] for _ in range(len(batch))]
         retrieving = self.datastore is not None and opts.retrieval
         embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
                     else None)
         if retrieving:
+            assert self.datastore is not None and embedded is not None  # a model with a datastore has an embedder
+            reader = cast(Any, self.decoder)  # a retrieval decoder: its args, and reading() for these photos
             probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
-            memory, found = retrieve(self.datastore, embedded, self.vocab, self.decoder.args, opts.retrieved,
+            memory, found = retrieve(self.datastore, embedded, self.vocab, reader.args, opts.retrieved,
                                      concept_probs=probs, concept_words=concept_vocabulary(),
                                      concept_weight=opts.retrieval_concepts)
-            decoder = self.decoder.reading(memory.to(self.device))
+            decoder = reader.reading(memory.to(self.device))
             similar = [list(zip(texts, sims.tolist())) for texts, sims in zip(found.texts, found.similarity)]
         if self.concepts is not None:
             shown = self.concepts.shown(features)
@@ -229,7 +235,7 @@ def _datastore(path: Path, decoder: Decoder, embedder: ImageEmbedder | None,
     return None
 
 
-def loaded_batches(items: list[tuple[Any, str]], batch_size: int) -> Iterator[list[Image.Image]]:
+def loaded_batches(items: list[tuple[Any, str | None]], batch_size: int) -> Iterator[list[Image.Image]]:
     """The (input, name) pairs `_as_images` gives, loaded as RGB images, batch_size at a time."""
     for start in range(0, len(items), batch_size):
         yield [load_image(x, name=name) for x, name in items[start:start + batch_size]]

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -64,6 +64,9 @@ from .runtime import (
     synchronize,
 )
 from .vocab import Vocab
+
+if TYPE_CHECKING:
+    from .models.retrieval import RetrievalLSTM
 
 # ---------------------------------------------------------------- data
 
@@ -562,7 +565,8 @@ def leave_one_out_memory(cfg: Config, prepared: Prepared, decoder: CaptionDecode
     embedder = read_retrieval(Path(cfg.embedder_from))
     if embedder is None:
         raise ValueError(f"embedder_from: {cfg.embedder_from} has no image embedder ({RETRIEVAL_FILE})")
-    return retrieved_memory(prepared, embedder, load_datastore(cfg.datastore), decoder, prepared.vocab, leave_out=True,
+    reader = cast("RetrievalLSTM", decoder)  # decoder retrieval
+    return retrieved_memory(prepared, embedder, load_datastore(cfg.datastore), reader, prepared.vocab, leave_out=True,
                             log=log)
 
 
