@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from captioner.concepts import concept_vocabulary
@@ -59,7 +58,8 @@ def main() -> None:
 
     paths = expand_inputs([args.photos])
     images = [load_image(p) for p in paths]
-    ours, theirs = Captioner.from_pretrained(args.model, device="cpu"), Captioner.from_pretrained(args.baseline, device="cpu")
+    ours = Captioner.from_pretrained(args.model, device="cpu")
+    theirs = Captioner.from_pretrained(args.baseline, device="cpu")
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()} "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), float32; {len(paths)} photos")
     with torch.inference_mode():

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..datastore import Neighbours
@@ -180,7 +179,7 @@ class RetrievalLSTM(AttentionLSTM):
         targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
         return DecoderOutput(logprobs, targets, attention_penalty(alphas.float(), self.args.alpha_c))
 
-    def reading(self, memory: Tensor) -> "WithMemory":
+    def reading(self, memory: Tensor) -> WithMemory:
         """This decoder for beam search over photos whose retrieved captions are `memory` (B, M)."""
         return WithMemory(self, memory)
 
@@ -238,6 +237,7 @@ def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: Retr
         found = datastore.search(vectors, POOL, exclude)
         scores = found.similarity + concept_weight * named_concepts(found.texts, concept_probs, concept_words)
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        found = Neighbours(np.take_along_axis(found.rows, order, axis=1), np.take_along_axis(found.similarity, order, 1),
+        found = Neighbours(np.take_along_axis(found.rows, order, axis=1),
+                           np.take_along_axis(found.similarity, order, axis=1),
                            [[texts[j] for j in row] for texts, row in zip(found.texts, order)])
     return memory_tokens(found.texts, vocab, args.neighbours, args.memory_length), found
