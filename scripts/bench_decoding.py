@@ -21,10 +21,10 @@ from collections.abc import Callable
 
 import torch
 
+from captioner.decoder_args import TransformerArgs
 from captioner.decoding import beam_search, greedy
 from captioner.decoding_options import DecodingOptions
 from captioner.models import CaptionDecoder, State, decoder_class
-from captioner.models.transformer import TransformerArgs
 
 
 class TimedDecoder:
@@ -90,7 +90,8 @@ def main() -> None:
             family, _, heads = spec.partition(":")
             torch.manual_seed(0)
             if family == "transformer":
-                shape = TransformerArgs(model_dim=384, heads=6, layers=2, encoder_layers=1, ff_dim=1536)
+                shape = TransformerArgs(model_dim=384, transformer_heads=6, transformer_layers=2, encoder_layers=1,
+                                        ff_dim=1536)
             else:  # the LSTM families, at configs/flickr8k.yaml's width
                 shape = decoder_class(family).Args(attention_heads=int(heads or 1))
             model: CaptionDecoder = decoder_class(family)(shape, 3000, 1280).eval()

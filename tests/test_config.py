@@ -158,20 +158,28 @@ def test_decoder_choices_are_the_registered_families():
     assert sorted(decoder.metadata["choices"]) == sorted(DECODERS)
 
 
-def test_hard_decode_choices_are_the_familys():
-    from captioner.models.hard_attention import HARD_DECODE
-
-    (hard_decode,) = [f for f in fields(Config) if f.name == "hard_decode"]
-    assert hard_decode.metadata["choices"] == HARD_DECODE
-
-
-def test_config_defaults_of_decoder_arguments_are_the_families_own():
-    """Config restates each family's architecture arguments as flags; a default changed in one place
-    only would train one shape from `captioner train` and another from the Python API."""
+def test_config_fields_of_decoder_arguments_are_the_families_own():
+    """Config inherits every family's Args, so an argument is declared once; two families declaring one
+    name with different defaults would leave Config with only one of them."""
+    from captioner.decoder_args import FAMILIES
     from captioner.models import DECODERS
 
-    defaults = {f.name: f.default for f in fields(Config)}
+    config = {f.name: f for f in fields(Config)}
     for family, cls in DECODERS.items():
+        assert issubclass(Config, cls.Args) and FAMILIES[family][0] is cls.Args, family
         for arg in fields(cls.Args):
-            assert arg.name in defaults, f"{family}: {arg.name} has no Config field"
-            assert defaults[arg.name] == arg.default, f"{family}: {arg.name}"
+            assert (config[arg.name].default, config[arg.name].metadata) == (arg.default, arg.metadata), \
+                f"{family}: {arg.name}"
+
+
+def test_the_transformer_has_its_own_dropout_and_old_names_still_load(tmp_path):
+    assert (Config().dropout, Config().transformer_dropout) == (0.5, 0.1)
+    old = tmp_path / "old.yaml"  # a transformer config from before the rename
+    old.write_text("decoder: transformer\nheads: 6\nlayers: 2\ndropout: 0.3\n")
+    cfg = Config.load(old)
+    assert (cfg.transformer_heads, cfg.transformer_layers, cfg.transformer_dropout, cfg.dropout) == (6, 2, 0.3, 0.5)
+    lstm = tmp_path / "lstm.yaml"  # an LSTM run's config.json held the transformer's options too
+    lstm.write_text("decoder: attention\nheads: 8\nlayers: 3\ndropout: 0.4\n")
+    cfg = Config.load(lstm)
+    assert (cfg.transformer_heads, cfg.transformer_layers, cfg.transformer_dropout, cfg.dropout) == (8, 3, 0.1, 0.4)
+    assert Config.from_dict({"decoder": "transformer", "dropout": 0.2, "transformer_dropout": 0.3}).dropout == 0.2

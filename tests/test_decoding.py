@@ -261,8 +261,8 @@ def test_greedy_sampling_is_greedy_decoding() -> None:
 
 def small_decoder(family: str) -> torch.nn.Module:
     """A tiny decoder of the family (dropout at its default), in eval mode."""
-    small = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
-                 encoder_layers=1, ff_dim=32)
+    small = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, transformer_heads=2,
+                 transformer_layers=2, encoder_layers=1, ff_dim=32)
     names = set(decoder_class(family).Args.__dataclass_fields__)
     torch.manual_seed(3)
     return decoder_from_config(Config(decoder=family, **{k: v for k, v in small.items() if k in names}), 12, 8).eval()

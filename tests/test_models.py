@@ -26,9 +26,8 @@ from captioner.vocab import Vocab
 from helpers import random_concepts
 
 SHIPPED = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
-SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16, heads=2,
-             layers=2,
-             encoder_layers=1, ff_dim=32)
+SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, dropout=0.3, model_dim=16,
+             transformer_heads=2, transformer_layers=2, encoder_layers=1, ff_dim=32)
 
 
 # Every family, and the options that change what the seam sees: several attention heads, hard
@@ -182,6 +181,25 @@ def test_version_1_model_folders_still_load_the_same_model(tmp_path):
     assert old.decoding == new.decoding and old.decoder.arguments() == new.decoder.arguments()
     for key, value in new.decoder.state_dict().items():
         assert torch.equal(value, old.decoder.state_dict()[key]), key
+
+
+def test_a_transformer_saved_before_its_arguments_were_renamed_still_loads(tmp_path):
+    """heads, layers and dropout were the transformer's names until they became transformer_*; a version 1
+    folder stored them in its whole config, a version 2 one as the family's arguments."""
+    decoder = small_decoder("transformer", transformer_dropout=0.2).eval()
+    spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
+    save_model(tmp_path / "m", decoder, Vocab([f"w{i}" for i in range(16)]), spec, {})
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    old_names = {"transformer_heads": "heads", "transformer_layers": "layers", "transformer_dropout": "dropout"}
+    meta["decoder"]["args"] = {old_names.get(k, k): v for k, v in meta["decoder"]["args"].items()}
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    assert load_model(tmp_path / "m").decoder.arguments() == decoder.arguments()
+    old = version_1(tmp_path / "m", tmp_path)
+    meta = json.loads((old / "model.json").read_text())
+    for name in old_names:  # captioner 0.1's config had only the old names
+        del meta["config"][name]
+    (old / "model.json").write_text(json.dumps(meta))
+    assert load_model(old).decoder.arguments() == decoder.arguments()
 
 
 def test_newer_versions_unknown_families_and_arguments_are_refused_by_name(tmp_path):

@@ -34,8 +34,8 @@ from captioner.vocab import Vocab  # noqa: E402
 from helpers import ROOT, random_concepts, run_cli  # noqa: E402
 
 PHOTOS = sorted((ROOT / "examples" / "photos").glob("*.jpg"))
-TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, heads=2, layers=2,
-            encoder_layers=1, ff_dim=32)
+TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model_dim=16, transformer_heads=2,
+            transformer_layers=2, encoder_layers=1, ff_dim=32)
 # every family, and the options that change the step's graph (hard attention's expectation is its default)
 VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
             "hard-attention-argmax": ("hard-attention", {"hard_decode": "argmax"}),
@@ -215,7 +215,7 @@ def test_int8_decoder_loads_and_captions_from_the_command_line(model_dir, export
 def test_a_retrieval_decoder_exports_with_its_memory_and_searches_alike(tmp_path):
     """The init graph takes the retrieved captions as a second input; beam search over the graphs reading them
     gives PyTorch's captions, and the copy path's scatter keeps a dynamic batch."""
-    from captioner.models.retrieval import RetrievalArgs
+    from captioner.decoder_args import RetrievalArgs
 
     torch.manual_seed(0)
     cfg = Config(decoder="retrieval", **{k: v for k, v in TINY.items() if k in {f.name for f in fields(RetrievalArgs)}},

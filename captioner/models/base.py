@@ -1,9 +1,9 @@
 """The decoder seam: what every caption decoder family provides, and the registry that names them.
 
 A family is one `CaptionDecoder` subclass in its own file, registered under a name (the config's
-`decoder` value). It declares its architecture arguments as an `Args` dataclass whose fields are also
-`Config` fields of the same name, so a family's options are ordinary flags and YAML keys, and the
-model file stores exactly those values. Everything else (training, beam search, saving, serving)
+`decoder` value). Its name and architecture arguments (an `Args` dataclass) are declared torch-free in
+decoder_args.py, whose fields `Config` inherits, so a family's options are ordinary flags and YAML keys,
+and the model file stores exactly those values. Everything else (training, beam search, saving, serving)
 talks to the interface below and never asks which family it has.
 """
 from __future__ import annotations
@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, TypeVar
 
 from torch import Tensor, nn
+
+from ..decoder_args import FAMILIES
 
 State = dict[str, Tensor]  # every tensor has the batch on dim 0, so beam search can reorder it
 
@@ -81,10 +83,13 @@ D = TypeVar("D", bound=type[CaptionDecoder])
 
 
 def register_decoder(name: str) -> Callable[[D], D]:
-    """Class decorator: make a family buildable by name. A name registered twice is a bug, not an override."""
+    """Class decorator: make a family buildable by name. A name registered twice is a bug, not an override;
+    so is a name or Args that decoder_args.FAMILIES does not declare (Config would have no flags for them)."""
     def register(cls: D) -> D:
         if name in DECODERS:
             raise ValueError(f"decoder family {name!r} is registered twice ({DECODERS[name].__name__}, {cls.__name__})")
+        if FAMILIES.get(name, (None,))[0] is not getattr(cls, "Args", None):
+            raise ValueError(f"decoder family {name!r}: declare it and its Args in decoder_args.FAMILIES")
         cls.family = name
         DECODERS[name] = cls
         return cls

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import read_folder, replace_folder, whole_version
+from ..decoder_args import current_args
 from ..decoding_options import MODEL_DEFAULTS, MODEL_KEYS
 from ..sentences import SENTENCE_MODEL
 from ..vocab import Vocab
@@ -190,7 +191,8 @@ def write_model_json(folder: Path, meta: dict[str, Any]) -> None:
 
 
 def read_model_json(path: Path) -> dict[str, Any]:
-    """model.json as version 2, whatever version wrote it; a newer or foreign file is refused."""
+    """model.json as version 2 with today's argument names, whatever version wrote it; a newer or foreign
+    file is refused."""
     meta_path = path / "model.json"
     if not meta_path.exists():
         raise FileNotFoundError(f"{path} is not a captioner model folder (no model.json)")
@@ -206,9 +208,11 @@ def read_model_json(path: Path) -> dict[str, Any]:
         config = meta["config"]
         family = config["decoder"]
         names = [f.name for f in fields(decoder_class(family).Args)]
-        meta = {**meta, "version": 2,
-                "decoder": {"family": family, "args": {k: config[k] for k in names if k in config}},
+        args = current_args(family, config)
+        meta = {**meta, "version": 2, "decoder": {"family": family, "args": {k: args[k] for k in names if k in args}},
                 "decoding": {k: config[k] for k in MODEL_KEYS if k in config}}
+    decoder = meta["decoder"]
+    meta = {**meta, "decoder": {**decoder, "args": current_args(decoder["family"], decoder["args"])}}
     return {**meta, "decoding": {**MODEL_DEFAULTS, **meta["decoding"]}}  # options newer than the file: defaults
 
 

@@ -19,30 +19,17 @@ attention picture is then its one-hot: one region per word.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
+from ..decoder_args import HardAttentionArgs
 from ..reinforce import draw, surrogate
 from .base import DecoderOutput, State, register_decoder
-from .lstm import AttentionLSTM, LSTMArgs
+from .lstm import AttentionLSTM
 
 BASELINE_DECAY = 0.9  # the paper's moving average: b <- 0.9 b + 0.1 log p(y|s)
-HARD_DECODE = ("expectation", "argmax")
-
-
-@dataclass
-class HardAttentionArgs(LSTMArgs):
-    hard_decode: str = "expectation"  # how decoding picks the context: expectation | argmax
-    entropy_weight: float = 0.01  # lambda_e, the entropy bonus (the paper gives no value)
-    expectation_probability: float = 0.5  # an image's captions use the expectation instead of a draw
-
-    def __post_init__(self) -> None:
-        if self.hard_decode not in HARD_DECODE:
-            raise ValueError(f"hard_decode must be one of {', '.join(HARD_DECODE)}, got {self.hard_decode!r}")
 
 
 @register_decoder("hard-attention")

@@ -24,32 +24,17 @@ Neither moved the held-out protocol's F1 (docs/RESULTS.md), so the shipped model
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..decoder_args import LSTMArgs
 from .base import CaptionDecoder, DecoderOutput, State, register_decoder
 
 N_CLASSES = 1000  # ImageNet-1k: the classifier concept_input and concept_copy read
 CONCEPT_WEIGHTS = ("init_concepts.", "classifier_", "copy_gate.", "class_word")  # the state-dict names they add
-
-
-@dataclass
-class LSTMArgs:
-    context_dim: int = 512  # encoder channels are projected to this once per image; 0 keeps them
-    embed_dim: int = 512
-    attention_dim: int = 512
-    hidden_dim: int = 512
-    dropout: float = 0.5
-    alpha_c: float = 0.02  # weight of the doubly stochastic attention penalty
-    attention_heads: int = 1  # heads splitting attention_dim; the context concatenates their weighted means
-    glove: bool = False  # embeddings start from GloVe 6B 50-d, projected to embed_dim
-    freeze_glove: bool = False
-    concept_input: bool = False  # the ImageNet classifier's class probabilities add to the initial h and c
-    concept_copy: bool = False  # its probabilities of caption words add to their logits, gated by h
 
 
 @register_decoder("attention")

@@ -23,7 +23,6 @@ log-probability vector is itself).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -31,9 +30,10 @@ import torch
 from torch import Tensor, nn
 
 from ..datastore import Neighbours
+from ..decoder_args import RetrievalArgs
 from ..vocab import Vocab, tokenize
 from .base import DecoderOutput, State, register_decoder
-from .lstm import AttentionLSTM, LSTMArgs, attention_penalty
+from .lstm import AttentionLSTM, attention_penalty
 
 if TYPE_CHECKING:
     from ..datastore import Datastore
@@ -41,15 +41,6 @@ if TYPE_CHECKING:
 POOL = 500  # nearest captions ranked again by the concepts they name (issue 33's probe: 500)
 TINY = 1e-9  # floor of a mixture probability before its log (a word neither path gives)
 MIXTURE_STATE = ("copy_keys", "memory_mask", "memory", "memory_ids")  # what the output mixture reads of the state
-
-
-@dataclass
-class RetrievalArgs(LSTMArgs):
-    neighbours: int = 4  # retrieved captions read per photo (SmallCap: 4)
-    memory_length: int = 16  # words kept of each
-    memory_dropout: float = 0.1  # training: share of photos whose neighbours are hidden, so decoding without
-    # retrieval still works
-    memory_dim: int = 256  # width of the encoded memory and of its two attentions
 
 
 @register_decoder("retrieval")

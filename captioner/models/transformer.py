@@ -12,25 +12,14 @@ measure what the cache saves and to test that both give the same captions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..decoder_args import TransformerArgs
 from .base import CaptionDecoder, DecoderOutput, State, register_decoder
-
-
-@dataclass
-class TransformerArgs:
-    model_dim: int = 512  # width of regions, words and every layer
-    heads: int = 8
-    layers: int = 3  # decoder layers
-    encoder_layers: int = 2  # transformer encoder layers over the image regions
-    ff_dim: int = 2048
-    dropout: float = 0.5  # shared with the LSTM's option of the same name; 0.1-0.3 suits this family
-    tie_embeddings: bool = False  # the output projection reuses the word embeddings (starts out copying its input word)
 
 
 class RegionEncoder(nn.Module):
@@ -45,9 +34,9 @@ class RegionEncoder(nn.Module):
         self.project = nn.Sequential(nn.Linear(feature_dim, d), nn.LayerNorm(d))
         self.rows = nn.Embedding(self.MAX_SIDE, d)
         self.cols = nn.Embedding(self.MAX_SIDE, d)
-        self.dropout = nn.Dropout(args.dropout)
-        layer = nn.TransformerEncoderLayer(d, args.heads, args.ff_dim, args.dropout, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        self.dropout = nn.Dropout(args.transformer_dropout)
+        layer = nn.TransformerEncoderLayer(d, args.transformer_heads, args.ff_dim, args.transformer_dropout,
+                                           activation="gelu", batch_first=True, norm_first=True)
         self.layers = nn.TransformerEncoder(layer, args.encoder_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
 
@@ -109,11 +98,11 @@ class DecoderLayer(nn.Module):
         super().__init__()
         d = args.model_dim
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
-        self.self_attn = Attention(d, args.heads, args.dropout)
-        self.cross_attn = Attention(d, args.heads, args.dropout)
-        self.ff = nn.Sequential(nn.Linear(d, args.ff_dim), nn.GELU(), nn.Dropout(args.dropout),
+        self.self_attn = Attention(d, args.transformer_heads, args.transformer_dropout)
+        self.cross_attn = Attention(d, args.transformer_heads, args.transformer_dropout)
+        self.ff = nn.Sequential(nn.Linear(d, args.ff_dim), nn.GELU(), nn.Dropout(args.transformer_dropout),
                                 nn.Linear(args.ff_dim, d))
-        self.dropout = nn.Dropout(args.dropout)
+        self.dropout = nn.Dropout(args.transformer_dropout)
 
     def forward(self, x: Tensor, self_k: Tensor, self_v: Tensor, memory_k: Tensor, memory_v: Tensor,
                 causal: bool) -> tuple[Tensor, Tensor]:
@@ -133,14 +122,15 @@ class TransformerCaptioner(CaptionDecoder):
     def __init__(self, args: TransformerArgs, vocab_size: int, feature_dim: int,
                  words: list[str] | None = None) -> None:
         super().__init__(args, vocab_size, feature_dim)
-        if args.model_dim % args.heads:
-            raise ValueError(f"model_dim ({args.model_dim}) must be a multiple of heads ({args.heads})")
+        if args.model_dim % args.transformer_heads:
+            raise ValueError(f"model_dim ({args.model_dim}) must be a multiple of transformer_heads "
+                             f"({args.transformer_heads})")
         d = self.region_dim = args.model_dim
         self.image = RegionEncoder(feature_dim, args)
         self.embed = nn.Embedding(vocab_size, d)
         nn.init.normal_(self.embed.weight, std=d ** -0.5)
-        self.dropout = nn.Dropout(args.dropout)
-        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.layers))
+        self.dropout = nn.Dropout(args.transformer_dropout)
+        self.layers = nn.ModuleList(DecoderLayer(args) for _ in range(args.transformer_layers))
         self.norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, vocab_size)
         if args.tie_embeddings:
@@ -188,7 +178,8 @@ class TransformerCaptioner(CaptionDecoder):
         batch = features.shape[0]
         if self.kv_cache:
             for i in range(len(self.layers)):
-                empty = state["memory_k0"].new_zeros(batch, self.args.heads, 0, self.region_dim // self.args.heads)
+                heads = self.args.transformer_heads
+                empty = state["memory_k0"].new_zeros(batch, heads, 0, self.region_dim // heads)
                 state[f"self_k{i}"], state[f"self_v{i}"] = empty, empty
         else:
             state["prefix"] = torch.zeros(batch, 0, dtype=torch.long, device=features.device)
