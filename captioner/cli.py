@@ -84,6 +84,13 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_retrieval_head(args: argparse.Namespace) -> int:
+    from .contrastive import add_retrieval_head
+
+    add_retrieval_head(args.run, args.model, args.prepared)
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         if flags_given(args, MODEL_KEYS):
@@ -364,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_retrieve)
+
+    p = sub.add_parser("add-retrieval-head", help="ship a contrastive pretraining's image side and head with a model "
+                                                  "folder (retrieval.safetensors), so search can rank photos by it")
+    p.add_argument("--run", required=True, help="run folder trained with --pretrain contrastive, or its pretrain.pt")
+    p.add_argument("--model", required=True, help="the model folder to add it to (trained on the same features)")
+    p.add_argument("--prepared", help="the prepared folder the run trained on: print the dev split's recall in "
+                                      "float32 and as stored (float16), which should agree within 0.1")
+    p.set_defaults(func=cmd_add_retrieval_head)
 
     p = sub.add_parser("caption", help="caption image files, folders or globs with a trained model")
     p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders of images, or globs")

@@ -6,7 +6,7 @@ sentence-embedding width, L2-normalised) learn to place an image near the senten
 own captions and far from the other captions of the batch (InfoNCE, both directions, learned
 temperature). The sentence embeddings come from a frozen MiniLM encoder, computed once and cached in
 the prepared folder. Caption training then starts from the pretrained image side; the pooled head
-stays in the run's `pretrain.pt`, where `captioner retrieve` finds it; scripts/add_retrieval_head.py
+stays in the run's `pretrain.pt`, where `captioner retrieve` finds it; `captioner add-retrieval-head`
 copies image side and head into a model folder, for search (models/embedder.py).
 """
 from __future__ import annotations
@@ -30,8 +30,9 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .config import Config
 from .features import Prepared, open_prepared
-from .models import CaptionDecoder, build_decoder, check_encoder_spec
-from .models.embedder import PooledHead
+from .models import CaptionDecoder, build_decoder, check_encoder_spec, load_model
+from .models.embedder import ImageEmbedder, PooledHead
+from .models.files import add_retrieval
 from .runtime import bf16_supported, is_main, load_checkpoint, make_optimizer, resolve_device, save_checkpoint
 from .sentences import SENTENCE_MODEL, load_sentence_encoder
 
@@ -304,3 +305,41 @@ def evaluate_retrieval(run: str | Path, prepared_dir: str | Path, split: str = "
     log(f"{split}: {len(rows)} images, {sum(len(prepared.records[r].captions) for r in rows)} captions "
         f"(pretraining epoch {result['best_epoch']} of {run})")
     return scores
+
+
+def pretrained_embedder(run: str | Path) -> tuple[ImageEmbedder, dict[str, Any]]:
+    """A pretraining's image side and head as one ImageEmbedder (float32, CPU). An image side that is not
+    Linear + ReLU (the transformer's) is refused: a model folder stores only that shape."""
+    side, head, result = load_pretrained(run, torch.device("cpu"))
+    state = side.state_dict()
+    if set(state) != {"0.weight", "0.bias"} or not isinstance(side, nn.Sequential) or not isinstance(side[1], nn.ReLU):
+        raise ValueError(f"{run}: its image side is {type(side).__name__}, not Linear + ReLU, the only one a model "
+                         "folder ships")
+    region_dim, feature_dim = state["0.weight"].shape
+    embedder = ImageEmbedder(feature_dim, region_dim, head.proj.out_features)
+    embedder.image_side.load_state_dict(state)
+    embedder.head.load_state_dict(head.state_dict())
+    return embedder.eval(), result
+
+
+@torch.no_grad()
+def add_retrieval_head(run: str | Path, model: str | Path, prepared_dir: str | Path | None = None,
+                       log: Callable[[str], None] = print) -> None:
+    """Ship a pretraining's image side and head with `model`, as its retrieval.safetensors (float16), so bulk
+    captioning stores each photo's vector and search ranks by it. The head must have been trained on the
+    features the model reads; with `prepared_dir` the dev split's recall is logged in float32 and as stored,
+    which should agree within 0.1."""
+    embedder, result = pretrained_embedder(run)
+    check_encoder_spec(result["encoder_spec"], load_model(model).features_spec, f"{run} (against {model})")
+    if prepared_dir is not None:
+        prepared = open_prepared(prepared_dir)
+        vectors = sentence_embeddings(prepared, result["sentence_model"], log=log)
+        sentences = torch.from_numpy(vectors.astype(np.float32))
+        stored = copy.deepcopy(embedder)
+        for p in stored.parameters():
+            p.copy_(p.half().float())
+        for name, e in (("float32", embedder), ("float16 (as stored)", stored)):
+            scores = split_recall(e.image_side, e.head, prepared, sentences, "val", torch.device("cpu"))
+            log(f"dev split, {name}:\n{format_recall(scores)}")
+    add_retrieval(model, embedder, result["sentence_model"])
+    log(f"{model}: retrieval.safetensors from {run} (pretraining epoch {result['best_epoch']})")

@@ -167,7 +167,7 @@ def quantize_graphs(folder: Path, roles: Sequence[str]) -> None:
     """Store the weights of the graphs `roles` names as int8, in place, and list them in model.json
     (dynamic quantization: activations are quantized on the fly, so no calibration images are needed).
     The export quantizes the decoder only: with an int8 encoder the captions fall apart
-    (scripts/bench_onnx.py measures it)."""
+    (scripts/bench/bench_onnx.py measures it)."""
     import onnx
 
     require_onnxruntime()

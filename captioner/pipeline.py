@@ -154,7 +154,7 @@ class Captioner:
     def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:
         """(n, D) float32 unit vectors of images (as `__call__` takes them) in the sentence encoder's space,
         without captioning them: what `captioner search` compares a query with besides the captions. Needs a
-        model folder with retrieval.safetensors (scripts/add_retrieval_head.py puts one there)."""
+        model folder with retrieval.safetensors (`captioner add-retrieval-head` puts one there)."""
         if self.embedder is None:
             raise ValueError(f"{self.path or 'this model'} has no image embedder (no retrieval.safetensors)")
         items, _ = _as_images(inputs)

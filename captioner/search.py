@@ -52,7 +52,7 @@ BATCH = 256  # texts per encoder call
 # bound on a float16 cosine's error, relative (rounding the query and the result: 2 x 2^-11, with room to spare)
 ROUGH = 4e-3
 # The image vector's share of a photo's score where it has one, and the map of its cosine onto the caption
-# cosine's scale; all three measured on Flickr8k's dev split (scripts/search_recall.py --split val): the
+# cosine's scale; all three measured on Flickr8k's dev split (scripts/probes/search_recall.py --split val): the
 # weight with the best recall@5, the scale and shift that give the image cosines of all query-photo pairs
 # the mean and standard deviation of the caption cosines.
 IMAGE_WEIGHT = 0.9

@@ -65,9 +65,11 @@ def test_a_bad_base_names_the_file_at_fault(tmp_path, files, message, named):
 
 
 def test_the_variant_configs_state_only_how_they_differ_from_their_base():
-    """A config in configs/ that names a base sets nothing to the value its base file already sets."""
-    folder = Path(__file__).resolve().parents[1] / "configs"
-    variants = [p for p in sorted(folder.glob("*.yaml")) if "base" in yaml.safe_load(p.read_text())]
+    """A config in configs/ or beside the probes that use it that names a base sets nothing to the value its
+    base file already sets."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*(root / "configs").glob("*.yaml"), *(root / "scripts" / "probes").glob("*.yaml")])
+    variants = [p for p in files if "base" in yaml.safe_load(p.read_text())]
     assert len(variants) >= 5
     for path in variants:
         own = yaml.safe_load(path.read_text())

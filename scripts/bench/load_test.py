@@ -2,7 +2,7 @@
 
 Starts its own server per setting (API only), so nothing else needs to be running:
 
-    python scripts/load_test.py --clients 1,4,16 --duration 20
+    python scripts/bench/load_test.py --clients 1,4,16 --duration 20
 
 Each client posts the example photos in turn (multipart, the model's default decoding options), waiting for each
 answer before sending the next. Prints requests/s, latency percentiles, errors, the server's mean batch size and
@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def free_port() -> int:

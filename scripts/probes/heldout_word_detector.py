@@ -6,8 +6,8 @@ and the larger of head and detector. `--heads` adds the ImageNet heads of other 
 dev photos themselves (EfficientNet-Lite1 and Lite2 are the only other pretrained weights reachable
 here), and the last row takes each concept's best F1 over every row: a ceiling for any choice among them.
 
-    python scripts/heldout_word_detector.py --prepared prepared/flickr8k-heldout --model runs/flickr8k-heldout/best \
-        --heads efficientnet_lite1,efficientnet_lite2
+    python scripts/probes/heldout_word_detector.py --prepared prepared/flickr8k-heldout \
+        --model runs/flickr8k-heldout/best --heads efficientnet_lite1,efficientnet_lite2
 
 The detector: one logistic regression per caption word that at least --min-images training photos
 mention, over the mean and the maximum of the 49 region features (standardised), trained with Adam on

@@ -4,11 +4,11 @@ encoder's ImageNet head recognises in the place of its nearest known words (conc
 stronger bonus than captioning's default), and every caption that so gained a word the model never learned becomes a
 training caption.
 
-    python scripts/heldout_pseudo_captions.py --model runs/flickr8k-heldout/best \
+    python scripts/probes/heldout_pseudo_captions.py --model runs/flickr8k-heldout/best \
         --full prepared/flickr8k --heldout prepared/flickr8k-heldout --output prepared/heldout-pseudo.jsonl \
         --strength 16
-    captioner prepare --config configs/flickr8k-heldout-pseudo.yaml
-    captioner train --config configs/flickr8k-heldout-pseudo.yaml --no-amp
+    captioner prepare --config scripts/probes/flickr8k-heldout-pseudo.yaml
+    captioner train --config scripts/probes/flickr8k-heldout-pseudo.yaml --no-amp
 
 The withheld images are used as unpaired images, as DCC and NOC use labelled images of the held-out
 classes: their human captions are never read, only the head's probabilities and the held-out model's

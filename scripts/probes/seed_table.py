@@ -5,7 +5,7 @@ one per seed of the recipe. A cell is the mean over the seeds, with the sample s
 brackets when there are several; the training time is the mean of the runs' summed epoch seconds
 (metrics.csv beside the evaluated model's folder) and the best epoch is listed per seed.
 
-    python scripts/seed_table.py --beam 3 "attention LSTM=runs/eval/lstm-s0-test,runs/eval/lstm-s1-test"
+    python scripts/probes/seed_table.py --beam 3 "attention LSTM=runs/eval/lstm-s0-test,runs/eval/lstm-s1-test"
 """
 from __future__ import annotations
 

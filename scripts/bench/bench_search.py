@@ -4,7 +4,7 @@ memory at 10k, 100k and 1M photos. Embedding a million captions would take hours
 tables are synthetic: random unit rows in the index's float16 format; ranking cost does not depend on
 what the vectors say. A query's time includes embedding it.
 
-    python scripts/bench_search.py --captions ../shared/data/flickr8k/Flickr8k.token.txt
+    python scripts/bench/bench_search.py --captions ../shared/data/flickr8k/Flickr8k.token.txt
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ year/month folder) unless it is already there, then:
 3. the parts of a restart that grow with the library, timed in this process on the finished output:
    reading it as the done set, and walking the library.
 
-    python scripts/bench_bulk.py --library /tmp/bulk-library --n 20000 --beam-size 3 --batch-size 16 --threads 1
+    python scripts/bench/bench_bulk.py --library /tmp/bulk-library --n 20000 --beam-size 3 --batch-size 16 --threads 1
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from pathlib import Path
 
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PER_FOLDER = 500
 
 

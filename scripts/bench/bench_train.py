@@ -6,11 +6,12 @@ one markdown table row. `--compare-precision` instead trains the same seeded mod
 float32 and bfloat16 autocast, printing the mean loss every 30 batches of each and the matrix-product
 speed of both precisions, which is how the bfloat16 default was checked.
 
-    python scripts/bench_train.py --prepared prepared/flickr8k --batch-size 80 --batches 40
-    python scripts/bench_train.py --prepared prepared/flickr8k --batches 40 --no-amp
-    python scripts/bench_train.py --prepared prepared/flickr8k --batches 150 --compare-precision
-    python scripts/bench_train.py --prepared prepared/flickr8k --no-amp --tutorial PATH/TO/models.py
-    python scripts/bench_train.py --prepared prepared/flickr8k --no-amp --decoders attention,attention:4,hard-attention
+    python scripts/bench/bench_train.py --prepared prepared/flickr8k --batch-size 80 --batches 40
+    python scripts/bench/bench_train.py --prepared prepared/flickr8k --batches 40 --no-amp
+    python scripts/bench/bench_train.py --prepared prepared/flickr8k --batches 150 --compare-precision
+    python scripts/bench/bench_train.py --prepared prepared/flickr8k --no-amp --tutorial PATH/TO/models.py
+    python scripts/bench/bench_train.py --prepared prepared/flickr8k --no-amp \
+        --decoders attention,attention:4,hard-attention
 
 `--decoders` times several LSTM families (`:H` for H attention heads) on the same batches, taking turns.
 

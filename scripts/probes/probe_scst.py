@@ -5,7 +5,7 @@ An SCST recipe can rise and then collapse within one epoch (Flickr8k at lr 5e-5:
 points after 100 steps, below the start after 300), which the epoch-level validation of `captioner
 train` does not show. Steps and batches are those of `captioner train --objective scst`; dev is the
 first --val-images images of the dev split. Not a benchmark: a tuning aid, its figures are noisy.
-Usage: python scripts/probe_scst.py --config configs/flickr8k-scst.yaml --init-from MODEL [--steps 300]
+Usage: python scripts/probes/probe_scst.py --config configs/flickr8k-scst.yaml --init-from MODEL [--steps 300]
        [--every 50] [--lr 5e-5] [--scst-baseline greedy] [--scst-repeat-penalty 0.5] [--scst-xe-weight 0.5]
        [--val-images 500]
 """

@@ -4,7 +4,7 @@ Times JPEG decode + preprocess alone, forward alone (batched, under inference_mo
 on the first N JPEGs of a folder, and prints a markdown table row:
 | encoder | image size | batch | preprocess img/s | forward img/s | both img/s |
 
-    python scripts/bench_encoder.py --encoder efficientnet_lite0 --n 256 --batch-size 32
+    python scripts/bench/bench_encoder.py --encoder efficientnet_lite0 --n 256 --batch-size 32
 
 With --compare-folding it times the encoder as stage 2 trains it (BatchNorm unfolded) and as captioning
 and `prepare` run it (`Encoder.for_inference()`, BatchNorm folded into the convolutions) in one run, the
@@ -12,7 +12,7 @@ two taking turns for --rounds rounds, and prints forward images/s for each and t
 between their features. With --compare-chunks 4,16 it times the inference copy running each batch so
 many images at a time (encoders.INFERENCE_CHUNK), taking turns:
 
-    python scripts/bench_encoder.py --compare-chunks 4,16 --n 128 --batch-size 16 --threads 1
+    python scripts/bench/bench_encoder.py --compare-chunks 4,16 --n 128 --batch-size 16 --threads 1
 """
 from __future__ import annotations
 

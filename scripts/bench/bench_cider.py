@@ -5,7 +5,7 @@ gradients; CiderD (document frequencies from the whole train split) scores them;
 loss is backpropagated. Reports each part's time, CiderD's captions/s, and pycocoevalcap's Cider on
 the same captions (k calls, one caption per image each: its document frequencies then come from the
 batch's references alone, so only its speed compares). Wall time of the fastest of --repeats runs.
-Usage: python scripts/bench_cider.py --prepared prepared/flickr8k [--images 50] [--samples 5] [--threads 2]
+Usage: python scripts/bench/bench_cider.py --prepared prepared/flickr8k [--images 50] [--samples 5] [--threads 2]
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from captioner.features import open_prepared
 from captioner.models import load_model
 from captioner.vocab import tokenize
 
-MODEL = Path(__file__).resolve().parent.parent / "captioner" / "models" / "flickr8k-lite0"
+MODEL = Path(__file__).resolve().parents[2] / "captioner" / "models" / "flickr8k-lite0"
 
 
 def main() -> None:

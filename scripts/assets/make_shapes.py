@@ -4,7 +4,7 @@ It exists so the first command in the README, the tests and training smoke tests
 without downloading anything, and so a model can visibly learn something in seconds:
 every caption is true of its picture and the vocabulary is small.
 
-    python scripts/make_shapes.py            # writes examples/shapes/
+    python scripts/assets/make_shapes.py            # writes examples/shapes/
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def make(out: Path, seed: int = 0) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "examples" / "shapes")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[2] / "examples" / "shapes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     make(args.out, args.seed)

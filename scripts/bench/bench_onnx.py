@@ -12,7 +12,7 @@ encoder too. Then, for each:
 - cold start: a fresh `captioner caption ONE.jpg` process until the caption is printed (median);
 - size on disk of the model folder.
 
-    python scripts/bench_onnx.py --prepared prepared/flickr8k --work /tmp/bench-onnx
+    python scripts/bench/bench_onnx.py --prepared prepared/flickr8k --work /tmp/bench-onnx
 """
 from __future__ import annotations
 

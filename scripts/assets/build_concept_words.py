@@ -9,7 +9,7 @@ Regenerate (WordNet 3.0 from Debian, the 1000 class wnids from timm's wheel, whi
 
     apt-get update -q && apt-get install -y -q --no-install-recommends wordnet-base
     pip download --no-deps timm -d /tmp/timmwheel
-    python scripts/build_concept_words.py --synsets /tmp/timmwheel/timm-*.whl \
+    python scripts/assets/build_concept_words.py --synsets /tmp/timmwheel/timm-*.whl \
         --wordnet /usr/share/wordnet --output captioner/concept_words.tsv
 
 Rule, deterministic given the two inputs:

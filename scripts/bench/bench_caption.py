@@ -4,7 +4,7 @@ Cold start: wall time of a fresh `captioner caption ONE.jpg` process until the c
 Throughput: images per second of `Captioner` on a folder (the first N JPEGs), batched, beam 5,
 with the encoder and decoder shares of the time.
 
-    python scripts/bench_caption.py --images ../shared/data/flickr8k/images --n 100 --beam-size 5
+    python scripts/bench/bench_caption.py --images ../shared/data/flickr8k/images --n 100 --beam-size 5
 """
 from __future__ import annotations
 

@@ -3,8 +3,10 @@ human captions and report recall@1/5/10 of finding the photo, with the captions 
 concepts added to them, and (where the model ships an image embedder) with the photos' image vectors:
 alone, mixed with the caption + concepts at search.IMAGE_WEIGHT, and so mixed for every other photo only.
 
-    python scripts/search_recall.py --model captioner/models/flickr8k-lite0 --prepared prepared/flickr8k --split val
-    python scripts/search_recall.py --model captioner/models/flickr8k-lite0 --prepared prepared/flickr8k --split test
+    python scripts/probes/search_recall.py --model captioner/models/flickr8k-lite0 --prepared prepared/flickr8k \
+        --split val
+    python scripts/probes/search_recall.py --model captioner/models/flickr8k-lite0 --prepared prepared/flickr8k \
+        --split test
 
 The photos are captioned from the prepared folder's cached features, as `caption` would (the model's
 decoding defaults, concepts included), and their vectors come from the same features, as bulk captioning

@@ -8,9 +8,9 @@ searches without the key/value cache (every step re-running the prefix), so the 
 measured in one run. Several decoders, comma-separated (a family, with `:H` for H attention heads),
 are timed in the same run, one after the other:
 
-    python scripts/bench_decoding.py --decoder attention,attention:4,hard-attention
+    python scripts/bench/bench_decoding.py --decoder attention,attention:4,hard-attention
 
-Usage: python scripts/bench_decoding.py [--decoder FAMILY[:HEADS],...] [--threads 2] [--batch 32]
+Usage: python scripts/bench/bench_decoding.py [--decoder FAMILY[:HEADS],...] [--threads 2] [--batch 32]
        [--clock wall|cpu] [--profile]
 """
 from __future__ import annotations
