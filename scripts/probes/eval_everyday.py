@@ -1,9 +1,9 @@
 """Score captioning methods on photos with human captions: a model (any decoding options), or retrieval
 alone from a caption datastore (the nearest caption, or the consensus recipe of issue 33's probe).
 
-    python scripts/eval_everyday.py --set ../shared/data/coco-dev --method model --model runs/x/best
-    python scripts/eval_everyday.py --set ../shared/data/coco-dev --method consensus --datastore DIR
-    python scripts/eval_everyday.py --set ../shared/data/flickr8k --split test --method model --no-concepts
+    python scripts/probes/eval_everyday.py --set ../shared/data/coco-dev --method model --model runs/x/best
+    python scripts/probes/eval_everyday.py --set ../shared/data/coco-dev --method consensus --datastore DIR
+    python scripts/probes/eval_everyday.py --set ../shared/data/flickr8k --split test --method model --no-concepts
 
 A set is a folder with captions.jsonl ({"image", "captions"}) and images/, or a Flickr8k folder with
 --split. Prints one Markdown row: BLEU-1..4, METEOR, ROUGE-L, CIDEr (x100), words used, distinct captions;

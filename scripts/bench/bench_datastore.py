@@ -1,7 +1,7 @@
 """How far a caption datastore's vectors can shrink: for each width kept by PCA (int8), the share of the
 exact float32 top-k neighbours it still finds for real photos, its size on disk and its search time.
 
-    python scripts/bench_datastore.py --sources ../shared/data/caption-corpus/coco-val2017.jsonl.gz \
+    python scripts/bench/bench_datastore.py --sources ../shared/data/caption-corpus/coco-val2017.jsonl.gz \
         ../shared/data/caption-corpus/flickr30k.jsonl.gz ../shared/data/flickr8k/Flickr8k.token.txt \
         --photos ../shared/data/coco-dev/images --photos ../shared/data/flickr8k/images --max-photos 300
 

@@ -1,6 +1,6 @@
 """What retrieval costs at inference: a retrieval model against the shipped one, measured in one run.
 
-    OMP_NUM_THREADS=1 python scripts/bench_retrieval.py --model runs/flickr8k-retrieval/best \
+    OMP_NUM_THREADS=1 python scripts/bench/bench_retrieval.py --model runs/flickr8k-retrieval/best \
         --photos ../shared/data/coco-dev/images
 
 Rows: the datastore search per photo (one query at a time, by image vector alone and with the concept
