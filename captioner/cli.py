@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_lr_find(args: argparse.Namespace) -> int:
-    from .train import lr_find
+    from .lr_find import lr_find
 
     lr_find(config_from_args(args), start_lr=args.start_lr, end_lr=args.end_lr, steps=args.steps)
     return 0

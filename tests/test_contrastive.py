@@ -241,9 +241,9 @@ def test_train_pretrains_then_starts_the_captioner_from_the_image_side(prepared_
     seen = []
     real = train_mod.run_epoch
 
-    def record_first_epoch(model, *args, **kwargs):
-        seen.append({k: v.clone() for k, v in model.image_side().state_dict().items()})
-        return real(model, *args, **kwargs)
+    def record_first_epoch(run, *args, **kwargs):
+        seen.append({k: v.clone() for k, v in run.decoder.image_side().state_dict().items()})
+        return real(run, *args, **kwargs)
     monkeypatch.setattr(train_mod, "run_epoch", record_first_epoch)
     logs = []
     run = tmp_path / "run"

@@ -11,12 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from captioner import precision
 from captioner import train as train_mod
+from captioner.batching import sortish_batches
 from captioner.config import Config
 from captioner.data import load_image
 from captioner.features import open_prepared
 from captioner.models import load_model
-from captioner.train import sortish_batches, teacher_forcing_ratio, train
+from captioner.train import teacher_forcing_ratio, train
 
 from helpers import ROOT, needs_java, prepare_tiny_flickr, write_synthetic_prepared
 
@@ -300,16 +302,16 @@ def test_glove_vectors_are_the_real_ones():
 @pytest.mark.slow
 def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(prepared, tmp_path, monkeypatch):
     """A loss that depends only on the rate: it falls fastest at 1e-3 and blows up past 0.1."""
-    from captioner.train import lr_find
+    from captioner import lr_find as lr_find_mod
 
     def loss_of_the_rate(model, objective, optimizer, batch, grad_clip, use_amp):
         lr = optimizer.param_groups[0]["lr"]
         loss = 5 - 2 * math.tanh(2 * math.log10(lr / 1e-3)) + (1e3 * (lr - 0.1) if lr > 0.1 else 0.0)
         return {"loss": torch.tensor(loss), "n": 1}
 
-    monkeypatch.setattr(train_mod, "train_step", loss_of_the_rate)
-    lrs, losses, suggestion = lr_find(small(prepared, tmp_path / "run"), start_lr=1e-6, end_lr=10.0, steps=71,
-                                      log=lambda s: None)  # ten steps a decade
+    monkeypatch.setattr(lr_find_mod, "train_step", loss_of_the_rate)
+    lrs, losses, suggestion = lr_find_mod.lr_find(small(prepared, tmp_path / "run"), start_lr=1e-6, end_lr=10.0,
+                                                  steps=71, log=lambda s: None)  # ten steps a decade
     assert 0.1 < lrs[-1] < 0.2 and len(lrs) < 71  # stopped within a few steps of the blow-up
     assert losses[-1] > 4 * min(losses)
     assert 1e-3 <= suggestion <= 1e-2  # the smoothed curve lags the true steepest point a little
@@ -317,7 +319,7 @@ def test_lr_find_suggests_the_steepest_descent_and_stops_at_divergence(prepared,
 
 @pytest.mark.slow
 def test_lr_find_on_a_real_model_stops_and_plots(prepared, tmp_path):
-    from captioner.train import lr_find
+    from captioner.lr_find import lr_find
 
     lrs, losses, suggestion = lr_find(small(prepared, tmp_path / "run", amp=False), start_lr=1e-4, end_lr=1e4,
                                       steps=30, log=lambda s: None)
@@ -330,23 +332,23 @@ def test_lr_find_on_a_real_model_stops_and_plots(prepared, tmp_path):
 def test_the_transformer_trains_with_warmup_and_label_smoothing_and_captions(prepared, tmp_path):
     from captioner.pipeline import Captioner
 
-    cfg = small(prepared, tmp_path / "run", epochs=8, decoder="transformer", model_dim=32, heads=2, layers=1,
-                encoder_layers=1, ff_dim=64, dropout=0.1, schedule="warmup", warmup_steps=4, label_smoothing=0.1,
-                lr=1e-2, patience=8)
+    cfg = small(prepared, tmp_path / "run", epochs=8, decoder="transformer", model_dim=32, transformer_heads=2,
+                transformer_layers=1, encoder_layers=1, ff_dim=64, transformer_dropout=0.1, schedule="warmup",
+                warmup_steps=4, label_smoothing=0.1, lr=1e-2, patience=8)
     state = train(cfg, log=lambda s: None)
     losses = [h["train_loss"] for h in state.history]
     assert losses[-1] < losses[0]
     lrs = [h["lr"] for h in state.history]
     assert lrs[0] < cfg.lr * 1.01 and lrs[-1] < lrs[0]  # warmed up to lr by epoch 1's end, decaying after
     model = load_model(tmp_path / "run" / "best")
-    assert model.decoder.family == "transformer" and model.decoder.args.layers == 1
+    assert model.decoder.family == "transformer" and model.decoder.args.transformer_layers == 1
     captioner = Captioner.from_pretrained(tmp_path / "run" / "best", device="cpu")
     captioner.decoder.load_state_dict(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["decoder"])
     image = open_prepared(prepared).records[0].image  # a training image: "a red picture of noise"
     # "a red picture of noise", "some red noise"
     assert captioner(str(image))[0]["generated_text"].split()[-1] == "noise"
     with pytest.raises(ValueError, match="teacher forcing only"):
-        train(small(prepared, tmp_path / "ss", decoder="transformer", model_dim=16, heads=2, ff_dim=32,
+        train(small(prepared, tmp_path / "ss", decoder="transformer", model_dim=16, transformer_heads=2, ff_dim=32,
                     teacher_forcing_start=0.5, teacher_forcing_end=0.5), log=lambda s: None)
 
 
@@ -472,8 +474,6 @@ def test_encoder_from_refuses_what_cannot_give_tuned_features(prepared, stage_tw
 def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prepared, tmp_path, monkeypatch):
     """bfloat16 only where it measures faster; amp: false means float32 without measuring; a resumed run
     trains in the precision it started with instead of measuring again."""
-    from captioner import train as train_mod
-
     real_step, seen = train_mod.train_step, []
 
     def bfloat16_is_slow(model, objective, optimizer, batch, grad_clip=0.0, use_amp=False):
@@ -481,8 +481,8 @@ def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prep
         if use_amp:
             time.sleep(0.5)  # far beyond the noise of a busy machine
         return real_step(model, objective, optimizer, batch, grad_clip, use_amp)
-    monkeypatch.setattr(train_mod, "train_step", bfloat16_is_slow)
-    monkeypatch.setattr(train_mod, "bf16_supported", lambda device: True)
+    step_everywhere(monkeypatch, bfloat16_is_slow)
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
     logs: list[str] = []
     run = tmp_path / "run"
     state = train(small(prepared, run, epochs=1), log=logs.append)
@@ -499,7 +499,7 @@ def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prep
 
     monkeypatch.undo()
     seen.clear()
-    monkeypatch.setattr(train_mod, "train_step", bfloat16_is_slow)
+    step_everywhere(monkeypatch, bfloat16_is_slow)
     off = train(small(prepared, tmp_path / "off", epochs=1, amp=False), log=lambda s: None)
     assert off.precision == "float32" and True not in seen  # amp: false never tries bfloat16
 
@@ -508,11 +508,17 @@ def test_the_precision_is_measured_at_the_start_recorded_and_kept_on_resume(prep
         if not use_amp:
             time.sleep(0.5)  # far beyond the noise of a busy machine
         return real_step(model, objective, optimizer, batch, grad_clip, use_amp)
-    monkeypatch.setattr(train_mod, "train_step", float32_is_slow)
-    monkeypatch.setattr(train_mod, "bf16_supported", lambda device: True)
+    step_everywhere(monkeypatch, float32_is_slow)
+    monkeypatch.setattr(precision, "bf16_supported", lambda device: True)
     seen.clear()
     fast = train(small(prepared, tmp_path / "bf16", epochs=1), log=lambda s: None)
     assert fast.precision == "bfloat16" and seen[-1] is True  # the epoch itself ran under autocast
+
+
+def step_everywhere(monkeypatch, step) -> None:
+    """`step` as the training step of the epochs and of the precision measurement alike."""
+    monkeypatch.setattr(train_mod, "train_step", step)
+    monkeypatch.setattr(precision, "train_step", step)
 
 
 def record_changed_weights(monkeypatch) -> list[set[str]]:
