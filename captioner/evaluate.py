@@ -126,7 +126,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         for (path, _), spec in zip(members, specs):
             check_encoder_spec(spec, prepared.spec, f"{path} (against {prepared_dir})")
     decoder: nn.Module = Ensemble([member.decoder for _, member in members]) if ensemble else loaded.decoder
-    rows = prepared.indices(split)
+    rows = split_rows(prepared, split)
     refs = prepared.references(rows)
     memory = None
     if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
@@ -159,7 +159,20 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
                "scores": {name: s for name, s in table}, "fluency": {name: f for name, f in fluent}}
     _write_json(out / "results.json", results, indent=1)
     log(format_fluency_table(fluent))
+    written = [f"captions_beam{k}.json" for k in beam_sizes or [base.beam_size]] + ["results.json"]
+    log(f"outputs in {out}: {', '.join(written)}")
     return table
+
+
+def split_rows(prepared: Prepared, split: str) -> list[int]:
+    """The rows of `split`, or an error that says the split is empty and how to get one."""
+    rows = prepared.indices(split)
+    if not rows:
+        raise ValueError(f"{prepared.root}: the {split} split has no images, so there are no captions to measure; "
+                         f"prepare the data again with a {split} split (a Karpathy split file, --split-file, or "
+                         "annotations that name no splits: prepare then holds out 5% each for val and test), "
+                         f"or score another split (--split {'test' if split == 'val' else 'val'})")
+    return rows
 
 
 def _write_json(path: Path, data: object, indent: int) -> None:
@@ -169,7 +182,7 @@ def _write_json(path: Path, data: object, indent: int) -> None:
 def evaluate_nearest_neighbour(prepared_dir: str | Path, split: str = "test", k: int = 25) -> dict[str, float]:
     """Retrieval baseline: captions of the most similar training images, chosen by consensus."""
     prepared = open_prepared(prepared_dir)
-    train_rows, rows = prepared.indices("train"), prepared.indices(split)
+    train_rows, rows = prepared.indices("train"), split_rows(prepared, split)
 
     def pooled(r: list[int]) -> np.ndarray:
         return np.stack([prepared.features[i].astype(np.float32).mean(axis=0) for i in r])

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TextIO, cast
 
 import numpy as np
 import torch
@@ -51,7 +51,7 @@ from .models import (
 )
 from .models.files import RETRIEVAL_FILE, add_retrieval, read_retrieval
 from .models.lstm import CONCEPT_WEIGHTS
-from .objectives import Batch, make_objective
+from .objectives import Batch, CrossEntropy, make_objective
 from .precision import choose_precision
 from .runtime import (
     deterministic_algorithms,
@@ -63,9 +63,11 @@ from .runtime import (
     seed_everything,
     set_rng_state,
     setup_distributed,
+    shard,
     share_scores_and_rng,
 )
 from .step import train_step
+from .visualize import plot_curves
 from .vocab import Vocab
 
 if TYPE_CHECKING:
@@ -94,7 +96,8 @@ class Run:
     cfg: Config
     dir: Path
     prepared: Prepared
-    data: CaptionSet
+    data: CaptionSet  # the train split
+    dev: CaptionSet  # the dev split, for the dev loss
     decoder: CaptionDecoder
     device: torch.device
     rank: int
@@ -137,15 +140,55 @@ class Stage:
 # ---------------------------------------------------------------- the run
 
 def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print) -> TrainState:
-    """Train as `cfg` says, writing checkpoints, the best model and curves into cfg.run_dir.
+    """Train as `cfg` says, writing checkpoints, the best model, metrics, curves and the log into cfg.run_dir.
 
     With cfg.deterministic a seed gives bit-identical weights: deterministic kernels, and on CUDA a
     fixed cuBLAS workspace, which cuBLAS reads from the environment when CUDA starts, so it is set here,
     before this process touches CUDA."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    with deterministic_algorithms(cfg.deterministic):
-        return run_training(cfg, resume, log)
+    with deterministic_algorithms(cfg.deterministic), LogFile(Path(cfg.run_dir) / "train.log", log) as log_file:
+        return run_training(cfg, resume, log_file if shard()[0] == 0 else log)  # rank 0 keeps the log
+
+
+class LogFile:
+    """The run's log lines on the console and appended to train.log in the run folder: what the console
+    showed stays with the run, a resumed run's lines after the earlier ones, then how it stopped if it
+    failed. Opened at the first line, so a run refused before it logs anything leaves no file; a file that
+    cannot be written stops no run."""
+
+    def __init__(self, path: Path, echo: Callable[[str], None]) -> None:
+        self.path, self.echo = path, echo
+        self.file: TextIO | None = None
+        self.broken = False
+
+    def __call__(self, line: str) -> None:
+        self.echo(line)
+        self.append(line)
+
+    def append(self, line: str) -> None:
+        if self.broken:
+            return
+        try:
+            if self.file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a", encoding="utf-8")
+            self.file.write(line + "\n")
+            self.file.flush()  # a killed run's log is whole up to its last line
+        except OSError as err:
+            self.broken = True
+            self.echo(f"note: {self.path} cannot be written ({err.strerror or err}); the log goes on here only")
+
+    def __enter__(self) -> LogFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: object) -> None:
+        if self.file is None:
+            return
+        if err is not None:
+            self.append(f"stopped: {str(err) or type(err).__name__}")
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 def run_training(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
@@ -183,6 +226,8 @@ def run_training(cfg: Config, resume: bool, log: Callable[[str], None]) -> Train
         hours = sum(h["seconds"] for h in state.history) / 3600
         log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run.dir / 'best'} "
             f"({hours:.2f} h of training epochs)")
+        curves = f"curves: {run.dir / 'curves.png'}; " if (run.dir / "curves.png").exists() else ""
+        log(f"{curves}every epoch's figures: {run.dir / 'metrics.csv'}; this log: {run.dir / 'train.log'}")
     if dist.is_initialized():
         dist.barrier()  # every rank has finished writing before any process ends
     return state
@@ -206,10 +251,10 @@ def start_run(cfg: Config, resume: bool, log: Callable[[str], None]) -> Run:
     check_before_training(cfg, prepared)
     features_encoder = prepared.encoder_state()
     seed_everything(cfg.seed)  # the same initial weights on every rank
-    data = CaptionSet(prepared, "train")
+    data, dev = CaptionSet(prepared, "train"), CaptionSet(prepared, "val")
     decoder = new_decoder(cfg, prepared).to(device)
     if getattr(decoder, "reads_memory", False):
-        data.memory = leave_one_out_memory(cfg, prepared, decoder, log)
+        data.memory = dev.memory = leave_one_out_memory(cfg, prepared, decoder, log)
     if cfg.init_from and cfg.pretrain != "none":
         raise ValueError(f"init_from ({cfg.init_from}) and pretrain ({cfg.pretrain}) both set the decoder's start: "
                          "choose one")
@@ -219,7 +264,7 @@ def start_run(cfg: Config, resume: bool, log: Callable[[str], None]) -> Run:
         from .contrastive import pretrain_image_side
 
         pretrain_image_side(cfg, decoder, prepared, device, log)
-    return Run(cfg, run_dir, prepared, data, decoder, device, rank, world, features_encoder, log)
+    return Run(cfg, run_dir, prepared, data, dev, decoder, device, rank, world, features_encoder, log)
 
 
 def check_before_training(cfg: Config, prepared: Prepared) -> None:
@@ -494,21 +539,24 @@ def mirror_batch(vocab: Vocab, device: torch.device) -> Callable[[Batch], Batch]
 # ---------------------------------------------------------------- epochs
 
 def train_epoch(run: Run, stage: Stage, state: TrainState, objective: Callable) -> tuple[dict, dict, list[dict]]:
-    """One epoch of `stage`, then the dev scores: the history row, the scores and every rank's RNG state."""
+    """One epoch of `stage`, then the dev loss and scores: the history row (scores x100, as papers give
+    them), the scores (fractions, as coco-caption gives them, with the loss) and every rank's RNG state."""
     cfg = run.cfg
     tf_ratio = teacher_forcing_ratio(cfg, state.epoch)
     batches = run.data.batches(cfg.batch_size, cfg.seed * 1000 + state.epoch, run.rank, run.world)
     start = time.time()
     stats = run_epoch(run, stage, state, objective, batches, tf_ratio)
     seconds = time.time() - start
-    scores = validate(run.decoder, run.prepared, cfg, run.device, stage.encoder, run.data.memory) if is_main() else {}
+    scores = {**validate(run.decoder, run.prepared, cfg, run.device, stage.encoder, run.data.memory),
+              "loss": dev_loss(run, stage)} if is_main() else {}
     scores, rng = share_scores_and_rng(scores, run.world)
     if isinstance(stage.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         stage.scheduler.step(scores[cfg.val_metric])
     captions = sum(len(run.data.captions_of[i]) for b in batches for i in b) * run.world
-    row = {"epoch": state.epoch + 1, "stage": stage.name, **stats, "val_Bleu_4": scores["Bleu_4"],
-           "val_CIDEr": scores["CIDEr"], "teacher_forcing": tf_ratio, "lr": stage.optimizer.param_groups[0]["lr"],
-           "seconds": round(seconds, 1), "captions_per_s": round(captions / seconds, 1), "precision": state.precision}
+    row = {"epoch": state.epoch + 1, "stage": stage.name, **stats, "dev_loss": scores["loss"],
+           "dev_Bleu_4": 100 * scores["Bleu_4"], "dev_CIDEr": 100 * scores["CIDEr"], "teacher_forcing": tf_ratio,
+           "lr": stage.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1),
+           "captions_per_s": round(captions / seconds, 1), "precision": state.precision}
     return row, scores, rng
 
 
@@ -556,6 +604,27 @@ def validate(decoder: nn.Module, prepared: Prepared, cfg: Config, device: torch.
     return score_captions(predictions, prepared.references(rows), metrics=("Bleu_4", "CIDEr"))
 
 
+@torch.no_grad()
+def dev_loss(run: Run, stage: Stage) -> float:
+    """Teacher-forced cross-entropy per word on the dev images validate decodes: the training loss's
+    counterpart whatever the objective, so overfitting shows. Under a forked random state, so measuring
+    it changes no run's weights."""
+    model = getattr(stage.model, "module", stage.model)  # rank 0 alone: without DDP's wrapper
+    was_training = model.training
+    model.eval()
+    images = list(range(len(run.dev.rows)))[: run.cfg.val_images or None]
+    per_batch = max(1, round(run.cfg.batch_size * len(run.dev.rows) / len(run.dev)))
+    total, words = 0.0, 0
+    cuda = [run.device.index or 0] if run.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        for start in range(0, len(images), per_batch):
+            result = CrossEntropy()(model, run.dev.on_device(images[start:start + per_batch], stage.inputs,
+                                                              run.device))
+            total, words = total + float(result.logs["loss"]), words + result.n
+    model.train(was_training)
+    return total / words
+
+
 def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict, scores: dict, rng: list[dict]) -> None:
     """Count the epoch, keep the best model, move to stage 2 or stop when the dev score stalls, and save
     the checkpoint and curves (rank 0)."""
@@ -584,8 +653,8 @@ def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict, scores: dict
         write_history(run.dir, state.history)
     train_logs = " ".join(f"{key.removeprefix('train_')} {value:.3f}" for key, value in row.items()
                           if key.startswith("train_"))
-    run.log(f"epoch {state.epoch}: {train_logs} dev BLEU-4 {100 * scores['Bleu_4']:.1f} CIDEr "
-            f"{100 * scores['CIDEr']:.1f}{' (best)' if improved else ''} [{row['seconds']:.0f}s, "
+    run.log(f"epoch {state.epoch}: {train_logs} dev loss {row['dev_loss']:.3f} BLEU-4 {row['dev_Bleu_4']:.1f} "
+            f"CIDEr {row['dev_CIDEr']:.1f}{' (best)' if improved else ''} [{row['seconds']:.0f}s, "
             f"{row['captions_per_s']} captions/s]")
     if state.bad_epochs >= cfg.patience:
         run.log(f"early stop: no better dev {cfg.val_metric} for {cfg.patience} epochs")
@@ -593,34 +662,17 @@ def end_epoch(run: Run, stage: Stage, state: TrainState, row: dict, scores: dict
 
 def write_history(run_dir: Path, history: list[dict]) -> None:
     """metrics.csv and curves.png, rewritten from the full history so a resumed run stays whole, each
-    through atomic.replace_file."""
+    through atomic.replace_file. A run resumed from an older version keeps its earlier rows as they were:
+    the columns are those of every row, and curves.png reads each by its name (visualize.curves)."""
     if not history:
         return
-    keys = list(history[0])
+    keys = list(dict.fromkeys(key for row in history for key in row))
 
     def write_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
+            writer = csv.DictWriter(f, fieldnames=keys, restval="")
             writer.writeheader()
             writer.writerows(history)
 
     replace_file(run_dir / "metrics.csv", write_csv)
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    epochs = [h["epoch"] for h in history]
-    titles = {"train_loss": "loss", "train_top5": "top-5 accuracy", "val_Bleu_4": "BLEU-4 (dev)",
-              "val_CIDEr": "CIDEr (dev)"}
-    panels = [(key, titles.get(key, key)) for key in keys if key.startswith(("train_", "val_"))]
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
-    for ax, (key, title) in zip(axes, panels):
-        ax.plot(epochs, [h[key] for h in history], marker="o")
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    replace_file(run_dir / "curves.png", lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-    plt.close(fig)
+    plot_curves(history, run_dir / "curves.png")

@@ -48,6 +48,7 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
     assert results["fluency"]["beam 1"] == fluency(list(captions.values()))
     assert set(results["fluency"]) == {"references (the first of each image)", "beam 1"}
     assert "| beam 1 |" in result.stdout and "| Captions | Ends in a function word |" in result.stdout
+    assert f"outputs in {out}: captions_beam1.json, results.json" in result.stdout.splitlines()
 
 
 @pytest.mark.slow
@@ -123,3 +124,18 @@ def test_evaluate_scores_an_ensemble_and_refuses_members_of_another_vocabulary(t
     train(cfg, log=lambda s: None)
     with pytest.raises(ValueError, match=f"{tmp_path / 'run2' / 'best'} was trained with another vocabulary"):
         evaluate_model(model, prepared, beam_sizes=(1,), log=lambda s: None, ensemble=[tmp_path / "run2" / "best"])
+
+
+@pytest.mark.slow
+def test_an_empty_split_says_so_and_how_to_get_one(trained, capsys, monkeypatch):
+    """Not "no captions to measure": which split of which folder is empty, and what to do about it."""
+    from captioner.cli import main
+    from captioner.features import Prepared
+
+    prepared, model = trained
+    indices = Prepared.indices
+    monkeypatch.setattr(Prepared, "indices", lambda self, split: [] if split == "test" else indices(self, split))
+    for flags in (["--model", str(model)], ["--nearest-neighbour"]):
+        assert main(["evaluate", *flags, "--prepared", str(prepared), "--split", "test", "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert f"{prepared}: the test split has no images" in err and "--split-file" in err and "--split val" in err

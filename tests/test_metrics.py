@@ -117,3 +117,29 @@ def test_format_fluency_table():
         "|---|---:|---:|---:|---:|\n"
         "| beam 3 | 1.2% | 25.0% | 412 / 1000 | 387 |\n"
     )
+
+
+def test_curves_show_dev_scores_x100_whether_metrics_csv_is_new_or_from_an_older_run(tmp_path):
+    """A run writes dev scores x100 in dev_* columns; older runs wrote fractions in val_* columns. The column's
+    name decides, not its values: a resumed older run (its first rows val_*, the rest dev_*) is one curve."""
+    import csv
+    import io
+
+    from captioner.visualize import curves, plot_curves
+
+    older = ("epoch,stage,train_loss,train_top5,val_Bleu_4,val_CIDEr,lr\n"
+             "1,train,4.0,0.5,0.054,0.30,0.001\n"
+             "2,train,3.0,0.6,0.081,0.42,0.001\n")
+    rows = list(csv.DictReader(io.StringIO(older)))
+    panels = curves(rows)
+    assert panels["BLEU-4 (dev, x100)"] == {"dev": ([1.0, 2.0], [pytest.approx(5.4), pytest.approx(8.1)])}
+    assert panels["CIDEr (dev, x100)"] == {"dev": ([1.0, 2.0], [pytest.approx(30.0), pytest.approx(42.0)])}
+    assert panels["loss"] == {"train": ([1.0, 2.0], [4.0, 3.0])} and "lr" not in str(panels)
+
+    resumed = rows + [{"epoch": 3, "stage": "train", "train_loss": 2.5, "train_top5": 0.7, "dev_loss": 2.8,
+                       "dev_Bleu_4": 9.5, "dev_CIDEr": 47.0, "lr": 0.001}]
+    panels = curves(resumed)
+    assert panels["CIDEr (dev, x100)"] == {"dev": ([1.0, 2.0, 3.0], [pytest.approx(30.0), pytest.approx(42.0), 47.0])}
+    assert panels["loss"] == {"train": ([1.0, 2.0, 3.0], [4.0, 3.0, 2.5]), "dev": ([3.0], [2.8])}
+    pytest.importorskip("matplotlib")
+    assert plot_curves(resumed, tmp_path / "curves.png") and (tmp_path / "curves.png").stat().st_size > 1000

@@ -231,10 +231,10 @@ def test_train_command_runs_scst_from_a_cross_entropy_model(shapes, tmp_path):
                scst_baseline="greedy", scst_samples=2, run_dir=str(tmp_path / "run"))
     lines: list[str] = []
     state = train(cfg, log=lines.append)
-    assert {"train_loss", "train_reward", "train_greedy_reward", "val_CIDEr"} <= set(state.history[0])
+    assert {"train_loss", "train_reward", "train_greedy_reward", "dev_CIDEr"} <= set(state.history[0])
     # the start was scored as epoch 0, and an epoch that is no better does not replace it as best
     assert any(line.startswith(f"epoch 0 ({shapes['xe']}): dev BLEU-4") for line in lines)
-    assert state.best_epoch == 0 and state.history[0]["val_CIDEr"] == pytest.approx(state.best_score)
+    assert state.best_epoch == 0 and state.history[0]["dev_CIDEr"] == pytest.approx(100 * state.best_score)
     started = load_model(shapes["xe"]).decoder.state_dict()
     best = load_model(tmp_path / "run" / "best").decoder.state_dict()
     assert all(torch.equal(started[k], best[k]) for k in started)

@@ -1,3 +1,4 @@
+import csv
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from captioner.data import load_image
 from captioner.features import open_prepared
 from captioner.models import load_model
 from captioner.train import teacher_forcing_ratio, train
+from captioner.visualize import curves
 
 from helpers import ROOT, needs_java, prepare_tiny_flickr, write_synthetic_prepared
 
@@ -56,15 +58,20 @@ def test_teacher_forcing_schedule():
 
 @pytest.mark.slow
 def test_training_learns_and_writes_its_outputs(prepared, tmp_path):
-    state = train(small(prepared, tmp_path / "run", epochs=3), log=lambda s: None)
+    lines: list[str] = []
+    state = train(small(prepared, tmp_path / "run", epochs=3), log=lines.append)
     run = tmp_path / "run"
-    for name in ("last.pt", "metrics.csv", "curves.png", "config.json", "best/model.safetensors", "best/vocab.json"):
+    for name in ("last.pt", "metrics.csv", "curves.png", "train.log", "config.json", "best/model.safetensors",
+                 "best/vocab.json"):
         assert (run / name).exists(), name
     losses = [h["train_loss"] for h in state.history]
     assert losses[-1] < losses[0]
     assert len((run / "metrics.csv").read_text().splitlines()) == 4
-    scores = [h["val_CIDEr"] for h in state.history]  # the best model is the first epoch with the top score
-    assert state.best_score == max(scores) and state.best_epoch == 1 + scores.index(max(scores))
+    scores = [h["dev_CIDEr"] for h in state.history]  # the best model is the first epoch with the top score
+    assert 100 * state.best_score == pytest.approx(max(scores)) and state.best_epoch == 1 + scores.index(max(scores))
+    assert (run / "train.log").read_text() == "".join(f"{line}\n" for line in lines)  # what the console showed
+    assert f"curves: {run / 'curves.png'}" in lines[-1] and f"{run / 'metrics.csv'}" in lines[-1]
+    assert f"{run / 'best'}" in lines[-2]
     best = load_model(run / "best").decoder.state_dict()
     last = torch.load(run / "last.pt", weights_only=True)["decoder"]
     assert (state.best_epoch == 3) == all(torch.equal(best[k], last[k]) for k in last)
@@ -92,6 +99,35 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
         first = differ[0]
         raise AssertionError(f"{len(differ)} tensors differ, e.g. {first}: "
                              f"max {float((a[first] - b[first]).abs().max()):.2e}")
+
+
+@pytest.mark.slow
+def test_one_unit_for_dev_scores_a_dev_loss_and_a_log_that_a_resumed_run_extends(prepared, tmp_path, monkeypatch):
+    """metrics.csv and the console give BLEU-4 and CIDEr x100, beside the dev loss; train.log holds the
+    console's lines, a resumed run's after the first's. A run resumed from before the dev_* columns keeps
+    its earlier rows as they were (val_*, fractions), and its curves read each column by its name."""
+    monkeypatch.setattr(train_mod, "score_captions", lambda predictions, references, metrics: {"Bleu_4": 0.054,
+                                                                                                "CIDEr": 0.3})
+    run = tmp_path / "run"
+    first: list[str] = []
+    train(small(prepared, run, epochs=1), log=first.append)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert float(rows[0]["dev_Bleu_4"]) == pytest.approx(5.4) and float(rows[0]["dev_CIDEr"]) == pytest.approx(30)
+    dev_loss = float(rows[0]["dev_loss"])
+    assert 0 < dev_loss < 20
+    assert any(line.startswith("epoch 1:") and f"dev loss {dev_loss:.3f} BLEU-4 5.4 CIDEr 30.0" in line
+               for line in first)
+
+    ckpt = torch.load(run / "last.pt", weights_only=True)  # made an older run's: its history as such runs kept it
+    row = {k: v for k, v in ckpt["train_state"]["history"][0].items() if not k.startswith("dev_")}
+    ckpt["train_state"]["history"] = [{**row, "val_Bleu_4": 0.054, "val_CIDEr": 0.3}]
+    torch.save(ckpt, run / "last.pt")
+    again: list[str] = []
+    train(small(prepared, run, epochs=2), resume=True, log=again.append)
+    assert (run / "train.log").read_text() == "".join(f"{line}\n" for line in first + again)
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    assert [r["val_CIDEr"] for r in rows] == ["0.3", ""] and float(rows[1]["dev_CIDEr"]) == pytest.approx(30)
+    assert curves(rows)["CIDEr (dev, x100)"] == {"dev": ([1.0, 2.0], [pytest.approx(30), pytest.approx(30)])}
 
 
 @pytest.mark.slow
