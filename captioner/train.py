@@ -77,6 +77,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class TrainState:
+    """The loop's progress, saved in every checkpoint (vars(state)) and taken back on resume."""
+
     epoch: int = 0  # epochs completed
     epochs: int = 0  # stage 1's length: cfg.epochs, or what a resumed run changed it to where it could
     stage: str = "train"  # the stage of the next epoch: train (stage 1) or finetune (stage 2)
@@ -149,46 +151,6 @@ def train(cfg: Config, resume: bool = False, log: Callable[[str], None] = print)
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     with deterministic_algorithms(cfg.deterministic), LogFile(Path(cfg.run_dir) / "train.log", log) as log_file:
         return run_training(cfg, resume, log_file if shard()[0] == 0 else log)  # rank 0 keeps the log
-
-
-class LogFile:
-    """The run's log lines on the console and appended to train.log in the run folder: what the console
-    showed stays with the run, a resumed run's lines after the earlier ones, then how it stopped if it
-    failed. Opened at the first line, so a run refused before it logs anything leaves no file; a file that
-    cannot be written stops no run."""
-
-    def __init__(self, path: Path, echo: Callable[[str], None]) -> None:
-        self.path, self.echo = path, echo
-        self.file: TextIO | None = None
-        self.broken = False
-
-    def __call__(self, line: str) -> None:
-        self.echo(line)
-        self.append(line)
-
-    def append(self, line: str) -> None:
-        if self.broken:
-            return
-        try:
-            if self.file is None:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.file = open(self.path, "a", encoding="utf-8")
-            self.file.write(line + "\n")
-            self.file.flush()  # a killed run's log is whole up to its last line
-        except OSError as err:
-            self.broken = True
-            self.echo(f"note: {self.path} cannot be written ({err.strerror or err}); the log goes on here only")
-
-    def __enter__(self) -> LogFile:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: object) -> None:
-        if self.file is None:
-            return
-        if err is not None:
-            self.append(f"stopped: {str(err) or type(err).__name__}")
-        with contextlib.suppress(OSError):
-            self.file.close()
 
 
 def run_training(cfg: Config, resume: bool, log: Callable[[str], None]) -> TrainState:
@@ -371,6 +333,46 @@ def save_errors_explained(run_dir: Path, what: str, resumable: bool) -> Iterator
         where = f" ({err.filename})" if err.filename else ""
         raise OSError(err.errno, f"cannot save {what} in {run_dir}: {err.strerror or err}{where}; the files there "
                       f"are whole: free space or make the folder writable, then run {again}") from err
+
+
+class LogFile:
+    """The run's log lines on the console and appended to train.log in the run folder: what the console
+    showed stays with the run, a resumed run's lines after the earlier ones, then how it stopped if it
+    failed. Opened at the first line, so a run refused before it logs anything leaves no file; a file that
+    cannot be written stops no run."""
+
+    def __init__(self, path: Path, echo: Callable[[str], None]) -> None:
+        self.path, self.echo = path, echo
+        self.file: TextIO | None = None
+        self.broken = False
+
+    def __call__(self, line: str) -> None:
+        self.echo(line)
+        self.append(line)
+
+    def append(self, line: str) -> None:
+        if self.broken:
+            return
+        try:
+            if self.file is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.file = open(self.path, "a", encoding="utf-8")
+            self.file.write(line + "\n")
+            self.file.flush()  # a killed run's log is whole up to its last line
+        except OSError as err:
+            self.broken = True
+            self.echo(f"note: {self.path} cannot be written ({err.strerror or err}); the log goes on here only")
+
+    def __enter__(self) -> LogFile:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, traceback: object) -> None:
+        if self.file is None:
+            return
+        if err is not None:
+            self.append(f"stopped: {str(err) or type(err).__name__}")
+        with contextlib.suppress(OSError):
+            self.file.close()
 
 
 # ---------------------------------------------------------------- resuming
