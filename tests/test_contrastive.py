@@ -231,7 +231,8 @@ def small(prepared: Path, run_dir: Path, **kw) -> Config:
     return Config(**{**values, **kw})
 
 
-TRANSFORMER = {"decoder": "transformer", "model_dim": 16, "heads": 2, "layers": 1, "encoder_layers": 1, "ff_dim": 32}
+TRANSFORMER = {"decoder": "transformer", "model_dim": 16, "transformer_heads": 2, "transformer_layers": 1,
+               "encoder_layers": 1, "ff_dim": 32}
 
 
 @pytest.mark.slow
