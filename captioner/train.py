@@ -50,7 +50,6 @@ from .models import (
     save_model,
 )
 from .models.files import RETRIEVAL_FILE, add_retrieval, read_retrieval
-from .models.lstm import CONCEPT_WEIGHTS
 from .objectives import Batch, CrossEntropy, make_objective
 from .precision import choose_precision
 from .runtime import (
@@ -254,8 +253,8 @@ def check_before_training(cfg: Config, prepared: Prepared) -> None:
 
 def new_decoder(cfg: Config, prepared: Prepared) -> CaptionDecoder:
     """The untrained decoder cfg describes over the prepared folder's vocabulary and features; with
-    concept_input or concept_copy it gets the ImageNet classifier of the encoder that made the
-    features, and each class's caption word in the vocabulary."""
+    concept_input or concept_copy (attention-concepts) it gets the ImageNet classifier of the encoder that
+    made the features, and each class's caption word in the vocabulary."""
     classifier = None
     if cfg.concept_input or cfg.concept_copy:
         from .concepts import class_word_ids
@@ -272,18 +271,18 @@ def new_decoder(cfg: Config, prepared: Prepared) -> CaptionDecoder:
 
 def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
     """Start from a trained model's decoder weights (self-critical training starts from a cross-entropy
-    model): the same family and sizes, trained on the same vocabulary and features. A model without
-    concept input or copying may start one with them: their layers keep their initial values (concept
-    input's is zero, so training begins from exactly that model)."""
+    model): the same family (or one the configured family starts_from) and sizes, trained on the same
+    vocabulary and features. The layers the configured family adds to that model (added_weights) keep
+    their initial values: attention-concepts' are zero, so it begins as the attention model it starts from."""
     loaded = load_model(path)
     if loaded.vocab.itos != prepared.vocab.itos:
         raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root}")
     check_encoder_spec(loaded.features_spec, prepared.spec, f"init_from {path} (against {prepared.root})")
-    if loaded.decoder.family != decoder.family:
+    if loaded.decoder.family not in (decoder.family, *decoder.starts_from):
         raise ValueError(f"init_from {path} is a {loaded.decoder.family} decoder, the config asks for {decoder.family}")
     try:
         missing, unexpected = decoder.load_state_dict(loaded.decoder.state_dict(), strict=False)
-        if unexpected or any(not key.startswith(CONCEPT_WEIGHTS) for key in missing):
+        if unexpected or any(not key.startswith(decoder.added_weights) for key in missing):
             raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as err:  # other sizes: name the arguments that differ
         theirs, ours = loaded.decoder.arguments(), decoder.arguments()

@@ -129,7 +129,7 @@ def test_every_flag_says_what_it_does_its_choices_or_range_and_default():
         assert f"--{f.name.replace('_', '-')}" in text
         assert f"(default: {f.default!r})" in text, f.name
     assert "--schedule {plateau,onecycle,warmup,none}" in text
-    assert "--decoder {attention,hard-attention,mean,transformer,retrieval}" in text
+    assert "--decoder {attention,attention-concepts,hard-attention,mean,transformer,retrieval}" in text
     assert "--beam-size INT beam size; from 1 to 20 (default: 3)" in text
 
 
@@ -185,3 +185,17 @@ def test_the_transformer_has_its_own_dropout_and_old_names_still_load(tmp_path):
     cfg = Config.load(lstm)
     assert (cfg.transformer_heads, cfg.transformer_layers, cfg.transformer_dropout, cfg.dropout) == (8, 3, 0.1, 0.4)
     assert Config.from_dict({"decoder": "transformer", "dropout": 0.2, "transformer_dropout": 0.3}).dropout == 0.2
+
+
+def test_concept_options_without_a_decoder_mean_the_attention_concepts_family(tmp_path):
+    """LSTM-A and LSTM-C were options of the attention LSTM before they became a family: configs and flags
+    that turn them on without naming the decoder still train it; another family is refused by name."""
+    probes = Path(__file__).resolve().parent.parent / "scripts" / "probes"
+    for name, option in (("flickr8k-heldout-concepts.yaml", "concept_input"), ("flickr8k-heldout-copy.yaml",
+                                                                                "concept_copy")):
+        cfg = Config.load(probes / name)
+        assert cfg.decoder == "attention-concepts" and getattr(cfg, option), name
+    assert parse(["--concept-copy"]).decoder == "attention-concepts"
+    assert parse([]).decoder == "attention"
+    with pytest.raises(ValueError, match="concept_input is an option of the attention-concepts decoder, not of 'mean'"):
+        parse(["--decoder", "mean", "--concept-input"])

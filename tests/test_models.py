@@ -34,8 +34,8 @@ SMALL = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, drop
 # attention's one-region decoding (its default, the expectation, is the family's own entry).
 VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
             "hard-attention-argmax-2-heads": ("hard-attention", {"hard_decode": "argmax", "attention_heads": 2}),
-            "attention-concept-input": ("attention", {"concept_input": True}),
-            "attention-concept-copy": ("attention", {"concept_copy": True})}
+            "attention-concept-input": ("attention-concepts", {"concept_input": True}),
+            "attention-concept-copy": ("attention-concepts", {"concept_copy": True})}
 
 
 def small_decoder(family: str, vocab_size: int = 20, feature_dim: int = 8, seed: int = 0, **args) -> CaptionDecoder:
@@ -153,7 +153,8 @@ def test_export_sets_the_decoding_defaults_it_is_given_and_keeps_the_rest(tmp_pa
 def test_registry_refuses_a_second_family_of_the_same_name_and_names_the_known_ones():
     with pytest.raises(ValueError, match="registered twice"):
         register_decoder("attention")(type("Other", (CaptionDecoder,), {}))
-    with pytest.raises(ValueError, match=r"unknown decoder family 'lstm'; known: attention, hard-attention, mean"):
+    with pytest.raises(ValueError, match=r"unknown decoder family 'lstm'; known: attention, attention-concepts, "
+                                         r"hard-attention, mean"):
         decoder_class("lstm")
 
 
@@ -200,6 +201,24 @@ def test_a_transformer_saved_before_its_arguments_were_renamed_still_loads(tmp_p
         del meta["config"][name]
     (old / "model.json").write_text(json.dumps(meta))
     assert load_model(old).decoder.arguments() == decoder.arguments()
+
+
+def test_a_concept_model_saved_as_an_attention_one_loads_as_attention_concepts(tmp_path):
+    """Models saved before LSTM-A and LSTM-C became a family are of family attention with the options on, and
+    every LSTM family stored them off: both load, as attention-concepts and as their own family."""
+    decoder = random_concepts(small_decoder("attention-concepts", concept_copy=True)).eval()
+    spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
+    for family, model in (("attention-concepts", decoder), ("hard-attention", small_decoder("hard-attention"))):
+        folder = tmp_path / family
+        save_model(folder, model, Vocab([f"w{i}" for i in range(16)]), spec, {})
+        meta = json.loads((folder / "model.json").read_text())
+        meta["decoder"] = {"family": family.removesuffix("-concepts"),
+                           "args": {"concept_input": False, "concept_copy": False, **meta["decoder"]["args"]}}
+        (folder / "model.json").write_text(json.dumps(meta))
+        loaded = load_model(folder).decoder
+        assert (loaded.family, loaded.arguments()) == (family, model.arguments())
+    for key, value in decoder.state_dict().items():
+        assert torch.equal(value, load_model(tmp_path / "attention-concepts").decoder.state_dict()[key]), key
 
 
 def test_newer_versions_unknown_families_and_arguments_are_refused_by_name(tmp_path):

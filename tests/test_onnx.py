@@ -39,8 +39,8 @@ TINY = dict(context_dim=16, embed_dim=16, attention_dim=16, hidden_dim=16, model
 # every family, and the options that change the step's graph (hard attention's expectation is its default)
 VARIANTS = {**{family: (family, {}) for family in DECODERS}, "attention-2-heads": ("attention", {"attention_heads": 2}),
             "hard-attention-argmax": ("hard-attention", {"hard_decode": "argmax"}),
-            "attention-concept-input": ("attention", {"concept_input": True}),
-            "attention-concept-copy": ("attention", {"concept_copy": True})}
+            "attention-concept-input": ("attention-concepts", {"concept_input": True}),
+            "attention-concept-copy": ("attention-concepts", {"concept_copy": True})}
 WORDS = "a dog cat man woman runs sits on the grass red blue ball water in with".split()
 
 

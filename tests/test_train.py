@@ -615,7 +615,8 @@ def test_concept_input_and_copy_start_from_their_init_from_model_and_train_their
     monkeypatch.setattr(encoders, "pretrained_head", lambda spec: head if spec["encoder"] == "synthetic" else None)
     class_words = torch.randint(0, len(prepared.vocab), (1000,), generator=g)  # the random words have no table
     monkeypatch.setattr(concepts, "class_word_ids", lambda vocab: class_words)
-    with pytest.raises(ValueError, match="concept_input is an option of the LSTM decoders, not of 'transformer'"):
+    with pytest.raises(ValueError, match="concept_input is an option of the attention-concepts decoder, not of "
+                                         "'transformer'"):
         train_mod.new_decoder(small(tmp_path / "p", tmp_path / "x", concept_input=True, decoder="transformer"),
                               prepared)
     calls = iter(range(100))  # every scoring better than the last, so the trained epoch is the best

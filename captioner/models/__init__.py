@@ -1,9 +1,10 @@
 """Caption decoder families on one seam (base.py), and the model folder (files.py).
 
-Importing this package registers every family: `attention` and `mean` (lstm.py), `hard-attention`
-(hard_attention.py), `transformer` (transformer.py), `retrieval` (retrieval.py).
+Importing this package registers every family: `attention` and `mean` (lstm.py), `attention-concepts`
+(lstm_concepts.py), `hard-attention` (hard_attention.py), `transformer` (transformer.py), `retrieval`
+(retrieval.py).
 """
-from . import hard_attention, lstm, retrieval, transformer  # noqa: F401  (registers their families)
+from . import hard_attention, lstm, lstm_concepts, retrieval, transformer  # noqa: F401  (registers their families)
 from .base import DECODERS, CaptionDecoder, DecoderOutput, State, decoder_class, register_decoder
 from .files import (
     TUNED,

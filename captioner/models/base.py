@@ -40,6 +40,10 @@ class CaptionDecoder(nn.Module):
     region_dim: int  # D of regions(): set by each family
     family: ClassVar[str] = ""  # the registered name, set by register_decoder
     title: ClassVar[str] = ""  # what a page or an API description calls the family
+    # init_from: the other families whose trained decoder this one may start from, and the state-dict prefixes
+    # of the layers it adds to theirs (or to a decoder of its own family without them), left as initialised
+    starts_from: ClassVar[tuple[str, ...]] = ()
+    added_weights: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, args: Any, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:
         """`words`: the vocabulary, for families whose embeddings can start from GloVe (build_decoder passes it)."""

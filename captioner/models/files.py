@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import read_folder, replace_folder, whole_version
-from ..decoder_args import current_args
+from ..decoder_args import current_decoder
 from ..decoding_options import MODEL_DEFAULTS, MODEL_KEYS
 from ..sentences import SENTENCE_MODEL
 from ..vocab import Vocab
@@ -49,8 +49,8 @@ def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_di
                   classifier: tuple[Tensor, Tensor, Tensor] | None = None) -> CaptionDecoder:
     """A family's decoder from its stored arguments; unknown argument names are refused by name,
     missing ones take the family's defaults (a newer family may add arguments). `classifier`: the
-    ImageNet head and each class's word id that a decoder with concept_input or concept_copy starts
-    with (a loaded one has them in its weights)."""
+    ImageNet head and each class's word id that an attention-concepts decoder starts with (a loaded one
+    has them in its weights)."""
     cls = decoder_class(family)
     known = {f.name for f in fields(cls.Args)}
     unknown = sorted(set(args) - known)
@@ -64,9 +64,6 @@ def decoder_from_config(cfg: Config, vocab_size: int, feature_dim: int, words: l
                         classifier: tuple[Tensor, Tensor, Tensor] | None = None) -> CaptionDecoder:
     """The decoder `cfg.decoder` names, its arguments read from the config fields of the same names."""
     cls = decoder_class(cfg.decoder)
-    for name in ("concept_input", "concept_copy"):
-        if getattr(cfg, name) and name not in {f.name for f in fields(cls.Args)}:
-            raise ValueError(f"{name} is an option of the LSTM decoders, not of {cfg.decoder!r}")
     return build_decoder(cfg.decoder, {f.name: getattr(cfg, f.name) for f in fields(cls.Args)}, vocab_size,
                          feature_dim, words, classifier=classifier)
 
@@ -206,13 +203,12 @@ def read_model_json(path: Path) -> dict[str, Any]:
                          f"({VERSION}); upgrade captioner")
     if version == 1:  # the whole training config: keep the family's arguments and the decoding options
         config = meta["config"]
-        family = config["decoder"]
+        family, args = current_decoder(config["decoder"], config)
         names = [f.name for f in fields(decoder_class(family).Args)]
-        args = current_args(family, config)
         meta = {**meta, "version": 2, "decoder": {"family": family, "args": {k: args[k] for k in names if k in args}},
                 "decoding": {k: config[k] for k in MODEL_KEYS if k in config}}
-    decoder = meta["decoder"]
-    meta = {**meta, "decoder": {**decoder, "args": current_args(decoder["family"], decoder["args"])}}
+    family, args = current_decoder(meta["decoder"]["family"], meta["decoder"]["args"])
+    meta = {**meta, "decoder": {**meta["decoder"], "family": family, "args": args}}
     return {**meta, "decoding": {**MODEL_DEFAULTS, **meta["decoding"]}}  # options newer than the file: defaults
 
 

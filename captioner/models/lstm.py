@@ -10,21 +10,13 @@ each scoring the regions on its own, and the context is the concatenation of the
 which a single head can already produce, so only concatenation lets the LSTM see two places apart
 (a dog and its ball) instead of their blur. One head is the original model, weight for weight.
 
-Two options let the decoder read what the encoder's own ImageNet classifier sees (its 1000 class
-probabilities over the mean feature, from the head the decoder is given at training and keeps in its
-weights). A decoder trained on 6,000 photos maps a close-up espresso's features to "a dog in the
-water"; the classifier, trained on 1.28M photos, still says espresso.
-- concept_input: the class probabilities also set the initial h and c: semantic attributes as input,
-  LSTM-A (Yao et al., 2017).
-- concept_copy: each caption word the classes map to (concepts.py's table: tabby -> cat) gets their
-  summed probability added to its logit, scaled by a gate of h that learns at which words to copy:
-  copying recognised words, LSTM-C (Yao et al., 2017): the decoder may leave naming such things to
-  the classifier.
-Neither moved the held-out protocol's F1 (docs/RESULTS.md), so the shipped model has neither.
+The families built on this code: hard attention (hard_attention.py), the classifier-reading LSTM-A and
+LSTM-C (lstm_concepts.py) and the retrieval decoder (retrieval.py).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +24,6 @@ from torch import Tensor, nn
 
 from ..decoder_args import LSTMArgs
 from .base import CaptionDecoder, DecoderOutput, State, register_decoder
-
-N_CLASSES = 1000  # ImageNet-1k: the classifier concept_input and concept_copy read
-CONCEPT_WEIGHTS = ("init_concepts.", "classifier_", "copy_gate.", "class_word")  # the state-dict names they add
 
 
 @register_decoder("attention")
@@ -46,16 +35,14 @@ class AttentionLSTM(CaptionDecoder):
     title = "Show, Attend and Tell (soft attention)"
     attends = True  # False: the mean-feature baseline
 
-    # buffers, registered in __init__ when the options use them
-    classifier_weight: Tensor
-    classifier_bias: Tensor
-    class_word: Tensor
-    head_mask: Tensor
+    # the state tensors _logits reads: forward gathers them per predicted word for its one output projection
+    output_state: ClassVar[tuple[str, ...]] = ()
+
+    head_mask: Tensor  # a buffer
     embed_proj: nn.Module
     project: nn.Module
 
-    def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None,
-                 classifier: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    def __init__(self, args: LSTMArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None) -> None:
         super().__init__(args, vocab_size, feature_dim)
         embed_dim, hidden_dim, context_dim = args.embed_dim, args.hidden_dim, args.context_dim
         self.hidden_dim = hidden_dim
@@ -76,29 +63,6 @@ class AttentionLSTM(CaptionDecoder):
         self.region_dim = context_dim
         self.init_h = nn.Linear(context_dim, hidden_dim)
         self.init_c = nn.Linear(context_dim, hidden_dim)
-        if args.concept_input or args.concept_copy:
-            # classifier: its weight and bias, and each class's caption word id (0: none). Fixed (not
-            # trained) but saved with the weights, so the model file and its ONNX export carry it; when
-            # loading a trained model its values come from the weights.
-            weight, bias, word = classifier if classifier is not None else (
-                torch.zeros(N_CLASSES, feature_dim), torch.zeros(N_CLASSES), torch.zeros(N_CLASSES, dtype=torch.long))
-            if tuple(weight.shape) != (N_CLASSES, feature_dim):
-                raise ValueError(f"concept_input and concept_copy need an ImageNet classifier over the {feature_dim} "
-                                 f"feature channels, got weights of shape {tuple(weight.shape)}")
-            self.register_buffer("classifier_weight", weight.detach().float().clone())
-            self.register_buffer("classifier_bias", bias.detach().float().clone())
-        if args.concept_copy:
-            self.register_buffer("class_word", word.detach().long().clone())
-            self.copy_gate = nn.Linear(hidden_dim, 1)
-            # softplus(0) = 0.69: a nudge of at most 0.69 to a word's logit to start with, which Adam can
-            # grow within an epoch (from a gate near zero it could not: its bias moves about lr per step)
-            nn.init.zeros_(self.copy_gate.weight)
-            nn.init.zeros_(self.copy_gate.bias)
-        if args.concept_input:
-            # zero: a model started from one without concept input (init_from) begins as that model
-            self.init_concepts = nn.Linear(N_CLASSES, 2 * hidden_dim)
-            nn.init.zeros_(self.init_concepts.weight)
-            nn.init.zeros_(self.init_concepts.bias)
         heads = args.attention_heads if self.attends else 1
         if args.attention_dim % heads:
             raise ValueError(f"attention_dim ({args.attention_dim}) must be a multiple of attention_heads ({heads})")
@@ -122,25 +86,11 @@ class AttentionLSTM(CaptionDecoder):
         return self.project
 
     def init_state(self, features: Tensor) -> State:
-        """features (B, L, C) -> the state before the first word: h, c from the mean region (with
-        concept_input plus the classifier's view of the features), the projected regions that attention
-        reuses at every step, and with concept_copy each word's probability by the classifier."""
+        """features (B, L, C) -> the state before the first word: h, c from the mean region, and the
+        projected regions that attention reuses at every step."""
         regions = self.regions(features)
         mean = regions.mean(dim=1)
-        h, c = self.init_h(mean), self.init_c(mean)
-        state = {}
-        if self.args.concept_input or self.args.concept_copy:
-            logits = F.linear(features.float().mean(dim=1), self.classifier_weight, self.classifier_bias)
-            classes = logits.softmax(dim=1)
-            if self.args.concept_input:
-                h_add, c_add = self.init_concepts(classes.to(h.dtype)).chunk(2, dim=1)
-                h, c = h + h_add, c + c_add
-            if self.args.concept_copy:  # (B, V): each word's summed class probability; <pad> (0) takes the rest.
-                # A (1000, V) one-hot product once per batch, not per word: index_add and scatter_add export
-                # to ONNX with a fixed batch
-                words = classes @ F.one_hot(self.class_word, self.vocab_size).to(classes.dtype)
-                state["concept_words"] = words * (torch.arange(self.vocab_size, device=words.device) > 0)
-        state.update(h=h, c=c, features=regions)
+        state = {"h": self.init_h(mean), "c": self.init_c(mean), "features": regions}
         if self.attends:
             state["keys"] = self.att_feat(regions)
         else:
@@ -181,11 +131,8 @@ class AttentionLSTM(CaptionDecoder):
         return h, c, alpha
 
     def _logits(self, h: Tensor, state: State) -> Tensor:
-        """Next-word logits (B, V) from h, plus with concept_copy the gated concept words of state."""
-        logits = self.out(self.dropout(h))
-        if self.args.concept_copy:
-            logits = logits + F.softplus(self.copy_gate(h)) * state["concept_words"].to(logits.dtype)
-        return logits
+        """Next-word logits (B, V) from h; a subclass may add what its output_state holds of `state`."""
+        return self.out(self.dropout(h))
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         """Feed the previous words (B,); return log-probabilities (B, V), the new state and alpha (B, L)."""
@@ -231,8 +178,7 @@ class AttentionLSTM(CaptionDecoder):
                 if t + 1 < steps:
                     gates = teacher_gates[:n, t + 1]
         if hiddens:  # one big output projection instead of one per step
-            rows = {"concept_words": torch.cat([state["concept_words"][:n] for n in n_running])} \
-                if self.args.concept_copy else {}
+            rows = {k: torch.cat([state[k][:n] for n in n_running]) for k in self.output_state if k in state}
             logits.append(self._logits(torch.cat(hiddens), rows))
         targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
         return DecoderOutput(torch.cat(logits), targets, attention_penalty(alphas.float(), self.args.alpha_c))
@@ -244,7 +190,6 @@ def attention_penalty(alphas: Tensor, weight: float) -> Tensor:
     if alphas.shape[-1] == 0 or weight == 0:
         return alphas.new_zeros(())
     return weight * ((1.0 - alphas.sum(dim=1)) ** 2).sum(dim=1).mean()
-
 
 
 @register_decoder("mean")
