@@ -117,7 +117,8 @@ class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, ConceptArgs, _In
                                            "negatives help InfoNCE)", range=(1, None))
 
     # training
-    run_dir: str = option("runs/default", "folder for checkpoints, the best model, metrics and curves")
+    run_dir: str = option("runs/default", "folder for checkpoints, the best model, metrics, curves and train.log "
+                                          "(the console's lines)")
     seed: int = option(0, "seed of initialisation, dropout, scheduled sampling and batch order",
                        range=(0, 2**32 - 1))
     deterministic: bool = option(True, "bit-identical runs for a seed (deterministic kernels; on CUDA also "

@@ -1,4 +1,4 @@
-"""Training objectives: what one batch's loss is. `train.train_step` runs whichever it is given
+"""Training objectives: what one batch's loss is. `step.train_step` runs whichever it is given
 (autocast, objective, backward, clip, update) and never asks which.
 
 An objective is a callable `(model, batch) -> StepResult`. Its logs are sums over the batch's
@@ -30,7 +30,7 @@ from .vocab import END, Vocab, tokenize
 
 @dataclass
 class Batch:
-    """Whole images with all their captions, as `train.CaptionSet.batch` makes them."""
+    """Whole images with all their captions, as `batching.CaptionSet.batch` makes them."""
 
     inputs: Tensor  # (I, L, C) cached features or (I, 3, S, S) images of the batch's I images
     rows: np.ndarray  # (I,) their rows in the prepared folder

@@ -1,6 +1,6 @@
 """Benchmark (not a test): training throughput of the attention decoder, in captions per second.
 
-Runs the real training step (`captioner.train.train_step`: forward, loss with the attention penalty,
+Runs the real training step (`captioner.step.train_step`: forward, loss with the attention penalty,
 backward, clipping, Adam) on a prepared folder's train split, skipping 5 warm-up batches, and prints
 one markdown table row. `--compare-precision` instead trains the same seeded model twice from scratch,
 float32 and bfloat16 autocast, printing the mean loss every 30 batches of each and the matrix-product
@@ -34,12 +34,13 @@ from pathlib import Path
 
 import torch
 
+from captioner.batching import CaptionSet
 from captioner.config import Config
 from captioner.features import open_prepared
 from captioner.models import decoder_from_config
 from captioner.objectives import Batch, CrossEntropy
 from captioner.runtime import bf16_supported, cpu_name
-from captioner.train import CaptionSet, train_step
+from captioner.step import train_step
 
 
 def run(data: CaptionSet, cfg: Config, batches: list[list[int]], amp: bool, every: int = 0) -> float:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from captioner.batching import CaptionSet
 from captioner.config import Config
 from captioner.decoding_options import DecodingOptions
 from captioner.evaluate import decode_split
@@ -26,7 +27,8 @@ from captioner.metrics import score_captions
 from captioner.models import decoder_from_config
 from captioner.objectives import Batch, make_objective
 from captioner.runtime import make_optimizer
-from captioner.train import CaptionSet, init_decoder_from, train_step
+from captioner.step import train_step
+from captioner.train import init_decoder_from
 
 
 def main() -> None:

@@ -30,8 +30,13 @@ def run_of(result: dict) -> tuple[float, int] | None:
     if not metrics.exists():
         return None
     rows = list(csv.DictReader(metrics.open()))
-    best = max(rows, key=lambda r: float(r["val_CIDEr"]))
+    best = max(rows, key=dev_cider)
     return sum(float(r["seconds"]) for r in rows), int(best["epoch"])
+
+
+def dev_cider(row: dict[str, str]) -> float:
+    """An epoch's dev CIDEr x100: dev_CIDEr, or val_CIDEr (a fraction) in rows older runs wrote."""
+    return float(row["dev_CIDEr"]) if row.get("dev_CIDEr") else 100 * float(row["val_CIDEr"])
 
 
 def main() -> None:
