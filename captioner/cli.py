@@ -260,10 +260,15 @@ def add_metadata_flags(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
+    from .extras import install_hint
     from .pipeline import Captioner
-    from .serve import access_control, create_app, example_photos
+
+    try:
+        import uvicorn
+
+        from .serve import access_control, create_app, example_photos
+    except ModuleNotFoundError as err:  # the serve extra's packages: FastAPI, uvicorn, Gradio
+        raise ImportError(f"captioner serve needs {err.name}: {install_hint('serve')}") from err
 
     if (args.library is None) != (args.photos is None):
         raise SystemExit("captioner serve: --library captions.jsonl and --photos LIBRARY/ (the folder it captioned) "

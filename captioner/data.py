@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from .extras import install_hint
+
 SPLITS = ("train", "val", "test")
 FORMATS = ("flickr", "kaggle", "karpathy", "coco", "custom")
 # split names found in the wild -> ours; "restval" is Karpathy's extra COCO training images
@@ -74,11 +76,6 @@ _RAW_FLIP = {3: Image.Transpose.ROTATE_180, 5: Image.Transpose.ROTATE_90, 6: Ima
 MIN_RAW_PREVIEW = 256
 _heif_lock = threading.Lock()
 _heif_registered = False
-
-
-def install_hint(extra: str) -> str:
-    """How to install an optional extra, in a checkout (as the README installs) and from PyPI."""
-    return f".venv/bin/pip install -e '.[{extra}]' in a captioner checkout (pip install 'captioner[{extra}]' otherwise)"
 
 
 def expand_inputs(items: list[str]) -> list[Path]:

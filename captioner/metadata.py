@@ -5,7 +5,7 @@ library is captioned.
 
 Each photo's best caption goes into XMP dc:description, IPTC Caption-Abstract and EXIF ImageDescription; its
 concepts join its keywords (XMP dc:subject, IPTC Keywords). Exiv2 does the writing (through pyexiv2, whose
-wheel bundles it, so `pip install 'captioner[metadata]'` is the whole install; ExifTool would need Perl and a
+wheel bundles it, so the `metadata` extra is the whole install; ExifTool would need Perl and a
 system package). Exiv2 rewrites the metadata segments only: the compressed image data is copied byte for byte.
 
 - atomic: a photo is copied beside itself (NAME.tmp), the copy edited, then renamed over it (atomic.py), so a
@@ -53,6 +53,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .bulk import captioned_library, file_state, json_line, last_lines, library_path, output_lock, read_lines
 from .data import RAW_SUFFIXES
+from .extras import install_hint
 
 WRITABLE = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"}  # Exiv2 reads BMP and GIF, but cannot write them
 IPTC_UTF8 = "\x1b%G"  # IPTC's CharacterSet value for UTF-8
@@ -91,7 +92,7 @@ def exiv2() -> ModuleType:
     try:
         import pyexiv2
     except ImportError as err:
-        raise ImportError("writing captions into photos needs pyexiv2: pip install 'captioner[metadata]'") from err
+        raise ImportError(f"writing captions into photos needs pyexiv2: {install_hint('metadata')}") from err
     return pyexiv2
 
 

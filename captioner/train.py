@@ -38,6 +38,7 @@ from .config import Config
 from .decoding_options import DecodingOptions
 from .encoders import Encoder, create_encoder
 from .evaluate import decode_split, retrieved_memory
+from .extras import install_hint
 from .features import PENDING, Prepared, image_inputs, open_prepared
 from .metrics import require_java, score_captions
 from .models import (
@@ -241,7 +242,7 @@ def check_before_training(cfg: Config, prepared: Prepared) -> None:
     require_java("every epoch is scored by coco-caption, whose scorers")
     if importlib.util.find_spec("pycocoevalcap") is None:
         raise FileNotFoundError("pycocoevalcap: not installed; every epoch is scored by coco-caption: "
-                                "`pip install 'captioner[train]'`")
+                                f"{install_hint('train')}")
     if cfg.finetune_epochs:
         missing = [str(prepared.records[i].image) for split in ("train", "val") for i in prepared.indices(split)
                    if not prepared.records[i].image.exists()]

