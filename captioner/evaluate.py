@@ -73,15 +73,17 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
 def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Datastore, decoder: RetrievalLSTM,
                      vocab: Vocab, k: int | None = None, leave_out: bool = False, batch_size: int = 256,
                      concepts: Concepts | None = None, concept_weight: float = 0.0,
-                     log: Callable[[str], None] = print) -> np.ndarray:
-    """Every prepared photo's k retrieved captions as a retrieval decoder's memory rows (prepared rows, M),
+                     rows: list[int] | None = None, log: Callable[[str], None] = print) -> np.ndarray:
+    """The k retrieved captions of the prepared photos `rows` (default: all) as a retrieval decoder's memory rows
+    (prepared rows, M; zeros elsewhere),
     from its cached features; `leave_out`: never the photo's own captions (training); with `concepts`, ranked
     again by the concept words they name as `caption` does (models/retrieval.retrieve)."""
     from .models.retrieval import retrieve
 
     own = datastore.groups_by_image() if leave_out else {}
     memory = np.zeros((len(prepared.records), decoder.memory_size), dtype=np.int64)
-    rows = [i for i in range(len(prepared.records)) if prepared.status[i] == DONE]
+    if rows is None:  # every photo with features
+        rows = [i for i in range(len(prepared.records)) if prepared.status[i] == DONE]
     excluded = 0
     for start in tqdm(range(0, len(rows), batch_size), desc="retrieving", unit="batch", leave=False):
         chunk = rows[start:start + batch_size]
@@ -135,7 +137,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         reader = cast("RetrievalLSTM", loaded.decoder)
         memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded.path, loaded.embedder, datastore),
                                   reader, loaded.vocab, base.retrieved, concepts=concepts,
-                                  concept_weight=base.retrieval_concepts, log=log)
+                                  concept_weight=base.retrieval_concepts, rows=rows, log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
