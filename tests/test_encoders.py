@@ -58,7 +58,10 @@ def test_inference_copy_folds_batchnorm_and_gives_the_same_features(layer: str) 
     images = torch.stack([encoder.preprocess(Image.fromarray(data.chelsea())),
                           encoder.preprocess(Image.fromarray(data.coffee()))])
     with torch.inference_mode():
-        torch.testing.assert_close(folded.regions(images), encoder.regions(images), atol=1e-4, rtol=0)
+        original = encoder.regions(images)
+        # folding reorders float32 sums: the error scales with the map (stage5 reaches 47, the head 6), so the
+        # bound is 1e-5 of its largest value (AMD EPYC: 1.2e-4 at stage5, an absolute 1e-4 failed there)
+        torch.testing.assert_close(folded.regions(images), original, atol=1e-5 * float(original.abs().max()), rtol=0)
     assert folded.spec() == encoder.spec()  # the same features: a cache made either way is the same cache
 
 
