@@ -27,25 +27,25 @@ def coco_file(path: Path, images: dict[int, str], captions: int = 2) -> None:
     path.write_text(json.dumps({"info": {"year": 2017}, "licenses": [], "images": listed, "annotations": anns}))
 
 
-def coco_2017(root: Path, train_ids: list[int], val_ids: list[int]) -> Path:
-    """coco/annotations/captions_{train,val}2017.json beside coco/train2017/ and coco/val2017/."""
+def coco_layout(root: Path, year: int, train_ids: list[int], val_ids: list[int]) -> Path:
+    """COCO as it unpacks: coco/annotations/captions_{train,val}YEAR.json beside coco/trainYEAR/ and coco/valYEAR/;
+    2017 names its files by the 12-digit id, 2014 as COCO_train2014_000000000009.jpg."""
     for split, ids in (("train", train_ids), ("val", val_ids)):
-        names = {i: f"{i:012d}.jpg" for i in ids}
+        prefix = f"COCO_{split}{year}_" if year == 2014 else ""
+        names = {i: f"{prefix}{i:012d}.jpg" for i in ids}
         for i, name in names.items():
-            jpeg(root / f"{split}2017" / name, i)
-        coco_file(root / "annotations" / f"captions_{split}2017.json", names)
-    (root / "annotations" / "instances_val2017.json").write_text("{}")  # the other annotation files are ignored
+            jpeg(root / f"{split}{year}" / name, i)
+        coco_file(root / "annotations" / f"captions_{split}{year}.json", names)
+    (root / "annotations" / f"instances_val{year}.json").write_text("{}")  # the other annotation files are ignored
     return root
+
+
+def coco_2017(root: Path, train_ids: list[int], val_ids: list[int]) -> Path:
+    return coco_layout(root, 2017, train_ids, val_ids)
 
 
 def coco_2014(root: Path, train_ids: list[int], val_ids: list[int]) -> Path:
-    """The 2014 names: annotations/captions_train2014.json, train2014/COCO_train2014_000000000009.jpg."""
-    for split, ids in (("train", train_ids), ("val", val_ids)):
-        names = {i: f"COCO_{split}2014_{i:012d}.jpg" for i in ids}
-        for i, name in names.items():
-            jpeg(root / f"{split}2014" / name, i)
-        coco_file(root / "annotations" / f"captions_{split}2014.json", names)
-    return root
+    return coco_layout(root, 2014, train_ids, val_ids)
 
 
 def karpathy_coco(path: Path, splits: dict[tuple[str, int], str]) -> Path:
