@@ -14,7 +14,7 @@ $(VENV)/.core: pyproject.toml
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.core
-	$(PY) -m pip install -q -e ".[train,test,lite12,serve,contrastive,onnx,metadata]"
+	$(PY) -m pip install -q -e ".[train,test,lite12,serve,contrastive,onnx,metadata,heif,raw]"
 	touch $@
 
 $(VENV)/.serve: $(VENV)/.core
