@@ -324,6 +324,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a count of at least 1 (a batch of 0 images never ends; -1 silently did nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description="Neural image captioning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -393,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="torch", choices=BACKENDS, help=BACKEND_HELP)
     p.add_argument("--datastore", metavar="DIR", help="a retrieval model reads the captions of this datastore "
                    "(`captioner datastore build`) instead of its own: your captions steer its words")
-    p.add_argument("--batch-size", type=int, default=8, help="images per model pass (default: 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="images per model pass (default: 8)")
     p.add_argument("--json", action="store_true", help="print JSON with n-best captions and scores")
     p.add_argument("--output", help="NAME.jsonl: caption a whole library folder, one JSON line per image as it "
                    "goes, resumable, sharded under torchrun; any other name: also write a CSV (file, rank, "
@@ -420,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="find photos of a captioned library (a bulk .jsonl) by describing them")
     p.add_argument("captions", help="the .jsonl `caption LIBRARY/ --output NAME.jsonl` wrote")
     p.add_argument("query", help='what to look for, e.g. "two dogs on a beach"')
-    p.add_argument("--top", type=int, default=10, help="how many photos to list (default: 10)")
+    p.add_argument("--top", type=positive_int, default=10, help="how many photos to list (default: 10)")
     p.add_argument("--json", action="store_true", help="print JSON: file, score and caption, best first")
     p.add_argument("--device", default="cpu", help="device of the sentence encoder (default: cpu)")
     p.add_argument("--image-weight", type=float, metavar="W",

@@ -237,6 +237,8 @@ def _datastore(path: Path, decoder: Decoder, embedder: ImageEmbedder | None,
 
 def loaded_batches(items: list[tuple[Any, str | None]], batch_size: int) -> Iterator[list[Image.Image]]:
     """The (input, name) pairs `_as_images` gives, loaded as RGB images, batch_size at a time."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number of images, at least 1, got {batch_size!r}")
     for start in range(0, len(items), batch_size):
         yield [load_image(x, name=name) for x, name in items[start:start + batch_size]]
 

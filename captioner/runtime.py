@@ -34,11 +34,27 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop")
 # __init__.py, not here: it must run before torch is imported, and this module imports torch.
 
 
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when present, so the same command runs on a laptop and a GPU box."""
+    """'auto' picks CUDA when present, so the same command runs on a laptop and a GPU box. A device this
+    machine lacks, or a name torch does not know, is a ValueError saying what to use instead (the README's
+    `--device cuda` on a laptop was a 39-line traceback)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {name!r}; use {DEVICES}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: this machine has no CUDA (or this torch was built without it); use "
+                         "--device cpu, or auto to take CUDA where there is one")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r}: MPS (Apple GPUs) is not available here; use --device cpu or auto")
+    return device
 
 
 def shard() -> tuple[int, int]:

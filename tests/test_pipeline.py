@@ -188,3 +188,26 @@ def test_shipped_model_describes_real_flickr8k_test_images():
     predictions = {r.name: o[0]["generated_text"] for r, o in zip(records, outputs)}
     scores = score_captions(predictions, {r.name: list(r.captions) for r in records}, metrics=("Bleu_4", "CIDEr"))
     assert scores["Bleu_4"] > 0.15 and scores["CIDEr"] > 0.35, scores
+
+
+def test_a_device_this_machine_lacks_and_a_bad_batch_size_are_one_line_errors(capsys):
+    """The README's `--device cuda` on a laptop, `--device gpu`, and batch sizes of 0 or -1: one line naming what
+    to use, exit 2, and the same ValueError from Python."""
+    from captioner.cli import main
+    from captioner.runtime import resolve_device
+
+    with pytest.raises(ValueError, match="unknown device 'gpu'; use auto, cpu"):
+        resolve_device("gpu")
+    photo = str(ROOT / "examples" / "photos" / "chelsea.jpg")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA"):
+            Captioner.from_pretrained(device="cuda")
+        assert main(["caption", photo, "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "no CUDA" in err and "--device cpu" in err
+    for bad in ("0", "-1"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["caption", photo, "--batch-size", bad])
+        assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="batch_size must be a whole number of images, at least 1, got -1"):
+        Captioner.from_pretrained(device="cpu")(photo, batch_size=-1)
