@@ -79,12 +79,14 @@ _heif_registered = False
 
 
 def expand_inputs(items: list[str]) -> list[Path]:
-    """Files as given, folders as their image files (sorted), globs expanded (for shells that do not)."""
+    """Files as given, folders as the image files in them and their subfolders (sorted; hidden ones left
+    out, as a photo library nests by year and event), globs expanded (for shells that do not)."""
     paths: list[Path] = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
         elif not path.exists() and any(ch in item for ch in "*?["):
             paths += sorted(Path(p) for p in glob.glob(item, recursive=True))
         else:
@@ -728,6 +730,8 @@ def load_image(source: str | Path | bytes | Image.Image | np.ndarray, max_pixels
     except ImageError:
         raise
     except FileNotFoundError as e:
+        if str(source).startswith(("http://", "https://", "http:/", "https:/")):  # a Path folds the double slash
+            raise ImageError(f"{name}: URLs are not fetched; download the photo first (curl -O URL)") from e
         raise ImageError(f"{name}: no such file") from e
     except _BOMB as e:
         raise ImageTooLarge(f"{name}: {e}") from e

@@ -23,7 +23,7 @@ from .concepts import Concepts, concept_vocabulary
 from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
-from .decoding_options import DecodingOptions
+from .decoding_options import OPTIONS, DecodingOptions
 from .models import CaptionDecoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
 from .models.retrieval import retrieve
@@ -37,6 +37,8 @@ if TYPE_CHECKING:
     from .onnx_backend import OnnxEncoder
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "models" / "flickr8k-lite0"
+# generate()'s names in Hugging Face transformers -> ours, where they mean the same thing
+HF_NAMES = {"max_new_tokens": "max_length", "num_beams": "beam_size", "num_return_sequences": "num_captions"}
 ImageInput = str | Path | bytes | Image.Image | np.ndarray | torch.Tensor
 ACCEPTED = "a path (str or Path), the bytes of an image file, a PIL image, a numpy array or a torch tensor"
 
@@ -112,6 +114,14 @@ class Captioner:
         return decoder_class(family).title
 
     def options(self, **overrides: Any) -> DecodingOptions:
+        """The model's defaults with `overrides` on top (None: the default). The names Hugging Face's
+        generate() uses map where they mean the same (max_new_tokens, num_beams, num_return_sequences); any
+        other unknown name is a ValueError listing the options."""
+        overrides = {HF_NAMES.get(k, k): v for k, v in overrides.items()}
+        unknown = sorted(set(overrides) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"unknown decoding option(s) {', '.join(unknown)}; the options are "
+                             f"{', '.join(OPTIONS)}")
         values = {k: v for k, v in overrides.items() if v is not None}
         base = vars(self.defaults) | values
         if "num_captions" not in values:

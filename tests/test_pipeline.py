@@ -211,3 +211,23 @@ def test_a_device_this_machine_lacks_and_a_bad_batch_size_are_one_line_errors(ca
         assert exit_.value.code == 2 and "must be at least 1" in capsys.readouterr().err
     with pytest.raises(ValueError, match="batch_size must be a whole number of images, at least 1, got -1"):
         Captioner.from_pretrained(device="cpu")(photo, batch_size=-1)
+
+
+def test_hugging_face_names_map_unknown_options_are_listed_and_urls_are_not_fetched(tmp_path):
+    captioner = Captioner.from_pretrained(device="cpu")
+    photo = ROOT / "examples" / "photos" / "chelsea.jpg"
+    assert captioner.options(max_new_tokens=5, num_beams=2, num_return_sequences=2) == captioner.options(
+        max_length=5, beam_size=2, num_captions=2)
+    assert len(captioner(photo, max_new_tokens=5)[0]["generated_text"].split()) <= 5
+    with pytest.raises(ValueError, match="unknown decoding option.s. temperature; the options are beam_size, "):
+        captioner(photo, temperature=0.7)
+    with pytest.raises(ValueError, match="URLs are not fetched"):
+        captioner("https://example.com/photo.jpg")
+    nested = tmp_path / "library" / "2021" / "summer"
+    nested.mkdir(parents=True)
+    (tmp_path / "library" / ".thumbnails").mkdir()
+    for folder in (nested, tmp_path / "library", tmp_path / "library" / ".thumbnails"):
+        Image.open(photo).save(folder / "p.jpg")
+    from captioner.data import expand_inputs
+
+    assert expand_inputs([str(tmp_path / "library")]) == [nested / "p.jpg", tmp_path / "library" / "p.jpg"]
