@@ -326,9 +326,10 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
                 shutil.copy2(model_dir / extra, tmp / extra)
         head = encoder.imagenet_head()
         if head is not None:  # what concepts need: the classifier over the encoder graph's output
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            save_file({"weight": head[0].contiguous(), "bias": head[1].contiguous()}, str(tmp / CONCEPT_HEAD))
+            # bytes written like every other file (save_file's own open left it 0600, the rest 0644)
+            (tmp / CONCEPT_HEAD).write_bytes(save({"weight": head[0].contiguous(), "bias": head[1].contiguous()}))
             info["concept_head"] = CONCEPT_HEAD
         write_model_json(tmp, {**meta, "onnx": info})
         info["check"] = {**asdict(verify(reference, tmp, images, log)), "tolerance": TOLERANCE}

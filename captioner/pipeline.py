@@ -67,10 +67,15 @@ class Captioner:
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", backend: str = "torch",
                         datastore: str | Path | None = None) -> Captioner:
         """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best); with
-        backend="onnx", a folder `captioner export --format onnx` wrote, run by onnxruntime on the CPU.
-        `datastore`: the caption datastore a retrieval model reads instead of its own (`captioner datastore
-        build`): a user's captions steer its words without training."""
+        backend="onnx" (or on its own when the folder holds graphs and no PyTorch weights), a folder `captioner
+        export --format onnx` wrote, run by onnxruntime on the CPU. `datastore`: the caption datastore a
+        retrieval model reads instead of its own (`captioner datastore build`): a user's captions steer its
+        words without training."""
         path = Path(path) if path is not None else DEFAULT_MODEL
+        from .onnx_backend import GRAPHS
+
+        if backend == "torch" and not (path / "model.safetensors").exists() and (path / GRAPHS["step"]).exists():
+            backend = "onnx"  # an exported folder has only graphs: what else could run it
         if backend == "onnx":
             from .onnx_backend import load_onnx
 
