@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -67,32 +68,27 @@ def read_concept_words(path: Path) -> list[str]:
     return words
 
 
+@dataclass(frozen=True)
+class ConceptTable:
+    """The packaged table read once: each ImageNet class's caption word ("" where no sensible word exists),
+    and the distinct words sorted, the column order of concept_probs."""
+
+    words: tuple[str, ...]
+    vocabulary: tuple[str, ...]
+
+
 @functools.cache
-def _packaged_words() -> tuple[str, ...]:
-    return tuple(read_concept_words(TABLE))
-
-
-def load_concept_words() -> list[str]:
-    """The packaged table's caption word of each ImageNet class ("" where no sensible word exists)."""
-    return list(_packaged_words())
-
-
-@functools.cache
-def _vocabulary() -> tuple[str, ...]:
-    return tuple(sorted(set(_packaged_words()) - {""}))
-
-
-def concept_vocabulary() -> list[str]:
-    """The distinct concept words, sorted: the column order of concept_probs."""
-    return list(_vocabulary())
+def concept_table() -> ConceptTable:
+    words = tuple(read_concept_words(TABLE))
+    return ConceptTable(words, tuple(sorted(set(words) - {""})))
 
 
 @functools.cache
 def _membership() -> torch.Tensor:
     """(1000, W) 0/1: class i maps to word j. A matrix so that summing over classes is one matmul."""
-    column = {word: j for j, word in enumerate(_vocabulary())}
+    column = {word: j for j, word in enumerate(concept_table().vocabulary)}
     matrix = torch.zeros(N_CLASSES, len(column))
-    for i, word in enumerate(_packaged_words()):
+    for i, word in enumerate(concept_table().words):
         if word:
             matrix[i, column[word]] = 1.0
     return matrix
@@ -101,7 +97,7 @@ def _membership() -> torch.Tensor:
 def class_word_ids(vocab: Vocab) -> torch.Tensor:
     """(1000,) each ImageNet class's caption word as an id of `vocab`, 0 (<pad>) where the class has no
     word or the vocabulary lacks it: what a decoder that copies concepts (models/lstm.py) sums into."""
-    return torch.tensor([vocab.stoi.get(word, 0) if word else 0 for word in _packaged_words()], dtype=torch.long)
+    return torch.tensor([vocab.stoi.get(word, 0) if word else 0 for word in concept_table().words], dtype=torch.long)
 
 
 def concept_probs(class_logits: torch.Tensor) -> torch.Tensor:
@@ -116,7 +112,7 @@ def concept_probs(class_logits: torch.Tensor) -> torch.Tensor:
 def top_concepts(probs: torch.Tensor, threshold: float = 0.5, k: int = 3) -> list[list[tuple[str, float]]]:
     """Per image, up to k (word, probability) pairs of concept_probs with probability >= threshold, most
     probable first: the concepts confident enough to mention."""
-    words = _vocabulary()
+    words = concept_table().vocabulary
     if probs.dim() != 2 or probs.shape[1] != len(words):
         raise ValueError(f"expected (batch, {len(words)}) concept probabilities, got shape {tuple(probs.shape)}")
     values, indices = probs.detach().float().cpu().topk(min(k, len(words)), dim=1)
@@ -126,10 +122,10 @@ def top_concepts(probs: torch.Tensor, threshold: float = 0.5, k: int = 3) -> lis
 
 @functools.cache
 def _vectors() -> Tensor:
-    """Unit GloVe vectors of the concept words, in concept_vocabulary() order."""
+    """Unit GloVe vectors of the concept words, in concept_table().vocabulary order."""
     vectors = torch.from_numpy(np.load(VECTORS).astype(np.float32))
-    if vectors.shape[0] != len(_vocabulary()):
-        raise ValueError(f"{VECTORS}: {vectors.shape[0]} vectors for {len(_vocabulary())} concept words; "
+    if vectors.shape[0] != len(concept_table().vocabulary):
+        raise ValueError(f"{VECTORS}: {vectors.shape[0]} vectors for {len(concept_table().vocabulary)} concept words; "
                          "run scripts/assets/build_concept_vectors.py")
     return vectors / vectors.norm(dim=1, keepdim=True)
 
@@ -137,7 +133,7 @@ def _vectors() -> Tensor:
 def neighbours(known: Sequence[str], k: int = NEIGHBOURS, least: float = LEAST_SIMILAR) -> dict[str, list[str]]:
     """Each concept word -> up to k other concept words in `known`, nearest first by GloVe cosine, at
     least `least` alike: the words in whose place it may be written."""
-    words, have = _vocabulary(), set(known)
+    words, have = concept_table().vocabulary, set(known)
     columns = [j for j, w in enumerate(words) if w in have]
     if not columns:
         return {w: [] for w in words}
@@ -156,7 +152,7 @@ class Concepts:
     def __init__(self, weight: Tensor, bias: Tensor, vocab: Vocab, strength: float = STRENGTH) -> None:
         self.weight, self.bias, self.size, self.strength = weight.float(), bias.float(), len(vocab), strength
         near = neighbours(vocab.itos)
-        words = _vocabulary()
+        words = concept_table().vocabulary
         # a concept word with no known neighbour and not known itself could never be written
         new = [w for w in words if w not in vocab.stoi and near[w]]
         self.vocab = Vocab(vocab.itos[4:] + new, min_count=vocab.min_count, max_length=vocab.max_length)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
-from .concepts import Concepts, concept_vocabulary
+from .concepts import Concepts, concept_table
 from .decoding import Decoder, Ensemble, beam_search
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
@@ -92,7 +92,7 @@ def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Dat
         probs = concepts.probs(features).numpy() if concepts is not None else None
         exclude = [own.get(prepared.records[i].name) for i in chunk]
         excluded += sum(e is not None for e in exclude)
-        memory[chunk] = retrieve(datastore, vectors, vocab, decoder.args, k, exclude, probs, concept_vocabulary(),
+        memory[chunk] = retrieve(datastore, vectors, vocab, decoder.args, k, exclude, probs, concept_table().vocabulary,
                                  concept_weight)[0].numpy()
     log(f"retrieved {k or decoder.args.neighbours} captions for {len(rows)} photos from {datastore.name}"
         + (f" ({excluded} photos' own captions left out)" if leave_out else ""))

@@ -352,11 +352,11 @@ def extended_vocabulary(vocab: Vocab, sources: list[str], min_count: int, log: C
     """`vocab` followed by the words of the caption files seen min_count times and every concept word it
     lacks: words a retrieval decoder can copy from retrieved captions though its training captions never
     taught it to write them."""
-    from .concepts import concept_vocabulary
+    from .concepts import concept_table
     from .datastore import caption_groups
 
     captions, _, _ = caption_groups([s.strip() for s in sources if s.strip()], log=log)
-    more = Vocab.build(captions, min_count=min_count).itos[4:] + concept_vocabulary()
+    more = Vocab.build(captions, min_count=min_count).itos[4:] + list(concept_table().vocabulary)
     known = set(vocab.itos)
     added = list(dict.fromkeys(w for w in more if w not in known))
     log(f"vocabulary: {len(added)} words added from {', '.join(sources)} and the concept table")

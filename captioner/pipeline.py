@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .concepts import Concepts, concept_vocabulary
+from .concepts import Concepts, concept_table
 from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, Decoder, beam_search
@@ -153,7 +153,7 @@ class Captioner:
             reader = cast(Any, self.decoder)  # a retrieval decoder: its args, and reading() for these photos
             probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
             memory, found = retrieve(self.datastore, embedded, self.vocab, reader.args, opts.retrieved,
-                                     concept_probs=probs, concept_words=concept_vocabulary(),
+                                     concept_probs=probs, concept_words=concept_table().vocabulary,
                                      concept_weight=opts.retrieval_concepts)
             decoder = reader.reading(memory.to(self.device))
             similar = [list(zip(texts, sims.tolist())) for texts, sims in zip(found.texts, found.similarity)]

@@ -13,8 +13,7 @@ from captioner.concepts import (
     TABLE,
     Concepts,
     concept_probs,
-    concept_vocabulary,
-    load_concept_words,
+    concept_table,
     neighbours,
     read_concept_words,
     top_concepts,
@@ -41,8 +40,8 @@ def test_table_has_the_1000_classes_in_class_index_order():
     wnids = [row["wnid"] for row in rows]
     assert len(rows) == 1000 and [int(row["index"]) for row in rows] == list(range(1000))
     assert wnids == sorted(set(wnids)) and wnids[0] == "n01440764" and wnids[-1] == "n15075141"
-    words = load_concept_words()
-    assert words == [row["word"] for row in rows]
+    words = concept_table().words
+    assert list(words) == [row["word"] for row in rows]
     assert all(tokenize(word) == [word] for word in words if word)
     assert sum(bool(word) for word in words) > 900
 
@@ -58,7 +57,7 @@ def test_table_has_the_1000_classes_in_class_index_order():
     ("seashore", "beach"), ("daisy", "flower"), ("plane", ""), ("hip", ""),
 ])
 def test_known_mappings(name: str, word: str):
-    assert load_concept_words()[index_of(name)] == word
+    assert concept_table().words[index_of(name)] == word
 
 
 def test_homographs_are_kept_apart():
@@ -69,8 +68,8 @@ def test_homographs_are_kept_apart():
 
 
 def test_concept_probs_sum_member_classes():
-    words, vocabulary = load_concept_words(), concept_vocabulary()
-    assert vocabulary == sorted(set(words) - {""})
+    words, vocabulary = concept_table().words, concept_table().vocabulary
+    assert list(vocabulary) == sorted(set(words) - {""})
     logits = torch.full((1, 1000), -30.0)
     logits[0, [index_of("tabby"), index_of("tiger cat")]] = 10.0
     probs = concept_probs(logits)
@@ -90,7 +89,7 @@ def test_concept_probs_sum_member_classes():
 
 
 def test_top_concepts_honours_threshold_and_k():
-    vocabulary = concept_vocabulary()
+    vocabulary = concept_table().vocabulary
     probs = torch.zeros(3, len(vocabulary))
     column = vocabulary.index
     probs[0, [column("cat"), column("dog"), column("bird"), column("fish")]] = torch.tensor([0.3, 0.25, 0.2, 0.15])

@@ -213,10 +213,10 @@ def test_the_onnx_export_carries_retrieval_and_captions_as_pytorch(retrieval_mod
 
 
 def test_named_concepts_sum_what_the_head_sees_of_the_words_a_caption_names():
-    from captioner.concepts import concept_vocabulary
+    from captioner.concepts import concept_table
     from captioner.models.retrieval import named_concepts
 
-    words = concept_vocabulary()
+    words = concept_table().vocabulary
     probs = np.zeros((1, len(words)), dtype=np.float32)
     probs[0, words.index("bus")], probs[0, words.index("cat")] = 0.6, 0.3
     scores = named_concepts([["a red bus and a bus stop", "a cat near a bus", "a giraffe"]], probs, words)
@@ -224,13 +224,13 @@ def test_named_concepts_sum_what_the_head_sees_of_the_words_a_caption_names():
 
 
 def test_retrieval_weighs_the_concepts_a_caption_names(tmp_path):
-    from captioner.concepts import concept_vocabulary
+    from captioner.concepts import concept_table
     from captioner.models.retrieval import RetrievalArgs, retrieve
     from captioner.vocab import Vocab
 
     store = build(write_sources(tmp_path / "src"), tmp_path / "ds", encoder=fake_encoder, reduced_dim=DIM,
                   log=lambda s: None)
-    words = concept_vocabulary()
+    words = concept_table().vocabulary
     probs = np.zeros((1, len(words)), dtype=np.float32)
     probs[0, words.index("bus")] = 0.9
     query = fake_encoder(["a giraffe standing by a tree"])

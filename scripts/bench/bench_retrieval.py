@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.concepts import concept_vocabulary
+from captioner.concepts import concept_table
 from captioner.data import expand_inputs, load_image
 from captioner.models.retrieval import retrieve
 from captioner.pipeline import DEFAULT_MODEL, Captioner
@@ -67,7 +67,7 @@ def main() -> None:
         features = ours.encoder.regions(batch)
         vectors = ours.embedder(features).numpy()
         probs = ours.concepts.probs(features).numpy()
-    words, args_ = concept_vocabulary(), ours.decoder.args
+    words, args_ = concept_table().vocabulary, ours.decoder.args
     for name, weight in (("by image vector", 0.0), ("with the concept ranking", ours.defaults.retrieval_concepts)):
         start = time.perf_counter()
         for i in range(len(vectors)):

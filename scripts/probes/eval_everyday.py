@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.concepts import concept_vocabulary
+from captioner.concepts import concept_table
 from captioner.data import load_image
 from captioner.datastore import load_datastore
 from captioner.metrics import fluency, score_captions
@@ -51,7 +51,7 @@ def consensus(vectors: np.ndarray, datastore, concept_probs: np.ndarray | None, 
     """Issue 33's probe: of the `pool` nearest captions, add bonus x the summed probability of the concept
     words each contains, then of the `top` best return the one closest on average to the others."""
     found = datastore.search(vectors, pool)
-    words = concept_vocabulary()
+    words = concept_table().vocabulary
     column = {w: j for j, w in enumerate(words)}
     table = datastore.table / np.linalg.norm(datastore.table, axis=1, keepdims=True)
     out = []

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.concepts import STRENGTH, Concepts, concept_vocabulary
+from captioner.concepts import STRENGTH, Concepts, concept_table
 from captioner.decoding_options import DecodingOptions
 from captioner.evaluate import decode_split
 from captioner.features import open_prepared
@@ -82,7 +82,7 @@ def main() -> None:
     base = dataclasses.replace(base, **changes)
     # the head alone, as a tagger: a concept is predicted where its probability reaches the threshold
     features = torch.from_numpy(prepared.features[rows].astype(np.float32))
-    probs, words = concepts.probs(features), concept_vocabulary()
+    probs, words = concepts.probs(features), concept_table().vocabulary
     head_alone = {}
     for name, text in CONCEPTS.items():
         actual = [mentions(" ".join(refs[n]), set(text.split())) for n in refs]
@@ -97,7 +97,7 @@ def main() -> None:
         predictions = decode_split(loaded.decoder, prepared, rows, opts, torch.device("cpu"), concepts=concepts,
                                    vocab=loaded.vocab)
         run = {"all": score_captions(predictions, refs), "concepts": {}, "captions": predictions}
-        objects = set(concept_vocabulary())
+        objects = set(concept_table().vocabulary)
         run["all"]["CHAIR_s"] = float(np.mean([hallucinated(predictions[n], refs[n], objects) for n in refs]))
         for name, text in CONCEPTS.items():
             words = set(text.split())

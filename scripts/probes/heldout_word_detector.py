@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from heldout_concepts import CONCEPTS, f1, mentions
 
-from captioner.concepts import Concepts, concept_probs, concept_vocabulary
+from captioner.concepts import Concepts, concept_probs, concept_table
 from captioner.encoders import create_encoder, pretrained_head
 from captioner.features import Prepared, image_inputs, open_prepared
 from captioner.models import load_model
@@ -99,7 +99,7 @@ def main() -> None:
     head = concepts.probs(features)
     per_region = concept_probs((features @ concepts.weight.T + concepts.bias).flatten(0, 1)).view(
         len(dev), features.shape[1], -1).topk(5, dim=1).values.mean(dim=1)
-    names = concept_vocabulary()
+    names = concept_table().vocabulary
     refs = prepared.references(dev)
     print(f"{len(words)} detector words from {len(train)} training photos; dev: {len(dev)} photos")
     probs: dict[str, dict[str, torch.Tensor]] = {"ImageNet head": {}, "ImageNet head, 5 best regions": {},
