@@ -70,9 +70,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_datastore(args: argparse.Namespace) -> int:
-    from .datastore import build
+    from .datastore import REDUCED_DIM, build
 
-    build(args.sources, args.output, split=args.split, reduced_dim=args.dim,
+    build(args.sources, args.output, split=args.split, reduced_dim=args.dim or REDUCED_DIM,
           log=lambda s: print(f"captioner datastore: {s}", file=sys.stderr, flush=True))
     return 0
 
@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, metavar="DIR", help="the datastore folder to write")
     p.add_argument("--split", default="", choices=["", "train", "val", "test"],
                    help="keep only this split's captions where a source has splits (default: all)")
-    p.add_argument("--dim", type=int, default=96, help="dimensions kept by PCA, stored as int8 (default: 96)")
+    p.add_argument("--dim", type=positive_int, help="dimensions kept by PCA, stored as int8 (default: datastore.py's "
+                   "REDUCED_DIM, 96)")
     p.set_defaults(func=cmd_datastore)
 
     p = sub.add_parser("retrieve", help="image<->caption retrieval recall@1/5/10 of a contrastive pretraining")

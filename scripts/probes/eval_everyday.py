@@ -24,6 +24,7 @@ from captioner.concepts import concept_table
 from captioner.data import load_image
 from captioner.datastore import load_datastore
 from captioner.metrics import fluency, score_captions
+from captioner.models.retrieval import named_concepts
 from captioner.pipeline import Captioner
 from captioner.vocab import tokenize
 
@@ -51,22 +52,18 @@ def consensus(vectors: np.ndarray, datastore, concept_probs: np.ndarray | None, 
     """Issue 33's probe: of the `pool` nearest captions, add bonus x the summed probability of the concept
     words each contains, then of the `top` best return the one closest on average to the others."""
     found = datastore.search(vectors, pool)
-    words = concept_table().vocabulary
-    column = {w: j for j, w in enumerate(words)}
-    table = datastore.table / np.linalg.norm(datastore.table, axis=1, keepdims=True)
+    scores = found.similarity.copy()
+    if concept_probs is not None and bonus:  # the same scoring retrieval's concept ranking uses
+        scores += bonus * named_concepts(found.texts, concept_probs, concept_table().vocabulary)
     out = []
-    for i, (rows, sims, texts) in enumerate(zip(found.rows, found.similarity, found.texts)):
-        score = sims.copy()
-        if concept_probs is not None and bonus:
-            for j, text in enumerate(texts):
-                score[j] += bonus * sum(concept_probs[i, column[w]] for w in set(tokenize(text)) if w in column)
+    for rows, score, texts in zip(found.rows, scores, found.texts):
         best = np.argsort(-score, kind="stable")[:top]
         if top == 1:
             out.append(texts[best[0]])
             continue
-        v = table[rows[best]]
-        similar = v @ v.T
-        mean = (similar.sum(axis=1) - 1.0) / (len(best) - 1)
+        v = datastore.table[rows[best]]
+        v = v / np.linalg.norm(v, axis=1, keepdims=True)  # only the voters, not the whole table per batch
+        mean = ((v @ v.T).sum(axis=1) - 1.0) / (len(best) - 1)
         out.append(texts[best[int(np.argmax(mean))]])
     return out
 
