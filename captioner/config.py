@@ -96,6 +96,8 @@ class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, ConceptArgs, _In
     label_smoothing: float = option(0.0, "cross-entropy against (1 - eps) one-hot + eps uniform", range=(0.0, 1.0))
     init_from: str = option("", "model folder whose decoder weights training starts from (scst: a cross-entropy "
                                 "model)")
+    train_added_only: bool = option(False, "init_from: train only the layers the decoder family adds to that model "
+                                           "and the rows of the words it did not have; the rest stays as it was")
     scst_samples: int = option(5, "scst: captions sampled per image (at least 2 with the mean baseline)",
                                range=(1, None))
     scst_baseline: str = option("mean", "scst: mean of the image's other samples, or the greedy caption's reward",

@@ -222,6 +222,10 @@ def start_run(cfg: Config, resume: bool, log: Callable[[str], None]) -> Run:
                          "choose one")
     if cfg.init_from and not resume:  # a resumed run has its own weights in the checkpoint
         init_decoder_from(decoder, cfg.init_from, prepared)
+    if cfg.train_added_only:
+        if not cfg.init_from:
+            raise ValueError("train_added_only keeps the init_from model as it was: set init_from")
+        train_added_only(decoder, len(load_model(cfg.init_from).vocab))
     if cfg.pretrain != "none" and not resume:  # a resumed run's decoder, image side included, is in last.pt
         from .contrastive import pretrain_image_side
 
@@ -273,16 +277,23 @@ def new_decoder(cfg: Config, prepared: Prepared) -> CaptionDecoder:
 def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepared) -> None:
     """Start from a trained model's decoder weights (self-critical training starts from a cross-entropy
     model): the same family (or one the configured family starts_from) and sizes, trained on the same
-    vocabulary and features. The layers the configured family adds to that model (added_weights) keep
-    their initial values: attention-concepts' are zero, so it begins as the attention model it starts from."""
+    features and vocabulary, or on one the prepared vocabulary extends (its words first, in the same order:
+    `prepare --extra-vocabulary`), whose new words' rows come from grown_rows. The layers the configured
+    family adds to that model (added_weights) keep their initial values: attention-concepts' are zero, so it
+    begins as the attention model it starts from."""
     loaded = load_model(path)
-    if loaded.vocab.itos != prepared.vocab.itos:
-        raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root}")
+    old, new = loaded.vocab.itos, prepared.vocab.itos
+    if new[:len(old)] != old:
+        raise ValueError(f"init_from {path} was trained with another vocabulary than {prepared.root} (one that "
+                         "extends it, its words first, would do)")
     check_encoder_spec(loaded.features_spec, prepared.spec, f"init_from {path} (against {prepared.root})")
     if loaded.decoder.family not in (decoder.family, *decoder.starts_from):
         raise ValueError(f"init_from {path} is a {loaded.decoder.family} decoder, the config asks for {decoder.family}")
+    weights = loaded.decoder.state_dict()
+    if len(new) > len(old):
+        weights.update(grown_rows(weights, old, new))
     try:
-        missing, unexpected = decoder.load_state_dict(loaded.decoder.state_dict(), strict=False)
+        missing, unexpected = decoder.load_state_dict(weights, strict=False)
         if unexpected or any(not key.startswith(decoder.added_weights) for key in missing):
             raise RuntimeError(f"missing {missing}, unexpected {unexpected}")
     except RuntimeError as err:  # other sizes: name the arguments that differ
@@ -291,11 +302,67 @@ def init_decoder_from(decoder: CaptionDecoder, path: str | Path, prepared: Prepa
         raise ValueError(f"init_from {path} does not fit the configured decoder: {'; '.join(differ) or err}") from None
 
 
+WORD_ROWS = ("embed.weight", "out.weight", "out.bias")  # the LSTM's weights with one row per vocabulary word
+
+
+def grown_rows(weights: dict[str, Tensor], old: list[str], new: list[str]) -> dict[str, Tensor]:
+    """The word rows of a model trained on vocabulary `old`, extended to `new` (old's words first). A new word's
+    embedding and output weights are a ridge map of its GloVe vector fitted on the old words' own rows, so
+    "giraffe" starts near "zebra"; its output bias is the lowest the model has, as it never wrote the word."""
+    from .models.lstm import glove_rows
+
+    names = [key for key in WORD_ROWS if key in weights]
+    if not names or any(weights[key].shape[0] != len(old) for key in names):
+        raise ValueError(f"init_from: only a model with word rows {', '.join(WORD_ROWS)} can grow its vocabulary")
+    vectors, has = glove_rows(new)
+    glove = vectors.double()
+    fit_rows = torch.nonzero(has[:len(old)]).squeeze(1)  # the old words GloVe has (never the special tokens)
+    fresh = glove[len(old):]  # a new word GloVe lacks starts at the map's constant: the mean word
+    x = torch.cat([glove[fit_rows], torch.ones(len(fit_rows), 1, dtype=glove.dtype)], dim=1)
+    ridge = x.T @ x + 1.0 * torch.eye(x.shape[1], dtype=x.dtype)
+    grown = {}
+    for key in names:
+        rows = weights[key]
+        if rows.dim() == 1:
+            added = rows.new_full((len(fresh),), float(rows[4:].min()))
+        else:
+            fit = torch.linalg.solve(ridge, x.T @ rows[fit_rows].double())
+            added = (torch.cat([fresh, torch.ones(len(fresh), 1, dtype=fresh.dtype)], dim=1) @ fit).to(rows.dtype)
+        grown[key] = torch.cat([rows, added])
+    return grown
+
+
+def train_added_only(decoder: CaptionDecoder, start_words: int) -> None:
+    """Keep the init_from model as it was: only the layers the family adds train, and the rows of the words
+    after the first start_words (those the start model did not have). SmallCap trains its cross-attention
+    alone, and the shipped decoder's self-critical tuning survives."""
+    if not decoder.added_weights:
+        raise ValueError(f"train_added_only: the {decoder.family} family adds no layers to a model it starts from")
+    for name, param in decoder.named_parameters():
+        if name.startswith(decoder.added_weights):
+            continue
+        if name in WORD_ROWS and param.shape[0] > start_words:
+            param.register_hook(functools.partial(_rows_from, start=start_words))
+        else:
+            param.requires_grad_(False)
+
+
+def _rows_from(grad: Tensor, start: int) -> Tensor:
+    """The gradient of the rows from `start` on: the earlier rows stay as they were."""
+    grad = grad.clone()
+    grad[:start] = 0
+    return grad
+
+
 def leave_one_out_memory(cfg: Config, prepared: Prepared, decoder: CaptionDecoder,
                          log: Callable[[str], None]) -> np.ndarray:
     """Every prepared photo's retrieved captions for a retrieval decoder, found with embedder_from's image
-    embedder (the one the trained model carries and caption uses), never the photo's own captions."""
+    embedder (the one the trained model carries and caption uses), never the photo's own captions; ranked
+    again by the concept words they name (retrieval_concepts) as at inference, where the features have an
+    ImageNet head."""
+    from .concepts import Concepts
     from .datastore import load_datastore
+    from .encoders import pretrained_head
 
     if not cfg.datastore or not cfg.embedder_from:
         raise ValueError("decoder retrieval needs datastore (a `captioner datastore build` folder) and embedder_from "
@@ -304,8 +371,10 @@ def leave_one_out_memory(cfg: Config, prepared: Prepared, decoder: CaptionDecode
     if embedder is None:
         raise ValueError(f"embedder_from: {cfg.embedder_from} has no image embedder ({RETRIEVAL_FILE})")
     reader = cast("RetrievalLSTM", decoder)  # decoder retrieval
+    head = pretrained_head(prepared.spec) if cfg.retrieval_concepts > 0 else None
+    concepts = Concepts(*head, prepared.vocab) if head is not None else None
     return retrieved_memory(prepared, embedder, load_datastore(cfg.datastore), reader, prepared.vocab, leave_out=True,
-                            log=log)
+                            concepts=concepts, concept_weight=cfg.retrieval_concepts, log=log)
 
 
 def score_start(run: Run, state: TrainState) -> None:

