@@ -2,6 +2,7 @@
 import asyncio
 import base64
 import hashlib
+import logging
 import struct
 import threading
 import time
@@ -726,6 +727,142 @@ def test_serve_command_access_settings(monkeypatch: pytest.MonkeyPatch, capsys: 
         assert c.post("/api/caption", files=photo).status_code == (401 if env else 200)
         if env:
             assert c.post("/api/caption", files=photo, headers={"authorization": f"Bearer {env}"}).status_code == 200
+
+
+# --- what the API echoes, what the log keeps, Hugging Face's JSON and other origins ---
+
+def test_an_unknown_fields_message_lists_every_field_and_only_what_was_sent_is_cut(client: TestClient) -> None:
+    photo = (PHOTOS / "rocket.jpg").read_bytes()
+    every = "unknown field; the fields are " + ", ".join([*OPTIONS, "attention", "image"])
+    answers = [post_file(client, photo, beamsize="x" * 500),
+               client.post("/api/caption", json={"image": base64.b64encode(photo).decode(), "beamsize": "x" * 500,
+                                                 "z" * 300: 1})]
+    for r in answers:
+        assert r.status_code == 422, r.text
+        errors = r.json()["detail"]
+        assert all(e["msg"] == every for e in errors), errors  # the server's own list, whole
+        assert errors[0]["loc"] == ["body", "beamsize"] and errors[0]["input"] == "x" * 100 + "..."
+    assert answers[1].json()["detail"][1]["loc"] == ["body", "z" * 100 + "..."]  # a sent name is cut too
+
+
+def page_caption(captioner: Captioner) -> tuple[Batcher, object, object]:
+    """A batcher, the page and its Caption event, whose `process_api` runs it as a click does: Gradio's
+    preprocessing of the upload, then `run`."""
+    from captioner.serve import build_ui
+
+    batcher = Batcher(captioner, max_wait_ms=0)
+    demo = build_ui(batcher, [])
+    return batcher, demo, next(fn for fn in demo.fns.values() if fn.api_name == "caption")
+
+
+def test_the_page_reads_heic_and_says_plainly_why_it_cannot_read_a_photo(
+        captioner: Captioner, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Gradio's own gr.Image opened uploads with Pillow, which reads no HEIC: the page showed Gradio's error
+    with the server's temporary path in it twice, and its traceback went to the log."""
+    pytest.importorskip("gradio")
+    pillow_heif = pytest.importorskip("pillow_heif")
+    import gradio as gr
+
+    from captioner.serve import ui
+
+    # written without registering pillow-heif's opener, which would teach Pillow (and so Gradio) to read it
+    pillow_heif.from_pillow(Image.open(PHOTOS / "rocket.jpg")).save(tmp_path / "rocket.heic")
+    (tmp_path / "broken.jpg").write_bytes(b"not a photo at all")
+    batcher, demo, event = page_caption(captioner)
+    cache = event.inputs[0].GRADIO_CACHE
+
+    def click(name: str) -> dict:
+        upload = {"path": str(tmp_path / name), "orig_name": name, "meta": {"_type": "gradio.FileData"}}
+        return asyncio.run(demo.process_api(event, [upload, *page_values()], explicit_call=True))
+
+    try:
+        assert click("rocket.heic")["data"][0] == captioner(str(tmp_path / "rocket.heic"))[0]["generated_text"]
+        with pytest.raises(gr.Error) as refused:
+            click("broken.jpg")
+    finally:
+        batcher.close()
+    message = refused.value.message  # what the page shows
+    assert message == "broken.jpg: not an image, or a format Pillow cannot read"
+    assert str(tmp_path) not in message and cache not in message
+    assert refused.value.print_exception is False  # Gradio prints no traceback for it
+    logged = [r for r in caplog.records if r.name == "captioner.serve"]
+    assert [r.getMessage() for r in logged] == [f"page: {message}"] and not logged[0].exc_info
+    assert not Path(ui.__file__).with_suffix(".pyi").exists()  # Gradio wrote no stub into the package
+
+
+def test_refused_requests_are_one_line_in_the_log_and_faults_keep_their_traceback(
+        captioner: Captioner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from captioner.serve import api
+
+    caplog.set_level(logging.INFO)
+    photo = (PHOTOS / "coffee.jpg").read_bytes()
+    with TestClient(create_app(captioner, ui=False, batch_wait_ms=0, max_upload_bytes=2000),
+                    raise_server_exceptions=False) as c:
+        statuses = [post_file(c, b"these are words, not pixels", "notes.jpg").status_code,
+                    post_file(c, photo[:1500], beamsize=3).status_code,
+                    post_file(c, photo, "coffee.jpg").status_code,
+                    c.post("/api/caption", content=b"\0" * 100_000, headers={"content-type": "image/jpeg"}).status_code,
+                    c.get("/api/search?q=dogs").status_code]
+        monkeypatch.setattr(api, "decode_upload", lambda *args: 1 / 0)
+        statuses.append(post_file(c, photo[:1500]).status_code)
+    assert statuses == [400, 422, 413, 413, 404, 500]
+    logged = [r for r in caplog.records if r.name == "captioner.serve"]
+    assert [r.getMessage().split(":")[0] for r in logged[:5]] == [
+        "POST /api/caption 400", "POST /api/caption 422", "POST /api/caption 413", "POST /api/caption 413",
+        "GET /api/search 404"]
+    assert "notes.jpg: not an image" in logged[0].getMessage()
+    assert "body.beamsize: unknown field" in logged[1].getMessage()
+    assert "coffee.jpg: " in logged[2].getMessage() and "over the server's limit" in logged[3].getMessage()
+    assert len(logged) == 6 and all("\n" not in r.getMessage() for r in logged)
+    assert [r for r in caplog.records if r.exc_info] == [logged[5]]  # a traceback for the fault alone
+    assert isinstance(logged[5].exc_info[1], ZeroDivisionError)
+
+
+def test_image_to_text_takes_hugging_faces_json(client: TestClient, captioner: Captioner) -> None:
+    path = str(PHOTOS / "chelsea.jpg")
+    encoded = base64.b64encode((PHOTOS / "chelsea.jpg").read_bytes()).decode()
+    plain = client.post("/api/image-to-text", json={"inputs": encoded})
+    assert plain.status_code == 200, plain.text
+    assert plain.json() == [{"generated_text": captioner(path)[0]["generated_text"]}]
+    as_url = client.post("/api/image-to-text", json={"inputs": "data:image/jpeg;base64," + encoded,
+                                                     "parameters": {"beam_size": 4, "num_captions": 2}})
+    assert as_url.status_code == 200, as_url.text
+    assert as_url.json() == [{"generated_text": c["generated_text"]} for c in captioner(path, beam_size=4,
+                                                                                          num_captions=2)]
+    bad = client.post("/api/image-to-text", json={"inputs": "not base64!"})
+    assert bad.status_code == 400 and bad.json()["detail"].startswith("inputs: not valid base64: send")
+    unknown = client.post("/api/image-to-text", json={"inputs": encoded, "parameters": {"max_new_tokens": 20}})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "parameters", "max_new_tokens"]
+    assert unknown.json()["detail"][0]["msg"] == "unknown field; the fields are " + ", ".join([*OPTIONS, "attention"])
+    ours = client.post("/api/image-to-text", json={"image": encoded})  # what it took before, it still takes
+    assert ours.status_code == 200 and ours.json() == plain.json()
+
+
+def test_serve_cors_origin_lets_only_the_pages_it_names_call_the_api(
+        monkeypatch: pytest.MonkeyPatch, client: TestClient, captioner: Captioner) -> None:
+    import uvicorn
+
+    from captioner import cli
+
+    seen = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: seen.update(app=app))
+    assert cli.main(["serve", "--no-ui", "--device", "cpu", "--cors-origin", "https://photos.example",
+                     "--cors-origin", "http://localhost:3000"]) == 0
+    allowed, other = {"origin": "https://photos.example"}, {"origin": "https://elsewhere.example"}
+    ask = {"access-control-request-method": "POST", "access-control-request-headers": "authorization, content-type"}
+    with TestClient(seen["app"]) as c:
+        assert c.get("/api/health", headers=allowed).headers["access-control-allow-origin"] == "https://photos.example"
+        error = c.post("/api/caption", files={"image": ("x.jpg", b"x")}, headers=allowed)
+        assert error.status_code == 400  # errors carry it too, or the page could not read why
+        assert error.headers["access-control-allow-origin"] == "https://photos.example"
+        preflight = c.options("/api/caption", headers={"origin": "http://localhost:3000", **ask})
+        assert preflight.status_code == 200
+        assert preflight.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "access-control-allow-origin" not in c.get("/api/health", headers=other).headers
+        assert "access-control-allow-origin" not in c.options("/api/caption", headers={**other, **ask}).headers
+    assert "access-control-allow-origin" not in client.get("/api/health", headers=allowed).headers  # default: none
+    with pytest.raises(ValueError, match="'https://photos.example/' is not an origin"):
+        create_app(captioner, ui=False, cors_origins=["https://photos.example/"])  # no browser sends the slash
 
 
 # --- the clients people already use, for real, against a running server ---

@@ -4,8 +4,8 @@ Requests from both faces go through one `Batcher` (batcher.py): a worker thread 
 the requests that arrive within a few milliseconds of each other into one encoder and decoder pass. api.py has
 the routes and `create_app`; schemas.py what they take and answer; payload.py reads request bodies; photos.py
 checks and resizes images in one bounded pool, never on the event loop; guards.py the API key and per-client
-cap; middleware.py the body limit and the bare 500 with an id (the traceback goes to the log under that id);
-ui.py the Gradio page.
+cap and the CORS origins; middleware.py the body limit, a refused request's one line in the log, and the bare
+500 with an id (the traceback goes to the log under that id); ui.py the Gradio page.
 """
 from .api import create_app, model_info
 from .batcher import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_QUEUE, Batcher, Busy, Closed, Result

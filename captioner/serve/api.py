@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,17 +18,20 @@ from typing import Any
 import anyio
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi_offline import FastAPIOffline
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from ..decoding_options import OptionError
 from ..pipeline import Captioner, CaptionResult, extras
 from ..search import Library
 from .batcher import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_QUEUE, Batcher, Busy, Closed
-from .guards import inflight_guard, key_guard
-from .middleware import BodyLimit, InternalErrors
-from .payload import invalid_body, invalid_field, read_request
+from .guards import check_origins, inflight_guard, key_guard
+from .middleware import BodyLimit, InternalErrors, refused
+from .payload import invalid_body, invalid_field, read_hugging_face, read_request
 from .photos import MAX_PIXELS, MAX_UPLOAD_BYTES, decode_slots, decode_upload, jpeg, thumbnail
 from .schemas import (
     CAPTION_ERRORS,
@@ -81,10 +84,16 @@ def model_info(captioner: Captioner) -> dict[str, Any]:
 async def caption(request: Request) -> CaptionResponse:
     """Caption one image: a multipart upload (field `image`) or JSON with the image in base64, and the
     decoding options as fields."""
+    return await caption_read(request, read_request)
+
+
+async def caption_read(request: Request, read: Callable[[Request], Awaitable[tuple[bytes, str, dict]]]
+                       ) -> CaptionResponse:
+    """/api/caption's answer to a request whose image, name and options `read` takes from its body."""
     start = time.perf_counter()
     server = server_of(request)
     captioner = server.captioner
-    data, name, fields = await read_request(request)
+    data, name, fields = await read(request)
     try:
         chosen = Options.model_validate(fields).model_dump()
         attend = chosen.pop("attention")
@@ -117,9 +126,10 @@ async def caption(request: Request) -> CaptionResponse:
 @captioning.post("/api/image-to-text", openapi_extra=RAW_BODY, responses=CAPTION_ERRORS)
 async def image_to_text(request: Request) -> list[GeneratedText]:
     """The Hugging Face Inference API's image-to-text: the image file as the body, decoding options in
-    the query string; answers [{"generated_text": ...}], best first. `huggingface_hub`'s
+    the query string, or its JSON {"inputs": "<base64>", "parameters": {options}}; answers
+    [{"generated_text": ...}], best first. `huggingface_hub`'s
     `InferenceClient(model="http://HOST:PORT/api/image-to-text").image_to_text(photo)` reads it."""
-    answer = await caption(request)
+    answer = await caption_read(request, read_hugging_face)
     return [GeneratedText(generated_text=c.generated_text) for c in answer.captions]
 
 
@@ -164,17 +174,20 @@ async def health(request: Request) -> dict:
 def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, batch_wait_ms: float = BATCH_WAIT_MS,
                max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS, max_queue: int = MAX_QUEUE,
                examples: list[Path] | None = None, ui: bool = True, api_key: str | None = None,
-               max_inflight_per_client: int | None = None, library: Library | None = None) -> Any:
+               max_inflight_per_client: int | None = None, library: Library | None = None,
+               cors_origins: list[str] | None = None) -> Any:
     """The FastAPI app: /api/caption, /api/health, OpenAPI docs at /docs, and the Gradio UI at /; with a
     `library` (search.open_library), also /api/search, /api/thumbnail and a search box on the page.
 
     With `api_key`, /api/caption takes only requests bearing it (`Authorization: Bearer KEY`) and the page asks
     for it as a password; /api/health stays open for load balancers. `max_inflight_per_client` caps the
-    captioning requests one client address may have in flight (429 beyond it)."""
+    captioning requests one client address may have in flight (429 beyond it). `cors_origins` lets pages
+    served from those origins (`https://example.com`) call the API from a browser; no other origin may."""
     if max_inflight_per_client is not None and max_inflight_per_client < 1:
         raise ValueError("max_inflight_per_client must be >= 1")
     if api_key is not None and not api_key:
         raise ValueError("api_key must not be empty")
+    check_origins(cors_origins or [])
     batcher = Batcher(captioner, max_batch_size, batch_wait_ms, max_queue)
     server = Server(captioner, batcher, model_info(captioner), decode_slots(), library, max_upload_bytes, max_pixels)
 
@@ -189,8 +202,13 @@ def create_app(captioner: Captioner, *, max_batch_size: int = MAX_BATCH_SIZE, ba
     app.state.server = server
     app.state.batcher = batcher
     app.state.max_inflight_per_client = max_inflight_per_client
+    app.add_exception_handler(StarletteHTTPException, refused)  # a 4xx: one line in the log, no traceback
+    app.add_exception_handler(RequestValidationError, refused)
     app.add_middleware(BodyLimit, limit=max_upload_bytes * 4 // 3 + 65536, prefix="/api/")
-    app.add_middleware(InternalErrors)  # outermost: it also covers the middleware and the page
+    app.add_middleware(InternalErrors)  # it also covers the middleware and the page
+    if cors_origins:  # outermost: its headers go on every answer, a 413 or a 500 too, or the browser hides it
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
     keyed = [Depends(key_guard(api_key))] if api_key else []
     guards = keyed + ([Depends(inflight_guard(max_inflight_per_client))] if max_inflight_per_client else [])
     app.include_router(captioning, dependencies=guards)

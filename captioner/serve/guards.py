@@ -1,5 +1,6 @@
 """Who may use the server: the API key and the cap on one client's requests in flight, as route
-dependencies, and the defaults `captioner serve` picks from the address it binds to."""
+dependencies, the defaults `captioner serve` picks from the address it binds to, and the other origins
+whose pages may call it from a browser."""
 from __future__ import annotations
 
 import ipaddress
@@ -7,6 +8,7 @@ import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -69,3 +71,14 @@ def inflight_guard(limit: int) -> Callable:
             if not inflight[client]:
                 del inflight[client]
     return limit_inflight
+
+
+def check_origins(origins: list[str]) -> None:
+    """Refuse what no browser sends as its Origin (a path, a trailing slash, no scheme): such an entry would
+    match nothing and the page it was meant for would be refused without a word."""
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc
+                              or origin != f"{parts.scheme}://{parts.netloc}"):
+            raise ValueError(f"CORS origin {origin!r} is not an origin: give the scheme and host (and port) a "
+                             "browser sends, like https://example.com or http://localhost:3000, or * for any")

@@ -1,15 +1,39 @@
-"""ASGI middleware around the whole app: a body over the limit is refused before it is read, and an
-unexpected error answers a bare 500 with an id while its traceback goes to the log under that id."""
+"""ASGI middleware around the whole app and its error handlers: a body over the limit is refused before it is
+read, a request refused (4xx) is one line in the log, and an unexpected error answers a bare 500 with an id
+while its traceback goes to the log under that id."""
 from __future__ import annotations
 
 import logging
 import secrets
-from typing import Any
+from typing import Any, cast
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request, Response
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("captioner.serve")  # the package's name: the one operators filter the server's log by
+
+
+def log_refusal(method: str, path: str, status: int, reason: str) -> None:
+    """One line, whatever the reason holds (a file name may hold a newline): a refused request is the
+    client's mistake, not the server's, so it gets no traceback; those are for the 500s."""
+    log.warning("%s %s %d: %s", method, path, status, " ".join(reason.split()))
+
+
+async def refused(request: Request, exc: Exception) -> Response:
+    """FastAPI's own answer to an HTTPException or a 422, and its reason in the log (`log_refusal`)."""
+    response: Response
+    if isinstance(exc, RequestValidationError):
+        response = await request_validation_exception_handler(request, exc)
+        reason = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+    else:  # create_app hands it only these two
+        error = cast(StarletteHTTPException, exc)
+        response = await http_exception_handler(request, error)
+        reason = str(error.detail)
+    log_refusal(request.method, request.url.path, response.status_code, reason)
+    return response
 
 
 class InternalErrors:
@@ -53,6 +77,7 @@ class BodyLimit:
         message = f"request body is over the server's limit of {self.limit} bytes"
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
+            log_refusal(scope["method"], scope["path"], 413, message)
             return await JSONResponse({"detail": message}, status_code=413)(scope, receive, send)
         seen = 0
 

@@ -27,13 +27,18 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_BASE64 = "the image file, base64-encoded (a data: URL works too)"
 _FIELDS: dict[str, Any] = {name: _option_field(name) for name in OPTIONS}
 _FIELDS["attention"] = (bool, Field(False, description="also answer each word's attention map of the best caption"))
 # Built from the table at import, so their type is their base's: read their fields with model_dump().
 Options: type[_Strict] = create_model("Options", __base__=_Strict, __doc__="Decoding options of a request; any left "
                                       "out take the model's defaults.", **_FIELDS)
-JsonRequest: type[_Strict] = create_model("JsonRequest", __base__=Options, image=(str, Field(
-    description="the image file, base64-encoded (a data: URL works too)")))
+JsonRequest: type[_Strict] = create_model("JsonRequest", __base__=Options, image=(str, Field(description=_BASE64)))
+# Hugging Face's JSON form of image-to-text, which /api/image-to-text takes too: its clients send it when given
+# parameters; here the parameters are the decoding options.
+_HUGGING_FACE: dict[str, Any] = {"inputs": (str, Field(description=_BASE64)), "parameters": (Options | None, Field(
+    None, description="decoding options, as /api/caption takes them"))}
+HuggingFaceRequest: type[_Strict] = create_model("HuggingFaceRequest", __base__=_Strict, **_HUGGING_FACE)
 
 
 class CaptionOut(BaseModel):
@@ -95,9 +100,14 @@ OPENAPI_BODY = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": JsonRequest.model_json_schema()}}}}
 RAW_BODY = {"requestBody": {"required": True, "content": {
     "image/*": {"schema": {"type": "string", "format": "binary"}},
-    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    "application/json": {"schema": {"type": "object", "required": ["inputs"], "properties": {
+        "inputs": {"type": "string", "description": _BASE64},
+        "parameters": {"type": "object", "description": HuggingFaceRequest.model_fields["parameters"].description,
+                       "properties": Options.model_json_schema()["properties"]}}}}}}}
 CAPTION_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "not an image, corrupt, truncated or too narrow; an empty body"},
+    400: {"description": "not an image, corrupt, truncated or too narrow; an empty body; bad base64 in "
+                         "Hugging Face's JSON"},
     401: {"description": "the server has an API key and the request did not bear it"},
     413: {"description": "file or pixel count over the server's limits"},
     415: {"description": "not multipart, JSON or an image body"},

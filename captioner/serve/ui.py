@@ -16,6 +16,7 @@ from ..data import ImageError, expand_inputs
 from ..decoding_options import LIMITS, OPTIONS, DecodingOptions, OptionError
 from ..search import Library
 from .batcher import Batcher, Busy, Closed
+from .middleware import log
 from .photos import MAX_PIXELS, decode_slots, read_photo, thumbnail
 
 
@@ -25,9 +26,9 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
     the n-best captions, and one attention heatmap per word of the best caption; with a `library`, a search
     box whose hits show as thumbnails (made here and handed to Gradio, so the page's login covers them too).
 
-    Gradio hands over the photo's file path, not its pixels, so the pixel limit is checked from the header
-    before anything is decoded; decoding, resizing and the heatmaps run in `slots`, the pool the API decodes
-    in, so a large photo on the page never holds up the event loop that answers everyone else."""
+    Gradio hands over the photo's file path, not its pixels (`photo_input`), so the pixel limit is checked from
+    the header before anything is decoded; decoding, resizing and the heatmaps run in `slots`, the pool the API
+    decodes in, so a large photo on the page never holds up the event loop that answers everyone else."""
     import gradio as gr
 
     from .. import visualize
@@ -42,10 +43,16 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
     def draw(crop: Image.Image, words: list[str], alphas: np.ndarray) -> list[tuple[Image.Image, str]]:
         return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
 
+    def refuse(message: str) -> Exception:
+        """The page's answer to a photo or option it cannot use: the message for the person, one line in the
+        log, and no traceback, which is for the server's own faults (Gradio prints one for any other error)."""
+        log.warning("page: %s", " ".join(message.split()))
+        return gr.Error(message, print_exception=False)
+
     async def run(photo: str | None, *values: float | bool
                   ) -> tuple[str, dict[str, float], list[list], list[list], list[tuple[Image.Image, str]]]:
         if photo is None:
-            raise gr.Error("Upload a photo, take one with the webcam, or pick an example first.")
+            raise refuse("Upload a photo, take one with the webcam, or pick an example first.")
         # each option's type (int, float or bool) from its default
         kinds: dict[str, Callable[[Any], Any]] = {name: type(OPTIONS[name].default) for name in OPTIONS}
         chosen = {name: kinds[name](value) for name, value in zip(OPTIONS, values)}
@@ -53,12 +60,12 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         try:
             opts = captioner.options(**chosen)
         except OptionError as err:
-            raise gr.Error(str(err)) from None
+            raise refuse(str(err)) from None
         try:
             pixels, crop = await anyio.to_thread.run_sync(prepare, photo, limiter=slots)
             result = await batcher.caption(pixels, opts)
         except (ImageError, Busy, Closed) as err:
-            raise gr.Error(str(err)) from None
+            raise refuse(str(err)) from None
         nbest = captioner.as_dicts(result.captions)
         words, alphas = captioner.attention_maps(result.captions[0])
         heatmaps = await anyio.to_thread.run_sync(draw, crop, words, alphas, limiter=slots)
@@ -88,9 +95,7 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                     "REST API: [/docs](/docs).")
         with gr.Row():
             with gr.Column(scale=2):
-                # a file path, and image_mode=None so Gradio does not convert (decode) the photo itself
-                image = gr.Image(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"],
-                                 label="Photo", elem_id="photo", height=320)
+                image = photo_input(gr)
                 controls = [page_control(gr, name, defaults) for name in OPTIONS]
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 if examples:
@@ -114,6 +119,25 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
             found = gr.Gallery(label="Best matches", columns=5, height="auto", elem_id="search-results")
             query.submit(find, [query], [found], concurrency_limit=None, api_name="search")
     return demo
+
+
+def photo_input(gr: Any) -> Any:
+    """The page's photo: a gr.Image that hands `run` the uploaded file's path without opening it. Gradio's
+    own preprocessing opens every upload with Pillow first, so a photo only captioner reads (HEIC) or a broken
+    file failed there, and the page showed Gradio's error, with the server's temporary path in it twice,
+    instead of load_image's, which says what is wrong with the photo by its name. Its one method is replaced
+    on the instance: a subclass of a Gradio component makes Gradio write a stub (.pyi) beside this file."""
+    image = gr.Image(type="filepath", image_mode=None, sources=["upload", "webcam", "clipboard"], label="Photo",
+                     elem_id="photo", height=320)
+    preprocess = image.preprocess
+
+    def hand_over(payload: Any) -> Any:
+        if payload is not None and payload.path is not None and not (payload.url or "").startswith("data:"):
+            return payload.path
+        return preprocess(payload)  # nothing, or a photo sent as a data: URL (image_mode=None: not converted)
+
+    image.preprocess = hand_over
+    return image
 
 
 def page_control(gr: Any, name: str, defaults: DecodingOptions) -> Any:
