@@ -47,6 +47,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from stat import S_ISDIR, S_ISREG
 from typing import IO, Any
 
 try:
@@ -67,7 +68,8 @@ from .runtime import join_barrier, shard, wait_for_all
 PREFETCH_BATCHES = 2  # decoded ahead of the model: enough to never leave it waiting, little memory (~0.6 MB an image)
 BARRIER_TIMEOUT = timedelta(days=7)  # ranks that finish early wait for the slowest; torchrun ends them if one dies
 # why the walk passes over an entry, in the order the summary lists them
-PASSED_OVER = ("not an image", "unsupported format", "hidden", "broken link", "linked folder")
+PASSED_OVER = ("not an image", "unsupported format", "hidden", "broken link", "linked folder",
+               "reached twice through a link")
 
 
 def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None,
@@ -76,13 +78,45 @@ def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None
 
     Only the folders on the current path are listed in memory at any time. Hidden entries (`.thumbnails`,
     macOS `._IMG.jpg` forks) and symlinked folders (which can loop) are skipped; a folder that cannot be
-    listed is reported to `on_error` and the walk goes on. Each entry passed over goes to `on_skip` with its
-    reason (one of PASSED_OVER; a hidden or linked folder once, with a trailing slash), so a summary can say
-    what a library held besides the photos captioned."""
+    listed is reported to `on_error` and the walk goes on. Each photo is found once, so it is captioned once:
+    a link to a photo (or a folder) that the walk reaches by its own path too is passed over, and of several
+    links to a photo it does not reach (outside the library, or hidden), all but the first. Each entry passed
+    over goes to `on_skip` with its reason (one of PASSED_OVER; a hidden or linked folder once, with a
+    trailing slash), so a summary can say what a library held besides the photos captioned."""
+    real_root = os.path.realpath(root)
+    inside = os.path.join(real_root, "")  # what the real paths in the library start with
+    linked_only: set[str] = set()  # photos reached through links alone (outside, or hidden): only these are kept
 
     def skip(key: str, reason: str) -> None:
         if on_skip is not None:
             on_skip(key, reason)
+
+    def walked_by_own_path(real: str, folder: bool) -> bool:
+        """Whether the walk reaches a real path by itself: in the library, not hidden, and (a file) an image."""
+        if real != real_root and not real.startswith(inside):
+            return False
+        relative = os.path.relpath(real, real_root)
+        if relative != "." and any(part.startswith(".") for part in Path(relative).parts):
+            return False
+        return folder or os.path.splitext(real)[1].lower() in IMAGE_SUFFIXES
+
+    def link(entry: os.DirEntry, key: str, suffix: str) -> Iterator[str]:
+        """A symlink: its photo if the walk finds it nowhere else, else why it is passed over."""
+        try:
+            target = os.stat(entry.path)  # follows the link; a loop raises ELOOP
+        except OSError:
+            skip(key, "broken link")
+            return
+        real = os.path.realpath(entry.path)
+        if S_ISDIR(target.st_mode):
+            skip(key + "/", "reached twice through a link" if walked_by_own_path(real, True) else "linked folder")
+        elif suffix not in IMAGE_SUFFIXES or not S_ISREG(target.st_mode):
+            skip(key, "unsupported format" if suffix in OTHER_IMAGE_SUFFIXES else "not an image")
+        elif walked_by_own_path(real, False) or real in linked_only:
+            skip(key, "reached twice through a link")
+        else:
+            linked_only.add(real)
+            yield key
 
     def visit(folder: str, prefix: str) -> Iterator[str]:
         try:
@@ -96,25 +130,17 @@ def walk_library(root: str | Path, on_error: Callable[[str], None] | None = None
             return
         for entry in entries:
             key = prefix + entry.name
-            if entry.is_dir(follow_symlinks=False):
-                if entry.name.startswith("."):
-                    skip(key + "/", "hidden")
-                else:
-                    yield from visit(entry.path, key + "/")
-                continue
             if entry.name.startswith("."):
-                skip(key, "hidden")
+                skip(key + "/" if entry.is_dir(follow_symlinks=False) else key, "hidden")
                 continue
             suffix = os.path.splitext(entry.name)[1].lower()
-            if suffix in IMAGE_SUFFIXES and entry.is_file():
+            if entry.is_symlink():
+                yield from link(entry, key, suffix)
+            elif entry.is_dir(follow_symlinks=False):
+                yield from visit(entry.path, key + "/")
+            elif suffix in IMAGE_SUFFIXES and entry.is_file(follow_symlinks=False):
                 yield key
-            elif on_skip is None:
-                continue
-            elif entry.is_symlink() and not os.path.exists(entry.path):
-                skip(key, "broken link")
-            elif entry.is_dir():
-                skip(key + "/", "linked folder")
-            else:
+            elif on_skip is not None:
                 skip(key, "unsupported format" if suffix in OTHER_IMAGE_SUFFIXES else "not an image")
 
     yield from visit(os.fspath(root), "")
@@ -381,9 +407,11 @@ def read_done(captioner: Captioner, decoding: dict, output: Path, target: Path, 
 
 def caption_share(captioner: Captioner, library: str | Path, output: str | Path, opts: DecodingOptions,
                   batch_size: int = 16, workers: int = 2, rank: int = 0, world: int = 1,
-                  progress: bool = True) -> Summary:
+                  progress: bool = True, verbose: bool = False) -> Summary:
     """Caption this rank's share of the library's images not yet in the output, appending one JSON line
-    per image to the output (one process) or to this rank's part (several)."""
+    per image to the output (one process) or to this rank's part (several). With `verbose`, each entry of
+    the share the walk passes over is named on stderr with its reason as the walk meets it (nothing is
+    held: a library can pass over thousands of sidecars), so the summary's counts can be checked."""
     library, output = Path(library), Path(output)
     if not library.is_dir():
         raise FileNotFoundError(f"{library}: not a folder (a .jsonl --output captions one library folder)")
@@ -400,6 +428,8 @@ def caption_share(captioner: Captioner, library: str | Path, output: str | Path,
     def count_passed_over(key: str, reason: str) -> None:
         if rank_of(path_hash(key), world) == rank:  # each rank counts its share: the ranks' counts add up
             summary.passed_over[reason] = summary.passed_over.get(reason, 0) + 1
+            if verbose:
+                tqdm.write(f"passed over {key}: {reason}", file=sys.stderr)  # above the progress bar
     start = time.perf_counter()
     tty = sys.stderr.isatty()
     stop = threading.Event()
@@ -577,10 +607,12 @@ def merge_parts(output: str | Path) -> int:
 
 
 def caption_library(captioner: Captioner, library: str | Path, output: str | Path, opts: DecodingOptions,
-                    batch_size: int = 16, workers: int = 2, prune: bool = False, wait: bool = False) -> Summary:
+                    batch_size: int = 16, workers: int = 2, prune: bool = False, wait: bool = False,
+                    verbose: bool = False) -> Summary:
     """The whole job for this process: its share (all of it without torchrun), then, once every rank is
     done, rank 0 merges the parts (also parts an earlier run left) into the output and, with `prune`, drops
-    the lines of files gone from the library and lines replaced by a later one. Rank 0 holds the output's
+    the lines of files gone from the library and lines replaced by a later one; `verbose` names each file
+    passed over (caption_share). Rank 0 holds the output's
     lock throughout, every other rank its part's (`output_lock`)."""
     rank, world = shard()
     output = Path(output)
@@ -588,7 +620,7 @@ def caption_library(captioner: Captioner, library: str | Path, output: str | Pat
         if world > 1:
             join_barrier(BARRIER_TIMEOUT)
         summary = caption_share(captioner, library, output, opts, batch_size=batch_size, workers=workers,
-                                rank=rank, world=world, progress=rank == 0)
+                                rank=rank, world=world, progress=rank == 0, verbose=verbose)
         if world > 1:
             wait_for_all()
         if rank == 0:

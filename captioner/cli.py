@@ -145,8 +145,8 @@ def export_onnx_folder(args: argparse.Namespace) -> int:
 def cmd_caption(args: argparse.Namespace) -> int:
     if (args.overwrite_metadata or args.keep_mtime or args.sidecar) and not args.write_metadata:
         raise SystemExit("captioner caption: --overwrite-metadata, --keep-mtime and --sidecar go with --write-metadata")
-    if (args.prune or args.wait) and not (args.output and Path(args.output).suffix == ".jsonl"):
-        raise SystemExit("captioner caption: --prune and --wait go with a .jsonl --output")
+    if (args.prune or args.wait or args.verbose) and not (args.output and Path(args.output).suffix == ".jsonl"):
+        raise SystemExit("captioner caption: --prune, --wait and --verbose go with a .jsonl --output")
     if args.output and Path(args.output).suffix == ".jsonl":
         return caption_library(args)
     if args.write_metadata:
@@ -216,7 +216,7 @@ def caption_library(args: argparse.Namespace) -> int:
                                           datastore=args.datastore)
     opts = captioner.options(**flags_given(args))
     summary = bulk.caption_library(captioner, args.inputs[0], args.output, opts, batch_size=args.batch_size,
-                                   workers=args.workers, prune=args.prune, wait=args.wait)
+                                   workers=args.workers, prune=args.prune, wait=args.wait, verbose=args.verbose)
     rank, world = shard()
     who = f"rank {rank} of {world}: " if world > 1 else ""
     print(f"captioner caption: {who}{summary.line()}", file=sys.stderr)
@@ -286,6 +286,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "max_upload_bytes": int(args.max_upload_mb * 2**20) if args.max_upload_mb is not None else None}
     access, warning = access_control(args.host, args.api_key, args.max_inflight_per_client)
     app = create_app(captioner, examples=example_photos(args.examples), ui=not args.no_ui, library=library, **access,
+                     cors_origins=args.cors_origin,
                      **{k: v for k, v in limits.items() if v is not None})  # unset: create_app's defaults
     print(f"captioner serve: model {captioner.name} on {captioner.device}; "
           f"page http://{args.host}:{args.port}/  API docs http://{args.host}:{args.port}/docs", flush=True)
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune", action="store_true",
                    help="with a .jsonl --output: drop the lines of files no longer in the library, and lines a "
                         "later one replaced (a photo edited since is captioned again)")
+    p.add_argument("--verbose", action="store_true",
+                   help="with a .jsonl --output: name on stderr each file the walk passes over, and why (the "
+                        "last line counts them by reason)")
     add_metadata_flags(p)
     p.set_defaults(func=cmd_caption)
 
@@ -465,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight-per-client", type=int, metavar="N",
                    help="requests one client address may have in flight on /api/caption, 429 beyond; default: off "
                         "on loopback, 8 when --host serves other machines; 0 turns it off")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let pages served from ORIGIN (https://example.com) call the API from a browser (CORS); "
+                        "repeat it for more; default: none, so only the server's own page")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 

@@ -98,22 +98,97 @@ def test_walk_is_lazy_sorted_and_skips_hidden_and_other_files(tmp_path, monkeypa
     assert [Path(p).name for p in listed] == [tmp_path.name, "a"]  # b/ not listed yet: the walk streams
 
 
+def walk_and_skips(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
+    """What the walk finds, and what it passes over with the reasons."""
+    passed: list[tuple[str, str]] = []
+    found = list(bulk.walk_library(root, on_skip=lambda key, reason: passed.append((key, reason))))
+    return found, passed
+
+
 def test_walk_says_what_it_passes_over_and_why(tmp_path):
     for name in ["a.jpg", "b.HEIC", "notes.txt", "IMG_0001.MOV", "scan.psd", "logo.svg", ".DS_Store", "._a.jpg",
                  ".thumbs/t.jpg", "sub/c.cr2", "sub/c.xmp"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
-    (tmp_path / "linked").symlink_to(tmp_path / "sub", target_is_directory=True)
-    (tmp_path / "same.jpg").symlink_to(tmp_path / "a.jpg")  # a link to a photo is a photo
-    passed: list[tuple[str, str]] = []
-    found = list(bulk.walk_library(tmp_path, on_skip=lambda key, reason: passed.append((key, reason))))
-    assert found == ["a.jpg", "b.HEIC", "same.jpg", "sub/c.cr2"]
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    (outside / "more").mkdir(parents=True)
+    (outside / "d.jpg").write_bytes(b"x")
+    (tmp_path / "linked").symlink_to(outside / "more", target_is_directory=True)
+    (tmp_path / "other.jpg").symlink_to(outside / "d.jpg")  # a link to a photo out of the library is a photo
+    (tmp_path / "same.jpg").symlink_to(tmp_path / "a.jpg")  # a.jpg is found by its own path
+    found, passed = walk_and_skips(tmp_path)
+    assert found == ["a.jpg", "b.HEIC", "other.jpg", "sub/c.cr2"]
     assert sorted(passed) == sorted([
         ("notes.txt", "not an image"), ("IMG_0001.MOV", "not an image"), ("sub/c.xmp", "not an image"),
         ("scan.psd", "unsupported format"), ("logo.svg", "unsupported format"), (".DS_Store", "hidden"),
-        ("._a.jpg", "hidden"), (".thumbs/", "hidden"), ("gone.jpg", "broken link"), ("linked/", "linked folder")])
+        ("._a.jpg", "hidden"), (".thumbs/", "hidden"), ("gone.jpg", "broken link"), ("linked/", "linked folder"),
+        ("same.jpg", "reached twice through a link")])
     assert {reason for _, reason in passed} == set(bulk.PASSED_OVER)
+
+
+def test_a_photo_reached_through_links_is_found_once_and_loops_end(tmp_path):
+    """A link to a photo or folder the walk reaches by its own path is passed over (the photo is captioned
+    once, under its own path, whichever comes first in walk order); several links to one photo the walk does
+    not reach otherwise give it once; link loops, of folders or of files, neither hang nor stop the walk."""
+    lib, outside = tmp_path / "lib", tmp_path / "outside"
+    for name in ["lib/a/cat.jpg", "lib/z/dog.jpg", "lib/.private/p.jpg", "lib/blob", "outside/o.jpg"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    (lib / "link").symlink_to(lib / "a", target_is_directory=True)  # lib/link/cat.jpg is lib/a/cat.jpg
+    (lib / "b").mkdir()
+    (lib / "b" / "cat-again.jpg").symlink_to("../a/cat.jpg")
+    (lib / "a" / "up").symlink_to(lib, target_is_directory=True)  # a loop: lib/a/up/a/up/...
+    (lib / "a" / "y").symlink_to("../z", target_is_directory=True)  # sorts before what it links to
+    (lib / "a" / "self").symlink_to(lib / "a" / "self")  # a link to itself
+    (lib / "a" / "loop1.jpg").symlink_to("loop2.jpg")
+    (lib / "a" / "loop2.jpg").symlink_to("loop1.jpg")
+    (lib / "out1.jpg").symlink_to(outside / "o.jpg")
+    (lib / "out2.jpg").symlink_to(outside / "o.jpg")
+    (lib / "private.jpg").symlink_to(lib / ".private" / "p.jpg")  # hidden: not found by its own path
+    (lib / "blob.jpg").symlink_to(lib / "blob")  # not found by its own path (no image suffix)
+    (lib / "library").symlink_to(lib, target_is_directory=True)
+    (tmp_path / "alias").symlink_to(lib, target_is_directory=True)  # the library given through a link
+
+    for root in (lib, tmp_path / "alias"):
+        found, passed = walk_and_skips(root)
+        assert found == ["a/cat.jpg", "blob.jpg", "out1.jpg", "private.jpg", "z/dog.jpg"]
+        twice = "reached twice through a link"
+        assert sorted(passed) == sorted([
+            (".private/", "hidden"), ("a/loop1.jpg", "broken link"), ("a/loop2.jpg", "broken link"),
+            ("a/self", "broken link"), ("a/up/", twice), ("a/y/", twice), ("b/cat-again.jpg", twice),
+            ("blob", "not an image"), ("library/", twice), ("link/", twice), ("out2.jpg", twice)])
+
+
+def test_verbose_names_each_file_passed_over_and_a_linked_photo_is_captioned_once(tmp_path, capsys):
+    """`--verbose` lists what the walk passed over, one file a line with its reason, on stderr before the
+    summary, never in the JSONL; a photo reached again through a linked folder or file gets one line."""
+    from captioner import cli
+
+    lib = tmp_path / "lib"
+    (lib / "a").mkdir(parents=True)
+    Image.fromarray(np.random.default_rng(3).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(lib / "a" / "cat.jpg")
+    (lib / "link").symlink_to(lib / "a", target_is_directory=True)
+    (lib / "cat-again.jpg").symlink_to(lib / "a" / "cat.jpg")
+    (lib / "notes.txt").write_text("x")
+    (lib / "._cat.jpg").write_bytes(b"x")
+    out = tmp_path / "x.jsonl"
+    argv = ["caption", str(lib), "--output", str(out), "--device", "cpu"]
+    assert cli.main([*argv, "--verbose"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    listed = [line for line in err if line.startswith("passed over ")]
+    twice = "reached twice through a link"
+    assert sorted(listed) == ["passed over ._cat.jpg: hidden", f"passed over cat-again.jpg: {twice}",
+                              f"passed over link/: {twice}", "passed over notes.txt: not an image"]
+    assert err[-1].startswith("captioner caption: 1 images captioned")
+    assert f", 4 passed over (1 not an image, 1 hidden, 2 {twice})" in err[-1]
+    assert [r["file"] for r in records(out)] == ["a/cat.jpg"] and b"passed over" not in out.read_bytes()
+
+    assert cli.main(argv) == 0  # without --verbose: the counts alone
+    err = capsys.readouterr().err
+    assert "passed over " not in err.replace("4 passed over (", "") and "1 already done, 4 passed over" in err
+    with pytest.raises(SystemExit, match="--verbose go with a .jsonl --output"):
+        cli.main(["caption", str(lib), "--output", str(tmp_path / "x.csv"), "--verbose"])
 
 
 def test_summary_line_counts_what_was_passed_over_by_reason():
