@@ -184,7 +184,10 @@ def run_training(cfg: Config, resume: bool, log: Callable[[str], None]) -> Train
             stage = enter_finetuning(run)
         row, scores, rng = train_epoch(run, stage, state, objective)
         end_epoch(run, stage, state, row, scores, rng)
-    if is_main():
+    if is_main() and state.best_epoch < 0:  # epochs 0 and no init_from: nothing was trained or kept
+        log(f"no caption training epochs ran (epochs {cfg.epochs}), so no model was saved; what ran before them "
+            f"is in {run.dir}")
+    elif is_main():
         hours = sum(h["seconds"] for h in state.history) / 3600
         log(f"best dev {cfg.val_metric} {100 * state.best_score:.1f} at epoch {state.best_epoch}: {run.dir / 'best'} "
             f"({hours:.2f} h of training epochs)")

@@ -652,3 +652,10 @@ def test_concept_input_and_copy_start_from_their_init_from_model_and_train_their
     assert torch.equal(model.class_word, class_words)
     with torch.no_grad():  # the classifier's view of an image now changes the caption's first word
         assert not torch.allclose(model.step(words, model.init_state(features))[0], theirs)
+
+
+def test_a_run_of_no_epochs_says_no_model_was_saved(prepared, tmp_path):
+    lines: list[str] = []
+    train(small(prepared, tmp_path / "run", epochs=0, batch_size=8), log=lines.append)
+    assert "no caption training epochs ran (epochs 0), so no model was saved" in lines[-1]
+    assert not (tmp_path / "run" / "best").exists()
