@@ -324,3 +324,24 @@ def test_train_added_only_moves_what_reading_adds_and_the_new_words_rows_only():
             assert not moved, key
     with pytest.raises(ValueError, match="adds no layers"):
         train_added_only(small_decoder("attention"), start_words=16)
+
+
+def test_copy_hide_leaves_a_word_in_the_memory_to_the_copy_path_alone():
+    """copy_hide 1: while training, a target word the retrieved captions hold gets no probability from the
+    vocabulary softmax, so with the gate shut on copying its log-probability is the floor; a word the memory
+    lacks, and the same word in evaluation, keep the softmax's."""
+    features, captions = torch.randn(1, 5, 8), torch.tensor([[1, 17, 9, 2]])
+    memory = torch.tensor([[17, 5, 0, 6, 0, 0]])
+    out = {}
+    for hide in (0.0, 1.0):
+        decoder = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3, copy_hide=hide,
+                                memory_dropout=0.0, dropout=0.0).train()
+        with torch.no_grad():
+            decoder.generate_gate.bias.fill_(30.0)
+            out[hide] = decoder(features, captions, torch.tensor([4]), memory=memory).logits
+            decoder.eval()
+            out[hide, "eval"] = decoder(features, captions, torch.tensor([4]), memory=memory).logits
+    word, other = out[1.0][0, 17], out[1.0][1, 9]  # step 0 targets 17 (in the memory), step 1 targets 9 (not)
+    assert word < -15 and out[0.0][0, 17] > -10
+    torch.testing.assert_close(other, out[0.0][1, 9])
+    torch.testing.assert_close(out[1.0, "eval"], out[0.0, "eval"])

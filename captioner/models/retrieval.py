@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..datastore import Neighbours
 from ..decoder_args import RetrievalArgs
-from ..vocab import Vocab, tokenize
+from ..vocab import UNK_ID, Vocab, tokenize
 from .base import DecoderOutput, State, register_decoder
 from .lstm import AttentionLSTM, attention_penalty
 
@@ -128,14 +128,19 @@ class RetrievalLSTM(AttentionLSTM):
         reading = torch.bmm(read.unsqueeze(1).to(state["memory"].dtype), state["memory"]).squeeze(1)
         return super()._advance(word_gates + self.lstm_memory(reading), state)
 
-    def _mixture(self, h: Tensor, state: State) -> Tensor:
+    def _mixture(self, h: Tensor, state: State, hidden: Tensor | None = None) -> Tensor:
         """Log-probabilities (B, V): the gate's share of the vocabulary softmax plus the rest spread over
-        the memory's words by the copy attention of h."""
+        the memory's words by the copy attention of h. `hidden` (B,) word ids, -1 for none: a word the
+        vocabulary softmax may not give (training's copy_hide), so only the copy path can."""
         copy = self._memory_attention(state["copy_keys"], state["memory_mask"], self.copy_hidden(h),
                                       self.copy_score)
         copied = torch.bmm(copy.unsqueeze(1).to(state["memory"].dtype), state["memory"]).squeeze(1)
         generate = torch.sigmoid(self.generate_gate(torch.cat([h, copied], dim=1)).float())
-        vocab = torch.softmax(self.out(self.dropout(h)).float(), dim=1)
+        logits = self.out(self.dropout(h)).float()
+        if hidden is not None:
+            rows = torch.nonzero(hidden >= 0).squeeze(1)
+            logits = logits.index_put((rows, hidden[rows]), logits.new_tensor(float("-inf")))
+        vocab = torch.softmax(logits, dim=1)
         mixed = (generate * vocab).scatter_add(1, state["memory_ids"], (1 - generate) * copy)
         return torch.log(mixed.clamp_min(TINY))
 
@@ -173,8 +178,14 @@ class RetrievalLSTM(AttentionLSTM):
             hiddens.append(h)
         # the mixture depends on each step's h only: one pass over every step's rows, as the LSTM's output layer
         rows = torch.cat([torch.arange(n, device=lengths.device) for n in n_running])
-        logprobs = self._mixture(torch.cat(hiddens), {k: state[k][rows] for k in MIXTURE_STATE})
+        mixture_state = {k: state[k][rows] for k in MIXTURE_STATE}
         targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
+        hidden = None
+        if self.training and self.args.copy_hide > 0:
+            in_memory = (mixture_state["memory_ids"][:, 1:] == targets.unsqueeze(1)).any(dim=1)
+            drawn = torch.rand(len(targets), device=targets.device) < self.args.copy_hide
+            hidden = torch.where(in_memory & drawn & (targets > UNK_ID), targets, torch.full_like(targets, -1))
+        logprobs = self._mixture(torch.cat(hiddens), mixture_state, hidden)
         return DecoderOutput(logprobs, targets, attention_penalty(alphas.float(), self.args.alpha_c))
 
     def reading(self, memory: Tensor) -> WithMemory:
