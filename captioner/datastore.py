@@ -35,6 +35,7 @@ import numpy as np
 from .atomic import read_folder, replace_folder
 from .data import DatasetError, read_entries
 from .sentences import SENTENCE_MODEL, SentenceEncoder
+from .vocab import tokenize
 
 FORMAT, VERSION = "captioner-datastore", 1
 REDUCED_DIM = 96  # PCA width kept: docs/RESULTS.md, "The datastore's size"
@@ -66,6 +67,18 @@ class Datastore:
         # float32 rows scaled once (N x reduced_dim x 4 bytes: 66 MB for 171,000 captions at 96)
         self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
         self.dim = int(meta["dim"])
+        self._words: dict[int, tuple[str, ...]] = {}  # tokenized captions, filled as searches reach them
+
+    def words(self, rows: np.ndarray) -> list[list[tuple[str, ...]]]:
+        """The words of the captions at rows (n, k), each caption tokenized once per process: ranking 500
+        neighbours by the concepts they name would otherwise tokenize them at every search."""
+        out = []
+        for row in rows.tolist():
+            for j in row:
+                if j not in self._words:
+                    self._words[j] = tuple(tokenize(self.captions[j]))
+            out.append([self._words[j] for j in row])
+        return out
 
     def __len__(self) -> int:
         return len(self.captions)

@@ -85,6 +85,9 @@ class RetrievalArgs(LSTMArgs):
     memory_length: int = option(16, "retrieval: words kept of each retrieved caption", range=(1, 50))
     memory_dropout: float = option(0.1, "retrieval: share of training photos whose retrieved captions are hidden, "
                                         "so the decoder also captions without them", range=(0.0, 1.0))
+    memory_read: bool = option(True, "retrieval: the LSTM reads the retrieved captions at every step (an attention "
+                                     "from h); off, they reach the caption through the copy path alone, and a "
+                                     "model started from the shipped one keeps that model's LSTM as it was")
     copy_hide: float = option(0.0, "retrieval: share of the target words found in a photo's retrieved captions that "
                                    "training hides from the vocabulary softmax, so the copy path learns to write "
                                    "words the decoder does not know", range=(0.0, 1.0))

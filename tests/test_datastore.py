@@ -15,7 +15,7 @@ from test_models import small_decoder
 from captioner.datastore import DatastoreError, build, caption_groups, load_datastore
 from captioner.models.embedder import ImageEmbedder
 from captioner.models.retrieval import memory_tokens
-from captioner.vocab import UNK_ID
+from captioner.vocab import UNK_ID, tokenize
 
 from helpers import train_tiny_model
 
@@ -219,7 +219,8 @@ def test_named_concepts_sum_what_the_head_sees_of_the_words_a_caption_names():
     words = concept_table().vocabulary
     probs = np.zeros((1, len(words)), dtype=np.float32)
     probs[0, words.index("bus")], probs[0, words.index("cat")] = 0.6, 0.3
-    scores = named_concepts([["a red bus and a bus stop", "a cat near a bus", "a giraffe"]], probs, words)
+    captions = ["a red bus and a bus stop", "a cat near a bus", "a giraffe"]
+    scores = named_concepts([[tokenize(c) for c in captions]], probs, words)
     assert scores.tolist() == [[pytest.approx(0.6), pytest.approx(0.9), 0.0]]  # each word once
 
 
@@ -257,12 +258,15 @@ def test_self_critical_training_samples_a_retrieval_decoder_reading_its_memory()
     assert decoder.memory_rnn.weight_ih_l0.grad.abs().sum() > 0  # the samples read the retrieved captions
 
 
-def test_a_retrieval_decoder_started_from_an_attention_model_gives_its_words_until_the_gate_opens():
+@pytest.mark.parametrize("memory_read", [True, False])
+def test_a_retrieval_decoder_started_from_an_attention_model_gives_its_words_until_the_gate_opens(memory_read):
     """init_from the shipped attention model: its weights load as they are and what reading adds starts
-    silent (lstm_memory and init_memory zero), so with the copy gate shut the log-probabilities are the
-    attention model's, whatever the memory holds."""
+    silent (lstm_memory and init_memory zero; without memory_read the LSTM has no such layers), so with the
+    copy gate shut the log-probabilities are the attention model's, whatever the memory holds."""
     start = small_decoder("attention", vocab_size=20).eval()
-    reader = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3, seed=1).eval()
+    reader = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3, seed=1,
+                           memory_read=memory_read).eval()
+    assert hasattr(reader, "lstm_memory") == memory_read
     missing, unexpected = reader.load_state_dict(start.state_dict(), strict=False)
     assert not unexpected and missing and all(key.startswith(reader.added_weights) for key in missing)
     features, words = torch.randn(2, 5, 8), torch.tensor([1, 1])

@@ -7,8 +7,8 @@ the `neighbours` captions nearest its image vector and hands their words to this
 - encodes them once per image: word embeddings, a bidirectional GRU over each caption, plus an
   embedding of the neighbour's rank, and one learned slot that is always there (so attention is
   defined for a photo with no neighbours: `--no-retrieval`);
-- reads them at every step: an additive attention from h over the memory, whose context enters the
-  LSTM beside the image context (like SmallCap's prompt, which GPT-2 reads beside the image);
+- reads them at every step (memory_read): an additive attention from h over the memory, whose context
+  enters the LSTM beside the image context (like SmallCap's prompt, which GPT-2 reads beside the image);
 - copies from them (pointer-generator, See et al. 2017): a second attention from the new h gives a
   distribution over the memory's words, and a gate of h mixes it with the vocabulary softmax, so a
   word the decoder's own captions never taught it is written when the neighbours carry it.
@@ -64,17 +64,18 @@ class RetrievalLSTM(AttentionLSTM):
         self.memory_rnn = nn.GRU(args.embed_dim, memory_dim // 2, batch_first=True, bidirectional=True)
         self.memory_rank = nn.Embedding(args.neighbours + 1, memory_dim)  # rank 0: the learned slot
         self.memory_slot = nn.Parameter(torch.zeros(memory_dim))
-        self.init_memory = nn.Linear(memory_dim, 2 * hidden)
-        nn.init.zeros_(self.init_memory.weight)
-        nn.init.zeros_(self.init_memory.bias)
-        self.read_key = nn.Linear(memory_dim, attention)
-        self.read_hidden = nn.Linear(hidden, attention)
-        self.read_score = nn.Linear(attention, 1)
+        if args.memory_read:
+            self.init_memory = nn.Linear(memory_dim, 2 * hidden)
+            nn.init.zeros_(self.init_memory.weight)
+            nn.init.zeros_(self.init_memory.bias)
+            self.read_key = nn.Linear(memory_dim, attention)
+            self.read_hidden = nn.Linear(hidden, attention)
+            self.read_score = nn.Linear(attention, 1)
+            self.lstm_memory = nn.Linear(memory_dim, 4 * hidden, bias=False)
+            nn.init.zeros_(self.lstm_memory.weight)
         self.copy_key = nn.Linear(memory_dim, attention)
         self.copy_hidden = nn.Linear(hidden, attention)
         self.copy_score = nn.Linear(attention, 1)
-        self.lstm_memory = nn.Linear(memory_dim, 4 * hidden, bias=False)
-        nn.init.zeros_(self.lstm_memory.weight)
         self.generate_gate = nn.Linear(hidden + memory_dim, 1)
         nn.init.constant_(self.generate_gate.bias, GENERATE_BIAS)
 
@@ -108,11 +109,12 @@ class RetrievalLSTM(AttentionLSTM):
         if memory is None:
             memory = torch.zeros(features.shape[0], self.memory_size, dtype=torch.long, device=features.device)
         encoded, ids, mask = self.encode_memory(memory)
-        real = mask.to(encoded.dtype).unsqueeze(2)
-        pooled = (encoded * real).sum(dim=1) / real.sum(dim=1)
-        h_add, c_add = self.init_memory(pooled).chunk(2, dim=1)
-        state.update(h=state["h"] + h_add, c=state["c"] + c_add, memory=encoded, memory_ids=ids,
-                     memory_mask=mask, read_keys=self.read_key(encoded), copy_keys=self.copy_key(encoded))
+        state.update(memory=encoded, memory_ids=ids, memory_mask=mask, copy_keys=self.copy_key(encoded))
+        if self.args.memory_read:
+            real = mask.to(encoded.dtype).unsqueeze(2)
+            pooled = (encoded * real).sum(dim=1) / real.sum(dim=1)
+            h_add, c_add = self.init_memory(pooled).chunk(2, dim=1)
+            state.update(h=state["h"] + h_add, c=state["c"] + c_add, read_keys=self.read_key(encoded))
         return state
 
     def _memory_attention(self, keys: Tensor, mask: Tensor, query: Tensor, score: nn.Linear) -> Tensor:
@@ -121,7 +123,9 @@ class RetrievalLSTM(AttentionLSTM):
         return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=1)
 
     def _advance(self, word_gates: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor]:
-        """One LSTM step reading the image regions and the memory with h of the previous step."""
+        """One LSTM step reading the image regions and (memory_read) the memory with h of the previous step."""
+        if not self.args.memory_read:
+            return super()._advance(word_gates, state)
         h_prev = state["h"]
         read = self._memory_attention(state["read_keys"], state["memory_mask"], self.read_hidden(h_prev),
                                       self.read_score)
@@ -219,14 +223,14 @@ def memory_tokens(captions: Sequence[Sequence[str]], vocab: Vocab, neighbours: i
     return memory
 
 
-def named_concepts(captions: Sequence[Sequence[str]], probs: np.ndarray, words: Sequence[str]) -> np.ndarray:
-    """(B, n): per image, for each of its n captions, the summed probability (probs (B, W) of `words`) of the
-    concept words the caption names: how far it agrees with what the ImageNet head sees."""
+def named_concepts(captions: Sequence[Sequence[Sequence[str]]], probs: np.ndarray, words: Sequence[str]) -> np.ndarray:
+    """(B, n): per image, for each of its n captions (tokenized), the summed probability (probs (B, W) of
+    `words`) of the concept words the caption names: how far it agrees with what the ImageNet head sees."""
     column = {word: j for j, word in enumerate(words)}
     out = np.zeros((len(captions), max((len(c) for c in captions), default=0)), dtype=np.float32)
-    for i, texts in enumerate(captions):
-        for j, text in enumerate(texts):
-            named = list({column[w] for w in tokenize(text) if w in column})
+    for i, tokens in enumerate(captions):
+        for j, caption in enumerate(tokens):
+            named = list({column[w] for w in caption if w in column})
             out[i, j] = float(probs[i, named].sum()) if named else 0.0
     return out
 
@@ -244,7 +248,8 @@ def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: Retr
         found = datastore.search(vectors, k, exclude)
     else:
         found = datastore.search(vectors, POOL, exclude)
-        scores = found.similarity + concept_weight * named_concepts(found.texts, concept_probs, concept_words)
+        named = named_concepts(datastore.words(found.rows), concept_probs, concept_words)
+        scores = found.similarity + concept_weight * named
         order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         found = Neighbours(np.take_along_axis(found.rows, order, axis=1),
                            np.take_along_axis(found.similarity, order, axis=1),

@@ -54,7 +54,7 @@ def consensus(vectors: np.ndarray, datastore, concept_probs: np.ndarray | None, 
     found = datastore.search(vectors, pool)
     scores = found.similarity.copy()
     if concept_probs is not None and bonus:  # the same scoring retrieval's concept ranking uses
-        scores += bonus * named_concepts(found.texts, concept_probs, concept_table().vocabulary)
+        scores += bonus * named_concepts(datastore.words(found.rows), concept_probs, concept_table().vocabulary)
     out = []
     for rows, score, texts in zip(found.rows, scores, found.texts):
         best = np.argsort(-score, kind="stable")[:top]
