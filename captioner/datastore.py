@@ -67,18 +67,15 @@ class Datastore:
         # float32 rows scaled once (N x reduced_dim x 4 bytes: 66 MB for 171,000 captions at 96)
         self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
         self.dim = int(meta["dim"])
-        self._words: dict[int, tuple[str, ...]] = {}  # tokenized captions, filled as searches reach them
+        self._naming: dict[str, np.ndarray] = {}  # word -> rows of the captions naming it, found on first use
 
-    def words(self, rows: np.ndarray) -> list[list[tuple[str, ...]]]:
-        """The words of the captions at rows (n, k), each caption tokenized once per process: ranking 500
-        neighbours by the concepts they name would otherwise tokenize them at every search."""
-        out = []
-        for row in rows.tolist():
-            for j in row:
-                if j not in self._words:
-                    self._words[j] = tuple(tokenize(self.captions[j]))
-            out.append([self._words[j] for j in row])
-        return out
+    def rows_naming(self, word: str) -> np.ndarray:
+        """The rows of the captions that have `word` among their tokens, scanned once per word and process
+        (about 15 ms over 171,000 captions): what retrieval's concept ranking lifts."""
+        if word not in self._naming:
+            self._naming[word] = np.array([j for j, caption in enumerate(self.captions)
+                                           if word in caption.lower() and word in tokenize(caption)], dtype=np.int64)
+        return self._naming[word]
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -107,14 +104,20 @@ class Datastore:
             out[:, start:start + CHUNK] = reduced @ self.table[start:start + CHUNK].T
         return out + base[:, None]
 
-    def search(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None = None) -> Neighbours:
+    def search(self, queries: np.ndarray, k: int, exclude: Sequence[int | None] | None = None,
+               boosts: Sequence[Sequence[tuple[np.ndarray, float]]] | None = None) -> Neighbours:
         """The k nearest captions of each unit query (n, dim), exact over the stored vectors; `exclude[i]`
-        (a group id, or None) leaves out every caption of that photo: leave-one-out for training."""
+        (a group id, or None) leaves out every caption of that photo: leave-one-out for training. `boosts[i]`,
+        (rows, amount) pairs, ranks those rows as if that much nearer to query i; the cosines are returned."""
         if queries.ndim != 2:
             raise ValueError(f"expected (n, {self.dim}) query vectors, got shape {tuple(queries.shape)}")
         self.check_query(queries.shape[1])
         k = min(k, len(self))
-        scores = self.scores(queries)
+        cosines = self.scores(queries)
+        scores = cosines.copy() if boosts else cosines
+        for i, pairs in enumerate(boosts or ()):
+            for rows, amount in pairs:
+                scores[i, rows] += amount
         if exclude is not None:
             for i, group in enumerate(exclude):
                 if group is not None and group >= 0:
@@ -125,7 +128,7 @@ class Datastore:
             part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
             order = np.argsort(-np.take_along_axis(scores, part, axis=1), axis=1, kind="stable")
             rows = np.take_along_axis(part, order, axis=1).astype(np.int64)
-        similarity = np.take_along_axis(scores, rows, axis=1)
+        similarity = np.take_along_axis(cosines, rows, axis=1)
         return Neighbours(rows, similarity, [[self.captions[j] for j in row] for row in rows])
 
     def groups_by_image(self) -> dict[str, int]:

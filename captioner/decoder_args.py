@@ -88,6 +88,9 @@ class RetrievalArgs(LSTMArgs):
     memory_read: bool = option(True, "retrieval: the LSTM reads the retrieved captions at every step (an attention "
                                      "from h); off, they reach the caption through the copy path alone, and a "
                                      "model started from the shipped one keeps that model's LSTM as it was")
+    generate_bias: float = option(0.0, "retrieval: added to the copy gate's logit when captioning, not while "
+                                       "training: above 0 the decoder writes more of its own words and copies less "
+                                       "(the shipped model's value was chosen on both dev sets)")
     copy_hide: float = option(0.0, "retrieval: share of the target words found in a photo's retrieved captions that "
                                    "training hides from the vocabulary softmax, so the copy path learns to write "
                                    "words the decoder does not know", range=(0.0, 1.0))

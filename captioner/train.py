@@ -170,7 +170,7 @@ def run_training(cfg: Config, resume: bool, log: Callable[[str], None]) -> Train
         n_params = sum(p.numel() for p in run.decoder.parameters() if p.requires_grad)
         log(f"training on {run.device} ({run.world} process{'es' if run.world > 1 else ''}): {len(run.data)} "
             f"captions, {len(run.prepared.vocab)} words, decoder {n_params / 1e6:.1f}M parameters")
-    if cfg.init_from and not resume:
+    if cfg.init_from and not resume and not cfg.train_added_only:  # trained for what it adds, the start is no candidate
         score_start(run, state)
     if not state.precision or not cfg.amp:  # a resumed run keeps its precision unless amp is now off
         state.precision = choose_precision(cfg, getattr(stage.model, "module", stage.model),  # without DDP's wrapper

@@ -15,7 +15,7 @@ from test_models import small_decoder
 from captioner.datastore import DatastoreError, build, caption_groups, load_datastore
 from captioner.models.embedder import ImageEmbedder
 from captioner.models.retrieval import memory_tokens
-from captioner.vocab import UNK_ID, tokenize
+from captioner.vocab import UNK_ID
 
 from helpers import train_tiny_model
 
@@ -212,18 +212,6 @@ def test_the_onnx_export_carries_retrieval_and_captions_as_pytorch(retrieval_mod
     assert ours[0]["neighbours"] == theirs[0]["neighbours"] and len(ours[0]["neighbours"]) == 2
 
 
-def test_named_concepts_sum_what_the_head_sees_of_the_words_a_caption_names():
-    from captioner.concepts import concept_table
-    from captioner.models.retrieval import named_concepts
-
-    words = concept_table().vocabulary
-    probs = np.zeros((1, len(words)), dtype=np.float32)
-    probs[0, words.index("bus")], probs[0, words.index("cat")] = 0.6, 0.3
-    captions = ["a red bus and a bus stop", "a cat near a bus", "a giraffe"]
-    scores = named_concepts([[tokenize(c) for c in captions]], probs, words)
-    assert scores.tolist() == [[pytest.approx(0.6), pytest.approx(0.9), 0.0]]  # each word once
-
-
 def test_retrieval_weighs_the_concepts_a_caption_names(tmp_path):
     from captioner.concepts import concept_table
     from captioner.models.retrieval import RetrievalArgs, retrieve
@@ -242,6 +230,15 @@ def test_retrieval_weighs_the_concepts_a_caption_names(tmp_path):
     found = retrieve(store, query, vocab, args, concept_probs=probs, concept_words=words, concept_weight=1.0)[1]
     assert found.texts == [["A red bus on a city street."]]
     assert found.similarity[0, 0] < store.search(query, 1).similarity[0, 0]  # the cosine, not the bonus, is shown
+    # every caption naming a concept is a candidate, however far its vector: not only the nearest few
+    assert set(store.rows_naming("bus")) == {j for j, c in enumerate(store.captions) if "bus" in c.split()}
+    far = retrieve(store, fake_encoder(["zzz"]), vocab, args, concept_probs=probs, concept_words=words,
+                   concept_weight=1.0)[1]
+    assert far.texts == [["A red bus on a city street."]]
+    none = np.zeros_like(probs)
+    none[0, words.index("bus")] = 0.01  # under NAMED_FLOOR: not looked up
+    assert retrieve(store, query, vocab, args, concept_probs=none, concept_words=words,
+                    concept_weight=1.0)[1].texts == [["a giraffe standing by a tree"]]
 
 
 def test_self_critical_training_samples_a_retrieval_decoder_reading_its_memory():
@@ -349,3 +346,21 @@ def test_copy_hide_leaves_a_word_in_the_memory_to_the_copy_path_alone():
     assert word < -15 and out[0.0][0, 17] > -10
     torch.testing.assert_close(other, out[0.0][1, 9])
     torch.testing.assert_close(out[1.0, "eval"], out[0.0, "eval"])
+
+
+def test_generate_bias_moves_the_copy_gate_when_captioning_and_never_in_training():
+    features, captions = torch.randn(1, 5, 8), torch.tensor([[1, 17, 9, 2]])
+    memory = torch.tensor([[17, 5, 0, 6, 0, 0]])
+    out = {}
+    for bias in (0.0, 30.0):
+        decoder = small_decoder("retrieval", vocab_size=20, neighbours=2, memory_length=3, memory_read=False,
+                                generate_bias=bias, memory_dropout=0.0, dropout=0.0)
+        with torch.no_grad():
+            out[bias, "train"] = decoder.train()(features, captions, torch.tensor([4]), memory=memory).logits
+            out[bias, "eval"] = decoder.eval().step(torch.tensor([1]), decoder.init_state(features, memory))[0]
+    plain = small_decoder("attention", vocab_size=20).eval()
+    with torch.no_grad():
+        want, _, _ = plain.step(torch.tensor([1]), plain.init_state(features))
+    torch.testing.assert_close(out[0.0, "train"], out[30.0, "train"])
+    assert not torch.allclose(out[0.0, "eval"], want, atol=1e-4)
+    torch.testing.assert_close(out[30.0, "eval"], want, atol=1e-5, rtol=1e-5)  # the gate shut: no copying

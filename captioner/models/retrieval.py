@@ -38,9 +38,9 @@ from .lstm import AttentionLSTM, attention_penalty
 if TYPE_CHECKING:
     from ..datastore import Datastore
 
-POOL = 500  # nearest captions ranked again by the concepts they name (issue 33's probe: 500)
+NAMED_FLOOR = 0.02  # concept words less probable than this lift a caption by at most 0.006: not looked up
 TINY = 1e-9  # floor of a mixture probability before its log (a word neither path gives)
-GENERATE_BIAS = 3.0  # the copy gate's start: sigmoid(3) = 0.95 of each word's probability from the vocabulary
+GATE_START = 3.0  # the copy gate's start: sigmoid(3) = 0.95 of each word's probability from the vocabulary
 MIXTURE_STATE = ("copy_keys", "memory_mask", "memory", "memory_ids")  # what the output mixture reads of the state
 
 
@@ -77,7 +77,7 @@ class RetrievalLSTM(AttentionLSTM):
         self.copy_hidden = nn.Linear(hidden, attention)
         self.copy_score = nn.Linear(attention, 1)
         self.generate_gate = nn.Linear(hidden + memory_dim, 1)
-        nn.init.constant_(self.generate_gate.bias, GENERATE_BIAS)
+        nn.init.constant_(self.generate_gate.bias, GATE_START)
 
     @property
     def memory_size(self) -> int:
@@ -139,7 +139,8 @@ class RetrievalLSTM(AttentionLSTM):
         copy = self._memory_attention(state["copy_keys"], state["memory_mask"], self.copy_hidden(h),
                                       self.copy_score)
         copied = torch.bmm(copy.unsqueeze(1).to(state["memory"].dtype), state["memory"]).squeeze(1)
-        generate = torch.sigmoid(self.generate_gate(torch.cat([h, copied], dim=1)).float())
+        gate = self.generate_gate(torch.cat([h, copied], dim=1)).float()
+        generate = torch.sigmoid(gate if self.training else gate + self.args.generate_bias)
         logits = self.out(self.dropout(h)).float()
         if hidden is not None:
             rows = torch.nonzero(hidden >= 0).squeeze(1)
@@ -223,35 +224,18 @@ def memory_tokens(captions: Sequence[Sequence[str]], vocab: Vocab, neighbours: i
     return memory
 
 
-def named_concepts(captions: Sequence[Sequence[Sequence[str]]], probs: np.ndarray, words: Sequence[str]) -> np.ndarray:
-    """(B, n): per image, for each of its n captions (tokenized), the summed probability (probs (B, W) of
-    `words`) of the concept words the caption names: how far it agrees with what the ImageNet head sees."""
-    column = {word: j for j, word in enumerate(words)}
-    out = np.zeros((len(captions), max((len(c) for c in captions), default=0)), dtype=np.float32)
-    for i, tokens in enumerate(captions):
-        for j, caption in enumerate(tokens):
-            named = list({column[w] for w in caption if w in column})
-            out[i, j] = float(probs[i, named].sum()) if named else 0.0
-    return out
-
-
 def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: RetrievalArgs, k: int | None = None,
              exclude: Sequence[int | None] | None = None, concept_probs: np.ndarray | None = None,
              concept_words: Sequence[str] = (), concept_weight: float = 0.0) -> tuple[Tensor, Neighbours]:
     """The memory of photos with unit image vectors (B, D): their k (at most args.neighbours) nearest captions
     in the datastore, leaving out group exclude[i] for photo i (training's leave-one-out). With concept_probs
-    (B, W) of concept_words (concepts.py) and a weight, the POOL nearest are ranked again by cosine + weight x
-    the summed probability of the concept words each names: the ImageNet head knows an espresso that the
-    image vector, trained on Flickr8k, takes for a dog in water."""
+    (B, W) of concept_words (concepts.py) and a weight, every caption ranks by cosine + weight x the summed
+    probability of the concept words it names (those of probability NAMED_FLOOR or more): the ImageNet head
+    knows an espresso that the image vector, trained on Flickr8k, takes for a dog in water."""
     k = min(k or args.neighbours, args.neighbours)
-    if concept_probs is None or concept_weight <= 0:
-        found = datastore.search(vectors, k, exclude)
-    else:
-        found = datastore.search(vectors, POOL, exclude)
-        named = named_concepts(datastore.words(found.rows), concept_probs, concept_words)
-        scores = found.similarity + concept_weight * named
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        found = Neighbours(np.take_along_axis(found.rows, order, axis=1),
-                           np.take_along_axis(found.similarity, order, axis=1),
-                           [[texts[j] for j in row] for texts, row in zip(found.texts, order)])
+    boosts = None
+    if concept_probs is not None and concept_weight > 0:
+        boosts = [[(datastore.rows_naming(concept_words[j]), concept_weight * float(probs[j]))
+                   for j in np.flatnonzero(probs >= NAMED_FLOOR)] for probs in concept_probs]
+    found = datastore.search(vectors, k, exclude, boosts)
     return memory_tokens(found.texts, vocab, args.neighbours, args.memory_length), found

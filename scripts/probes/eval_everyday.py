@@ -24,7 +24,6 @@ from captioner.concepts import concept_table
 from captioner.data import load_image
 from captioner.datastore import load_datastore
 from captioner.metrics import fluency, score_captions
-from captioner.models.retrieval import named_concepts
 from captioner.pipeline import Captioner
 from captioner.vocab import tokenize
 
@@ -47,14 +46,26 @@ def read_set(folder: Path, split: str) -> dict[Path, list[str]]:
     return refs
 
 
+def named_concepts(captions: list[list[str]], probs: np.ndarray, words: list[str]) -> np.ndarray:
+    """(B, n): per photo, for each of its n captions, the summed probability (probs (B, W) of `words`) of the
+    concept words the caption names."""
+    column = {word: j for j, word in enumerate(words)}
+    out = np.zeros((len(captions), max((len(c) for c in captions), default=0)), dtype=np.float32)
+    for i, texts in enumerate(captions):
+        for j, text in enumerate(texts):
+            named = list({column[w] for w in tokenize(text) if w in column})
+            out[i, j] = float(probs[i, named].sum()) if named else 0.0
+    return out
+
+
 def consensus(vectors: np.ndarray, datastore, concept_probs: np.ndarray | None, pool: int, top: int,
               bonus: float) -> list[str]:
     """Issue 33's probe: of the `pool` nearest captions, add bonus x the summed probability of the concept
     words each contains, then of the `top` best return the one closest on average to the others."""
     found = datastore.search(vectors, pool)
     scores = found.similarity.copy()
-    if concept_probs is not None and bonus:  # the same scoring retrieval's concept ranking uses
-        scores += bonus * named_concepts(datastore.words(found.rows), concept_probs, concept_table().vocabulary)
+    if concept_probs is not None and bonus:  # the probe's scoring, over the pool only
+        scores += bonus * named_concepts(found.texts, concept_probs, concept_table().vocabulary)
     out = []
     for rows, score, texts in zip(found.rows, scores, found.texts):
         best = np.argsort(-score, kind="stable")[:top]
