@@ -35,7 +35,6 @@ import numpy as np
 from .atomic import read_folder, replace_folder
 from .data import DatasetError, read_entries
 from .sentences import SENTENCE_MODEL, SentenceEncoder
-from .vocab import tokenize
 
 FORMAT, VERSION = "captioner-datastore", 1
 REDUCED_DIM = 96  # PCA width kept: docs/RESULTS.md, "The datastore's size"
@@ -68,13 +67,25 @@ class Datastore:
         self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
         self.dim = int(meta["dim"])
         self._naming: dict[str, np.ndarray] = {}  # word -> rows of the captions naming it, found on first use
+        self._text = ""  # every caption lower-cased, one a line, with each line's start: made on first use
+        self._starts = np.zeros(0, dtype=np.int64)
 
     def rows_naming(self, word: str) -> np.ndarray:
-        """The rows of the captions that have `word` among their tokens, scanned once per word and process
-        (about 15 ms over 171,000 captions): what retrieval's concept ranking lifts."""
+        """The rows of the captions that have `word` as a whole word (no letter or digit on either side),
+        found once per word and process, 5-25 ms over 171,000 captions: what the concept ranking lifts."""
         if word not in self._naming:
-            self._naming[word] = np.array([j for j, caption in enumerate(self.captions)
-                                           if word in caption.lower() and word in tokenize(caption)], dtype=np.int64)
+            if not self._text:
+                self._text = "\n".join(self.captions).lower()
+                self._starts = np.cumsum([0] + [len(c) + 1 for c in self.captions[:-1]])
+            text, n, found = self._text, len(word), []
+            at = text.find(word)
+            while at >= 0:
+                before = text[at - 1] if at else " "
+                after = text[at + n] if at + n < len(text) else " "
+                if not before.isalnum() and not after.isalnum():
+                    found.append(at)
+                at = text.find(word, at + 1)
+            self._naming[word] = np.unique(np.searchsorted(self._starts, found, side="right") - 1).astype(np.int64)
         return self._naming[word]
 
     def __len__(self) -> int:
