@@ -25,6 +25,11 @@ from captioner.data import (
     load_image,
 )
 
+from helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+from bench_raw import ifd  # noqa: E402  (the DNG writer: the benchmark makes larger ones of the same form)
+
 ORIENTATION = 0x0112
 
 
@@ -133,28 +138,6 @@ def test_avif_is_read_upright(tmp_path: Path) -> None:
 
 # --- camera RAW -----------------------------------------------------------------------------------------------
 
-def _ifd(entries: dict[int, tuple[int, object]], at: int) -> bytes:
-    """One little-endian TIFF IFD placed at byte `at`, the values longer than 4 bytes right after it."""
-    extra_at = at + 2 + 12 * len(entries) + 4
-    body, extra = b"", b""
-    for tag in sorted(entries):
-        kind, values = entries[tag]
-        if kind in (1, 2):  # BYTE, ASCII
-            packed = bytes(values)  # type: ignore[arg-type]
-        elif kind == 10:  # SRATIONAL
-            packed = b"".join(struct.pack("<ii", n, d) for n, d in values)  # type: ignore[union-attr]
-        else:  # SHORT, LONG
-            packed = b"".join(struct.pack("<H" if kind == 3 else "<I", v) for v in values)  # type: ignore[union-attr]
-        count = len(packed) // {1: 1, 2: 1, 3: 2, 4: 4, 10: 8}[kind]
-        if len(packed) <= 4:
-            field = packed.ljust(4, b"\0")
-        else:
-            field = struct.pack("<I", extra_at + len(extra))
-            extra += packed + b"\0" * (len(packed) % 2)
-        body += struct.pack("<HHI", tag, kind, count) + field
-    return struct.pack("<H", len(entries)) + body + struct.pack("<I", 0) + extra
-
-
 def write_dng(path: Path, preview: Image.Image, orientation: int = 1, jpeg: bool = True,
               preview_orientation: int | None = None, raw_scale: int = 2) -> None:
     """A minimal DNG as LibRaw reads it: IFD0 holds the preview (NewSubfileType 1; a baseline JPEG, or 8-bit RGB)
@@ -178,14 +161,14 @@ def write_dng(path: Path, preview: Image.Image, orientation: int = 1, jpeg: bool
         273: (4, [8]), 279: (4, [len(strip0)]), 274: (3, [orientation]), 271: (2, b"Captioner\0"),
         272: (2, b"Test\0"), 50706: (1, [1, 4, 0, 0]), 50707: (1, [1, 1, 0, 0]), 50708: (2, b"Captioner Test\0"),
         50721: (10, identity), 50778: (3, [21]), 330: (4, [0])}
-    size0 = len(_ifd(ifd0, ifd0_at))
+    size0 = len(ifd(ifd0, ifd0_at))
     sub_at = ifd0_at + size0 + size0 % 2
     ifd0[330] = (4, [sub_at])  # SubIFDs: the raw image
     sub = {**common, 256: (4, [rw]), 257: (4, [rh]), 278: (4, [rh]), 254: (4, [0]), 258: (3, [16, 16, 16]),
            259: (3, [1]), 262: (3, [34892]),
            273: (4, [8 + len(strip0)]), 279: (4, [len(strip1)])}
-    path.write_bytes(b"II*\0" + struct.pack("<I", ifd0_at) + strip0 + strip1 + _ifd(ifd0, ifd0_at)
-                     + b"\0" * (size0 % 2) + _ifd(sub, sub_at))
+    path.write_bytes(b"II*\0" + struct.pack("<I", ifd0_at) + strip0 + strip1 + ifd(ifd0, ifd0_at)
+                     + b"\0" * (size0 % 2) + ifd(sub, sub_at))
 
 
 def test_raw_without_rawpy_names_the_file_and_the_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

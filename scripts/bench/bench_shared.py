@@ -31,6 +31,7 @@ SETTINGS = {
     "thread policy (passive waiting, one thread per usable core)": {},
     "torch's defaults (active waiting, 2 threads)": {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "2"},
 }
+SPIN = {"the policy with a short spin before sleeping (GOMP_SPINCOUNT=20000)": {"GOMP_SPINCOUNT": "20000"}}
 CLI = [sys.executable, "-m", "captioner.cli"]
 
 
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=60, help="photos captioned by each caption or serve job")
     parser.add_argument("--jobs", default="caption", help="comma-separated: caption, train, serve")
     parser.add_argument("--prepared", default="prepared/quickstart", help="the train job's prepared folder")
+    parser.add_argument("--spin", action="store_true", help="also time the policy with a short spin (libgomp)")
     parser.add_argument("--serve-job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_job:
@@ -112,8 +114,9 @@ def main() -> None:
         print("| job | setting | alone (s) | beside a second job (s, each) | slowdown |")
         print("| --- | --- | ---: | ---: | ---: |")
         for kind in args.jobs.split(","):
-            for name, extra in SETTINGS.items():
-                env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")} | extra
+            for name, extra in (SETTINGS | SPIN if args.spin else SETTINGS).items():
+                env = {k: v for k, v in os.environ.items()
+                       if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")} | extra
                 timed(kind, folder, work, args.prepared, env, 1)  # warm the file cache
                 alone = min(timed(kind, folder, work, args.prepared, env, 1)[0] for _ in range(2))
                 shared = timed(kind, folder, work, args.prepared, env, 2)
