@@ -190,9 +190,14 @@ def test_a_swapped_datastore_changes_what_the_model_reads_and_writes(retrieval_m
     assert all("noise noise noise" != n["caption"] for n in first["neighbours"]) and len(first["neighbours"]) == 2
     assert set(second["generated_text"].split()) == {"noise"} != set(first["generated_text"].split())
     assert "neighbours" not in own(photo, retrieval=False)[0]
+    from test_retrieval import shipped_attention
+
+    from captioner.models.files import add_retrieval
+
+    attention = shipped_attention(tmp_path / "attention")
+    add_retrieval(attention, ImageEmbedder(1280, 16, DIM).eval())
     with pytest.raises(ValueError, match="does not read retrieved captions"):
-        from test_models import SHIPPED
-        Captioner.from_pretrained(SHIPPED, device="cpu", datastore=tmp_path / "mine")
+        Captioner.from_pretrained(attention, device="cpu", datastore=tmp_path / "mine")
 
 
 @pytest.mark.slow

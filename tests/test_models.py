@@ -236,7 +236,7 @@ def test_newer_versions_unknown_families_and_arguments_are_refused_by_name(tmp_p
     with pytest.raises(ValueError, match="unknown decoder family 'retnet'"):
         load_model(folder)
     write(decoder={"family": "attention", "args": {**meta["decoder"]["args"], "heads": 8}})
-    with pytest.raises(ValueError, match=r"model.json: decoder 'attention' has no argument\(s\) heads"):
+    with pytest.raises(ValueError, match=r"model.json: decoder 'attention' has no argument\(s\) .*\bheads\b"):
         load_model(folder)
     write(format="something-else")
     with pytest.raises(ValueError, match="not a captioner model file"):

@@ -1,6 +1,7 @@
 """What retrieval costs at inference: a retrieval model against the shipped one, measured in one run.
 
-    OMP_NUM_THREADS=1 python scripts/bench/bench_retrieval.py --model runs/flickr8k-retrieval/best \
+    git archive 6875b3e captioner/models/flickr8k-lite0 | tar -x -C /tmp/attn    # the model before retrieval
+    OMP_NUM_THREADS=1 python scripts/bench/bench_retrieval.py --baseline /tmp/attn/captioner/models/flickr8k-lite0 \
         --photos ../shared/data/coco-dev/images
 
 Rows: the datastore search per photo (one query at a time, by image vector alone and with the concept
@@ -51,8 +52,9 @@ def cold_start(model: Path, photo: Path, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="the retrieval model folder")
-    parser.add_argument("--baseline", default=str(DEFAULT_MODEL), help="the model it is compared with")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL), help="the retrieval model folder (default: shipped)")
+    parser.add_argument("--baseline", required=True, help="the model it is compared with, e.g. the attention "
+                                                          "model shipped before it (git archive 6875b3e)")
     parser.add_argument("--photos", required=True)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
@@ -83,11 +85,11 @@ def main() -> None:
         caption_folder(ours, images[:8]), caption_folder(theirs, images[:8])  # warm up
         ours_s = min(caption_folder(ours, images) for _ in range(args.repeats))
         theirs_s = min(caption_folder(theirs, images) for _ in range(args.repeats))
-    print(f"| caption {len(paths)} photos, shipped model | {theirs_s:.2f} s |")
+    print(f"| caption {len(paths)} photos, baseline model | {theirs_s:.2f} s |")
     print(f"| caption {len(paths)} photos, retrieval model | {ours_s:.2f} s ({ours_s / theirs_s:.2f}x) |")
     cold_ours, cold_theirs = cold_start(Path(args.model), paths[0], args.repeats), cold_start(Path(args.baseline),
                                                                                                paths[0], args.repeats)
-    print(f"| cold start, shipped model | {cold_theirs:.2f} s |")
+    print(f"| cold start, baseline model | {cold_theirs:.2f} s |")
     print(f"| cold start, retrieval model | {cold_ours:.2f} s ({cold_ours / cold_theirs:.2f}x) |")
 
 
