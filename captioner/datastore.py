@@ -38,6 +38,7 @@ from .sentences import SENTENCE_MODEL, SentenceEncoder
 
 FORMAT, VERSION = "captioner-datastore", 1
 REDUCED_DIM = 96  # PCA width kept: docs/RESULTS.md, "The datastore's size"
+NAMING_FILE = "naming.npz"  # the rows of the captions naming each concept word, found when the datastore is built
 BATCH = 512  # captions per sentence-encoder call
 CHUNK = 65536  # datastore rows scored per matrix product (bounds the float32 scratch)
 
@@ -55,25 +56,18 @@ class Neighbours:
     texts: list[list[str]]
 
 
-class Datastore:
-    """Captions, their photo groups and their reduced int8 vectors (the module docstring)."""
+class CaptionIndex:
+    """Which captions name a word (as a whole word: no letter or digit on either side), found once per word and
+    process, 5-25 ms over 171,000 captions, or read from NAMING_FILE where `build` stored the concept words'."""
 
-    def __init__(self, captions: list[str], groups: np.ndarray, group_names: list[str], projection: np.ndarray,
-                 mean: np.ndarray, vectors: np.ndarray, scales: np.ndarray, meta: dict,
-                 path: Path | None = None) -> None:
-        self.captions, self.groups, self.group_names = captions, groups, group_names
-        self.projection, self.mean, self.meta, self.path = projection, mean.astype(np.float32), meta, path
-        # float32 rows scaled once (N x reduced_dim x 4 bytes: 66 MB for 171,000 captions at 96)
-        self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
-        self.dim = int(meta["dim"])
-        self._naming: dict[str, np.ndarray] = {}  # word -> rows of the captions naming it, found on first use
+    def __init__(self, captions: list[str]) -> None:
+        self.captions = captions
+        self.known: dict[str, np.ndarray] = {}
         self._text = ""  # every caption lower-cased, one a line, with each line's start: made on first use
         self._starts = np.zeros(0, dtype=np.int64)
 
     def rows_naming(self, word: str) -> np.ndarray:
-        """The rows of the captions that have `word` as a whole word (no letter or digit on either side),
-        found once per word and process, 5-25 ms over 171,000 captions: what the concept ranking lifts."""
-        if word not in self._naming:
+        if word not in self.known:
             if not self._text:
                 self._text = "\n".join(self.captions).lower()
                 self._starts = np.cumsum([0] + [len(c) + 1 for c in self.captions[:-1]])
@@ -85,8 +79,26 @@ class Datastore:
                 if not before.isalnum() and not after.isalnum():
                     found.append(at)
                 at = text.find(word, at + 1)
-            self._naming[word] = np.unique(np.searchsorted(self._starts, found, side="right") - 1).astype(np.int64)
-        return self._naming[word]
+            self.known[word] = np.unique(np.searchsorted(self._starts, found, side="right") - 1).astype(np.int64)
+        return self.known[word]
+
+
+class Datastore:
+    """Captions, their photo groups and their reduced int8 vectors (the module docstring)."""
+
+    def __init__(self, captions: list[str], groups: np.ndarray, group_names: list[str], projection: np.ndarray,
+                 mean: np.ndarray, vectors: np.ndarray, scales: np.ndarray, meta: dict,
+                 path: Path | None = None) -> None:
+        self.captions, self.groups, self.group_names = captions, groups, group_names
+        self.projection, self.mean, self.meta, self.path = projection, mean.astype(np.float32), meta, path
+        # float32 rows scaled once (N x reduced_dim x 4 bytes: 66 MB for 171,000 captions at 96)
+        self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
+        self.dim = int(meta["dim"])
+        self.index = CaptionIndex(captions)  # which captions name a word: the concept ranking's lookups
+
+    def rows_naming(self, word: str) -> np.ndarray:
+        """The rows of the captions that have `word` as a whole word (CaptionIndex)."""
+        return self.index.rows_naming(word)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -195,6 +207,8 @@ def build(sources: Sequence[str | Path], output: str | Path, encoder: SentenceEn
     """Embed every caption of the sources with MiniLM and write a datastore folder at `output`."""
     from tqdm import tqdm
 
+    from .concepts import concept_table
+
     captions, groups, names = caption_groups(sources, split, log)
     if encoder is None:
         from .sentences import load_sentence_encoder
@@ -217,10 +231,21 @@ def build(sources: Sequence[str | Path], output: str | Path, encoder: SentenceEn
         np.save(folder / "projection.npy", projection)
         np.save(folder / "vectors.npy", quantised)
         np.save(folder / "scales.npy", scales)
+        index = CaptionIndex(captions)
+        write_naming(folder, {word: index.rows_naming(word) for word in concept_table().vocabulary})
 
     replace_folder(output, write)
     log(f"{output}: {len(captions):,} captions of {len(names):,} photos, {meta['reduced_dim']}-d int8")
     return load_datastore(output)
+
+
+def write_naming(folder: Path, naming: dict[str, np.ndarray]) -> None:
+    """NAMING_FILE: per word, the rows of the captions naming it (CaptionIndex), as one array and offsets."""
+    words = sorted(naming)
+    offsets = np.cumsum([0] + [len(naming[w]) for w in words]).astype(np.int64)
+    rows = np.concatenate([naming[w] for w in words]).astype(np.int32) if words else np.zeros(0, np.int32)
+    with open(folder / NAMING_FILE, "wb") as f:
+        np.savez(f, words=np.array(words, dtype=str), offsets=offsets, rows=rows)
 
 
 def load_datastore(path: str | Path) -> Datastore:
@@ -251,5 +276,13 @@ def _read(folder: Path, path: Path) -> Datastore:
             projection.shape != (meta["dim"], meta["reduced_dim"]) or vectors.shape[1:] != (meta["reduced_dim"],):
         raise DatastoreError(f"{path}: its files disagree with datastore.json ({count} captions, "
                              f"{meta['dim']} -> {meta['reduced_dim']} dimensions)")
-    return Datastore(captions, groups, names, projection, np.array(meta["mean"], dtype=np.float32), vectors,
-                     scales, meta, path)
+    store = Datastore(captions, groups, names, projection, np.array(meta["mean"], dtype=np.float32), vectors,
+                      scales, meta, path)
+    if (folder / NAMING_FILE).is_file():  # optional: a datastore built before it scans on first use instead
+        try:
+            with np.load(folder / NAMING_FILE) as saved:
+                words, offsets, rows = saved["words"].tolist(), saved["offsets"], saved["rows"].astype(np.int64)
+        except (OSError, ValueError, KeyError) as err:
+            raise DatastoreError(f"{path / NAMING_FILE}: damaged: {err}") from err
+        store.index.known.update({w: rows[offsets[i]:offsets[i + 1]] for i, w in enumerate(words)})
+    return store
