@@ -163,9 +163,9 @@ class AttentionLSTM(CaptionDecoder):
         teacher_gates = self.word_gates(captions[:, :steps])  # (B, T-1, 4H) in one product
         gates = teacher_gates[:, 0]
         for t, n in enumerate(n_running):  # n never grows, so rows past n are finished for good
-            sub = {k: v[:n] for k, v in state.items()}
-            sub["h"], sub["c"] = h[:n], c[:n]
-            h, c, alpha = self._advance(gates[:n], sub)
+            sub = {k: first_rows(v, n) for k, v in state.items()}
+            sub["h"], sub["c"] = first_rows(h, n), first_rows(c, n)
+            h, c, alpha = self._advance(first_rows(gates, n), sub)
             alphas[:n, t] = alpha
             if teacher_forcing < 1.0:
                 step_logits = self._logits(h, sub)
@@ -183,6 +183,12 @@ class AttentionLSTM(CaptionDecoder):
             logits.append(self._logits(torch.cat(hiddens), rows))
         targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
         return DecoderOutput(torch.cat(logits), targets, attention_penalty(alphas.float(), self.args.alpha_c))
+
+
+def first_rows(tensor: Tensor, n: int) -> Tensor:
+    """The first n rows, as the tensor itself while every row is running: a slice's backward fills a zero
+    gradient the size of the whole tensor (the image regions: B x L x C) at every step it is taken."""
+    return tensor if n == tensor.shape[0] else tensor[:n]
 
 
 def attention_penalty(alphas: Tensor, weight: float) -> Tensor:

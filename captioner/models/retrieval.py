@@ -33,7 +33,7 @@ from ..datastore import Neighbours
 from ..decoder_args import RetrievalArgs
 from ..vocab import UNK_ID, Vocab, tokenize
 from .base import DecoderOutput, State, register_decoder
-from .lstm import AttentionLSTM, attention_penalty
+from .lstm import AttentionLSTM, attention_penalty, first_rows
 
 if TYPE_CHECKING:
     from ..datastore import Datastore
@@ -176,8 +176,8 @@ class RetrievalLSTM(AttentionLSTM):
         n_running = running.sum(dim=1).tolist()
         hiddens = []
         for t, n in enumerate(n_running):
-            sub = {k: v[:n] for k, v in state.items()}
-            sub["h"], sub["c"] = h[:n], c[:n]
+            sub = {k: first_rows(v, n) for k, v in state.items()}
+            sub["h"], sub["c"] = first_rows(h, n), first_rows(c, n)
             h, c, alpha = self._advance(gates[:n, t], sub)
             alphas[:n, t] = alpha
             hiddens.append(h)
