@@ -71,18 +71,18 @@ class HardAttentionLSTM(AttentionLSTM):
         return self._glimpse(state, weights, h), alpha.mean(dim=1)
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None,
-                teacher_forcing: float = 1.0) -> DecoderOutput:
+                teacher_forcing: float = 1.0, **inputs: Tensor | None) -> DecoderOutput:
         """The soft LSTM's teacher-forced pass; in training with drawn regions, and aux_loss adds the
         attention's REINFORCE and entropy terms to the doubly stochastic penalty. Both are divided by
         the number of predicted words, as the objective's mean cross-entropy is, so the two halves of
         the paper's gradient keep their proportion."""
         if not self.training:
-            return super().forward(features, captions, lengths, image_index, teacher_forcing)
+            return super().forward(features, captions, lengths, image_index, teacher_forcing, **inputs)
         expect = torch.rand(features.shape[0], device=features.device) < self.args.expectation_probability
         expect = expect if image_index is None else expect[image_index]
         self._expect, self._draws = expect, []
         try:
-            out = super().forward(features, captions, lengths, image_index, teacher_forcing)
+            out = super().forward(features, captions, lengths, image_index, teacher_forcing, **inputs)
             draws = self._draws
         finally:
             self._expect = self._draws = None

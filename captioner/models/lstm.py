@@ -132,7 +132,8 @@ class AttentionLSTM(CaptionDecoder):
         return h, c, alpha
 
     def _logits(self, h: Tensor, state: State) -> Tensor:
-        """Next-word logits (B, V) from h; a subclass may add what its output_state holds of `state`."""
+        """Next-word logits (B, V) from h; a subclass may add what its output_state holds of `state` (in the
+        teacher-forced pass also "targets", each row's next word)."""
         return self.out(self.dropout(h))
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
@@ -142,8 +143,9 @@ class AttentionLSTM(CaptionDecoder):
         return logprobs, {**state, "h": h, "c": c}, alpha
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None,
-                teacher_forcing: float = 1.0) -> DecoderOutput:
-        """Teacher-forced pass (see CaptionDecoder.forward). With image_index the per-image projections
+                teacher_forcing: float = 1.0, **inputs: Tensor | None) -> DecoderOutput:
+        """Teacher-forced pass (see CaptionDecoder.forward); `inputs` go to init_state (a retrieval decoder's
+        memory). With image_index the per-image projections
         run once per image, not per caption. Step t runs only the captions still going at t, so padding
         costs nothing. With teacher_forcing < 1 the previous word is, with probability
         1 - teacher_forcing, the model's own prediction (scheduled sampling). The auxiliary loss is the
@@ -151,7 +153,7 @@ class AttentionLSTM(CaptionDecoder):
         """
         if not bool((lengths[:-1] >= lengths[1:]).all()):
             raise ValueError("captions must be sorted by decreasing length")
-        state = self.init_state(features)
+        state = self.init_state(features, **inputs)
         if image_index is not None:
             state = {k: v[image_index] for k, v in state.items()}
         steps = int(lengths[0]) - 1
@@ -178,10 +180,10 @@ class AttentionLSTM(CaptionDecoder):
                 hiddens.append(h)
                 if t + 1 < steps:
                     gates = teacher_gates[:n, t + 1]
+        targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
         if hiddens:  # one big output projection instead of one per step
             rows = {k: torch.cat([state[k][:n] for n in n_running]) for k in self.output_state if k in state}
-            logits.append(self._logits(torch.cat(hiddens), rows))
-        targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
+            logits.append(self._logits(torch.cat(hiddens), {**rows, "targets": targets}))
         return DecoderOutput(torch.cat(logits), targets, attention_penalty(alphas.float(), self.args.alpha_c))
 
 

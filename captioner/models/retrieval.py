@@ -33,7 +33,7 @@ from ..datastore import Neighbours
 from ..decoder_args import RetrievalArgs
 from ..vocab import UNK_ID, Vocab, tokenize
 from .base import DecoderOutput, State, register_decoder
-from .lstm import AttentionLSTM, attention_penalty, first_rows
+from .lstm import AttentionLSTM
 
 if TYPE_CHECKING:
     from ..datastore import Datastore
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 NAMED_FLOOR = 0.02  # concept words less probable than this lift a caption by at most 0.006: not looked up
 TINY = 1e-9  # floor of a mixture probability before its log (a word neither path gives)
 GATE_START = 3.0  # the copy gate's start: sigmoid(3) = 0.95 of each word's probability from the vocabulary
-MIXTURE_STATE = ("copy_keys", "memory_mask", "memory", "memory_ids")  # what the output mixture reads of the state
 
 
 @register_decoder("retrieval")
@@ -53,6 +52,7 @@ class RetrievalLSTM(AttentionLSTM):
     reads_memory = True
     # init_from a trained attention model (the shipped one): its weights load as they are, and what this family
     # adds starts where the LSTM is unchanged (lstm_memory zero) and the vocabulary softmax has the most say
+    output_state = ("copy_keys", "memory_mask", "memory", "memory_ids")  # what the copy mixture reads
     starts_from = ("attention",)
     added_weights = ("memory_", "init_memory.", "read_", "copy_", "lstm_memory.", "generate_gate.")
 
@@ -132,66 +132,43 @@ class RetrievalLSTM(AttentionLSTM):
         reading = torch.bmm(read.unsqueeze(1).to(state["memory"].dtype), state["memory"]).squeeze(1)
         return super()._advance(word_gates + self.lstm_memory(reading), state)
 
-    def _mixture(self, h: Tensor, state: State, hidden: Tensor | None = None) -> Tensor:
-        """Log-probabilities (B, V): the gate's share of the vocabulary softmax plus the rest spread over
-        the memory's words by the copy attention of h. `hidden` (B,) word ids, -1 for none: a word the
-        vocabulary softmax may not give (training's copy_hide), so only the copy path can."""
+    def _logits(self, h: Tensor, state: State) -> Tensor:
+        """Log-probabilities (B, V): the gate's share of the vocabulary softmax plus the rest spread over the
+        memory's words by the copy attention of h (cross-entropy over them is their negative log-likelihood:
+        log_softmax of log-probabilities is themselves). Training with copy_hide, a share of the rows whose
+        target ("targets") the memory holds get nothing from the softmax for it, so only the copy path can."""
         copy = self._memory_attention(state["copy_keys"], state["memory_mask"], self.copy_hidden(h),
                                       self.copy_score)
         copied = torch.bmm(copy.unsqueeze(1).to(state["memory"].dtype), state["memory"]).squeeze(1)
         gate = self.generate_gate(torch.cat([h, copied], dim=1)).float()
         generate = torch.sigmoid(gate if self.training else gate + self.args.generate_bias)
         logits = self.out(self.dropout(h)).float()
-        if hidden is not None:
-            rows = torch.nonzero(hidden >= 0).squeeze(1)
-            logits = logits.index_put((rows, hidden[rows]), logits.new_tensor(float("-inf")))
+        targets = state.get("targets")
+        if targets is not None and self.training and self.args.copy_hide > 0:
+            in_memory = (state["memory_ids"][:, 1:] == targets.unsqueeze(1)).any(dim=1)
+            drawn = torch.rand(len(targets), device=targets.device) < self.args.copy_hide
+            rows = torch.nonzero(in_memory & drawn & (targets > UNK_ID)).squeeze(1)
+            logits = logits.index_put((rows, targets[rows]), logits.new_tensor(float("-inf")))
         vocab = torch.softmax(logits, dim=1)
         mixed = (generate * vocab).scatter_add(1, state["memory_ids"], (1 - generate) * copy)
         return torch.log(mixed.clamp_min(TINY))
 
     def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
         h, c, alpha = self._advance(self.word_gates(words), state)
-        return self._mixture(h, state), {**state, "h": h, "c": c}, alpha
+        return self._logits(h, state), {**state, "h": h, "c": c}, alpha  # already log-probabilities
 
     def forward(self, features: Tensor, captions: Tensor, lengths: Tensor, image_index: Tensor | None = None,
-                teacher_forcing: float = 1.0, memory: Tensor | None = None) -> DecoderOutput:
-        """Teacher-forced pass (CaptionDecoder.forward) reading `memory` (one row per image of
-        features); its "logits" are the mixture's log-probabilities. While training, memory_dropout of
-        the images read no neighbours."""
+                teacher_forcing: float = 1.0, **inputs: Tensor | None) -> DecoderOutput:
+        """The attention LSTM's teacher-forced pass reading inputs["memory"] (one row per image of features);
+        its "logits" are the mixture's log-probabilities. While training, memory_dropout of the images read no
+        neighbours."""
+        memory = inputs.get("memory")
         if teacher_forcing < 1.0:
             raise ValueError("the retrieval decoder trains with teacher forcing only (teacher_forcing 1)")
-        if not bool((lengths[:-1] >= lengths[1:]).all()):
-            raise ValueError("captions must be sorted by decreasing length")
         if memory is not None and self.training and self.args.memory_dropout > 0:
             hidden = torch.rand(memory.shape[0], device=memory.device) < self.args.memory_dropout
             memory = memory.masked_fill(hidden.unsqueeze(1), 0)
-        state = self.init_state(features, memory)
-        if image_index is not None:
-            state = {k: v[image_index] for k, v in state.items()}
-        steps = int(lengths[0]) - 1
-        h, c = state["h"], state["c"]
-        alphas = features.new_zeros(len(lengths), steps, features.shape[1])
-        running = (lengths - 1).unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
-        gates = self.word_gates(captions[:, :steps])
-        n_running = running.sum(dim=1).tolist()
-        hiddens = []
-        for t, n in enumerate(n_running):
-            sub = {k: first_rows(v, n) for k, v in state.items()}
-            sub["h"], sub["c"] = first_rows(h, n), first_rows(c, n)
-            h, c, alpha = self._advance(gates[:n, t], sub)
-            alphas[:n, t] = alpha
-            hiddens.append(h)
-        # the mixture depends on each step's h only: one pass over every step's rows, as the LSTM's output layer
-        rows = torch.cat([torch.arange(n, device=lengths.device) for n in n_running])
-        mixture_state = {k: state[k][rows] for k in MIXTURE_STATE}
-        targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
-        hidden = None
-        if self.training and self.args.copy_hide > 0:
-            in_memory = (mixture_state["memory_ids"][:, 1:] == targets.unsqueeze(1)).any(dim=1)
-            drawn = torch.rand(len(targets), device=targets.device) < self.args.copy_hide
-            hidden = torch.where(in_memory & drawn & (targets > UNK_ID), targets, torch.full_like(targets, -1))
-        logprobs = self._mixture(torch.cat(hiddens), mixture_state, hidden)
-        return DecoderOutput(logprobs, targets, attention_penalty(alphas.float(), self.args.alpha_c))
+        return super().forward(features, captions, lengths, image_index, memory=memory)
 
     def reading(self, memory: Tensor) -> WithMemory:
         """This decoder for beam search over photos whose retrieved captions are `memory` (B, M)."""
