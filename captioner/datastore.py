@@ -60,9 +60,9 @@ class CaptionIndex:
     """Which captions name a word (as a whole word: no letter or digit on either side), found once per word and
     process, 5-25 ms over 171,000 captions, or read from NAMING_FILE where `build` stored the concept words'."""
 
-    def __init__(self, captions: list[str]) -> None:
+    def __init__(self, captions: list[str], known: dict[str, np.ndarray] | None = None) -> None:
         self.captions = captions
-        self.known: dict[str, np.ndarray] = {}
+        self.known = dict(known or {})
         self._text = ""  # every caption lower-cased, one a line, with each line's start: made on first use
         self._starts = np.zeros(0, dtype=np.int64)
 
@@ -88,17 +88,13 @@ class Datastore:
 
     def __init__(self, captions: list[str], groups: np.ndarray, group_names: list[str], projection: np.ndarray,
                  mean: np.ndarray, vectors: np.ndarray, scales: np.ndarray, meta: dict,
-                 path: Path | None = None) -> None:
+                 path: Path | None = None, naming: dict[str, np.ndarray] | None = None) -> None:
         self.captions, self.groups, self.group_names = captions, groups, group_names
         self.projection, self.mean, self.meta, self.path = projection, mean.astype(np.float32), meta, path
         # float32 rows scaled once (N x reduced_dim x 4 bytes: 66 MB for 171,000 captions at 96)
         self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
         self.dim = int(meta["dim"])
-        self.index = CaptionIndex(captions)  # which captions name a word: the concept ranking's lookups
-
-    def rows_naming(self, word: str) -> np.ndarray:
-        """The rows of the captions that have `word` as a whole word (CaptionIndex)."""
-        return self.index.rows_naming(word)
+        self.index = CaptionIndex(captions, naming)  # which captions name a word: the concept ranking's lookups
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -276,13 +272,13 @@ def _read(folder: Path, path: Path) -> Datastore:
             projection.shape != (meta["dim"], meta["reduced_dim"]) or vectors.shape[1:] != (meta["reduced_dim"],):
         raise DatastoreError(f"{path}: its files disagree with datastore.json ({count} captions, "
                              f"{meta['dim']} -> {meta['reduced_dim']} dimensions)")
-    store = Datastore(captions, groups, names, projection, np.array(meta["mean"], dtype=np.float32), vectors,
-                      scales, meta, path)
+    naming = None
     if (folder / NAMING_FILE).is_file():  # optional: a datastore built before it scans on first use instead
         try:
             with np.load(folder / NAMING_FILE) as saved:
                 words, offsets, rows = saved["words"].tolist(), saved["offsets"], saved["rows"].astype(np.int64)
         except (OSError, ValueError, KeyError) as err:
             raise DatastoreError(f"{path / NAMING_FILE}: damaged: {err}") from err
-        store.index.known.update({w: rows[offsets[i]:offsets[i + 1]] for i, w in enumerate(words)})
-    return store
+        naming = {w: rows[offsets[i]:offsets[i + 1]] for i, w in enumerate(words)}
+    return Datastore(captions, groups, names, projection, np.array(meta["mean"], dtype=np.float32), vectors,
+                     scales, meta, path, naming)

@@ -236,13 +236,13 @@ def test_retrieval_weighs_the_concepts_a_caption_names(tmp_path):
     assert found.texts == [["A red bus on a city street."]]
     assert found.similarity[0, 0] < store.search(query, 1).similarity[0, 0]  # the cosine, not the bonus, is shown
     # every caption naming a concept is a candidate, however far its vector: not only the nearest few
-    assert set(store.rows_naming("bus")) == {j for j, c in enumerate(store.captions) if "bus" in c.split()}
+    assert set(store.index.rows_naming("bus")) == {j for j, c in enumerate(store.captions) if "bus" in c.split()}
     # build stored the concept words' rows, so a loaded datastore never scans for them; a word it did not
     # store is found by scanning, and the two agree
     assert "bus" in store.index.known and "kitchen" not in store.index.known
     scanned = CaptionIndex(store.captions)
     for word in ("bus", "giraffe", "dog", "kitchen"):
-        assert np.array_equal(store.rows_naming(word), scanned.rows_naming(word)), word
+        assert np.array_equal(store.index.rows_naming(word), scanned.rows_naming(word)), word
     far = retrieve(store, fake_encoder(["zzz"]), vocab, args, concept_probs=probs, concept_words=words,
                    concept_weight=1.0)[1]
     assert far.texts == [["A red bus on a city street."]]

@@ -212,7 +212,7 @@ def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: Retr
     k = min(k or args.neighbours, args.neighbours)
     boosts = None
     if concept_probs is not None and concept_weight > 0:
-        boosts = [[(datastore.rows_naming(concept_words[j]), concept_weight * float(probs[j]))
+        boosts = [[(datastore.index.rows_naming(concept_words[j]), concept_weight * float(probs[j]))
                    for j in np.flatnonzero(probs >= NAMED_FLOOR).tolist()] for probs in concept_probs]
     found = datastore.search(vectors, k, exclude, boosts)
     return memory_tokens(found.texts, vocab, args.neighbours, args.memory_length), found
