@@ -34,7 +34,6 @@ from .encoders import Encoder, image_transforms
 from .extras import install_hint
 from .models.base import CaptionDecoder, State
 from .models.files import DATASTORE_DIR, RETRIEVAL_FILE, read_model_json, weights_sha256, write_model_json
-from .models.retrieval import retrieve
 from .onnx_backend import CONCEPT_HEAD, GRAPHS, WEIGHTS_KEY, require_onnxruntime
 from .pipeline import Captioner
 
@@ -259,14 +258,14 @@ def compare(reference: Captioner, exported: Captioner, images: list[Image.Image]
 
 
 def retrieved(reference: Captioner, images: list[Image.Image] | Tensor) -> Tensor | None:
-    """A retrieval model's memory for images (or their features), as `caption` retrieves it; None for others."""
-    if reference.datastore is None or reference.embedder is None:  # a model with a datastore ships an embedder
+    """A retrieval model's memory for images (or their features), as `caption` retrieves it at the model's
+    defaults (Captioner.retrieved); None for other models."""
+    if reference.datastore is None:
         return None
     with torch.no_grad():
         if not isinstance(images, Tensor):
             images = reference.encoder.regions(torch.stack([reference.encoder.preprocess(im) for im in images]))
-        vectors = reference.embedder(images).numpy()
-    return retrieve(reference.datastore, vectors, reference.vocab, cast(Any, reference.decoder).args)[0]
+        return reference.retrieved(images, reference.options())[0]
 
 
 def verify(reference: Captioner, folder: Path, images: list[Image.Image],

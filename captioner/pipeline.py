@@ -31,7 +31,7 @@ from .runtime import resolve_device
 from .vocab import Vocab
 
 if TYPE_CHECKING:
-    from .datastore import Datastore
+    from .datastore import Datastore, Neighbours
     from .encoders import Encoder
     from .models.embedder import ImageEmbedder
     from .onnx_backend import OnnxEncoder
@@ -149,13 +149,8 @@ class Captioner:
         embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
                     else None)
         if retrieving:
-            assert self.datastore is not None and embedded is not None  # a model with a datastore has an embedder
-            reader = cast(Any, self.decoder)  # a retrieval decoder: its args, and reading() for these photos
-            probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
-            memory, found = retrieve(self.datastore, embedded, self.vocab, reader.args, opts.retrieved,
-                                     concept_probs=probs, concept_words=concept_table().vocabulary,
-                                     concept_weight=opts.retrieval_concepts)
-            decoder = reader.reading(memory.to(self.device))
+            memory, found = self.retrieved(features, opts, embedded)
+            decoder = cast(Any, self.decoder).reading(memory.to(self.device))  # a retrieval decoder
             similar = [list(zip(texts, sims.tolist())) for texts, sims in zip(found.texts, found.similarity)]
         if self.concepts is not None:
             shown = self.concepts.shown(features)
@@ -164,6 +159,18 @@ class Captioner:
         kept = embedded if vectors and embedded is not None else [None] * len(batch)
         return [CaptionResult(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
                 in zip(beam_search(decoder, features, opts), shown, kept, similar)]
+
+    def retrieved(self, features: torch.Tensor, opts: DecodingOptions,
+                  embedded: np.ndarray | None = None) -> tuple[torch.Tensor, Neighbours]:
+        """A retrieval model's memory for images' features, and the neighbours in it: their captions nearest
+        their vectors (`embedded`, when already computed), ranked again by the concept words they name."""
+        assert self.datastore is not None and self.embedder is not None  # a model with a datastore has an embedder
+        if embedded is None:
+            embedded = self.embedder(features).cpu().numpy()
+        probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
+        return retrieve(self.datastore, embedded, self.vocab, cast(Any, self.decoder).args, opts.retrieved,
+                        concept_probs=probs, concept_words=concept_table().vocabulary,
+                        concept_weight=opts.retrieval_concepts)
 
     @torch.inference_mode()
     def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:

@@ -9,9 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.concepts import concept_table
 from captioner.data import load_image
-from captioner.models.retrieval import retrieve
 from captioner.pipeline import Captioner
 
 from helpers import ROOT, run_cli, train_tiny_model
@@ -176,10 +174,7 @@ def test_shipped_default_model_loads_without_arguments_and_is_small():
     with torch.inference_mode():
         image = captioner.encoder.preprocess(load_image(PHOTOS / "astronaut.jpg"))[None]
         features = captioner.encoder.regions(image)
-        memory, _ = retrieve(captioner.datastore, captioner.embedder(features).numpy(), vocab, captioner.decoder.args,
-                             concept_probs=captioner.concepts.probs(features).numpy(),
-                             concept_words=concept_table().vocabulary,
-                             concept_weight=captioner.defaults.retrieval_concepts)
+        memory, _ = captioner.retrieved(features, captioner.defaults)
         result = captioner.decoder(features, tokens, torch.tensor([tokens.shape[1]]), memory=memory)
         logprob = torch.log_softmax(result.logits.float(), dim=-1).gather(1, result.targets[:, None]).sum()
     penalty = captioner.defaults.length_penalty
