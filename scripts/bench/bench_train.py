@@ -10,6 +10,7 @@ speed of both precisions, which is how the bfloat16 default was checked.
     python scripts/bench/bench_train.py --prepared prepared/flickr8k --batches 40 --no-amp
     python scripts/bench/bench_train.py --prepared prepared/flickr8k --batches 150 --compare-precision
     python scripts/bench/bench_train.py --prepared prepared/flickr8k --no-amp --tutorial PATH/TO/models.py
+    python scripts/bench/bench_train.py --prepared prepared/flickr8k --no-amp --batches 10 --profile
     python scripts/bench/bench_train.py --prepared prepared/flickr8k --no-amp \
         --decoders attention,attention:4,hard-attention
 
@@ -43,8 +44,10 @@ from captioner.runtime import bf16_supported, cpu_name
 from captioner.step import train_step
 
 
-def run(data: CaptionSet, cfg: Config, batches: list[list[int]], amp: bool, every: int = 0) -> float:
-    """Train a fresh seeded decoder over the batches; return captions/s after 5 warm-up batches."""
+def run(data: CaptionSet, cfg: Config, batches: list[list[int]], amp: bool, every: int = 0,
+        profiler: torch.profiler.profile | None = None) -> float:
+    """Train a fresh seeded decoder over the batches; return captions/s after 5 warm-up batches, which
+    `profiler` (started there) records."""
     torch.manual_seed(0)
     decoder = decoder_from_config(cfg, len(data.prepared.vocab), data.prepared.spec["channels"]).train()
     optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg.lr)
@@ -52,6 +55,8 @@ def run(data: CaptionSet, cfg: Config, batches: list[list[int]], amp: bool, ever
     for i, idx in enumerate(batches):
         if i == 5:
             start, captions = time.perf_counter(), 0
+            if profiler is not None:
+                profiler.start()
         rows, owner, tokens, lengths = data.batch(idx)
         logs = train_step(decoder, CrossEntropy(), optimizer, Batch(data.features(rows), rows, owner, tokens, lengths),
                           cfg.grad_clip, use_amp=amp)
@@ -60,6 +65,8 @@ def run(data: CaptionSet, cfg: Config, batches: list[list[int]], amp: bool, ever
         if every and (i + 1) % every == 0:
             print(f"{'bf16' if amp else 'fp32'} batch {i + 1}: mean loss {running / every:.4f}")
             running = 0.0
+    if profiler is not None:
+        profiler.stop()
     return captions / (time.perf_counter() - start)
 
 
@@ -122,6 +129,8 @@ def main() -> None:
     parser.add_argument("--tutorial", type=Path, help="the tutorial's models.py, to time its decoder beside ours")
     parser.add_argument("--decoders", help="FAMILY[:HEADS],...: time these decoders, taking turns")
     parser.add_argument("--rounds", type=int, default=2, help="--tutorial, --decoders: turns each")
+    parser.add_argument("--profile", action="store_true", help="the attention LSTM's step under torch.profiler: "
+                                                               "its operators by time over the timed batches")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -136,6 +145,11 @@ def main() -> None:
               f"bfloat16 {matmul_gflops(torch.bfloat16):.0f} GFLOP/s")
         return
     amp = args.amp and bf16_supported(torch.device("cpu"))
+    if args.profile:
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        run(data, cfg, batches, amp, profiler=profiler)
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
     if args.tutorial:
         ours, theirs = [], []
         for _ in range(args.rounds):
