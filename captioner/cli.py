@@ -189,10 +189,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if args.output:
         with open(args.output, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["file", "rank", "caption", "score"])
+            writer.writerow(["file", "rank", "caption", "score", "source"])
             for path, captions, _ in results:
                 for rank, c in enumerate(captions, 1):
-                    writer.writerow([str(path), rank, c["generated_text"], c["score"]])
+                    writer.writerow([str(path), rank, c["generated_text"], c["score"], c.get("source", "decoder")])
     return 1 if failed else 0
 
 

@@ -170,6 +170,8 @@ class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, ConceptArgs, _In
     retrieval: bool = config_field("retrieval")
     retrieved: int = config_field("retrieved")
     retrieval_concepts: float = config_field("retrieval_concepts")
+    consensus: bool = config_field("consensus")
+    decoder_lean: float = config_field("decoder_lean")
 
     def __post_init__(self) -> None:
         """Every value is checked when a Config is made (from a file, flags or code), not where it is

@@ -17,6 +17,8 @@ A datastore folder, written atomically:
     vectors.npy        (N, reduced_dim) int8: each caption's vector minus the mean, on those directions,
                        divided by `scale` per row
     scales.npy         (N,) float16
+    naming.npz         the rows of the captions naming each concept word (CaptionIndex)
+    ngram_idf.npy      the captions' n-gram document frequencies, hashed (consensus.py)
 
 A query q (a unit vector of `dim`) scores caption i as q.mean + (q @ projection) . vectors[i] * scales[i]:
 its cosine with the caption vector, up to what PCA drops and int8 rounds (docs/RESULTS.md measures
@@ -33,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from .atomic import read_folder, replace_folder
+from .consensus import BUCKETS, NGRAM_FILE, count_idf
 from .data import DatasetError, read_entries
 from .sentences import SENTENCE_MODEL, SentenceEncoder
 
@@ -88,13 +91,23 @@ class Datastore:
 
     def __init__(self, captions: list[str], groups: np.ndarray, group_names: list[str], projection: np.ndarray,
                  mean: np.ndarray, vectors: np.ndarray, scales: np.ndarray, meta: dict,
-                 path: Path | None = None, naming: dict[str, np.ndarray] | None = None) -> None:
+                 path: Path | None = None, naming: dict[str, np.ndarray] | None = None,
+                 idf: np.ndarray | None = None) -> None:
         self.captions, self.groups, self.group_names = captions, groups, group_names
         self.projection, self.mean, self.meta, self.path = projection, mean.astype(np.float32), meta, path
         # float32 rows scaled once (N x reduced_dim x 4 bytes: 66 MB for 171,000 captions at 96)
         self.table = vectors.astype(np.float32) * scales.astype(np.float32)[:, None]
         self.dim = int(meta["dim"])
         self.index = CaptionIndex(captions, naming)  # which captions name a word: the concept ranking's lookups
+        self._idf = idf
+
+    @property
+    def idf(self) -> np.ndarray:
+        """The captions' hashed n-gram idf (consensus.py): stored, or counted on first use for a datastore
+        built before it was."""
+        if self._idf is None:
+            self._idf = count_idf(self.captions)
+        return self._idf
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -229,6 +242,7 @@ def build(sources: Sequence[str | Path], output: str | Path, encoder: SentenceEn
         np.save(folder / "scales.npy", scales)
         index = CaptionIndex(captions)
         write_naming(folder, {word: index.rows_naming(word) for word in concept_table().vocabulary})
+        np.save(folder / NGRAM_FILE, count_idf(captions))
 
     replace_folder(output, write)
     log(f"{output}: {len(captions):,} captions of {len(names):,} photos, {meta['reduced_dim']}-d int8")
@@ -280,5 +294,13 @@ def _read(folder: Path, path: Path) -> Datastore:
         except (OSError, ValueError, KeyError) as err:
             raise DatastoreError(f"{path / NAMING_FILE}: damaged: {err}") from err
         naming = {w: rows[offsets[i]:offsets[i + 1]] for i, w in enumerate(words)}
+    idf = None
+    if (folder / NGRAM_FILE).is_file():  # optional as well: counted on first use without it
+        try:
+            idf = np.load(folder / NGRAM_FILE)
+        except (OSError, ValueError) as err:
+            raise DatastoreError(f"{path / NGRAM_FILE}: damaged: {err}") from err
+        if idf.shape != (BUCKETS,) or idf.dtype != np.uint8:
+            raise DatastoreError(f"{path / NGRAM_FILE}: expected {BUCKETS} uint8 values, got {idf.shape} {idf.dtype}")
     return Datastore(captions, groups, names, projection, np.array(meta["mean"], dtype=np.float32), vectors,
-                     scales, meta, path, naming)
+                     scales, meta, path, naming, idf)

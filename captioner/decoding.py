@@ -21,19 +21,22 @@ mean log-probability per word; values in between trade the two off.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .consensus import rerank
 from .decoding_options import DecodingOptions
 from .models.base import State
 from .reinforce import draw
-from .vocab import END_ID, NEVER_WRITTEN, START_ID
+from .vocab import END_ID, NEVER_WRITTEN, START_ID, tokenize
 
 INF = float("inf")
 Number = TypeVar("Number", Tensor, float)
@@ -87,6 +90,8 @@ class Caption:
     score: float  # the ranking score: logprob / length**length_penalty
     finished: bool  # ended with <end> within max_length words
     alphas: Tensor  # (len(tokens), L) float32 CPU attention weights of each word; L is 0 without attention
+    text: str = ""  # a caption of a similar photo that consensus.py chose, its words (tokens empty); "" otherwise
+    agreement: float | None = None  # its consensus score, where consensus.py ranked the captions
 
 
 @torch.no_grad()
@@ -316,3 +321,18 @@ def beam_search(decoder: Decoder, features: Tensor, options: DecodingOptions = D
         if bool((pool_score[:, -1] >= best_reachable).all()):
             break
     return trace.captions(pool_score, pool_id, live, k, length_penalty)
+
+
+def by_consensus(captions: Sequence[Caption], texts: Sequence[str], voters: Sequence[str], idf: np.ndarray,
+                 options: DecodingOptions) -> list[Caption]:
+    """The num_captions best of a photo's decoded `captions` (written out as `texts`) and the captions of
+    similar photos that vote (consensus.py), decoder_lean given to the decoder's; a voter chosen becomes a
+    Caption holding its words in `text`."""
+    out = []
+    for i, agreement in rerank(texts, voters, idf, options.decoder_lean)[:options.num_captions]:
+        if i < len(captions):
+            out.append(dataclasses.replace(captions[i], agreement=agreement))
+        else:
+            words = " ".join(tokenize(voters[i - len(captions)]))
+            out.append(Caption([], 0.0, 0.0, True, torch.zeros(0, 0), text=words, agreement=agreement))
+    return out

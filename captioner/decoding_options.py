@@ -45,6 +45,11 @@ class DecodingOptions:
                                 "with)", (1, 16))
     retrieval_concepts: float = _option(0.3, "how much the concept words a caption names count in retrieving it "
                                              "(the encoder's ImageNet head); 0: the image vector alone", (0.0, 2.0))
+    consensus: bool = _option(False, "retrieval models: choose, among the decoder's n-best and the captions of the "
+                                     "25 most similar photos, the caption those captions agree with most; off: the "
+                                     "decoder's best")
+    decoder_lean: float = _option(0.1, "consensus: agreement added to the decoder's own captions; higher keeps "
+                                       "them more often, 1: always", (0.0, 1.0))
 
     def __post_init__(self) -> None:
         for f in fields(self):

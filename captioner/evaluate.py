@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
 from .concepts import Concepts, concept_table
-from .decoding import Decoder, Ensemble, beam_search
+from .consensus import VOTERS
+from .decoding import Decoder, Ensemble, beam_search, by_consensus
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
 from .features import DONE, Prepared, image_inputs, open_prepared
@@ -41,11 +42,13 @@ if TYPE_CHECKING:
 def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: DecodingOptions,
                  device: torch.device, encoder: Encoder | None = None, batch_size: int = 100,
                  concepts: Concepts | None = None, vocab: Vocab | None = None,
-                 memory: np.ndarray | None = None) -> dict[str, str]:
+                 memory: np.ndarray | None = None, voters: dict[int, list[str]] | None = None,
+                 idf: np.ndarray | None = None) -> dict[str, str]:
     """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
     images through `encoder` once stage 2 has changed it; with `concepts` (and opts.concepts) as
     `caption` does (concepts.py). `vocab`: the decoder's, when it is not the prepared folder's. `memory`:
-    a retrieval decoder's retrieved captions of every prepared row (opts.retrieval off: none read)."""
+    a retrieval decoder's retrieved captions of every prepared row (opts.retrieval off: none read); with
+    opts.consensus, `voters` (per row) and the datastore's `idf` choose as `caption` does (consensus.py)."""
     was_training = decoder.training
     decoder.eval()
     words = concepts.vocab if concepts is not None and opts.concepts else vocab or prepared.vocab
@@ -62,9 +65,14 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
             search = cast(Any, decoder).reading(torch.from_numpy(memory[chunk]))
         if concepts is not None and opts.concepts:
             search = concepts.decoder(search, opts.concept_threshold)
-        results = beam_search(search, feats, opts)
+        if memory is not None and opts.retrieval and opts.consensus and voters is not None and idf is not None:
+            nbest = beam_search(search, feats, dataclasses.replace(opts, num_captions=opts.beam_size))
+            results = [by_consensus(captions, [words.decode(c.tokens) for c in captions], voters[row], idf, opts)
+                       for row, captions in zip(chunk, nbest)]
+        else:
+            results = beam_search(search, feats, opts)
         for row, best in zip(chunk, results):
-            out[prepared.records[row].name] = words.decode(best[0].tokens)
+            out[prepared.records[row].name] = best[0].text or words.decode(best[0].tokens)
     decoder.train(was_training)
     return out
 
@@ -73,11 +81,12 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
 def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Datastore, decoder: RetrievalLSTM,
                      vocab: Vocab, k: int | None = None, leave_out: bool = False, batch_size: int = 256,
                      concepts: Concepts | None = None, concept_weight: float = 0.0,
-                     rows: list[int] | None = None, log: Callable[[str], None] = print) -> np.ndarray:
+                     rows: list[int] | None = None, voters: int = 0,
+                     log: Callable[[str], None] = print) -> tuple[np.ndarray, dict[int, list[str]]]:
     """The k retrieved captions of the prepared photos `rows` (default: all) as a retrieval decoder's memory rows
-    (prepared rows, M; zeros elsewhere),
-    from its cached features; `leave_out`: never the photo's own captions (training); with `concepts`, ranked
-    again by the concept words they name as `caption` does (models/retrieval.retrieve)."""
+    (prepared rows, M; zeros elsewhere), from its cached features, and the texts of the first max(k, voters)
+    per row (consensus.py's voters); `leave_out`: never the photo's own captions (training); with `concepts`,
+    ranked again by the concept words they name as `caption` does (models/retrieval.retrieve)."""
     from .models.retrieval import retrieve
 
     own = datastore.groups_by_image() if leave_out else {}
@@ -85,6 +94,7 @@ def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Dat
     if rows is None:  # every photo with features
         rows = [i for i in range(len(prepared.records)) if prepared.status[i] == DONE]
     excluded = 0
+    texts: dict[int, list[str]] = {}
     for start in tqdm(range(0, len(rows), batch_size), desc="retrieving", unit="batch", leave=False):
         chunk = rows[start:start + batch_size]
         features = torch.from_numpy(prepared.features[chunk].astype(np.float32))
@@ -92,11 +102,13 @@ def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Dat
         probs = concepts.probs(features).numpy() if concepts is not None else None
         exclude = [own.get(prepared.records[i].name) for i in chunk]
         excluded += sum(e is not None for e in exclude)
-        memory[chunk] = retrieve(datastore, vectors, vocab, decoder.args, k, exclude, probs, concept_table().vocabulary,
-                                 concept_weight)[0].numpy()
+        found_memory, found = retrieve(datastore, vectors, vocab, decoder.args, k, exclude, probs,
+                                       concept_table().vocabulary, concept_weight, voters)
+        memory[chunk] = found_memory.numpy()
+        texts.update(zip(chunk, found.texts))
     log(f"retrieved {k or decoder.args.neighbours} captions for {len(rows)} photos from {datastore.name}"
         + (f" ({excluded} photos' own captions left out)" if leave_out else ""))
-    return memory
+    return memory, texts
 
 
 def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "test",
@@ -130,14 +142,16 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     decoder: nn.Module = Ensemble([member.decoder for _, member in members]) if ensemble else loaded.decoder
     rows = split_rows(prepared, split)
     refs = prepared.references(rows)
-    memory = None
+    memory, voters, idf = None, None, None
     if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
         if loaded.embedder is None:
             raise ValueError(f"{model} reads retrieved captions but has no image embedder (retrieval.safetensors)")
         reader = cast("RetrievalLSTM", loaded.decoder)
-        memory = retrieved_memory(prepared, loaded.embedder, model_datastore(loaded.path, loaded.embedder, datastore),
-                                  reader, loaded.vocab, base.retrieved, concepts=concepts,
-                                  concept_weight=base.retrieval_concepts, rows=rows, log=log)
+        store = model_datastore(loaded.path, loaded.embedder, datastore)
+        memory, voters = retrieved_memory(prepared, loaded.embedder, store, reader, loaded.vocab, base.retrieved,
+                                          concepts=concepts, concept_weight=base.retrieval_concepts, rows=rows,
+                                          voters=VOTERS if base.consensus else 0, log=log)
+        idf = store.idf if base.consensus else None
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +161,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
         predictions = decode_split(decoder, prepared, rows, opts, dev, encoder, concepts=concepts,
-                                   vocab=loaded.vocab, memory=memory)
+                                   vocab=loaded.vocab, memory=memory, voters=voters, idf=idf)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)

@@ -239,7 +239,7 @@ def stepwise_logprobs(decoder: Any, features: Tensor, captions: list[list[int]],
 def compare(reference: Captioner, exported: Captioner, images: list[Image.Image]) -> Agreement:
     """Caption `images` with both (the reference's default decoding options, the decoder's own words:
     concepts act the same way on both, in PyTorch) and compare."""
-    opts = replace(reference.options(), concepts=False)
+    opts = replace(reference.options(), concepts=False, consensus=False)
     ours, theirs = [[r.captions for r in c.generate(images, opts)] for c in (reference, exported)]
     best = [c[0].tokens for c in ours]
     vocab = reference.vocab

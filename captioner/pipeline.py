@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ from PIL import Image
 
 from .concepts import Concepts, concept_table
 from .config import BACKENDS
+from .consensus import VOTERS
 from .data import ImageError, load_image
-from .decoding import Caption, Decoder, beam_search
+from .decoding import Caption, Decoder, beam_search, by_consensus
 from .decoding_options import OPTIONS, DecodingOptions
 from .models import CaptionDecoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
@@ -148,17 +150,27 @@ class Captioner:
         retrieving = self.datastore is not None and opts.retrieval
         embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
                     else None)
+        reranking = retrieving and opts.consensus
         if retrieving:
             memory, found = self.retrieved(features, opts, embedded)
             decoder = cast(Any, self.decoder).reading(memory.to(self.device))  # a retrieval decoder
-            similar = [list(zip(texts, sims.tolist())) for texts, sims in zip(found.texts, found.similarity)]
+            read = min(opts.retrieved, cast(Any, self.decoder).args.neighbours)  # the rest only vote
+            similar = [list(zip(texts[:read], sims[:read].tolist()))
+                       for texts, sims in zip(found.texts, found.similarity)]
         if self.concepts is not None:
             shown = self.concepts.shown(features)
             if opts.concepts:
                 decoder = self.concepts.decoder(decoder, opts.concept_threshold)
+        if reranking:  # every beam competes with the voters (decoding.by_consensus)
+            assert self.datastore is not None
+            nbest = beam_search(decoder, features, dataclasses.replace(opts, num_captions=opts.beam_size))
+            results = [by_consensus(captions, [self.words.decode(c.tokens) for c in captions], voters,
+                                    self.datastore.idf, opts) for captions, voters in zip(nbest, found.texts)]
+        else:
+            results = beam_search(decoder, features, opts)
         kept = embedded if vectors and embedded is not None else [None] * len(batch)
         return [CaptionResult(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
-                in zip(beam_search(decoder, features, opts), shown, kept, similar)]
+                in zip(results, shown, kept, similar)]
 
     def retrieved(self, features: torch.Tensor, opts: DecodingOptions,
                   embedded: np.ndarray | None = None) -> tuple[torch.Tensor, Neighbours]:
@@ -170,7 +182,7 @@ class Captioner:
         probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
         return retrieve(self.datastore, embedded, self.vocab, cast(Any, self.decoder).args, opts.retrieved,
                         concept_probs=probs, concept_words=concept_table().vocabulary,
-                        concept_weight=opts.retrieval_concepts)
+                        concept_weight=opts.retrieval_concepts, voters=VOTERS if opts.consensus else 0)
 
     @torch.inference_mode()
     def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:
@@ -210,11 +222,11 @@ class Captioner:
 
     def as_dicts(self, captions: list[Caption]) -> list[dict]:
         """An n-best list in the pipeline's output form."""
-        return [{"generated_text": self.words.decode(c.tokens), "score": round(c.score, 4)} for c in captions]
+        return [caption_dict(c, self.words) for c in captions]
 
     def attention_maps(self, caption: Caption) -> tuple[list[str], np.ndarray]:
         """A caption's words and their attention maps (T, H, W) on the encoder's grid."""
-        words = [self.words.itos[t] for t in caption.tokens]
+        words = caption.text.split() if caption.text else [self.words.itos[t] for t in caption.tokens]
         h, w = self.encoder.grid()
         if not caption.alphas.numel():  # the no-attention baseline looks everywhere alike
             return words, np.full((len(words), h, w), 1.0 / (h * w), dtype=np.float32)
@@ -263,6 +275,18 @@ def loaded_batches(items: list[tuple[Any, str | None]], batch_size: int) -> Iter
         raise ValueError(f"batch_size must be a whole number of images, at least 1, got {batch_size!r}")
     for start in range(0, len(items), batch_size):
         yield [load_image(x, name=name) for x, name in items[start:start + batch_size]]
+
+
+def caption_dict(caption: Caption, words: Vocab) -> dict:
+    """One caption in the pipeline's output form; where consensus ranked it, its agreement and whether the
+    decoder wrote it or it is a caption of a similar photo from the datastore (then it has no score)."""
+    if caption.agreement is None:
+        return {"generated_text": words.decode(caption.tokens), "score": round(caption.score, 4)}
+    if caption.text:
+        return {"generated_text": caption.text, "score": None, "agreement": round(caption.agreement, 4),
+                "source": "datastore"}
+    return {"generated_text": words.decode(caption.tokens), "score": round(caption.score, 4),
+            "agreement": round(caption.agreement, 4), "source": "decoder"}
 
 
 def concept_dicts(concepts: list[tuple[str, float]]) -> list[dict]:

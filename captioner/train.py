@@ -377,7 +377,7 @@ def leave_one_out_memory(cfg: Config, prepared: Prepared, decoder: CaptionDecode
     head = pretrained_head(prepared.spec) if cfg.retrieval_concepts > 0 else None
     concepts = Concepts(*head, prepared.vocab) if head is not None else None
     return retrieved_memory(prepared, embedder, load_datastore(cfg.datastore), reader, prepared.vocab, leave_out=True,
-                            concepts=concepts, concept_weight=cfg.retrieval_concepts, log=log)
+                            concepts=concepts, concept_weight=cfg.retrieval_concepts, log=log)[0]
 
 
 def score_start(run: Run, state: TrainState) -> None:

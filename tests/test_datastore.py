@@ -157,8 +157,8 @@ def test_training_retrieves_leave_one_out_and_the_model_carries_its_datastore(re
     assert (model / "datastore" / "datastore.json").is_file() and (model / "retrieval.safetensors").is_file()
     loaded = load_model(model)
     store, prepared = model_datastore(model, loaded.embedder), open_prepared(prepared_dir)
-    memory = retrieved_memory(prepared, loaded.embedder, store, loaded.decoder, loaded.vocab, leave_out=True,
-                              log=lambda s: None)
+    memory, _ = retrieved_memory(prepared, loaded.embedder, store, loaded.decoder, loaded.vocab, leave_out=True,
+                                 log=lambda s: None)
     texts = {name: [] for name in store.groups_by_image()}
     for caption, group in zip(store.captions, store.groups):
         texts[store.group_names[group].partition(":")[2]].append(caption)
@@ -166,8 +166,8 @@ def test_training_retrieves_leave_one_out_and_the_model_carries_its_datastore(re
         own = {tuple(loaded.vocab.encode(c)[1:-1]) for c in texts[prepared.records[row].name]}
         read = {tuple(int(t) for t in slot if t) for slot in memory[row].reshape(2, 4)}
         assert len(read) == 2 and not read & own, prepared.records[row].name
-    everything = retrieved_memory(prepared, loaded.embedder, store, loaded.decoder, loaded.vocab, k=1,
-                                  log=lambda s: None)  # evaluation's retrieval leaves nothing out
+    everything, _ = retrieved_memory(prepared, loaded.embedder, store, loaded.decoder, loaded.vocab, k=1,
+                                     log=lambda s: None)  # evaluation's retrieval leaves nothing out
     assert any(tuple(int(t) for t in everything[row][:4] if t) in
                {tuple(loaded.vocab.encode(c)[1:-1]) for c in texts[prepared.records[row].name]}
                for row in prepared.indices("train"))
@@ -375,3 +375,51 @@ def test_generate_bias_moves_the_copy_gate_when_captioning_and_never_in_training
     torch.testing.assert_close(out[0.0, "train"], out[30.0, "train"])
     assert not torch.allclose(out[0.0, "eval"], want, atol=1e-4)
     torch.testing.assert_close(out[30.0, "eval"], want, atol=1e-5, rtol=1e-5)  # the gate shut: no copying
+
+
+def agreeing_datastore(folder):
+    """Three photos' captions that all say the same thing, in words the tiny model never learned, and three
+    that agree with nothing (an n-gram in every caption would weigh nothing)."""
+    rows = [{"image": f"k{i}.jpg", "captions": ["A kite in the blue sky."]} for i in range(3)]
+    rows += [{"image": f"o{i}.jpg", "captions": [text]} for i, text in enumerate(["dogs on grass", "two men talk",
+                                                                                   "an old car"])]
+    (folder.parent / "kites.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    build([folder.parent / "kites.jsonl"], folder, encoder=fake_encoder, reduced_dim=DIM, log=lambda s: None)
+    return folder
+
+
+@pytest.mark.slow
+def test_the_pipeline_and_the_rest_schema_give_the_chosen_caption_and_where_it_came_from(retrieval_model, tmp_path):
+    from captioner.pipeline import Captioner
+    from captioner.serve.schemas import CaptionOut
+
+    _, _, model = retrieval_model
+    captioner = Captioner.from_pretrained(model, device="cpu", datastore=agreeing_datastore(tmp_path / "kites"))
+    photo = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    chosen = captioner(photo, consensus=True, decoder_lean=0.0, num_captions=2)
+    assert chosen[0]["generated_text"] == "a kite in the blue sky" and chosen[0]["source"] == "datastore"
+    assert chosen[0]["score"] is None and chosen[0]["agreement"] == pytest.approx(2 / 5)  # 2 of 5 others agree
+    assert len(chosen) == 2 and len(chosen[0]["neighbours"]) == 2  # the memory still holds what the model reads
+    leaning = captioner(photo, consensus=True, decoder_lean=1.0)[0]
+    plain = captioner(photo, consensus=False)[0]
+    assert leaning["source"] == "decoder" and leaning["generated_text"] == plain["generated_text"]
+    assert "source" not in plain and isinstance(plain["score"], float)
+    for c in (chosen[0], leaning, plain):
+        assert CaptionOut(**{k: v for k, v in c.items() if k in CaptionOut.model_fields}).generated_text
+
+
+@pytest.mark.slow
+def test_evaluate_chooses_as_caption_does(retrieval_model, tmp_path):
+    from captioner.evaluate import evaluate_model
+
+    _, prepared, model = retrieval_model
+    kites = agreeing_datastore(tmp_path / "kites")
+    evaluate_model(model, prepared, "val", datastore=kites, out_dir=tmp_path / "on", log=lambda s: None,
+                   consensus=True, decoder_lean=0.0)
+    evaluate_model(model, prepared, "val", datastore=kites, out_dir=tmp_path / "off", log=lambda s: None,
+                   consensus=False)
+    beam = json.loads((tmp_path / "on" / "results.json").read_text())["decoding"]
+    on = json.loads(next((tmp_path / "on").glob("captions_beam*.json")).read_text())
+    off = json.loads(next((tmp_path / "off").glob("captions_beam*.json")).read_text())
+    assert beam["consensus"] and set(on.values()) == {"a kite in the blue sky"} and on.keys() == off.keys()
+    assert "a kite in the blue sky" not in off.values()

@@ -203,16 +203,18 @@ def memory_tokens(captions: Sequence[Sequence[str]], vocab: Vocab, neighbours: i
 
 def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: RetrievalArgs, k: int | None = None,
              exclude: Sequence[int | None] | None = None, concept_probs: np.ndarray | None = None,
-             concept_words: Sequence[str] = (), concept_weight: float = 0.0) -> tuple[Tensor, Neighbours]:
+             concept_words: Sequence[str] = (), concept_weight: float = 0.0,
+             voters: int = 0) -> tuple[Tensor, Neighbours]:
     """The memory of photos with unit image vectors (B, D): their k (at most args.neighbours) nearest captions
     in the datastore, leaving out group exclude[i] for photo i (training's leave-one-out). With concept_probs
     (B, W) of concept_words (concepts.py) and a weight, every caption ranks by cosine + weight x the summed
     probability of the concept words it names (those of probability NAMED_FLOOR or more): the ImageNet head
-    knows an espresso that the image vector, trained on Flickr8k, takes for a dog in water."""
+    knows an espresso that the image vector, trained on Flickr8k, takes for a dog in water. The neighbours
+    returned are the first max(k, voters) (consensus.py's voters); the memory holds the first k."""
     k = min(k or args.neighbours, args.neighbours)
     boosts = None
     if concept_probs is not None and concept_weight > 0:
         boosts = [[(datastore.index.rows_naming(concept_words[j]), concept_weight * float(probs[j]))
                    for j in np.flatnonzero(probs >= NAMED_FLOOR).tolist()] for probs in concept_probs]
-    found = datastore.search(vectors, k, exclude, boosts)
-    return memory_tokens(found.texts, vocab, args.neighbours, args.memory_length), found
+    found = datastore.search(vectors, max(k, voters), exclude, boosts)
+    return memory_tokens([texts[:k] for texts in found.texts], vocab, args.neighbours, args.memory_length), found

@@ -3,7 +3,7 @@
 (decoding_options.py)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -43,7 +43,12 @@ HuggingFaceRequest: type[_Strict] = create_model("HuggingFaceRequest", __base__=
 
 class CaptionOut(BaseModel):
     generated_text: str
-    score: float = Field(description="log-probability, length-normalised when length_penalty > 0")
+    score: float | None = Field(description="log-probability, length-normalised when length_penalty > 0; null "
+                                            "for a caption of a similar photo that consensus chose")
+    agreement: float | None = Field(None, description="with consensus on: how far the captions of similar photos "
+                                                      "agree with this one (the decoder's get decoder_lean on top)")
+    source: Literal["decoder", "datastore"] | None = Field(None, description="with consensus on: written by the "
+                                                            "decoder, or a caption of a similar photo")
 
 
 class Timing(BaseModel):

@@ -69,7 +69,7 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         nbest = captioner.as_dicts(result.captions)
         words, alphas = captioner.attention_maps(result.captions[0])
         heatmaps = await anyio.to_thread.run_sync(draw, crop, words, alphas, limiter=slots)
-        table = [[rank, c["generated_text"], c["score"]] for rank, c in enumerate(nbest, 1)]
+        table = [[rank, c["generated_text"], c["score"], c.get("source", "decoder")] for rank, c in enumerate(nbest, 1)]
         similar = [[text, round(sim, 3)] for text, sim in result.neighbours]
         return nbest[0]["generated_text"], dict(result.concepts), table, similar, heatmaps
 
@@ -104,7 +104,8 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                 best = gr.Textbox(label="Caption", elem_id="caption", interactive=False)
                 tags = gr.Label(label="What the encoder recognises (ImageNet concepts, as tags)", num_top_classes=5,
                                 elem_id="concepts")
-                table = gr.Dataframe(headers=["rank", "caption", "score"], label="Beam search's n-best",
+                table = gr.Dataframe(headers=["rank", "caption", "score", "written by"], label="The n-best: the "
+                                     "decoder's beams, or with consensus also captions of similar photos",
                                      interactive=False, elem_id="nbest")
                 similar = gr.Dataframe(headers=["caption", "similarity"], label="Captions of similar photos (what a "
                                        "retrieval model read while writing)", interactive=False, elem_id="neighbours",

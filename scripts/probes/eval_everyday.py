@@ -92,6 +92,9 @@ def main() -> None:
     parser.add_argument("--retrieved", type=int, help="retrieved captions read (default: the model's)")
     parser.add_argument("--retrieval-concepts", type=float, help="weight of the concept words in retrieval "
                         "(default: the model's)")
+    parser.add_argument("--consensus", action=argparse.BooleanOptionalAction, help="choose by consensus with the "
+                        "captions of similar photos (default: the model's)")
+    parser.add_argument("--decoder-lean", type=float, help="consensus: the decoder's lead (default: the model's)")
     parser.add_argument("--pool", type=int, default=500, help="consensus: nearest captions re-ranked")
     parser.add_argument("--top", type=int, default=25, help="consensus: captions voting")
     parser.add_argument("--bonus", type=float, default=0.3, help="consensus: weight of the concept words")
@@ -108,7 +111,8 @@ def main() -> None:
     paths = list(refs)
     start = time.time()
     options = {"concepts": False if args.no_concepts else None, "retrieval": False if args.no_retrieval else None,
-               "retrieved": args.retrieved, "retrieval_concepts": args.retrieval_concepts}
+               "retrieved": args.retrieved, "retrieval_concepts": args.retrieval_concepts,
+               "consensus": args.consensus, "decoder_lean": args.decoder_lean}
     opts = captioner.options(**options)
     for s in range(0, len(paths), 16):
         batch = paths[s:s + 16]
@@ -122,7 +126,7 @@ def main() -> None:
             texts = consensus(vectors, datastore, probs, args.pool, 1 if args.method == "nearest" else args.top,
                               0.0 if args.method == "nearest" else args.bonus)
         else:
-            texts = [captioner.words.decode(r.captions[0].tokens) for r in captioner.generate(images, opts)]
+            texts = [captioner.as_dicts(r.captions)[0]["generated_text"] for r in captioner.generate(images, opts)]
         predictions.update({str(p): t for p, t in zip(batch, texts)})
     seconds = time.time() - start
     scores = score_captions(predictions, {str(p): c for p, c in refs.items()})
