@@ -77,6 +77,16 @@ def cmd_datastore(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from .adapt import adapt
+    from .pipeline import DEFAULT_MODEL
+
+    limit = {"max_photos": args.max_photos} if args.max_photos else {}
+    adapt(args.model or DEFAULT_MODEL, args.library, args.output, epochs=args.epochs,
+          log=lambda s: print(f"captioner adapt: {s}", file=sys.stderr, flush=True), **limit)
+    return 0
+
+
 def cmd_retrieve(args: argparse.Namespace) -> int:
     from .contrastive import evaluate_retrieval, format_recall
 
@@ -382,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=positive_int, help="dimensions kept by PCA, stored as int8 (default: datastore.py's "
                    "REDUCED_DIM, 96)")
     p.set_defaults(func=cmd_datastore)
+
+    p = sub.add_parser("adapt", help="fit a retrieval model's image vectors to a photo library without captions "
+                                     "(pseudo-captions by consensus); the new model captions by consensus")
+    p.add_argument("library", help="a folder of photos (subfolders too), as `caption` reads it")
+    p.add_argument("--output", required=True, metavar="DIR", help="the adapted model folder to write")
+    p.add_argument("--model", help="the retrieval model to adapt (default: the shipped model)")
+    p.add_argument("--epochs", type=positive_int, default=3,
+                   help="passes over the library's pseudo-captions (default 3)")
+    p.add_argument("--max-photos", type=positive_int, help="photos used at most, evenly spread over the library "
+                   "(their features stay in memory: 0.12 MB each; default: adapt.py's MAX_PHOTOS, 5,000)")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("retrieve", help="image<->caption retrieval recall@1/5/10 of a contrastive pretraining")
     p.add_argument("--run", required=True, help="run folder trained with --pretrain contrastive, or its pretrain.pt")

@@ -423,3 +423,41 @@ def test_evaluate_chooses_as_caption_does(retrieval_model, tmp_path):
     off = json.loads(next((tmp_path / "off").glob("captions_beam*.json")).read_text())
     assert beam["consensus"] and set(on.values()) == {"a kite in the blue sky"} and on.keys() == off.keys()
     assert "a kite in the blue sky" not in off.values()
+
+
+@pytest.mark.slow
+def test_adapt_fits_the_image_vectors_to_a_library_and_keeps_the_rest(retrieval_model, tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+    from test_retrieval import shipped_attention
+
+    from captioner.adapt import adapt
+    from captioner.models import load_model
+    from captioner.models.files import add_retrieval
+    from captioner.pipeline import Captioner
+
+    _, _, model = retrieval_model
+    library = tmp_path / "library" / "2024"
+    library.mkdir(parents=True)
+    rng = np.random.default_rng(2)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(library / f"p{i}.png")
+    (library / "broken.jpg").write_bytes(b"not a photo")
+    said: list[str] = []
+    assert adapt(model, library.parent, tmp_path / "adapted", epochs=2, lr=1e-2, encoder=fake_encoder,
+                 log=said.append) == 5
+    assert any("broken.jpg" in line for line in said)
+    old, new = load_file(str(model / "retrieval.safetensors")), load_file(str(tmp_path / "adapted" /
+                                                                           "retrieval.safetensors"))
+    assert not torch.equal(old["head.proj.weight"], new["head.proj.weight"])
+    adapted, original = load_model(tmp_path / "adapted"), load_model(model)
+    assert adapted.decoding == {**original.decoding, "consensus": True} and adapted.vocab.itos == original.vocab.itos
+    assert all(torch.equal(a, b) for a, b in zip(adapted.decoder.state_dict().values(),
+                                                  original.decoder.state_dict().values()))
+    assert (tmp_path / "adapted" / "datastore" / "ngram_idf.npy").is_file()
+    photo = np.asarray(Image.open(library / "p0.png"))
+    assert Captioner.from_pretrained(tmp_path / "adapted", device="cpu")(photo)[0]["source"] in ("decoder", "datastore")
+    with pytest.raises(ValueError, match="adapt needs a retrieval model"):  # image vectors, but no datastore
+        attention = shipped_attention(tmp_path / "attention")
+        add_retrieval(attention, ImageEmbedder(1280, 16, DIM).eval())
+        adapt(attention, library, tmp_path / "nope", encoder=fake_encoder)
