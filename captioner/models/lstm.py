@@ -162,8 +162,10 @@ class AttentionLSTM(CaptionDecoder):
         running = (lengths - 1).unsqueeze(0) > torch.arange(steps, device=lengths.device).unsqueeze(1)
         n_running = running.sum(dim=1).tolist()
         hiddens, logits = [], []
-        teacher_gates = self.word_gates(captions[:, :steps])  # (B, T-1, 4H) in one product
-        gates = teacher_gates[:, 0]
+        # (B, T-1, 4H) in one product, then one (B, 4H) tensor per step: a step's slice of the whole would
+        # have a backward that fills a zero gradient the size of all steps' gates, at every step
+        teacher_gates = self.word_gates(captions[:, :steps]).unbind(1)
+        gates = teacher_gates[0]
         for t, n in enumerate(n_running):  # n never grows, so rows past n are finished for good
             sub = {k: first_rows(v, n) for k, v in state.items()}
             sub["h"], sub["c"] = first_rows(h, n), first_rows(c, n)
@@ -175,11 +177,11 @@ class AttentionLSTM(CaptionDecoder):
                 if t + 1 < steps:
                     use_model = (torch.rand(n, device=h.device) >= teacher_forcing).unsqueeze(1)
                     own = self.word_gates(step_logits.argmax(dim=1))
-                    gates = torch.where(use_model, own, teacher_gates[:n, t + 1])
+                    gates = torch.where(use_model, own, teacher_gates[t + 1][:n])
             else:
                 hiddens.append(h)
                 if t + 1 < steps:
-                    gates = teacher_gates[:n, t + 1]
+                    gates = teacher_gates[t + 1][:n]
         targets = torch.cat([captions[:n, t + 1] for t, n in enumerate(n_running)])
         if hiddens:  # one big output projection instead of one per step
             rows = {k: torch.cat([state[k][:n] for n in n_running]) for k in self.output_state if k in state}
