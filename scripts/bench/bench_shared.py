@@ -4,6 +4,7 @@ same moment, under the thread policy the CLI applies (captioner/__init__.py) and
 
     python scripts/bench/bench_shared.py --photos ../shared/data/coco-dev/images --limit 60
     python scripts/bench/bench_shared.py --jobs caption,train,serve --prepared prepared/quickstart
+    python scripts/bench/bench_shared.py --jobs caption,train --alone 7
 
 The jobs: `caption` captions the photos (process start included); `train` runs one epoch of
 configs/quickstart.yaml on its prepared folder (`make quickstart` makes it; process start and the dev
@@ -20,6 +21,7 @@ import os
 import platform
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,11 +29,11 @@ import time
 import urllib.request
 from pathlib import Path
 
+DEFAULTS = "torch's defaults (active waiting, 2 threads)"
 SETTINGS = {
     "thread policy (passive waiting, one thread per usable core)": {},
-    "torch's defaults (active waiting, 2 threads)": {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "2"},
+    DEFAULTS: {"OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "2"},
 }
-SPIN = {"the policy with a short spin before sleeping (GOMP_SPINCOUNT=20000)": {"GOMP_SPINCOUNT": "20000"}}
 CLI = [sys.executable, "-m", "captioner.cli"]
 
 
@@ -90,13 +92,33 @@ def timed(kind: str, folder: Path, work: Path, prepared: str, env: dict[str, str
     return seconds
 
 
+def alone_only(args: argparse.Namespace, folder: Path, work: Path, envs: dict[str, dict[str, str]]) -> None:
+    """Each job alone, args.alone times per setting, the settings interleaved so that drift hits both alike."""
+    print("| job | setting | alone (s): median | min - max | speed vs torch's defaults |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for kind in args.jobs.split(","):
+        runs: dict[str, list[float]] = {name: [] for name in envs}
+        timed(kind, folder, work, args.prepared, next(iter(envs.values())), 1)  # warm the file cache
+        for _ in range(args.alone):
+            for name, env in envs.items():
+                runs[name].append(timed(kind, folder, work, args.prepared, env, 1)[0])
+        defaults = statistics.median(runs[DEFAULTS])
+        for name, seconds in runs.items():
+            median = statistics.median(seconds)
+            print(f"| {kind} | {name} | {median:.2f} | {min(seconds):.2f} - {max(seconds):.2f} | "
+                  f"{defaults / median:.2f}x |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--photos", default="../shared/data/coco-dev/images")
     parser.add_argument("--limit", type=int, default=60, help="photos captioned by each caption or serve job")
     parser.add_argument("--jobs", default="caption", help="comma-separated: caption, train, serve")
     parser.add_argument("--prepared", default="prepared/quickstart", help="the train job's prepared folder")
-    parser.add_argument("--spin", action="store_true", help="also time the policy with a short spin (libgomp)")
+    parser.add_argument("--spin", type=int, nargs="+", metavar="COUNT", help="also time the policy with a short "
+                        "spin before sleeping, libgomp's GOMP_SPINCOUNT (BENCHMARKS tried 20000)")
+    parser.add_argument("--alone", type=int, metavar="N", help="instead: each job alone only, N times under each "
+                        "setting, the settings taking turns; the median and the spread of each, and their ratio")
     parser.add_argument("--serve-job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_job:
@@ -111,12 +133,18 @@ def main() -> None:
                     if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else ""
         print(f"{cpu}, {os.cpu_count()} cores, float32 (train: the precision its timing chooses); "
               f"{args.limit} photos a caption or serve job")
+        settings = SETTINGS | {f"the policy with a short spin (GOMP_SPINCOUNT={n})": {"GOMP_SPINCOUNT": str(n)}
+                               for n in args.spin or ()}
+        envs = {name: {k: v for k, v in os.environ.items()
+                       if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")} | extra
+                for name, extra in settings.items()}
+        if args.alone:
+            alone_only(args, folder, work, envs)
+            return
         print("| job | setting | alone (s) | beside a second job (s, each) | slowdown |")
         print("| --- | --- | ---: | ---: | ---: |")
         for kind in args.jobs.split(","):
-            for name, extra in (SETTINGS | SPIN if args.spin else SETTINGS).items():
-                env = {k: v for k, v in os.environ.items()
-                       if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")} | extra
+            for name, env in envs.items():
                 timed(kind, folder, work, args.prepared, env, 1)  # warm the file cache
                 alone = min(timed(kind, folder, work, args.prepared, env, 1)[0] for _ in range(2))
                 shared = timed(kind, folder, work, args.prepared, env, 2)
