@@ -1,7 +1,7 @@
 """`captioner adapt LIBRARY --output MODEL`: a retrieval model's image vectors fitted to a photo library that
 has no captions, by self-training on pseudo-captions.
 
-For each photo the model retrieves its VOTERS captions from its datastore (image vector and concept words,
+For each photo the model retrieves its consensus.VOTERS captions from its datastore (image vector and concept words,
 as `caption` does), and the one the others agree with most (consensus.py) becomes its pseudo-caption. The
 image embedder (retrieval.safetensors), whose vectors choose what is retrieved, is then trained further with
 its contrastive loss (contrastive.info_nce) to put each photo next to its pseudo-caption's MiniLM vector, so
@@ -21,14 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .concepts import concept_table
-from .consensus import VOTERS, rerank
+from .consensus import rerank
 from .contrastive import info_nce
 from .data import ImageError, expand_inputs, load_image
 from .models import load_model, save_model
 from .models.embedder import ImageEmbedder
 from .models.files import DATASTORE_DIR, add_retrieval
-from .models.retrieval import retrieve
 from .pipeline import Captioner
 from .sentences import SentenceEncoder
 
@@ -40,9 +38,10 @@ def pseudo_captions(captioner: Captioner, paths: list[Path], batch_size: int = 3
                     log: Callable[[str], None] = print) -> tuple[np.ndarray, list[str], list[Path]]:
     """Each readable photo's encoder features (N, L, C) float16 and pseudo-caption, and the photos that could
     not be read (reported, left out)."""
-    store, embedder, concepts = captioner.datastore, captioner.embedder, captioner.concepts
-    if store is None or embedder is None:
+    store = captioner.datastore
+    if store is None or captioner.embedder is None:
         raise ValueError(f"{captioner.path}: adapt needs a retrieval model (a datastore and retrieval.safetensors)")
+    opts = captioner.options(consensus=True)  # retrieval as `caption --consensus` does it, voters included
     features, texts, failed = [], [], []
     for start in tqdm(range(0, len(paths), batch_size), desc="pseudo-captions", unit="batch"):
         images = []
@@ -55,10 +54,7 @@ def pseudo_captions(captioner: Captioner, paths: list[Path], batch_size: int = 3
         if not images:
             continue
         regions = captioner.encoder.regions(torch.stack([captioner.encoder.preprocess(im) for im in images]))
-        probs = concepts.probs(regions).numpy() if concepts is not None else None
-        _, found = retrieve(store, embedder(regions).numpy(), captioner.vocab, captioner.decoder.args, 1,  # type: ignore[attr-defined]
-                            concept_probs=probs, concept_words=concept_table().vocabulary,
-                            concept_weight=captioner.defaults.retrieval_concepts, voters=VOTERS)
+        _, found = captioner.retrieved(regions, opts)
         texts += [voters[rerank([], voters, store.idf, 0.0)[0][0]] for voters in found.texts]
         features.append(regions.half().numpy())
     if not texts:

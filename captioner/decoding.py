@@ -36,7 +36,7 @@ from .consensus import rerank
 from .decoding_options import DecodingOptions
 from .models.base import State
 from .reinforce import draw
-from .vocab import END_ID, NEVER_WRITTEN, START_ID, tokenize
+from .vocab import END_ID, NEVER_WRITTEN, START_ID, Vocab, tokenize
 
 INF = float("inf")
 Number = TypeVar("Number", Tensor, float)
@@ -323,16 +323,17 @@ def beam_search(decoder: Decoder, features: Tensor, options: DecodingOptions = D
     return trace.captions(pool_score, pool_id, live, k, length_penalty)
 
 
-def by_consensus(captions: Sequence[Caption], texts: Sequence[str], voters: Sequence[str], idf: np.ndarray,
+def by_consensus(captions: Sequence[Caption], words: Vocab, voters: Sequence[str], idf: np.ndarray,
                  options: DecodingOptions) -> list[Caption]:
-    """The num_captions best of a photo's decoded `captions` (written out as `texts`) and the captions of
-    similar photos that vote (consensus.py), decoder_lean given to the decoder's; a voter chosen becomes a
-    Caption holding its words in `text`."""
+    """The num_captions best of a photo's decoded `captions` (in `words`) and the captions of similar photos
+    that vote (consensus.py), decoder_lean given to the decoder's; a voter chosen becomes a Caption holding
+    its words in `text`."""
+    texts = [words.decode(c.tokens) for c in captions]
     out = []
     for i, agreement in rerank(texts, voters, idf, options.decoder_lean)[:options.num_captions]:
         if i < len(captions):
             out.append(dataclasses.replace(captions[i], agreement=agreement))
         else:
-            words = " ".join(tokenize(voters[i - len(captions)]))
-            out.append(Caption([], 0.0, 0.0, True, torch.zeros(0, 0), text=words, agreement=agreement))
+            text = " ".join(tokenize(voters[i - len(captions)]))
+            out.append(Caption([], 0.0, 0.0, True, torch.zeros(0, 0), text=text, agreement=agreement))
     return out

@@ -65,10 +65,9 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
             search = cast(Any, decoder).reading(torch.from_numpy(memory[chunk]))
         if concepts is not None and opts.concepts:
             search = concepts.decoder(search, opts.concept_threshold)
-        if memory is not None and opts.retrieval and opts.consensus and voters is not None and idf is not None:
+        if voters is not None and idf is not None and opts.consensus:
             nbest = beam_search(search, feats, dataclasses.replace(opts, num_captions=opts.beam_size))
-            results = [by_consensus(captions, [words.decode(c.tokens) for c in captions], voters[row], idf, opts)
-                       for row, captions in zip(chunk, nbest)]
+            results = [by_consensus(captions, words, voters[row], idf, opts) for row, captions in zip(chunk, nbest)]
         else:
             results = beam_search(search, feats, opts)
         for row, best in zip(chunk, results):

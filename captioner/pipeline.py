@@ -164,8 +164,8 @@ class Captioner:
         if reranking:  # every beam competes with the voters (decoding.by_consensus)
             assert self.datastore is not None
             nbest = beam_search(decoder, features, dataclasses.replace(opts, num_captions=opts.beam_size))
-            results = [by_consensus(captions, [self.words.decode(c.tokens) for c in captions], voters,
-                                    self.datastore.idf, opts) for captions, voters in zip(nbest, found.texts)]
+            results = [by_consensus(captions, self.words, voters, self.datastore.idf, opts)
+                       for captions, voters in zip(nbest, found.texts)]
         else:
             results = beam_search(decoder, features, opts)
         kept = embedded if vectors and embedded is not None else [None] * len(batch)

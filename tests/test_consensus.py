@@ -12,6 +12,7 @@ from captioner.consensus import BUCKETS, IDF_STEPS, NGRAM_FILE, count_idf, reran
 from captioner.datastore import DatastoreError, build, load_datastore
 from captioner.decoding import Caption, by_consensus
 from captioner.decoding_options import DecodingOptions
+from captioner.vocab import Vocab
 
 FLAT = np.full(BUCKETS, IDF_STEPS, dtype=np.uint8)  # every n-gram weighs 1
 COFFEE = ["a cup of coffee on a table", "a cup of coffee on a wooden table", "a cup of coffee and a spoon"]
@@ -46,13 +47,15 @@ def test_idf_weighs_an_ngram_in_every_caption_nothing_and_a_rare_one_most():
 
 
 def test_by_consensus_gives_a_chosen_voter_its_words_and_keeps_the_decoders_scores():
-    decoded = [Caption([5, 6], -1.5, -1.0, True, torch.zeros(2, 0)), Caption([5], -2.5, -2.0, True, torch.zeros(1, 0))]
+    words = Vocab(["dog", "water", "coffee"])  # ids 4, 5, 6 after the four specials
+    decoded = [Caption([4, 5], -1.5, -1.0, True, torch.zeros(2, 0)), Caption([6], -2.5, -2.0, True, torch.zeros(1, 0))]
     opts = DecodingOptions(beam_size=2, num_captions=2, consensus=True, decoder_lean=0.0)
-    chosen = by_consensus(decoded, ["dog water", "dog"], COFFEE, FLAT, opts)
+    chosen = by_consensus(decoded, words, COFFEE, FLAT, opts)
     assert chosen[0].text in COFFEE and chosen[0].tokens == [] and chosen[0].agreement > 0
-    leaning = by_consensus(decoded, ["dog water", "dog"], COFFEE, FLAT, DecodingOptions(
+    leaning = by_consensus(decoded, words, COFFEE, FLAT, DecodingOptions(
         beam_size=2, num_captions=2, consensus=True, decoder_lean=1.0))
-    assert [c.tokens for c in leaning] == [[5, 6], [5]] and leaning[0].score == -1.0 and not leaning[0].text
+    # read through the vocabulary, "coffee" shares a word with the voters and "dog water" none
+    assert [c.tokens for c in leaning] == [[6], [4, 5]] and leaning[1].score == -1.0 and not leaning[0].text
 
 
 def test_a_datastore_stores_its_idf_and_counts_it_when_built_before_it(tmp_path):

@@ -1,6 +1,7 @@
 """Dump, per photo of a scored set, what a caption could be chosen from: the model's n-best captions (with
-their scores) and the captions its retrieval ranks first (text, cosine, stored vector), with the human
-references. Choosing between them afterwards (consensus reranking) needs no model run:
+their scores) and the consensus.VOTERS captions its retrieval ranks first (text, cosine, stored vector),
+as `--consensus` retrieves them, with the human references. Choosing between them afterwards (consensus
+reranking) needs no model run:
 
     python scripts/probes/dump_candidates.py --set ../shared/data/coco-dev --output /tmp/coco.json
     python scripts/probes/dump_candidates.py --set ../shared/data/flickr8k --split val --output /tmp/f8k.json
@@ -15,9 +16,7 @@ import numpy as np
 import torch
 from eval_everyday import read_set  # the probe beside this one
 
-from captioner.concepts import concept_table
 from captioner.data import load_image
-from captioner.models.retrieval import retrieve
 from captioner.pipeline import Captioner
 
 
@@ -27,27 +26,20 @@ def main() -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--model")
     parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--top", type=int, default=25, help="retrieved captions kept per photo")
     parser.add_argument("--output", required=True)
     args = parser.parse_args()
     refs = read_set(Path(args.set), args.split)
     captioner = Captioner.from_pretrained(args.model, device="cpu")
     opts = captioner.options(beam_size=args.beam_size, num_captions=args.beam_size)
     store = captioner.datastore
-    decoder_args = captioner.decoder.args  # type: ignore[attr-defined]
     rows = []
     paths = list(refs)
     for s in range(0, len(paths), 16):
         batch = paths[s:s + 16]
         images = [load_image(p) for p in batch]
-        with torch.inference_mode():
-            pixels = torch.stack([captioner.encoder.preprocess(im) for im in images])
-            features = captioner.encoder.regions(pixels)
-            vectors = captioner.embedder(features).numpy()
-            probs = captioner.concepts.probs(features).numpy()
-        wide = decoder_args.__class__(**{**vars(decoder_args), "neighbours": args.top})
-        _, found = retrieve(store, vectors, captioner.vocab, wide, args.top, concept_probs=probs,
-                            concept_words=concept_table().vocabulary, concept_weight=opts.retrieval_concepts)
+        with torch.inference_mode():  # what `--consensus` retrieves: the memory's captions and the voters
+            features = captioner.encoder.regions(torch.stack([captioner.encoder.preprocess(im) for im in images]))
+            _, found = captioner.retrieved(features, captioner.options(consensus=True))
         results = captioner.generate(images, opts)
         for i, (p, r) in enumerate(zip(batch, results)):
             rows.append({"image": str(p), "refs": refs[p],
