@@ -7,13 +7,16 @@
 Rows: the datastore search per photo (one query at a time, by image vector alone and with the concept
 ranking, whose first pass finds the captions naming each concept word, then knows them), captioning the
 folder (batches of 8, as `captioner caption`; also with `--consensus`), and the cold start (a new process
-importing captioner, loading the model and captioning one photo). Run nothing else heavy beside it.
+importing captioner, loading the model and captioning one photo). The models take turns, --repeats
+turns; each row gives the median time and the median of the turns' ratios to the baseline (with their
+range), since the speed of a shared machine drifts between turns. Run nothing else heavy beside it.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -44,10 +47,9 @@ def caption_folder(captioner: Captioner, images: list, batch: int = 8, **options
     return time.perf_counter() - start
 
 
-def cold_start(model: Path, photo: Path, repeats: int) -> float:
-    times = [float(subprocess.run([sys.executable, "-c", COLD, str(model), str(photo)], capture_output=True,
-                                  text=True, check=True).stdout.split()[-1]) for _ in range(repeats)]
-    return min(times)
+def cold_start(model: Path, photo: Path) -> float:
+    return float(subprocess.run([sys.executable, "-c", COLD, str(model), str(photo)], capture_output=True,
+                                text=True, check=True).stdout.split()[-1])
 
 
 def main() -> None:
@@ -56,7 +58,7 @@ def main() -> None:
     parser.add_argument("--baseline", required=True, help="the model it is compared with, e.g. the attention "
                                                           "model shipped before it (git archive 6875b3e)")
     parser.add_argument("--photos", required=True)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="turns of each timing")
     args = parser.parse_args()
 
     paths = expand_inputs([args.photos])
@@ -83,18 +85,27 @@ def main() -> None:
               f"{1000 * (time.perf_counter() - start) / len(vectors):.1f} ms / photo |")
     with torch.inference_mode():
         caption_folder(ours, images[:8]), caption_folder(theirs, images[:8])  # warm up
-        ours_s = min(caption_folder(ours, images) for _ in range(args.repeats))
-        theirs_s = min(caption_folder(theirs, images) for _ in range(args.repeats))
-        voted_s = min(caption_folder(ours, images, consensus=True) for _ in range(args.repeats))
-    print(f"| caption {len(paths)} photos, baseline model | {theirs_s:.2f} s |")
-    print(f"| caption {len(paths)} photos, retrieval model | {ours_s:.2f} s ({ours_s / theirs_s:.2f}x) |")
-    print(f"| caption {len(paths)} photos, retrieval model, --consensus | {voted_s:.2f} s "
-          f"({voted_s / theirs_s:.2f}x) |")
-    cold_ours, cold_theirs = cold_start(Path(args.model), paths[0], args.repeats), cold_start(Path(args.baseline),
-                                                                                               paths[0], args.repeats)
-    print(f"| cold start, baseline model | {cold_theirs:.2f} s |")
-    print(f"| cold start, retrieval model | {cold_ours:.2f} s ({cold_ours / cold_theirs:.2f}x) |")
+        # the settings take turns and each turn's ratio is kept: this machine's speed drifts between turns
+        folder = [(caption_folder(theirs, images), caption_folder(ours, images),
+                   caption_folder(ours, images, consensus=True)) for _ in range(args.repeats)]
+    cold = [(cold_start(Path(args.baseline), paths[0]), cold_start(Path(args.model), paths[0]))
+            for _ in range(args.repeats)]
+    print(f"| caption {len(paths)} photos, baseline model | {seconds([t[0] for t in folder])} | 1.00x |")
+    print(f"| caption {len(paths)} photos, retrieval model | {seconds([t[1] for t in folder])} | "
+          f"{ratios([t[1] / t[0] for t in folder])} |")
+    print(f"| caption {len(paths)} photos, retrieval model, --consensus | {seconds([t[2] for t in folder])} | "
+          f"{ratios([t[2] / t[0] for t in folder])} |")
+    print(f"| cold start, baseline model | {seconds([t[0] for t in cold])} | 1.00x |")
+    print(f"| cold start, retrieval model | {seconds([t[1] for t in cold])} | {ratios([t[1] / t[0] for t in cold])} |")
 
+
+def seconds(times: list[float]) -> str:
+    return f"median {statistics.median(times):.2f} s (min {min(times):.2f})"
+
+
+def ratios(values: list[float]) -> str:
+    """The median of the turns' ratios to the baseline, and their range."""
+    return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 if __name__ == "__main__":
     main()

@@ -45,7 +45,7 @@ def main() -> None:
             rows.append({"image": str(p), "refs": refs[p],
                          "decoded": [[captioner.words.decode(c.tokens), c.score] for c in r.captions],
                          "retrieved": found.texts[i], "cosine": found.similarity[i].tolist(),
-                         "vectors": np.round(store.table[found.rows[i]], 4).tolist()})
+                         "vectors": np.round(store.table[:, found.rows[i]].T, 4).tolist()})
         print(f"{len(rows)}/{len(paths)}", flush=True)
     Path(args.output).write_text(json.dumps(rows))
 

@@ -72,7 +72,7 @@ def consensus(vectors: np.ndarray, datastore, concept_probs: np.ndarray | None, 
         if top == 1:
             out.append(texts[best[0]])
             continue
-        v = datastore.table[rows[best]]
+        v = datastore.table[:, rows[best]].T
         v = v / np.linalg.norm(v, axis=1, keepdims=True)  # only the voters, not the whole table per batch
         mean = ((v @ v.T).sum(axis=1) - 1.0) / (len(best) - 1)
         out.append(texts[best[int(np.argmax(mean))]])
