@@ -28,7 +28,7 @@ from .decoding import Caption, Decoder, beam_search, by_consensus
 from .decoding_options import OPTIONS, DecodingOptions
 from .models import CaptionDecoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
-from .models.retrieval import retrieve
+from .models.retrieval import neighbours_read, retrieve
 from .runtime import resolve_device
 from .vocab import Vocab
 
@@ -154,7 +154,7 @@ class Captioner:
         if retrieving:
             memory, found = self.retrieved(features, opts, embedded)
             decoder = cast(Any, self.decoder).reading(memory.to(self.device))  # a retrieval decoder
-            read = min(opts.retrieved, cast(Any, self.decoder).args.neighbours)  # the rest only vote
+            read = neighbours_read(cast(Any, self.decoder).args, opts.retrieved)
             similar = [list(zip(texts[:read], sims[:read].tolist()))
                        for texts, sims in zip(found.texts, found.similarity)]
         if self.concepts is not None:

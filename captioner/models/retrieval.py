@@ -201,6 +201,12 @@ def memory_tokens(captions: Sequence[Sequence[str]], vocab: Vocab, neighbours: i
     return memory
 
 
+def neighbours_read(args: RetrievalArgs, k: int | None) -> int:
+    """How many retrieved captions the memory holds when k are asked for: at most the trained neighbours
+    (the rest retrieved only vote, consensus.py)."""
+    return min(k or args.neighbours, args.neighbours)
+
+
 def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: RetrievalArgs, k: int | None = None,
              exclude: Sequence[int | None] | None = None, concept_probs: np.ndarray | None = None,
              concept_words: Sequence[str] = (), concept_weight: float = 0.0,
@@ -211,7 +217,7 @@ def retrieve(datastore: Datastore, vectors: np.ndarray, vocab: Vocab, args: Retr
     probability of the concept words it names (those of probability NAMED_FLOOR or more): the ImageNet head
     knows an espresso that the image vector, trained on Flickr8k, takes for a dog in water. The neighbours
     returned are the first max(k, voters) (consensus.py's voters); the memory holds the first k."""
-    k = min(k or args.neighbours, args.neighbours)
+    k = neighbours_read(args, k)
     boosts = None
     if concept_probs is not None and concept_weight > 0:
         boosts = [[(datastore.index.rows_naming(concept_words[j]), concept_weight * float(probs[j]))
