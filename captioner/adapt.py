@@ -13,6 +13,7 @@ semi-supervised captioning; only the small embedder trains, on features computed
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .atomic import replace_folder, whole_version
 from .consensus import rerank
 from .contrastive import info_nce
 from .data import ImageError, expand_inputs, load_image
-from .models import load_model, save_model
 from .models.embedder import ImageEmbedder
-from .models.files import DATASTORE_DIR, add_retrieval
+from .models.files import RETRIEVAL_FILE, read_model_json, retrieval_bytes, write_model_json
 from .pipeline import Captioner
 from .sentences import SentenceEncoder
 
@@ -90,7 +91,6 @@ def adapt(model: str | Path, library: str | Path, output: str | Path, epochs: in
     """Write `output`: `model` with its image embedder fitted to the photos of `library` (module docstring),
     the pseudo-captions embedded by `encoder` (default: MiniLM, the datastore's). Returns the number of
     photos it learned from."""
-
     if Path(output).resolve() == Path(model).resolve():
         raise ValueError(f"captioner adapt: --output {output} is the model itself; write a new folder")
     paths = expand_inputs([str(library)])
@@ -106,25 +106,24 @@ def adapt(model: str | Path, library: str | Path, output: str | Path, epochs: in
     features, texts, failed = pseudo_captions(captioner, paths, log=log)
     log(f"{len(texts)} pseudo-captions, e.g. " + "; ".join(f'"{t}"' for t in texts[:3])
         + (f" ({len(failed)} unreadable photos left out)" if failed else ""))
-    targets = encoder(texts)
-    loaded = load_model(model)
-    assert loaded.embedder is not None  # pseudo_captions refused a model without one
-    embedder = fit_embedder(loaded.embedder, features, targets, epochs, lr, batch_size, log=log)
-    save_model(output, loaded.decoder, loaded.vocab, loaded.encoder_spec, {**loaded.decoding, "consensus": True},
-               loaded.encoder_state, stored_dtype(Path(model)))
-    add_retrieval(output, embedder, datastore=Path(model) / DATASTORE_DIR)
+    assert captioner.embedder is not None  # pseudo_captions refused a model without one
+    embedder = fit_embedder(captioner.embedder, features, encoder(texts), epochs, lr, batch_size, log=log)
+    write_adapted(Path(model), output, embedder)
     log(f"{output}: {model} with image vectors fitted to {len(texts)} photos of {library}; it captions by "
         "consensus by default (--no-consensus: the decoder's best)")
     return len(texts)
 
 
-def stored_dtype(folder: Path) -> torch.dtype:
-    """The precision a model folder's weights are stored in, so a copy keeps them bit for bit."""
-    from safetensors import safe_open
+def write_adapted(model: Path, output: str | Path, embedder: ImageEmbedder) -> None:
+    """`model`'s folder copied file for file (weights, vocabulary, datastore) into `output`, with the fitted
+    embedder as its retrieval file and consensus on by default."""
+    source = whole_version(model)
+    meta = read_model_json(source)
+    meta["decoding"] = {**meta["decoding"], "consensus": True}
 
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
-            tensor = f.get_tensor(key)
-            if tensor.is_floating_point():
-                return tensor.dtype
-    return torch.float32
+    def write(folder: Path) -> None:
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        write_model_json(folder, meta)
+        (folder / RETRIEVAL_FILE).write_bytes(retrieval_bytes(embedder))
+
+    replace_folder(output, write)

@@ -454,6 +454,7 @@ def test_adapt_fits_the_image_vectors_to_a_library_and_keeps_the_rest(retrieval_
     assert adapted.decoding == {**original.decoding, "consensus": True} and adapted.vocab.itos == original.vocab.itos
     assert all(torch.equal(a, b) for a, b in zip(adapted.decoder.state_dict().values(),
                                                   original.decoder.state_dict().values()))
+    assert (tmp_path / "adapted" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
     assert (tmp_path / "adapted" / "datastore" / "ngram_idf.npy").is_file()
     photo = np.asarray(Image.open(library / "p0.png"))
     assert Captioner.from_pretrained(tmp_path / "adapted", device="cpu")(photo)[0]["source"] in ("decoder", "datastore")

@@ -218,12 +218,9 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
     features into MiniLM; its recall is float32's within 0.1, docs/RESULTS.md), and with `datastore` a copy
     of that caption datastore (a retrieval decoder's default, DATASTORE_DIR). The folder is rewritten whole
     through replace_folder, so a reader sees it with or without them, never half."""
-    from safetensors.torch import save
-
     source = whole_version(path)
     read_model_json(source)  # a model folder, of a version this captioner reads
-    tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in embedder.state_dict().items()}
-    data = save(tensors, metadata={"sentence_model": sentence_model})
+    data = retrieval_bytes(embedder, sentence_model)
     replaced = {RETRIEVAL_FILE} | ({DATASTORE_DIR} if datastore is not None else set())
 
     def write(folder: Path) -> None:
@@ -239,6 +236,14 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
             shutil.copytree(whole_version(datastore), folder / DATASTORE_DIR)
 
     replace_folder(path, write)
+
+
+def retrieval_bytes(embedder: ImageEmbedder, sentence_model: str = SENTENCE_MODEL) -> bytes:
+    """RETRIEVAL_FILE's contents: the embedder in float16, its sentence model in the metadata."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in embedder.state_dict().items()}
+    return save(tensors, metadata={"sentence_model": sentence_model})
 
 
 def model_datastore(folder: str | Path, embedder: ImageEmbedder | None,
