@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from functools import partial
 
-from pycocoevalcap.bleu.bleu import Bleu
+from consensus_gates import score, voted  # the probe beside this one
 
-from captioner.cider import CiderD
 from captioner.consensus import rerank
 from captioner.datastore import load_datastore
 from captioner.pipeline import DEFAULT_MODEL
-from captioner.vocab import tokenize
 
 
 def main() -> None:
@@ -28,20 +27,11 @@ def main() -> None:
     idf = load_datastore(args.datastore).idf
     print("| lean | " + " | ".join(f"{d} BLEU-4 | {d} CIDEr" for d in args.dumps) + " |")
     rows = {d: json.load(open(d)) for d in args.dumps}
-    ranked = {d: [rerank([t for t, _ in r["decoded"]], r["retrieved"], idf, 0.0) for r in rs] for d, rs in rows.items()}
+    for rs in rows.values():
+        for r in rs:
+            r["order"] = rerank([t for t, _ in r["decoded"]], r["retrieved"], idf, 0.0)
     for lean in [float(x) for x in args.leans.split(",")]:
-        cells = []
-        for d, rs in rows.items():
-            refs = {str(i): [" ".join(tokenize(c)) for c in r["refs"]] for i, r in enumerate(rs)}
-            chosen = []
-            for r, order in zip(rs, ranked[d]):
-                n = len(r["decoded"])
-                best = max(order, key=lambda p: p[1] + (lean if p[0] < n else 0.0))[0]
-                chosen.append(" ".join(tokenize(r["decoded"][best][0] if best < n else r["retrieved"][best - n])))
-            cider = CiderD({k: [c.split() for c in v] for k, v in refs.items()})
-            c = cider.score(list(refs), [x.split() for x in chosen]).mean()
-            b, _ = Bleu(4).compute_score(refs, {str(i): [x] for i, x in enumerate(chosen)}, verbose=0)
-            cells.append(f"{100 * b[3]:.1f} | {100 * c:.1f}")
+        cells = [score(rs, partial(voted, lean=lean)).replace(" / ", " | ") for rs in rows.values()]
         print(f"| {lean:g} | " + " | ".join(cells) + " |")
 
 
