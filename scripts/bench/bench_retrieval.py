@@ -8,7 +8,7 @@ Rows: the datastore search per photo (one query at a time, by image vector alone
 ranking, whose first pass finds the captions naming each concept word, then knows them; then 8 at a time,
 as a folder is captioned), captioning the folder (batches of 8, as `captioner caption`; also with
 `--consensus`), and the cold start (a new process importing captioner, loading the model and captioning one
-photo). The models take turns, --repeats
+photo). `--profile` instead lists where each model's time goes. The models take turns, --repeats
 turns; each row gives the median time and the median of the turns' ratios to the baseline (with their
 range), since the speed of a shared machine drifts between turns. Run nothing else heavy beside it.
 """
@@ -60,12 +60,23 @@ def main() -> None:
                                                           "model shipped before it (git archive 6875b3e)")
     parser.add_argument("--photos", required=True)
     parser.add_argument("--repeats", type=int, default=5, help="turns of each timing")
+    parser.add_argument("--profile", action="store_true", help="instead: each model's operators by time (with "
+                        "their input shapes) over one pass of the folder, under torch.profiler")
     args = parser.parse_args()
 
     paths = expand_inputs([args.photos])
     images = [load_image(p) for p in paths]
     ours = Captioner.from_pretrained(args.model, device="cpu")
     theirs = Captioner.from_pretrained(args.baseline, device="cpu")
+    if args.profile:
+        for name, model in (("baseline", theirs), ("retrieval model", ours)):
+            with torch.inference_mode():
+                caption_folder(model, images[:8])  # warm up
+                with torch.profiler.profile(record_shapes=True) as profiler:
+                    caption_folder(model, images)
+            print(f"{name}:\n" + profiler.key_averages(group_by_input_shape=True).table(
+                sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=28, max_shapes_column_width=50))
+        return
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()} "
           f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}), float32; {len(paths)} photos")
     with torch.inference_mode():
