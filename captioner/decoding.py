@@ -248,7 +248,8 @@ def beam_search(decoder: Decoder, features: Tensor, options: DecodingOptions = D
     K best extensions. An <end> among those K finishes a caption (so beam_size=1 is greedy decoding),
     and the next best extensions that do not end take its place, so K hypotheses stay live. An image is
     done when its num_captions-th finished caption scores at least as well as any live hypothesis
-    could still score; the search stops when every image is done or after max_length words. Finished
+    could still score; a done image's rows leave the decoder's batch (most images finish well before the
+    slowest of their batch), and the search stops when every image is done or after max_length words. Finished
     captions come first; if an image has fewer than num_captions, its best unfinished ones (cut at
     max_length words, finished=False) fill the list. With length_penalty > 0 a longer caption may
     still win, so the search usually runs to max_length and beam_size=1 may outdo greedy.
@@ -273,13 +274,22 @@ def beam_search(decoder: Decoder, features: Tensor, options: DecodingOptions = D
     pool_id = torch.zeros((batch, num_captions), dtype=torch.long, device=device)  # as step * K + candidate
     seqs = words.new_empty(batch, 0)  # the live hypotheses' words, kept only for trigram blocking
     trace = _Backpointers()
+    active = image.squeeze(1)  # the images still searched: a done image's rows leave the decoder's batch
     for t in range(max_length):
-        logprobs, new_state, alpha = decoder.step(words, state)
+        width = live.shape[1]
+        if len(active) == batch:
+            logprobs, new_state, alpha = decoder.step(words, state)
+        else:  # only the active images' rows run; a done image's rows score -inf, so its pool stays as it is
+            active_rows = (active.unsqueeze(1) * width + torch.arange(width, device=device)).view(-1)
+            found, new_state, found_alpha = decoder.step(words.index_select(0, active_rows), state)
+            logprobs = found.new_full((batch * width, found.shape[1]), -INF).index_copy_(0, active_rows, found)
+            alpha = found_alpha.new_zeros((batch * width, *found_alpha.shape[1:])).index_copy_(
+                0, active_rows, found_alpha)
         scores = live.view(-1, 1) + logprobs.float()
         scores.index_fill_(1, forbidden, -INF)
         if block_trigrams:
             _block_repeated_trigrams(scores, seqs)
-        width, vocab_size = live.shape[1], scores.shape[1]
+        vocab_size = scores.shape[1]
         # at most `width` <= K candidates end, so the first 2K hold the K best that do not
         top, flat = scores.view(batch, width * vocab_size).topk(min(2 * k, width * vocab_size), dim=1)
         rows = flat.div(vocab_size, rounding_mode="floor") + image * width
@@ -303,23 +313,30 @@ def beam_search(decoder: Decoder, features: Tensor, options: DecodingOptions = D
         trace.alphas.append(alpha.index_select(0, parents))
         if block_trigrams:
             seqs = torch.cat([seqs.index_select(0, parents), words.unsqueeze(1)], dim=1)
-        # A tensor the same across an image's rows stays so when reordered: only a new number of rows
-        # per image (1 to K after the first step) makes copies necessary.
-        if width == 1:
-            shared = set(new_state)
-        else:
-            shared = {name for name in shared if new_state.get(name) is state[name]}
-        resized = keep.shape[1] != width
-        state = {name: v if name in shared and not resized else v.index_select(0, parents)
-                 for name, v in new_state.items()}
 
         # Logprobs only fall, so a live hypothesis can at best keep its logprob, at the length that
         # divides it most: max_length when length_penalty > 0, its next length when < 0. Once this
         # bound is beaten it stays beaten, so an image whose pool is good enough is done for good.
         reachable_length = max_length if length_penalty > 0 else t + 2
         best_reachable = _score(live.max(dim=1).values, reachable_length, length_penalty)
-        if bool((pool_score[:, -1] >= best_reachable).all()):
+        done = pool_score[:, -1] >= best_reachable
+        if bool(done.all()):
             break
+        # The decoder's state holds the active images' rows only: each kept image's new rows, as rows of
+        # that state (its place among the active images x width + the parent's beam).
+        staying = ~done.index_select(0, active)
+        place = torch.nonzero(staying).squeeze(1)
+        active = active.index_select(0, place)
+        state_rows = (place.unsqueeze(1) * width + parents.view(batch, -1).index_select(0, active) % width).view(-1)
+        # A tensor the same across an image's rows stays so when reordered: only a new number of rows
+        # (1 to K per image after the first step, or fewer images) makes copies necessary.
+        if width == 1:
+            shared = set(new_state)
+        else:
+            shared = {name for name in shared if new_state.get(name) is state[name]}
+        resized = keep.shape[1] != width or len(place) != len(staying)
+        state = {name: v if name in shared and not resized else v.index_select(0, state_rows)
+                 for name, v in new_state.items()}
     return trace.captions(pool_score, pool_id, live, k, length_penalty)
 
 

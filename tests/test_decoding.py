@@ -174,6 +174,41 @@ def test_batched_results_equal_per_image_results() -> None:
         assert_same(greedy(decoder, images[i : i + 1])[0], caption)
 
 
+class PerImageDecoder:
+    """Image i (features[i, 0, 0] == i) follows the bigram table tables[i]; records the rows of every step."""
+
+    def __init__(self, *tables: BigramDecoder) -> None:
+        self.logprobs = torch.stack([t.logprobs for t in tables])
+        self.rows: list[int] = []
+
+    def init_state(self, features: Tensor) -> State:
+        return {"image": features[:, 0, 0].long(), "features": features}
+
+    def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]:
+        self.rows.append(len(words))
+        locations = state["features"].shape[1]
+        return self.logprobs[state["image"], words], state, torch.full((len(words), locations), 1 / locations)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 0.5])
+def test_a_done_image_leaves_the_batch(length_penalty: float) -> None:
+    """Image 0 is sure of "A <end>", image 1 never ends: after image 0 is done only image 1's beams are
+    stepped, and both get the captions they get searched alone."""
+    short = BigramDecoder({START: {A: 1.0}, A: {END: 1.0}})
+    loop = BigramDecoder({START: {A: 0.6, B: 0.4}, A: {A: 0.3, B: 0.7}, B: {A: 0.55, B: 0.45}})
+    images = torch.zeros(2, 3, 8)
+    images[1, 0, 0] = 1
+    opts = options(beam_size=3, max_length=8, length_penalty=length_penalty, block_trigrams=False)
+    decoder = PerImageDecoder(short, loop)
+    together = beam_search(decoder, images, opts)
+    assert decoder.rows[:2] == [2, 6] and set(decoder.rows[2:]) == {3} and len(decoder.rows) == 8
+    assert together[0][0].tokens == [A] and together[0][0].finished
+    for i, table in enumerate((short, loop)):
+        (alone,) = beam_search(table, images[i : i + 1], opts)
+        for a, b in zip(alone, together[i]):
+            assert_same(a, b)
+
+
 @pytest.mark.parametrize("kind", ["bigram", "attention"])
 def test_without_end_the_best_unfinished_captions_come_back(kind: str) -> None:
     decoder: AttentionLSTM | BigramDecoder
