@@ -96,8 +96,10 @@ class Datastore:
         self.captions, self.groups, self.group_names = captions, groups, group_names
         self.projection, self.mean, self.meta, self.path = projection, mean.astype(np.float32), meta, path
         # float32, scaled once, one column per caption (reduced_dim x N x 4 bytes: 66 MB for 171,000 captions
-        # at 96): a (n, reduced_dim) x (reduced_dim, N) product reads it in order (8 queries: 1.7x faster than rows)
-        self.table = np.asarray(vectors.T, dtype=np.float32, order="C") * scales.astype(np.float32)[None, :]
+        # at 96): a (n, reduced_dim) x (reduced_dim, N) product reads it in order (8 queries: 1.7x faster than rows).
+        # Transposed while int8, then widened: a quarter of the bytes move out of order (about twice as fast)
+        self.table = np.ascontiguousarray(vectors.T).astype(np.float32)
+        self.table *= scales.astype(np.float32)[None, :]
         self.dim = int(meta["dim"])
         self.index = CaptionIndex(captions, naming)  # which captions name a word: the concept ranking's lookups
         self._idf = idf
