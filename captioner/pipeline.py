@@ -144,24 +144,19 @@ class Captioner:
             images = torch.stack([self.encoder.preprocess(im) for im in images])
         batch = images.to(self.device)
         features = self.encoder.regions(batch)
-        decoder = self.decoder
         shown: list[list[tuple[str, float]]] = [[] for _ in range(len(batch))]
         similar: list[list[tuple[str, float]]] = [[] for _ in range(len(batch))]
         retrieving = self.datastore is not None and opts.retrieval
         embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
                     else None)
-        reranking = retrieving and opts.consensus
-        if retrieving:
-            memory, found = self.retrieved(features, opts, embedded)
-            decoder = cast(Any, self.decoder).reading(memory.to(self.device))  # a retrieval decoder
+        decoder, found = self.search_decoder(features, opts, embedded)
+        if found is not None:
             read = neighbours_read(cast(Any, self.decoder).args, opts.retrieved)
             similar = [list(zip(texts[:read], sims[:read].tolist()))
                        for texts, sims in zip(found.texts, found.similarity)]
         if self.concepts is not None:
             shown = self.concepts.shown(features)
-            if opts.concepts:
-                decoder = self.concepts.decoder(decoder, opts.concept_threshold)
-        if reranking:  # every beam competes with the voters (decoding.by_consensus)
+        if found is not None and opts.consensus:  # every beam competes with the voters (decoding.by_consensus)
             assert self.datastore is not None
             nbest = beam_search(decoder, features, dataclasses.replace(opts, num_captions=opts.beam_size))
             results = [by_consensus(captions, self.words, voters, self.datastore.idf, opts)
@@ -171,6 +166,20 @@ class Captioner:
         kept = embedded if vectors and embedded is not None else [None] * len(batch)
         return [CaptionResult(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
                 in zip(results, shown, kept, similar)]
+
+    def search_decoder(self, features: torch.Tensor, opts: DecodingOptions,
+                       embedded: np.ndarray | None = None) -> tuple[Decoder, Neighbours | None]:
+        """What beam search steps for images' features under `opts`: the decoder reading the captions retrieved
+        for them (a retrieval model, retrieval on), their concept words lifted (concepts on); and those
+        neighbours (None without retrieval)."""
+        decoder: Decoder = self.decoder
+        found = None
+        if self.datastore is not None and opts.retrieval:
+            memory, found = self.retrieved(features, opts, embedded)
+            decoder = cast(Any, self.decoder).reading(memory.to(self.device))  # a retrieval decoder
+        if self.concepts is not None and opts.concepts:
+            decoder = self.concepts.decoder(decoder, opts.concept_threshold)
+        return decoder, found
 
     def retrieved(self, features: torch.Tensor, opts: DecodingOptions,
                   embedded: np.ndarray | None = None) -> tuple[torch.Tensor, Neighbours]:

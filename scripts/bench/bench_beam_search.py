@@ -20,12 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import torch
 
 from captioner import Captioner, decoding
 from captioner.data import expand_inputs, load_image
+from captioner.decoding import Decoder
 from captioner.runtime import cpu_name
 
 
@@ -56,17 +56,12 @@ def main() -> None:
     captioner = Captioner.from_pretrained(args.model, device="cpu")
     opts = captioner.options()
     paths = expand_inputs([args.photos])[: args.limit]
-    batches: list[tuple[Any, torch.Tensor]] = []
+    batches: list[tuple[Decoder, torch.Tensor]] = []
     with torch.inference_mode():
         for start in range(0, len(paths), args.batch_size):
             images = [captioner.encoder.preprocess(load_image(p)) for p in paths[start:start + args.batch_size]]
             features = captioner.encoder.regions(torch.stack(images))
-            decoder: Any = captioner.decoder
-            if captioner.datastore is not None and opts.retrieval:
-                decoder = decoder.reading(captioner.retrieved(features, opts)[0])
-            if captioner.concepts is not None and opts.concepts:
-                decoder = captioner.concepts.decoder(decoder, opts.concept_threshold)
-            batches.append((decoder, features))
+            batches.append((captioner.search_decoder(features, opts)[0], features))
     with tempfile.TemporaryDirectory() as folder, torch.inference_mode():
         versions = {args.against: decoding_at(args.against, Path(folder)), "this checkout": decoding}
         times: dict[str, list[float]] = {name: [] for name in versions}
