@@ -20,24 +20,17 @@ import json
 from pathlib import Path
 
 from captioner.adapt import pseudo_captions
-from captioner.data import expand_inputs
+from captioner.data import expand_inputs, load_dataset
 from captioner.pipeline import Captioner
 
 LIBRARY_FOLDER = "library"  # the library's links live under this subfolder of the output's images/
 
 
-def flickr8k_entries(root: Path) -> list[dict]:
-    """Flickr8k's captions, one JSONL object per image with its official split."""
-    splits = {}
-    for split, name in (("train", "trainImages"), ("val", "devImages"), ("test", "testImages")):
-        for line in (root / f"Flickr_8k.{name}.txt").read_text().split():
-            splits[line] = split
-    captions: dict[str, list[str]] = {}
-    for line in (root / "Flickr8k.token.txt").read_text().splitlines():
-        key, _, text = line.partition("\t")
-        captions.setdefault(key.split("#")[0], []).append(text.strip())
-    return [{"image": image, "captions": captions[image], "split": split} for image, split in splits.items()
-            if image in captions]
+def flickr8k_entries(root: Path) -> list[tuple[Path, dict]]:
+    """Flickr8k's images with their JSONL object (captions and official split), read by the project's own
+    Flickr8k reader."""
+    return [(r.image, {"image": r.name, "captions": list(r.captions), "split": r.split})
+            for r in load_dataset(root).records if r.split]
 
 
 def main() -> None:
@@ -50,14 +43,16 @@ def main() -> None:
 
     images = args.output / "images"
     (images / LIBRARY_FOLDER).mkdir(parents=True, exist_ok=True)
-    entries = flickr8k_entries(args.flickr8k)
-    for entry in entries:
+    entries = []
+    for image, entry in flickr8k_entries(args.flickr8k):
         link = images / entry["image"]
         if not link.exists():
-            link.symlink_to((args.flickr8k / "images" / entry["image"]).resolve())
+            link.symlink_to(image.resolve())
+        entries.append(entry)
     paths = expand_inputs([str(args.library)])
     _, texts, failed = pseudo_captions(Captioner.from_pretrained(args.model, device="cpu"), paths)
-    kept = [p for p in paths if p not in set(failed)]
+    unreadable = set(failed)
+    kept = [p for p in paths if p not in unreadable]
     for path, text in zip(kept, texts):
         link = images / LIBRARY_FOLDER / path.name
         if not link.exists():
