@@ -24,17 +24,13 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .models.base import State
+from .models.base import Decoder, State
 from .vocab import Vocab, tokenize
-
-if TYPE_CHECKING:
-    from .decoding import Decoder
 
 TABLE = Path(__file__).with_name("concept_words.tsv")
 VECTORS = Path(__file__).with_name("concept_vectors.npy")
@@ -183,7 +179,7 @@ class Concepts:
 
 
 class ConceptDecoder:
-    """A decoder (the decoding.Decoder protocol) over the extended vocabulary that lets each image's
+    """A decoder (the models.base.Decoder protocol) over the extended vocabulary that lets each image's
     confident concepts take the place of their known neighbours, with a bonus, until they are written
     (see the module docstring)."""
 

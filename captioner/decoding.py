@@ -26,7 +26,7 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, cast
+from typing import TypeVar, cast
 
 import numpy as np
 import torch
@@ -34,18 +34,12 @@ from torch import Tensor, nn
 
 from .consensus import rerank
 from .decoding_options import DecodingOptions
-from .models.base import State
+from .models.base import Decoder, State
 from .reinforce import draw
 from .vocab import END_ID, NEVER_WRITTEN, START_ID, Vocab, tokenize
 
 INF = float("inf")
 Number = TypeVar("Number", Tensor, float)
-
-
-class Decoder(Protocol):
-    def init_state(self, features: Tensor) -> State: ...
-
-    def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]: ...
 
 
 class Ensemble(nn.Module):

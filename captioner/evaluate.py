@@ -23,12 +23,12 @@ from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
 from .concepts import Concepts, concept_table
 from .consensus import VOTERS
-from .decoding import Decoder, Ensemble, beam_search, by_consensus
+from .decoding import Ensemble, beam_search, by_consensus
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
 from .features import DONE, Prepared, image_inputs, open_prepared
 from .metrics import fluency, format_fluency_table, score_captions
-from .models import check_encoder_spec, load_model, model_datastore
+from .models import Decoder, check_encoder_spec, load_model, model_datastore
 from .runtime import resolve_device
 from .vocab import Vocab, tokenize
 

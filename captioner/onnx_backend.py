@@ -89,7 +89,7 @@ class OnnxEncoder:
 
 
 class OnnxDecoder:
-    """decoder_init.onnx and decoder_step.onnx as a decoding.Decoder: init_state and step on torch tensors."""
+    """decoder_init.onnx and decoder_step.onnx as a models.base.Decoder: init_state and step on torch tensors."""
 
     def __init__(self, init: onnxruntime.InferenceSession, step: onnxruntime.InferenceSession,
                  state: Sequence[str], step_outputs: Sequence[str], args: Any = None) -> None:

@@ -24,9 +24,9 @@ from .concepts import Concepts, concept_table
 from .config import BACKENDS
 from .consensus import VOTERS
 from .data import ImageError, load_image
-from .decoding import Caption, Decoder, beam_search, by_consensus
+from .decoding import Caption, beam_search, by_consensus
 from .decoding_options import OPTIONS, DecodingOptions
-from .models import CaptionDecoder, decoder_class, load_model, model_datastore, weights_sha256
+from .models import CaptionDecoder, Decoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
 from .models.retrieval import neighbours_read, retrieve
 from .runtime import resolve_device

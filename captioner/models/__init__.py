@@ -5,7 +5,7 @@ Importing this package registers every family: `attention` and `mean` (lstm.py),
 (retrieval.py).
 """
 from . import hard_attention, lstm, lstm_concepts, retrieval, transformer  # noqa: F401  (registers their families)
-from .base import DECODERS, CaptionDecoder, DecoderOutput, State, decoder_class, register_decoder
+from .base import DECODERS, CaptionDecoder, Decoder, DecoderOutput, State, decoder_class, register_decoder
 from .files import (
     TUNED,
     LoadedModel,
@@ -21,6 +21,6 @@ from .files import (
     weights_sha256,
 )
 
-__all__ = ["DECODERS", "TUNED", "CaptionDecoder", "DecoderOutput", "LoadedModel", "State", "average_models",
+__all__ = ["DECODERS", "TUNED", "CaptionDecoder", "Decoder", "DecoderOutput", "LoadedModel", "State", "average_models",
            "build_decoder", "check_encoder_spec", "decoder_class", "decoder_from_config", "decoding_defaults",
            "load_model", "model_datastore", "register_decoder", "save_model", "tuned_weights", "weights_sha256"]

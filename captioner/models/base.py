@@ -10,13 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from torch import Tensor, nn
 
 from ..decoder_args import FAMILIES
 
 State = dict[str, Tensor]  # every tensor has the batch on dim 0, so beam search can reorder it
+
+
+class Decoder(Protocol):
+    """What decoding (greedy, beam search, sampling) steps: a family's decoder, or one that wraps it (a retrieval
+    decoder bound to its memory, concepts, an ensemble, ONNX graphs). step gives (rows, V) log-probabilities,
+    the new state and the attention."""
+
+    def init_state(self, features: Tensor) -> State: ...
+
+    def step(self, words: Tensor, state: State) -> tuple[Tensor, State, Tensor]: ...
 
 
 @dataclass

@@ -176,7 +176,7 @@ class RetrievalLSTM(AttentionLSTM):
 
 
 class WithMemory:
-    """A retrieval decoder bound to a batch's memory: the decoding.Decoder protocol (init_state(features),
+    """A retrieval decoder bound to a batch's memory: the models.base.Decoder protocol (init_state(features),
     step), so beam search, concepts and every other wrapper work unchanged."""
 
     def __init__(self, decoder: RetrievalLSTM, memory: Tensor) -> None:

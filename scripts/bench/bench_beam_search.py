@@ -25,7 +25,7 @@ import torch
 
 from captioner import Captioner, decoding
 from captioner.data import expand_inputs, load_image
-from captioner.decoding import Decoder
+from captioner.models.base import Decoder
 from captioner.runtime import cpu_name
 
 
