@@ -43,6 +43,15 @@ LEAST_SIMILAR = 0.7  # GloVe cosine below which a word is no stand-in for a conc
 INF = float("inf")
 HEADER = "index\twnid\tclass\tword"
 N_CLASSES = 1000  # ImageNet-1k, in the standard (sorted wnid) class-index order of the encoder's head
+# The concept check (decoding.chosen, docs/RESULTS.md): a caption contradicts the head when it names a thing the
+# head gives under UNSEEN, though it sees that thing in at least RELIABLE of the SUPPORT or more Flickr8k train
+# photos whose captions name it (RECALL_FILE), while leaving out a concept the head is sure of. The Flickr8k
+# decoder calls a bear, a teddy bear or a cup of coffee "a dog"; the head sees dogs, but rarely a bench.
+UNSEEN = 0.1
+RELIABLE = 0.5
+SUPPORT = 20
+RECALL_FILE = Path(__file__).with_name("concept_recall.tsv")  # scripts/assets/build_concept_recall.py
+RECALL_HEADER = "word\tphotos\tseen"
 
 
 def read_concept_words(path: Path) -> list[str]:
@@ -82,7 +91,7 @@ def concept_table() -> ConceptTable:
 @functools.cache
 def _membership() -> torch.Tensor:
     """(1000, W) 0/1: class i maps to word j. A matrix so that summing over classes is one matmul."""
-    column = {word: j for j, word in enumerate(concept_table().vocabulary)}
+    column = _columns()
     matrix = torch.zeros(N_CLASSES, len(column))
     for i, word in enumerate(concept_table().words):
         if word:
@@ -114,6 +123,52 @@ def top_concepts(probs: torch.Tensor, threshold: float = 0.5, k: int = 3) -> lis
     values, indices = probs.detach().float().cpu().topk(min(k, len(words)), dim=1)
     return [[(words[j], p) for p, j in zip(row_values.tolist(), row_indices.tolist()) if p >= threshold]
             for row_values, row_indices in zip(values, indices)]
+
+
+def named(text: str) -> set[str]:
+    """The concept words a caption names, a plural as its singular ("two dogs" names dog)."""
+    known = _columns()
+    words = {w[:-1] if w not in known and w.endswith("s") else w for w in tokenize(text)}
+    return words & known.keys()
+
+
+def contradicts(text: str, probs: np.ndarray, sure: float) -> bool:
+    """Whether a caption names a thing the head reliably sees (reliably_seen) but does not see here (under
+    UNSEEN), and leaves out a concept of probability `sure` or more; `probs`: the photo's (W,) concept_probs."""
+    known, said = _columns(), named(text)
+    if not any(probs[known[w]] < UNSEEN for w in said & reliably_seen()):
+        return False
+    return any(concept_table().vocabulary[j] not in said for j in np.flatnonzero(probs >= sure).tolist())
+
+
+@functools.cache
+def reliably_seen() -> frozenset[str]:
+    """The concept words whose absence from the head says a caption is wrong (read_recall of RECALL_FILE)."""
+    return read_recall(RECALL_FILE)
+
+
+def read_recall(path: Path) -> frozenset[str]:
+    """The words of a recall table that the head sees in at least RELIABLE of the SUPPORT or more photos whose
+    captions name them; a malformed line is an error naming the file and line."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if not lines or lines[0] != RECALL_HEADER:
+        raise ValueError(f"{path}:1: expected the header {RECALL_HEADER!r}")
+    out = set()
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if len(fields) != 3 or not fields[1].isdigit() or not fields[2].isdigit() or int(fields[2]) > int(fields[1]):
+            raise ValueError(f"{path}:{number}: expected 'word<TAB>photos<TAB>seen' (seen at most photos), "
+                             f"got {line!r}")
+        photos, seen = int(fields[1]), int(fields[2])
+        if photos >= SUPPORT and seen >= RELIABLE * photos:
+            out.add(fields[0])
+    return frozenset(out)
+
+
+@functools.cache
+def _columns() -> dict[str, int]:
+    """Each concept word's column of concept_probs."""
+    return {word: j for j, word in enumerate(concept_table().vocabulary)}
 
 
 @functools.cache

@@ -171,6 +171,7 @@ class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, ConceptArgs, _In
     retrieved: int = config_field("retrieved")
     retrieval_concepts: float = config_field("retrieval_concepts")
     consensus: bool = config_field("consensus")
+    concept_check: bool = config_field("concept_check")
     decoder_lean: float = config_field("decoder_lean")
 
     def __post_init__(self) -> None:

@@ -26,17 +26,21 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar, cast
+from typing import TYPE_CHECKING, TypeVar, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .consensus import rerank
+from .concepts import contradicts
+from .consensus import VOTERS, rerank
 from .decoding_options import DecodingOptions
 from .models.base import Decoder, State
 from .reinforce import draw
 from .vocab import END_ID, NEVER_WRITTEN, START_ID, Vocab, tokenize
+
+if TYPE_CHECKING:
+    from .datastore import Datastore
 
 INF = float("inf")
 Number = TypeVar("Number", Tensor, float)
@@ -348,3 +352,28 @@ def by_consensus(captions: Sequence[Caption], words: Vocab, voters: Sequence[str
             text = " ".join(tokenize(voters[i - len(captions)]))
             out.append(Caption([], 0.0, 0.0, True, torch.zeros(0, 0), text=text, agreement=agreement))
     return out
+
+
+def voters_needed(options: DecodingOptions) -> int:
+    """How many retrieved captions `chosen` may need per photo beyond those the decoder reads."""
+    return VOTERS if options.consensus or (options.concept_check and options.concepts) else 0
+
+
+def search_options(options: DecodingOptions) -> DecodingOptions:
+    """What beam search runs under for `chosen`: with consensus, every beam is a candidate."""
+    return dataclasses.replace(options, num_captions=options.beam_size) if options.consensus else options
+
+
+def chosen(captions: Sequence[Caption], words: Vocab, voters: Sequence[str], store: Datastore,
+           probs: np.ndarray | None, options: DecodingOptions) -> list[Caption]:
+    """A photo's captions as returned, from its beam search's `captions` (in `words`, searched under
+    search_options) and the captions of similar photos in `store` that vote: with consensus, the vote among both
+    (by_consensus); with the concept check, where the best caption contradicts the ImageNet head's concept
+    probabilities `probs` (concepts.contradicts), the vote among the voters alone, since the decoder's other
+    beams name the same wrong thing; else the captions themselves."""
+    if options.consensus:
+        return by_consensus(captions, words, voters, store.idf, options)
+    if (options.concept_check and options.concepts and probs is not None and voters and captions
+            and contradicts(words.decode(captions[0].tokens), probs, options.concept_threshold)):
+        return by_consensus([], words, voters, store.idf, options)
+    return list(captions)

@@ -48,6 +48,11 @@ class DecodingOptions:
     consensus: bool = _option(False, "retrieval models: choose, among the decoder's n-best and the captions of the "
                                      "25 most similar photos, the caption those captions agree with most; off: the "
                                      "decoder's best")
+    concept_check: bool = _option(True, "retrieval models, concepts on: where the caption names a thing the ImageNet "
+                                        "head reliably sees but not here (a dog, for a cup of coffee) and leaves out "
+                                        "a concept of at least concept_threshold, the captions of the 25 most "
+                                        "similar photos choose one of themselves (consensus); off: the decoder's "
+                                        "caption stands")
     decoder_lean: float = _option(0.1, "consensus: agreement added to the decoder's own captions; higher keeps "
                                        "them more often, 1: always", (0.0, 1.0))
 

@@ -22,8 +22,7 @@ from tqdm import tqdm
 from .atomic import replace_file
 from .baselines import nearest_neighbour_captions
 from .concepts import Concepts, concept_table
-from .consensus import VOTERS
-from .decoding import Ensemble, beam_search, by_consensus
+from .decoding import Ensemble, beam_search, chosen, search_options, voters_needed
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
 from .features import DONE, Prepared, image_inputs, open_prepared
@@ -43,12 +42,12 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
                  device: torch.device, encoder: Encoder | None = None, batch_size: int = 100,
                  concepts: Concepts | None = None, vocab: Vocab | None = None,
                  memory: np.ndarray | None = None, voters: dict[int, list[str]] | None = None,
-                 idf: np.ndarray | None = None) -> dict[str, str]:
+                 store: Datastore | None = None) -> dict[str, str]:
     """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
     images through `encoder` once stage 2 has changed it; with `concepts` (and opts.concepts) as
     `caption` does (concepts.py). `vocab`: the decoder's, when it is not the prepared folder's. `memory`:
     a retrieval decoder's retrieved captions of every prepared row (opts.retrieval off: none read); with
-    opts.consensus, `voters` (per row) and the datastore's `idf` choose as `caption` does (consensus.py)."""
+    `voters` (per row) and their datastore `store`, the captions are chosen as `caption` does (decoding.chosen)."""
     was_training = decoder.training
     decoder.eval()
     words = concepts.vocab if concepts is not None and opts.concepts else vocab or prepared.vocab
@@ -65,11 +64,11 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
             search = cast(Any, decoder).reading(torch.from_numpy(memory[chunk]))
         if concepts is not None and opts.concepts:
             search = concepts.decoder(search, opts.concept_threshold)
-        if voters is not None and idf is not None and opts.consensus:
-            nbest = beam_search(search, feats, dataclasses.replace(opts, num_captions=opts.beam_size))
-            results = [by_consensus(captions, words, voters[row], idf, opts) for row, captions in zip(chunk, nbest)]
-        else:
-            results = beam_search(search, feats, opts)
+        results = beam_search(search, feats, search_options(opts))
+        if voters is not None and store is not None and opts.retrieval:
+            probs = concepts.probs(feats).cpu().numpy() if concepts is not None else [None] * len(chunk)
+            results = [chosen(captions, words, voters[row], store, p, opts)
+                       for row, captions, p in zip(chunk, results, probs)]
         for row, best in zip(chunk, results):
             out[prepared.records[row].name] = best[0].text or words.decode(best[0].tokens)
     decoder.train(was_training)
@@ -141,7 +140,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
     decoder: nn.Module = Ensemble([member.decoder for _, member in members]) if ensemble else loaded.decoder
     rows = split_rows(prepared, split)
     refs = prepared.references(rows)
-    memory, voters, idf = None, None, None
+    memory, voters, store = None, None, None
     if getattr(loaded.decoder, "reads_memory", False) and base.retrieval:
         if loaded.embedder is None:
             raise ValueError(f"{model} reads retrieved captions but has no image embedder (retrieval.safetensors)")
@@ -149,8 +148,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         store = model_datastore(loaded.path, loaded.embedder, datastore)
         memory, voters = retrieved_memory(prepared, loaded.embedder, store, reader, loaded.vocab, base.retrieved,
                                           concepts=concepts, concept_weight=base.retrieval_concepts, rows=rows,
-                                          voters=VOTERS if base.consensus else 0, log=log)
-        idf = store.idf if base.consensus else None
+                                          voters=voters_needed(base), log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -160,7 +158,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
         predictions = decode_split(decoder, prepared, rows, opts, dev, encoder, concepts=concepts,
-                                   vocab=loaded.vocab, memory=memory, voters=voters, idf=idf)
+                                   vocab=loaded.vocab, memory=memory, voters=voters, store=store)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)

@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,9 +21,8 @@ from PIL import Image
 
 from .concepts import Concepts, concept_table
 from .config import BACKENDS
-from .consensus import VOTERS
 from .data import ImageError, load_image
-from .decoding import Caption, beam_search, by_consensus
+from .decoding import Caption, beam_search, chosen, search_options, voters_needed
 from .decoding_options import OPTIONS, DecodingOptions
 from .models import CaptionDecoder, Decoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
@@ -154,15 +152,15 @@ class Captioner:
             read = neighbours_read(cast(Any, self.decoder).args, opts.retrieved)
             similar = [list(zip(texts[:read], sims[:read].tolist()))
                        for texts, sims in zip(found.texts, found.similarity)]
+        probs: list[np.ndarray | None] = [None] * len(batch)
         if self.concepts is not None:
             shown = self.concepts.shown(features)
-        if found is not None and opts.consensus:  # every beam competes with the voters (decoding.by_consensus)
+            probs = list(self.concepts.probs(features).cpu().numpy())
+        results = beam_search(decoder, features, search_options(opts))
+        if found is not None:
             assert self.datastore is not None
-            nbest = beam_search(decoder, features, dataclasses.replace(opts, num_captions=opts.beam_size))
-            results = [by_consensus(captions, self.words, voters, self.datastore.idf, opts)
-                       for captions, voters in zip(nbest, found.texts)]
-        else:
-            results = beam_search(decoder, features, opts)
+            results = [chosen(captions, self.words, voters, self.datastore, p, opts)
+                       for captions, voters, p in zip(results, found.texts, probs)]
         kept = embedded if vectors and embedded is not None else [None] * len(batch)
         return [CaptionResult(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
                 in zip(results, shown, kept, similar)]
@@ -191,7 +189,7 @@ class Captioner:
         probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
         return retrieve(self.datastore, embedded, self.vocab, cast(Any, self.decoder).args, opts.retrieved,
                         concept_probs=probs, concept_words=concept_table().vocabulary,
-                        concept_weight=opts.retrieval_concepts, voters=VOTERS if opts.consensus else 0)
+                        concept_weight=opts.retrieval_concepts, voters=voters_needed(opts))
 
     @torch.inference_mode()
     def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:

@@ -5,6 +5,7 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,8 +15,12 @@ from captioner.concepts import (
     Concepts,
     concept_probs,
     concept_table,
+    contradicts,
+    named,
     neighbours,
     read_concept_words,
+    read_recall,
+    reliably_seen,
     top_concepts,
 )
 from captioner.decoding import beam_search
@@ -99,6 +104,35 @@ def test_top_concepts_honours_threshold_and_k():
     assert tops[0][0] == ("cat", pytest.approx(0.3))
     assert [[w for w, _ in row] for row in top_concepts(probs, threshold=0.1, k=2)] == [["cat", "dog"], ["coffee"], []]
     assert top_concepts(probs) == [[], [("coffee", pytest.approx(0.9))], []]
+
+
+def test_a_caption_names_concept_words_plurals_as_their_singular():
+    assert named("two dogs chase a cat past the coffee") == {"dog", "cat", "coffee"}
+    assert named("a man is sitting on the grass") == set()  # neither is a word the ImageNet head gives
+
+
+def test_a_caption_contradicts_the_head_when_it_names_the_unseen_and_leaves_out_the_sure():
+    column = concept_table().vocabulary.index
+    probs = np.zeros(len(concept_table().vocabulary))
+    probs[column("coffee")] = 0.95
+    assert contradicts("a black dog is playing in the water", probs, 0.3)  # a dog nobody sees, the coffee left out
+    assert not contradicts("a dog drinks coffee", probs, 0.3)  # the sure concept is named
+    assert not contradicts("a man is playing in the water", probs, 0.3)  # nothing named that the head could see
+    # the head rarely sees a bench even where there is one, so its absence says nothing
+    assert "bench" not in reliably_seen() and not contradicts("a man sits on a bench", probs, 0.3)
+    assert not contradicts("a black dog is playing in the water", probs, 0.99)  # not sure enough
+    probs[column("dog")] = 0.2
+    assert not contradicts("two dogs in the water", probs, 0.3)  # a dog the head sees a little (0.2 >= 0.1)
+
+
+def test_the_recall_table_keeps_the_words_the_head_reliably_sees_and_names_a_bad_line(tmp_path: Path):
+    table = tmp_path / "recall.tsv"
+    table.write_text("word\tphotos\tseen\ndog\t100\t95\nshirt\t900\t9\nheron\t2\t2\n")
+    assert read_recall(table) == {"dog"}  # the shirt is rarely seen, the heron too rarely named to tell
+    table.write_text("word\tphotos\tseen\ndog\t100\t95\ncat\tmany\t3\n")
+    with pytest.raises(ValueError, match=r"recall.tsv:3: expected"):
+        read_recall(table)
+    assert "dog" in reliably_seen()  # the packaged table (scripts/assets/build_concept_recall.py)
 
 
 def test_a_malformed_table_names_file_and_line(tmp_path: Path):

@@ -8,9 +8,10 @@ import pytest
 import torch
 from test_datastore import DIM, fake_encoder, write_sources
 
+from captioner.concepts import concept_table
 from captioner.consensus import BUCKETS, IDF_STEPS, NGRAM_FILE, count_idf, rerank, similarities
 from captioner.datastore import DatastoreError, build, load_datastore
-from captioner.decoding import Caption, by_consensus
+from captioner.decoding import Caption, by_consensus, chosen
 from captioner.decoding_options import DecodingOptions
 from captioner.vocab import Vocab
 
@@ -68,3 +69,22 @@ def test_a_datastore_stores_its_idf_and_counts_it_when_built_before_it(tmp_path)
     np.save(tmp_path / "ds" / NGRAM_FILE, np.zeros(10, dtype=np.uint8))
     with pytest.raises(DatastoreError, match=f"{NGRAM_FILE}: expected {BUCKETS} uint8 values"):
         load_datastore(tmp_path / "ds")
+
+
+def test_the_concept_check_lets_the_voters_choose_where_the_caption_contradicts_the_head():
+    words = Vocab(["a", "dog", "in", "the", "water", "coffee"])
+    dog = Caption([4, 5, 6, 7, 8], -1.0, -1.0, True, torch.zeros(5, 0))  # "a dog in the water"
+    probs = np.zeros(len(concept_table().vocabulary))
+    probs[concept_table().vocabulary.index("coffee")] = 0.95
+
+    class Store:
+        idf = FLAT
+
+    opts = DecodingOptions()
+    checked = chosen([dog], words, COFFEE, Store(), probs, opts)
+    assert checked[0].text in COFFEE and checked[0].agreement > 0  # the dog gave way to a cup of coffee
+    assert chosen([dog], words, COFFEE, Store(), probs, DecodingOptions(concept_check=False)) == [dog]
+    assert chosen([dog], words, COFFEE, Store(), probs, DecodingOptions(concepts=False)) == [dog]
+    assert chosen([dog], words, [], Store(), probs, opts) == [dog]  # nobody to vote: the caption stands
+    probs[concept_table().vocabulary.index("dog")] = 0.6  # the head sees the dog: no contradiction
+    assert chosen([dog], words, COFFEE, Store(), probs, opts) == [dog]

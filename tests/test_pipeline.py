@@ -181,6 +181,18 @@ def test_shipped_default_model_loads_without_arguments_and_is_small():
     assert abs(float(logprob) / (len(words) + 1) ** penalty - out[0]["score"]) < 1e-3
 
 
+def test_the_shipped_model_names_what_the_example_photos_show():
+    """Issue 33's check on the README's photos: the Flickr8k decoder alone called the cup of coffee a dog in the
+    water; the concept check lets the captions of similar photos speak there."""
+    captioner = Captioner.from_pretrained()
+    out = captioner([PHOTOS / "coffee.jpg", PHOTOS / "chelsea.jpg", PHOTOS / "camera.jpg"])
+    said = [set(o[0]["generated_text"].split()) for o in out]
+    assert said[0] & {"coffee", "cup"} and "dog" not in said[0]
+    assert "cat" in said[1] and "camera" in said[2]
+    dog = captioner(PHOTOS / "coffee.jpg", concept_check=False)[0]["generated_text"]
+    assert "dog" in dog.split()  # what the decoder alone writes, so the check above is the check's doing
+
+
 @pytest.mark.skipif(not os.environ.get("CAPTIONER_FLICKR8K"), reason="set CAPTIONER_FLICKR8K to a Flickr8k folder")
 def test_shipped_model_describes_real_flickr8k_test_images():
     """A regression guard on quality: 100 official test images, scored by coco-caption against all references."""
