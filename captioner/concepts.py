@@ -132,12 +132,18 @@ def named(text: str) -> set[str]:
     return words & known.keys()
 
 
+def unseen(text: str, probs: np.ndarray) -> set[str]:
+    """The things a caption names that the head reliably sees (reliably_seen) but does not see in this photo
+    (under UNSEEN); `probs`: the photo's (W,) concept_probs."""
+    known = _columns()
+    return {w for w in named(text) & reliably_seen() if probs[known[w]] < UNSEEN}
+
+
 def contradicts(text: str, probs: np.ndarray, sure: float) -> bool:
-    """Whether a caption names a thing the head reliably sees (reliably_seen) but does not see here (under
-    UNSEEN), and leaves out a concept of probability `sure` or more; `probs`: the photo's (W,) concept_probs."""
-    known, said = _columns(), named(text)
-    if not any(probs[known[w]] < UNSEEN for w in said & reliably_seen()):
+    """Whether a caption names something unseen and leaves out a concept of probability `sure` or more."""
+    if not unseen(text, probs):
         return False
+    said = named(text)
     return any(concept_table().vocabulary[j] not in said for j in np.flatnonzero(probs >= sure).tolist())
 
 

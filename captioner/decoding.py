@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .concepts import contradicts
+from .concepts import contradicts, unseen
 from .consensus import VOTERS, rerank
 from .decoding_options import DecodingOptions
 from .models.base import Decoder, State
@@ -367,13 +367,17 @@ def search_options(options: DecodingOptions) -> DecodingOptions:
 def chosen(captions: Sequence[Caption], words: Vocab, voters: Sequence[str], store: Datastore,
            probs: np.ndarray | None, options: DecodingOptions) -> list[Caption]:
     """A photo's captions as returned, from its beam search's `captions` (in `words`, searched under
-    search_options) and the captions of similar photos in `store` that vote: with consensus, the vote among both
-    (by_consensus); with the concept check, where the best caption contradicts the ImageNet head's concept
-    probabilities `probs` (concepts.contradicts), the vote among the voters alone, since the decoder's other
-    beams name the same wrong thing; else the captions themselves."""
-    if options.consensus:
-        return by_consensus(captions, words, voters, store.idf, options)
+    search_options) and the captions of similar photos in `store` that vote. Where the best caption contradicts
+    the ImageNet head's concept probabilities `probs` (the concept check, concepts.contradicts), every caption
+    naming what the head does not see is left out. With consensus, the vote is among the rest and the voters
+    (by_consensus); without, where the best caption was left out the vote is among the voters alone, since the
+    decoder's other beams mostly name the same wrong thing; elsewhere the captions stand."""
+    kept = list(captions)
     if (options.concept_check and options.concepts and probs is not None and voters and captions
             and contradicts(words.decode(captions[0].tokens), probs, options.concept_threshold)):
+        kept = [c for c in captions if not unseen(words.decode(c.tokens), probs)]
+    if options.consensus:
+        return by_consensus(kept, words, voters, store.idf, options)
+    if captions and (not kept or kept[0] is not captions[0]):
         return by_consensus([], words, voters, store.idf, options)
     return list(captions)

@@ -3,6 +3,8 @@ voter leaving itself out, the decoder's lean and the datastore's stored idf. The
 pipeline, in evaluation and in the REST answer's schema: test_datastore.py, beside its trained model."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -72,8 +74,10 @@ def test_a_datastore_stores_its_idf_and_counts_it_when_built_before_it(tmp_path)
 
 
 def test_the_concept_check_lets_the_voters_choose_where_the_caption_contradicts_the_head():
-    words = Vocab(["a", "dog", "in", "the", "water", "coffee"])
+    words = Vocab(["a", "dog", "in", "the", "water", "coffee", "cup"])
     dog = Caption([4, 5, 6, 7, 8], -1.0, -1.0, True, torch.zeros(5, 0))  # "a dog in the water"
+    dog_coffee = Caption([4, 5, 6, 7, 9], -1.5, -1.5, True, torch.zeros(5, 0))  # "a dog in the coffee"
+    cup = Caption([4, 10, 6, 7, 8], -2.0, -2.0, True, torch.zeros(5, 0))  # "a cup in the water"
     probs = np.zeros(len(concept_table().vocabulary))
     probs[concept_table().vocabulary.index("coffee")] = 0.95
 
@@ -86,5 +90,11 @@ def test_the_concept_check_lets_the_voters_choose_where_the_caption_contradicts_
     assert chosen([dog], words, COFFEE, Store(), probs, DecodingOptions(concept_check=False)) == [dog]
     assert chosen([dog], words, COFFEE, Store(), probs, DecodingOptions(concepts=False)) == [dog]
     assert chosen([dog], words, [], Store(), probs, opts) == [dog]  # nobody to vote: the caption stands
+    # with consensus, every beam naming the unseen dog leaves the vote, even one that names the coffee
+    lean = DecodingOptions(beam_size=3, num_captions=3, consensus=True, decoder_lean=1.0)
+    voted = chosen([dog, dog_coffee, cup], words, COFFEE, Store(), probs, lean)
+    assert voted[0].tokens == cup.tokens and all(c.text in COFFEE for c in voted[1:])
+    unchecked = chosen([dog, dog_coffee, cup], words, COFFEE, Store(), probs, replace(lean, concept_check=False))
+    assert sorted(c.tokens for c in unchecked) == sorted(c.tokens for c in (dog, dog_coffee, cup))
     probs[concept_table().vocabulary.index("dog")] = 0.6  # the head sees the dog: no contradiction
     assert chosen([dog], words, COFFEE, Store(), probs, opts) == [dog]
