@@ -94,6 +94,9 @@ def main() -> None:
                         "(default: the model's)")
     parser.add_argument("--consensus", action=argparse.BooleanOptionalAction, help="choose by consensus with the "
                         "captions of similar photos (default: the model's)")
+    parser.add_argument("--concept-check", action=argparse.BooleanOptionalAction, help="where the caption names "
+                        "a thing the ImageNet head does not see, the captions of similar photos choose "
+                        "(default: the model's)")
     parser.add_argument("--decoder-lean", type=float, help="consensus: the decoder's lead (default: the model's)")
     parser.add_argument("--pool", type=int, default=500, help="consensus: nearest captions re-ranked")
     parser.add_argument("--top", type=int, default=25, help="consensus: captions voting")
@@ -112,7 +115,7 @@ def main() -> None:
     start = time.time()
     options = {"concepts": False if args.no_concepts else None, "retrieval": False if args.no_retrieval else None,
                "retrieved": args.retrieved, "retrieval_concepts": args.retrieval_concepts,
-               "consensus": args.consensus, "decoder_lean": args.decoder_lean}
+               "consensus": args.consensus, "concept_check": args.concept_check, "decoder_lean": args.decoder_lean}
     opts = captioner.options(**options)
     for s in range(0, len(paths), 16):
         batch = paths[s:s + 16]
