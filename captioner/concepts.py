@@ -153,8 +153,8 @@ def reliably_seen() -> frozenset[str]:
     return read_recall(RECALL_FILE)
 
 
-def read_recall(path: Path) -> frozenset[str]:
-    """The words of a recall table that the head sees in at least RELIABLE of the SUPPORT or more photos whose
+def read_recall(path: Path, reliable: float = RELIABLE) -> frozenset[str]:
+    """The words of a recall table that the head sees in at least `reliable` of the SUPPORT or more photos whose
     captions name them; a malformed line is an error naming the file and line."""
     lines = path.read_text(encoding="utf-8").splitlines()
     if not lines or lines[0] != RECALL_HEADER:
@@ -166,7 +166,7 @@ def read_recall(path: Path) -> frozenset[str]:
             raise ValueError(f"{path}:{number}: expected 'word<TAB>photos<TAB>seen' (seen at most photos), "
                              f"got {line!r}")
         photos, seen = int(fields[1]), int(fields[2])
-        if photos >= SUPPORT and seen >= RELIABLE * photos:
+        if photos >= SUPPORT and seen >= reliable * photos:
             out.add(fields[0])
     return frozenset(out)
 

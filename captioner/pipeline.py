@@ -285,8 +285,9 @@ def loaded_batches(items: list[tuple[Any, str | None]], batch_size: int) -> Iter
 
 
 def caption_dict(caption: Caption, words: Vocab) -> dict:
-    """One caption in the pipeline's output form; where consensus ranked it, its agreement and whether the
-    decoder wrote it or it is a caption of a similar photo from the datastore (then it has no score)."""
+    """One caption in the pipeline's output form; where consensus or the concept check ranked it, its agreement
+    and whether the decoder wrote it or it is a caption of a similar photo from the datastore (then it has no
+    score)."""
     if caption.agreement is None:
         return {"generated_text": words.decode(caption.tokens), "score": round(caption.score, 4)}
     if caption.text:

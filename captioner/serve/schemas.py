@@ -44,10 +44,12 @@ HuggingFaceRequest: type[_Strict] = create_model("HuggingFaceRequest", __base__=
 class CaptionOut(BaseModel):
     generated_text: str
     score: float | None = Field(description="log-probability, length-normalised when length_penalty > 0; null "
-                                            "for a caption of a similar photo that consensus chose")
-    agreement: float | None = Field(None, description="with consensus on: how far the captions of similar photos "
-                                                      "agree with this one (the decoder's get decoder_lean on top)")
-    source: Literal["decoder", "datastore"] | None = Field(None, description="with consensus on: written by the "
+                                            "for a caption of a similar photo that consensus or the concept check "
+                                            "chose")
+    agreement: float | None = Field(None, description="where the captions of similar photos voted (consensus on, "
+                                                      "or the concept check fired): how far they agree with this "
+                                                      "one (the decoder's get decoder_lean on top)")
+    source: Literal["decoder", "datastore"] | None = Field(None, description="where they voted: written by the "
                                                             "decoder, or a caption of a similar photo")
 
 
