@@ -231,17 +231,20 @@ class Captioner:
         """An n-best list in the pipeline's output form."""
         return [caption_dict(c, self.words) for c in captions]
 
-    def attention_maps(self, caption: Caption) -> tuple[list[str], np.ndarray]:
-        """A caption's words and their attention maps (T, H, W) on the encoder's grid."""
-        words = caption.text.split() if caption.text else [self.words.itos[t] for t in caption.tokens]
+    def attention_maps(self, caption: Caption) -> tuple[list[str], np.ndarray | None]:
+        """A caption's words and their attention maps (T, H, W) on the encoder's grid; None for a caption of a
+        similar photo (consensus, the concept check), which the decoder did not write, so looked nowhere."""
+        if caption.text:
+            return caption.text.split(), None
+        words = [self.words.itos[t] for t in caption.tokens]
         h, w = self.encoder.grid()
         if not caption.alphas.numel():  # the no-attention baseline looks everywhere alike
             return words, np.full((len(words), h, w), 1.0 / (h * w), dtype=np.float32)
         return words, caption.alphas.reshape(len(words), h, w).numpy()
 
     def attention(self, image: ImageInput, **options: Any) -> dict:
-        """The best caption with its words, each word's attention map (T, H, W), and the crop the
-        encoder saw, ready to overlay."""
+        """The best caption with its words, each word's attention map (T, H, W; None for a caption of a similar
+        photo), and the crop the encoder saw, ready to overlay."""
         items, single = _as_images(image)
         if not single:
             raise TypeError(f"attention takes one image ({ACCEPTED}), not a list or a batch")

@@ -3,8 +3,10 @@ map), and a training run's curves."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -29,14 +31,22 @@ def attention_overlay(image: Image.Image, alpha: np.ndarray, strength: float = 0
     return Image.fromarray((blended * 255).round().astype(np.uint8))
 
 
-def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, path: str | Path,
+def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray | None, path: str | Path,
                      columns: int = 5, panel: int = 160) -> Path:
-    """Write a PNG: the encoder's view of the image, then each word over its upsampled attention map."""
+    """Write a PNG: the encoder's view of the image, then each word over its upsampled attention map; with no
+    maps (a caption of a similar photo, which the decoder did not write), the image under the caption."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    if alphas is None:
+        fig, ax = plt.subplots(figsize=(2 * panel / 80, 2 * panel / 80 + 0.6))
+        ax.axis("off")
+        ax.imshow(np.asarray(image.convert("RGB")))
+        ax.set_title(textwrap.fill(" ".join(words), 40) + "\n(a caption of a similar photo: no attention)",
+                     fontsize=10)
+        return _save(fig, path)
     n = len(words) + 1
     rows = math.ceil(n / columns)
     fig, axes = plt.subplots(rows, columns, figsize=(columns * panel / 80, rows * panel / 80 + 0.3), squeeze=False)
@@ -48,6 +58,12 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray, p
     for ax, word, alpha in zip(axes.flat[1:], words, alphas):
         ax.imshow(attention_overlay(image, alpha))
         ax.set_title(word, fontsize=11)
+    return _save(fig, path)
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

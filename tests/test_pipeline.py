@@ -193,6 +193,22 @@ def test_the_shipped_model_names_what_the_example_photos_show():
     assert "dog" in dog.split()  # what the decoder alone writes, so the check above is the check's doing
 
 
+def test_a_caption_of_a_similar_photo_has_no_attention_and_its_picture_says_so(tmp_path):
+    """The decoder did not write it, so no map may suggest where it looked (the concept check fires on the coffee
+    photo; the shipped model's maps elsewhere are test_attention_maps_per_word's)."""
+    from captioner.visualize import attention_figure
+
+    captioner = Captioner.from_pretrained()
+    att = captioner.attention(PHOTOS / "coffee.jpg")
+    assert att["alphas"] is None and att["generated_text"] == " ".join(att["words"])
+    picture = attention_figure(att["image"], att["words"], att["alphas"], tmp_path / "coffee.png")
+    with Image.open(picture) as png:  # one panel: the photo under its caption
+        assert png.size[0] < png.size[1] * 1.5
+    maps = attention_figure(att["image"], ["a", "cup"], np.full((2, 7, 7), 1 / 49), tmp_path / "maps.png")
+    with Image.open(maps) as png:  # the photo and each word: a row of five panels
+        assert png.size[0] > png.size[1] * 1.5
+
+
 @pytest.mark.skipif(not os.environ.get("CAPTIONER_FLICKR8K"), reason="set CAPTIONER_FLICKR8K to a Flickr8k folder")
 def test_shipped_model_describes_real_flickr8k_test_images():
     """A regression guard on quality: 100 official test images, scored by coco-caption against all references."""

@@ -72,6 +72,14 @@ def test_multipart_upload_answers_what_the_python_api_answers(client: TestClient
     assert body["model"] == "flickr8k-lite0" and body["attention"] is None
 
 
+def test_a_caption_of_a_similar_photo_comes_with_its_words_and_no_maps(client: TestClient) -> None:
+    encoded = base64.b64encode((PHOTOS / "coffee.jpg").read_bytes()).decode()  # the concept check fires here
+    body = client.post("/api/caption", json={"image": encoded, "attention": True}).json()
+    assert body["captions"][0]["source"] == "datastore"
+    assert " ".join(body["attention"]["words"]) == body["captions"][0]["generated_text"]
+    assert body["attention"]["maps"] == [] and body["attention"]["grid"] == [7, 7]
+
+
 def test_json_base64_with_attention_maps(client: TestClient) -> None:
     encoded = base64.b64encode((PHOTOS / "chelsea.jpg").read_bytes()).decode()
     plain = client.post("/api/caption", json={"image": encoded, "attention": True, "max_length": 12})

@@ -112,8 +112,8 @@ async def caption_read(request: Request, read: Callable[[Request], Awaitable[tup
     attention = None
     if attend:
         words, alphas = captioner.attention_maps(result.captions[0])
-        attention = AttentionOut(words=words, grid=list(alphas.shape[1:]),
-                                 maps=alphas.astype(np.float64).round(5).tolist())
+        attention = AttentionOut(words=words, grid=list(captioner.encoder.grid()),
+                                 maps=alphas.astype(np.float64).round(5).tolist() if alphas is not None else [])
     ms = [round(x, 2) for x in ((time.perf_counter() - start) * 1000, (decoded - start) * 1000,
                                 result.queue_ms, result.model_ms)]
     timing = Timing(total_ms=ms[0], decode_ms=ms[1], queue_ms=ms[2], model_ms=ms[3], batch_size=result.batch_size)

@@ -64,7 +64,8 @@ class Timing(BaseModel):
 class AttentionOut(BaseModel):
     words: list[str]
     grid: list[int] = Field(description="[rows, columns] of the encoder's feature map")
-    maps: list[list[list[float]]] = Field(description="one rows x columns map per word, summing to 1")
+    maps: list[list[list[float]]] = Field(description="one rows x columns map per word, summing to 1; empty for a "
+                                                      "caption of a similar photo, which the decoder did not write")
 
 
 class ConceptOut(BaseModel):

@@ -40,7 +40,9 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
         picture = read_photo(photo, Path(photo).name, max_pixels)  # by its name: no server paths in messages
         return captioner.encoder.preprocess(picture), captioner.encoder.crop(picture)
 
-    def draw(crop: Image.Image, words: list[str], alphas: np.ndarray) -> list[tuple[Image.Image, str]]:
+    def draw(crop: Image.Image, words: list[str], alphas: np.ndarray | None) -> list[tuple[Image.Image, str]]:
+        if alphas is None:  # a caption of a similar photo: the decoder did not write it, so looked nowhere
+            return [(crop, "a caption of a similar photo: no attention")]
         return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
 
     def refuse(message: str) -> Exception:
