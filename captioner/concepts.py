@@ -231,10 +231,6 @@ class Concepts:
         logits = features.float().mean(dim=1) @ self.weight.to(features.device).T + self.bias.to(features.device)
         return concept_probs(logits)
 
-    def shown(self, features: Tensor) -> list[list[tuple[str, float]]]:
-        """Per image, the concepts returned with its captions: up to SHOWN_MOST at least SHOWN probable."""
-        return top_concepts(self.probs(features), threshold=SHOWN, k=SHOWN_MOST)
-
     def decoder(self, decoder: Decoder, threshold: float) -> ConceptDecoder:
         return ConceptDecoder(decoder, self, threshold)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .concepts import Concepts, concept_table
+from .concepts import SHOWN, SHOWN_MOST, Concepts, concept_table, top_concepts
 from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, beam_search, chosen, search_options, voters_needed
@@ -147,46 +147,49 @@ class Captioner:
         retrieving = self.datastore is not None and opts.retrieval
         embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
                     else None)
-        decoder, found = self.search_decoder(features, opts, embedded)
+        # the ImageNet head's concepts once per batch: tags, retrieval's ranking and the concept check read them
+        probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
+        decoder, found = self.search_decoder(features, opts, embedded, probs)
         if found is not None:
             read = neighbours_read(cast(Any, self.decoder).args, opts.retrieved)
             similar = [list(zip(texts[:read], sims[:read].tolist()))
                        for texts, sims in zip(found.texts, found.similarity)]
-        probs: list[np.ndarray | None] = [None] * len(batch)
-        if self.concepts is not None:
-            shown = self.concepts.shown(features)
-            probs = list(self.concepts.probs(features).cpu().numpy())
+        if probs is not None:
+            shown = top_concepts(torch.from_numpy(probs), threshold=SHOWN, k=SHOWN_MOST)
         results = beam_search(decoder, features, search_options(opts))
         if found is not None:
             assert self.datastore is not None
+            rows = probs if probs is not None else [None] * len(batch)
             results = [chosen(captions, self.words, voters, self.datastore, p, opts)
-                       for captions, voters, p in zip(results, found.texts, probs)]
+                       for captions, voters, p in zip(results, found.texts, rows)]
         kept = embedded if vectors and embedded is not None else [None] * len(batch)
         return [CaptionResult(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
                 in zip(results, shown, kept, similar)]
 
-    def search_decoder(self, features: torch.Tensor, opts: DecodingOptions,
-                       embedded: np.ndarray | None = None) -> tuple[Decoder, Neighbours | None]:
+    def search_decoder(self, features: torch.Tensor, opts: DecodingOptions, embedded: np.ndarray | None = None,
+                       probs: np.ndarray | None = None) -> tuple[Decoder, Neighbours | None]:
         """What beam search steps for images' features under `opts`: the decoder reading the captions retrieved
         for them (a retrieval model, retrieval on), their concept words lifted (concepts on); and those
-        neighbours (None without retrieval)."""
+        neighbours (None without retrieval). `embedded`, `probs`: as `retrieved` takes them."""
         decoder: Decoder = self.decoder
         found = None
         if self.datastore is not None and opts.retrieval:
-            memory, found = self.retrieved(features, opts, embedded)
+            memory, found = self.retrieved(features, opts, embedded, probs)
             decoder = cast(Any, self.decoder).reading(memory.to(self.device))  # a retrieval decoder
         if self.concepts is not None and opts.concepts:
             decoder = self.concepts.decoder(decoder, opts.concept_threshold)
         return decoder, found
 
-    def retrieved(self, features: torch.Tensor, opts: DecodingOptions,
-                  embedded: np.ndarray | None = None) -> tuple[torch.Tensor, Neighbours]:
+    def retrieved(self, features: torch.Tensor, opts: DecodingOptions, embedded: np.ndarray | None = None,
+                  probs: np.ndarray | None = None) -> tuple[torch.Tensor, Neighbours]:
         """A retrieval model's memory for images' features, and the neighbours in it: their captions nearest
-        their vectors (`embedded`, when already computed), ranked again by the concept words they name."""
+        their vectors (`embedded`, when already computed), ranked again by the concept words they name (their
+        concept probabilities `probs`, when already computed)."""
         assert self.datastore is not None and self.embedder is not None  # a model with a datastore has an embedder
         if embedded is None:
             embedded = self.embedder(features).cpu().numpy()
-        probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
+        if probs is None and self.concepts is not None:
+            probs = self.concepts.probs(features).cpu().numpy()
         return retrieve(self.datastore, embedded, self.vocab, cast(Any, self.decoder).args, opts.retrieved,
                         concept_probs=probs, concept_words=concept_table().vocabulary,
                         concept_weight=opts.retrieval_concepts, voters=voters_needed(opts))
