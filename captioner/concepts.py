@@ -91,7 +91,7 @@ def concept_table() -> ConceptTable:
 @functools.cache
 def _membership() -> torch.Tensor:
     """(1000, W) 0/1: class i maps to word j. A matrix so that summing over classes is one matmul."""
-    column = _columns()
+    column = concept_columns()
     matrix = torch.zeros(N_CLASSES, len(column))
     for i, word in enumerate(concept_table().words):
         if word:
@@ -127,7 +127,7 @@ def top_concepts(probs: torch.Tensor, threshold: float = 0.5, k: int = 3) -> lis
 
 def named(text: str) -> set[str]:
     """The concept words a caption names, a plural as its singular ("two dogs" names dog)."""
-    known = _columns()
+    known = concept_columns()
     words = {w[:-1] if w not in known and w.endswith("s") else w for w in tokenize(text)}
     return words & known.keys()
 
@@ -135,16 +135,19 @@ def named(text: str) -> set[str]:
 def unseen(text: str, probs: np.ndarray) -> set[str]:
     """The things a caption names that the head reliably sees (reliably_seen) but does not see in this photo
     (under UNSEEN); `probs`: the photo's (W,) concept_probs."""
-    known = _columns()
-    return {w for w in named(text) & reliably_seen() if probs[known[w]] < UNSEEN}
+    return _unseen(named(text), probs)
 
 
 def contradicts(text: str, probs: np.ndarray, sure: float) -> bool:
     """Whether a caption names something unseen and leaves out a concept of probability `sure` or more."""
-    if not unseen(text, probs):
-        return False
     said = named(text)
-    return any(concept_table().vocabulary[j] not in said for j in np.flatnonzero(probs >= sure).tolist())
+    return bool(_unseen(said, probs)) and any(concept_table().vocabulary[j] not in said
+                                              for j in np.flatnonzero(probs >= sure).tolist())
+
+
+def _unseen(said: set[str], probs: np.ndarray) -> set[str]:
+    known = concept_columns()
+    return {w for w in said & reliably_seen() if probs[known[w]] < UNSEEN}
 
 
 @functools.cache
@@ -172,7 +175,7 @@ def read_recall(path: Path, reliable: float = RELIABLE) -> frozenset[str]:
 
 
 @functools.cache
-def _columns() -> dict[str, int]:
+def concept_columns() -> dict[str, int]:
     """Each concept word's column of concept_probs."""
     return {word: j for j, word in enumerate(concept_table().vocabulary)}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from captioner.concepts import RECALL_FILE, RECALL_HEADER, UNSEEN, concept_table, named
+from captioner.concepts import RECALL_FILE, RECALL_HEADER, UNSEEN, concept_columns, concept_table, named
 from captioner.features import open_prepared
 from captioner.pipeline import DEFAULT_MODEL, Captioner
 
@@ -33,8 +33,7 @@ def main() -> None:
     assert captioner.concepts is not None, f"{args.model}'s encoder has no ImageNet head"
     prepared = open_prepared(args.prepared)
     rows = prepared.indices("train")
-    words = concept_table().vocabulary
-    column = {w: j for j, w in enumerate(words)}
+    words, column = concept_table().vocabulary, concept_columns()
     photos, seen = np.zeros(len(words), dtype=np.int64), np.zeros(len(words), dtype=np.int64)
     for start in range(0, len(rows), 500):
         chunk = rows[start:start + 500]
