@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from captioner.concepts import concept_table
+from captioner.config import add_decoding_flags, flags_given
 from captioner.data import load_image
 from captioner.datastore import load_datastore
 from captioner.metrics import fluency, score_captions
@@ -87,17 +88,7 @@ def main() -> None:
     parser.add_argument("--model", help="model folder (default: the shipped model); for nearest/consensus the "
                         "model whose image embedder and concepts are used")
     parser.add_argument("--datastore", help="datastore folder (a retrieval model's own by default)")
-    parser.add_argument("--no-concepts", action="store_true")
-    parser.add_argument("--no-retrieval", action="store_true")
-    parser.add_argument("--retrieved", type=int, help="retrieved captions read (default: the model's)")
-    parser.add_argument("--retrieval-concepts", type=float, help="weight of the concept words in retrieval "
-                        "(default: the model's)")
-    parser.add_argument("--consensus", action=argparse.BooleanOptionalAction, help="choose by consensus with the "
-                        "captions of similar photos (default: the model's)")
-    parser.add_argument("--concept-check", action=argparse.BooleanOptionalAction, help="where the caption names "
-                        "a thing the ImageNet head does not see, the captions of similar photos choose "
-                        "(default: the model's)")
-    parser.add_argument("--decoder-lean", type=float, help="consensus: the decoder's lead (default: the model's)")
+    add_decoding_flags(parser)  # --method model: every decoding option, as `captioner caption` takes it
     parser.add_argument("--pool", type=int, default=500, help="consensus: nearest captions re-ranked")
     parser.add_argument("--top", type=int, default=25, help="consensus: captions voting")
     parser.add_argument("--bonus", type=float, default=0.3, help="consensus: weight of the concept words")
@@ -113,10 +104,7 @@ def main() -> None:
     predictions: dict[str, str] = {}
     paths = list(refs)
     start = time.time()
-    options = {"concepts": False if args.no_concepts else None, "retrieval": False if args.no_retrieval else None,
-               "retrieved": args.retrieved, "retrieval_concepts": args.retrieval_concepts,
-               "consensus": args.consensus, "concept_check": args.concept_check, "decoder_lean": args.decoder_lean}
-    opts = captioner.options(**options)
+    opts = captioner.options(**flags_given(args))
     for s in range(0, len(paths), 16):
         batch = paths[s:s + 16]
         images = [load_image(p) for p in batch]
