@@ -27,7 +27,7 @@ from .decoding_options import OPTIONS, DecodingOptions
 from .models import CaptionDecoder, Decoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
 from .models.retrieval import neighbours_read, retrieve
-from .runtime import resolve_device
+from .runtime import collector_spares_old_objects, resolve_device
 from .vocab import Vocab
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ class Captioner:
         self.name = path.name if path is not None else ""
 
     @classmethod
+    @collector_spares_old_objects()
     def from_pretrained(cls, path: str | Path | None = None, device: str = "auto", backend: str = "torch",
                         datastore: str | Path | None = None) -> Captioner:
         """The shipped default model, or any model folder `captioner train` wrote (runs/NAME/best); with

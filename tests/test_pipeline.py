@@ -181,6 +181,31 @@ def test_shipped_default_model_loads_without_arguments_and_is_small():
     assert abs(float(logprob) / (len(words) + 1) ** penalty - out[0]["score"]) < 1e-3
 
 
+def test_loading_sets_the_old_objects_aside_from_the_collector_and_gives_them_back(monkeypatch):
+    import gc
+
+    import captioner.pipeline as pipeline
+
+    frozen_while_loading = []
+    real_load = pipeline.load_model
+
+    def load_model(*args, **kwargs):
+        frozen_while_loading.append(gc.get_freeze_count())
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_model", load_model)
+    assert gc.get_freeze_count() == 0
+    Captioner.from_pretrained(device="cpu")
+    assert frozen_while_loading[0] > 10_000 and gc.get_freeze_count() == 0
+    gc.freeze()  # a program that froze its objects itself, as before forking workers, keeps its freeze
+    try:
+        before = gc.get_freeze_count()
+        Captioner.from_pretrained(device="cpu")
+        assert gc.get_freeze_count() >= before > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_the_shipped_model_names_what_the_example_photos_show():
     """Issue 33's check on the README's photos: the Flickr8k decoder alone called the cup of coffee a dog in the
     water; the concept check lets the captions of similar photos speak there."""
