@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import BACKENDS, add_config_flags, add_decoding_flags, config_from_args, flags_given
+from .config import BACKENDS, FITS, add_config_flags, add_decoding_flags, config_from_args, flags_given
 from .decoding_options import MODEL_KEYS
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda, cuda:N or mps (default: auto)"
@@ -103,8 +103,8 @@ def cmd_add_retrieval_head(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
-        if flags_given(args, MODEL_KEYS):
-            raise SystemExit("captioner export: --format onnx keeps the model's decoding defaults; export to "
+        if flags_given(args, MODEL_KEYS) or args.fit:
+            raise SystemExit("captioner export: --format onnx keeps the model's decoding defaults and fit; export to "
                              "safetensors with new decoding defaults first, then that to onnx")
         if args.average:
             raise SystemExit("captioner export: --average writes safetensors; average first, then export that to onnx")
@@ -123,7 +123,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     decoding = {**model.decoding, **flags_given(args, MODEL_KEYS)}
     DecodingOptions(**decoding)  # an option out of range fails here, naming it, not when the model is used
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype)
+    save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype,
+               fit=args.fit or model.fit)
     embedder = load_model(args.model).embedder  # photo vectors read the encoder's features, so any fits the average
     if embedder is not None:
         datastore = Path(args.model) / DATASTORE_DIR
@@ -510,6 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--average", nargs="+", metavar="MODEL",
                    help="safetensors: write the mean of MODEL's and these models' weights (runs from one start, "
                         "such as seeds of self-critical training)")
+    p.add_argument("--fit", choices=FITS, help="safetensors: how the exported model meets a photo that is not "
+                   "square: crop, or squash for a model trained on photos made square by squashing (Flickr8k's "
+                   "224 x 224 copies); default: the model's own")
     add_decoding_flags(p, MODEL_KEYS, default="safetensors: the exported model keeps the model's own")
     p.set_defaults(func=cmd_export)
     return parser

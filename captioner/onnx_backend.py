@@ -72,10 +72,10 @@ def open_session(path: Path, threads: int | None) -> onnxruntime.InferenceSessio
 class OnnxEncoder:
     """encoder.onnx behind the surface the pipeline uses of an Encoder: preprocess, crop, regions, grid."""
 
-    def __init__(self, session: onnxruntime.InferenceSession, spec: dict[str, Any]) -> None:
-        self.session, self._spec = session, spec
+    def __init__(self, session: onnxruntime.InferenceSession, spec: dict[str, Any], fit: str = "crop") -> None:
+        self.session, self._spec, self.fit = session, spec, fit
         self.name, self.image_size, self.channels = spec["encoder"], spec["image_size"], spec["channels"]
-        self.crop, self.preprocess = image_transforms(spec)
+        self.crop, self.preprocess = image_transforms(spec, fit)
 
     def regions(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) -> (B, L, C)."""
@@ -152,7 +152,7 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
         if origin != info["weights_sha256"]:
             raise ValueError(f"{path / name} was exported from other weights (sha256 {origin[:12]}) than "
                              f"{path / 'model.json'} records ({info['weights_sha256'][:12]}); export the folder again")
-    encoder = OnnxEncoder(sessions["encoder"], meta["encoder"])
+    encoder = OnnxEncoder(sessions["encoder"], meta["encoder"], meta["fit"])
     family = decoder_class(meta["decoder"]["family"])
     decoder = OnnxDecoder(sessions["init"], sessions["step"], info["state"], info["step_outputs"],
                           family.Args(**meta["decoder"]["args"]))

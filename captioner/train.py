@@ -115,7 +115,7 @@ class Run:
         """best/: the model, and for a retrieval decoder the image embedder and datastore it reads."""
         state = encoder.state_dict() if encoder is not None else self.features_encoder
         save_model(self.dir / "best", self.decoder, self.prepared.vocab, self.prepared.spec,
-                   decoding_defaults(self.cfg), encoder_state=state)
+                   decoding_defaults(self.cfg), encoder_state=state, fit=self.cfg.fit)
         if self.data.memory is not None:
             embedder = read_retrieval(Path(self.cfg.embedder_from))
             if embedder is None:

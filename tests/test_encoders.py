@@ -11,7 +11,7 @@ from PIL import Image
 from skimage import data
 
 from captioner import encoders
-from captioner.encoders import create_encoder, list_encoders, register_encoder, same_padding
+from captioner.encoders import create_encoder, fit_photo, list_encoders, register_encoder, same_padding
 from captioner.extras import install_hint
 
 LITES = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"]
@@ -138,6 +138,28 @@ def test_preprocess_resizes_short_side_and_crops_centre() -> None:
     assert x[:, :, 0].argmax(0).eq(0).all() and x[:, :, -1].argmax(0).eq(0).all()  # edges red
     assert blue_columns.sum().item() == pytest.approx(128, abs=2)
     assert blue_columns[48:176].eq(1).all()
+
+
+def test_squash_keeps_the_whole_photo_as_square_training_photos_did_and_leaves_squares_alone() -> None:
+    pixels = np.zeros((200, 300, 3), np.uint8)  # 300 wide: red | blue | red thirds
+    pixels[:, :, 0] = 255
+    pixels[:, 100:200] = (0, 0, 255)
+    encoder = create_encoder(pretrained=False)
+    encoder.fit = "squash"
+    x = encoder.preprocess(Image.fromarray(pixels))
+    # squashed to 256 x 256 the blue third spans columns 85..171; the 224 centre crop (16..239) keeps it at 69..155
+    # between red on both sides, where the plain crop (the test above) cut the red thirds to 48 columns each
+    blue_columns = (x[2] > x[0]).float().mean(0)
+    assert x[:, :, :60].argmax(0).eq(0).all() and x[:, :, -60:].argmax(0).eq(0).all()
+    assert blue_columns.sum().item() == pytest.approx(86, abs=3)
+    assert blue_columns[72:152].eq(1).all()
+    assert encoder.crop(Image.fromarray(pixels)).size == (224, 224)
+    square = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 300, 3), dtype=np.uint8))
+    assert torch.equal(encoder.preprocess(square), create_encoder(pretrained=False).preprocess(square))
+    palette = Image.fromarray(pixels).convert("P")  # a GIF's palette photo is squashed in RGB, not nearest-pixel
+    assert fit_photo(palette, 224, "squash").mode == "RGB"
+    with pytest.raises(ValueError, match="fit must be one of crop, squash"):
+        fit_photo(Image.fromarray(pixels), 224, "stretch")
 
 
 @pytest.mark.parametrize("layer, image_size, shape", [

@@ -144,11 +144,17 @@ def test_export_sets_the_decoding_defaults_it_is_given_and_keeps_the_rest(tmp_pa
                                                        "retrieval_concepts": 0.3, "consensus": False,
                                                        "concept_check": True, "decoder_lean": 0.1}
     assert "length_penalty 0.5, block_trigrams True" in capsys.readouterr().out
+    assert load_model(tmp_path / "tuned").fit == "crop"  # kept, as the decoding defaults not given are
+    assert main(["export", str(tmp_path / "tuned"), str(tmp_path / "squashing"), "--fit", "squash"]) == 0
+    assert load_model(tmp_path / "squashing").fit == "squash"
+    assert load_model(tmp_path / "squashing").decoding == load_model(tmp_path / "tuned").decoding
     assert main(["export", str(tmp_path / "m"), str(tmp_path / "bad"), "--beam-size", "0"]) == 2
     assert "beam_size must be an integer from 1 to 20, got 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
     with pytest.raises(SystemExit, match="--format onnx keeps the model's decoding defaults"):
         main(["export", str(tmp_path / "m"), str(tmp_path / "onnx"), "--format", "onnx", "--beam-size", "5"])
+    with pytest.raises(SystemExit, match="--format onnx keeps the model's decoding defaults and fit"):
+        main(["export", str(tmp_path / "m"), str(tmp_path / "onnx"), "--format", "onnx", "--fit", "squash"])
 
 
 def test_registry_refuses_a_second_family_of_the_same_name_and_names_the_known_ones():
@@ -161,8 +167,8 @@ def test_registry_refuses_a_second_family_of_the_same_name_and_names_the_known_o
 
 def test_the_shipped_model_is_format_2_without_training_paths():
     meta = json.loads((SHIPPED / "model.json").read_text())
-    assert meta["version"] == 2 and set(meta) == {"format", "version", "decoder", "encoder", "fine_tuned_encoder",
-                                                  "vocab", "decoding"}
+    assert meta["version"] == 2 and set(meta) == {"format", "version", "decoder", "encoder", "fit",
+                                                  "fine_tuned_encoder", "vocab", "decoding"}
     assert "prepared" not in json.dumps(meta) and "runs/" not in json.dumps(meta)
 
 
@@ -176,6 +182,19 @@ def version_1(folder: Path, tmp_path: Path) -> Path:
     (old / "model.json").write_text(json.dumps({"format": "captioner", "version": 1, "config": config,
                                                 "encoder": meta["encoder"], "fine_tuned_encoder": False}))
     return old
+
+
+def test_a_folder_says_how_its_model_meets_a_photo_that_is_not_square(tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(SHIPPED, older, ignore=shutil.ignore_patterns("datastore"))
+    meta = json.loads((older / "model.json").read_text())
+    assert meta.pop("fit") == "squash"  # the shipped model learned from Flickr8k's photos squashed to squares
+    (older / "model.json").write_text(json.dumps(meta))
+    assert load_model(older).fit == "crop" and load_model(older).encoder().fit == "crop"  # written before fit: crops
+    assert load_model(SHIPPED).encoder().fit == "squash"
+    (older / "model.json").write_text(json.dumps({**meta, "fit": "stretch"}))
+    with pytest.raises(ValueError, match=r"older/model.json: fit must be one of crop, squash, got 'stretch'"):
+        load_model(older)
 
 
 def test_version_1_model_folders_still_load_the_same_model(tmp_path):

@@ -148,6 +148,12 @@ def test_preprocessing_without_the_network_is_the_encoders():
     image = Image.open(PHOTOS[0])
     assert torch.equal(preprocess(image), encoder.preprocess(image))
     assert crop(image).tobytes() == encoder.crop(image).tobytes()
+    wide = image.resize((300, 200))
+    encoder.fit = "squash"  # an exported model fits photos as its model.json says, as the PyTorch model does
+    crop, preprocess = image_transforms(encoder.spec(), "squash")
+    assert torch.equal(preprocess(wide), encoder.preprocess(wide))
+    assert crop(wide).tobytes() == encoder.crop(wide).tobytes() != create_encoder(
+        "efficientnet_lite0", pretrained=False, image_size=200).crop(wide).tobytes()
     with pytest.raises(ValueError, match="timm:resnet18"):
         image_transforms({**encoder.spec(), "encoder": "timm:resnet18", "preprocess": "crop_pct=0.875"})
 

@@ -218,6 +218,17 @@ def test_the_shipped_model_names_what_the_example_photos_show():
     assert "dog" in dog.split()  # what the decoder alone writes, so the check above is the check's doing
 
 
+def test_the_shipped_model_sees_a_wide_photo_whole_as_its_square_training_photos_were_made():
+    """Flickr8k's photos were squashed to 224 x 224 squares, so the shipped model squashes a photo that is not
+    square (fit: squash in its model.json) instead of cutting its sides off; an older folder crops as before."""
+    captioner = Captioner.from_pretrained()
+    wide = Image.open(PHOTOS / "coffee.jpg")  # 512 x 341
+    assert wide.width != wide.height
+    squashed = wide.resize((256, 256), Image.Resampling.BICUBIC)
+    assert captioner(wide, num_captions=2) == captioner(squashed, num_captions=2)
+    assert np.array_equal(np.asarray(captioner.encoder.crop(wide)), np.asarray(captioner.encoder.crop(squashed)))
+
+
 def test_a_caption_of_a_similar_photo_has_no_attention_and_its_picture_says_so(tmp_path):
     """The decoder did not write it, so no map may suggest where it looked (the concept check fires on the coffee
     photo; the shipped model's maps elsewhere are test_attention_maps_per_word's)."""

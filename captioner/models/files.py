@@ -7,11 +7,13 @@ model.json (format version 2) holds what inference needs and nothing about how t
 
     {"format": "captioner", "version": 2,
      "decoder": {"family": "attention", "args": {...the family's Args...}},
-     "encoder": {...Encoder.spec()...}, "fine_tuned_encoder": false,
+     "encoder": {...Encoder.spec()...}, "fit": "crop", "fine_tuned_encoder": false,
      "vocab": {"size": 2556, "pad": 0, "start": 1, "end": 2, "unk": 3},
      "decoding": {"beam_size": 3, "max_length": 20, "length_penalty": 0.0, "block_trigrams": false}}
 
-Version 1 folders (captioner 0.1, which stored the whole training config) still load.
+"fit" (crop or squash) is how a photo that is not square meets the encoder (encoders.fit_photo); a folder
+written before it existed crops. Version 1 folders (captioner 0.1, which stored the whole training config)
+still load.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..atomic import read_folder, replace_folder, whole_version
+from ..config import FITS
 from ..decoder_args import current_decoder
 from ..decoding_options import MODEL_DEFAULTS, MODEL_KEYS
 from ..sentences import SENTENCE_MODEL
@@ -83,6 +86,7 @@ class LoadedModel:
     decoding: dict[str, Any]  # default decoding options
     path: Path
     embedder: ImageEmbedder | None = None  # photo vectors in the sentence encoder's space, when the folder has them
+    fit: str = "crop"  # how a photo that is not square meets the encoder (config.FITS); older folders: crop
 
     @property
     def features_spec(self) -> dict[str, Any]:
@@ -113,6 +117,7 @@ class LoadedModel:
             encoder.load_state_dict(self.encoder_state)
             encoder.weights = tuned_weights(self.encoder_state)
         check_encoder_spec(spec, encoder.spec(), str(self.path), weights=self.encoder_state is None)
+        encoder.fit = self.fit
         return encoder.to(device).eval()
 
 
@@ -157,7 +162,7 @@ def tied_keys(module: torch.nn.Module) -> set[str]:
 
 def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_spec: dict[str, Any],
                decoding: dict[str, Any], encoder_state: dict[str, Tensor] | None = None,
-               dtype: torch.dtype = torch.float32) -> None:
+               dtype: torch.dtype = torch.float32, fit: str = "crop") -> None:
     """Write a model folder through atomic.replace_folder: a reader (or a crash) never sees half a model.
     The weights are serialised in memory, then written: safetensors writing to a full disk raises its own
     error type, a plain write raises OSError(ENOSPC)."""
@@ -170,7 +175,7 @@ def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "version": VERSION,
             "decoder": {"family": decoder.family, "args": decoder.arguments()},
-            "encoder": encoder_spec, "fine_tuned_encoder": encoder_state is not None,
+            "encoder": encoder_spec, "fit": fit, "fine_tuned_encoder": encoder_state is not None,
             "vocab": {"size": len(vocab), "pad": vocab.pad, "start": vocab.start, "end": vocab.end, "unk": vocab.unk},
             "decoding": {key: {**MODEL_DEFAULTS, **decoding}[key] for key in MODEL_KEYS}}
 
@@ -208,7 +213,9 @@ def read_model_json(path: Path) -> dict[str, Any]:
         meta = {**meta, "version": 2, "decoder": {"family": family, "args": {k: args[k] for k in names if k in args}},
                 "decoding": {k: config[k] for k in MODEL_KEYS if k in config}}
     family, args = current_decoder(meta["decoder"]["family"], meta["decoder"]["args"])
-    meta = {**meta, "decoder": {**meta["decoder"], "family": family, "args": args}}
+    meta = {**meta, "decoder": {**meta["decoder"], "family": family, "args": args}, "fit": meta.get("fit", "crop")}
+    if meta["fit"] not in FITS:
+        raise ValueError(f"{meta_path}: fit must be one of {', '.join(FITS)}, got {meta['fit']!r}")
     return {**meta, "decoding": {**MODEL_DEFAULTS, **meta["decoding"]}}  # options newer than the file: defaults
 
 
@@ -337,4 +344,4 @@ def _read_model(folder: Path, path: Path, device: str | torch.device) -> LoadedM
                      for k, v in tensors.items() if k.startswith("encoder.")} or None
     embedder = read_retrieval(folder)
     return LoadedModel(decoder.to(device).eval(), vocab, meta["encoder"], encoder_state, meta["decoding"], path,
-                       embedder.to(device) if embedder is not None else None)
+                       embedder.to(device) if embedder is not None else None, meta["fit"])

@@ -4,6 +4,7 @@ alone from a caption datastore (the nearest caption, or the consensus recipe of 
     python scripts/probes/eval_everyday.py --set ../shared/data/coco-dev --method model --model runs/x/best
     python scripts/probes/eval_everyday.py --set ../shared/data/coco-dev --method consensus --datastore DIR
     python scripts/probes/eval_everyday.py --set ../shared/data/flickr8k --split test --method model --no-concepts
+    python scripts/probes/eval_everyday.py --set ../shared/data/coco-dev --method model --resize 640 480
 
 A set is a folder with captions.jsonl ({"image", "captions"}) and images/, or a Flickr8k folder with
 --split. Prints one Markdown row: BLEU-1..4, METEOR, ROUGE-L, CIDEr (x100), words used, distinct captions;
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from captioner.concepts import concept_table
 from captioner.config import add_decoding_flags, flags_given
@@ -92,6 +94,9 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=500, help="consensus: nearest captions re-ranked")
     parser.add_argument("--top", type=int, default=25, help="consensus: captions voting")
     parser.add_argument("--bonus", type=float, default=0.3, help="consensus: weight of the concept words")
+    parser.add_argument("--resize", type=int, nargs=2, metavar=("WIDTH", "HEIGHT"), help="resize every photo to "
+                        "WIDTH x HEIGHT (bicubic) before captioning: how far a score moves when the same photos "
+                        "arrive at another size or shape, as full-resolution photos do")
     parser.add_argument("--name", default="", help="the row's name")
     parser.add_argument("--output", help="JSON file for captions and scores")
     args = parser.parse_args()
@@ -108,6 +113,8 @@ def main() -> None:
     for s in range(0, len(paths), 16):
         batch = paths[s:s + 16]
         images = [load_image(p) for p in batch]
+        if args.resize:
+            images = [im.resize(tuple(args.resize), Image.Resampling.BICUBIC) for im in images]
         if retrieval_only:
             with torch.inference_mode():
                 pixels = torch.stack([captioner.encoder.preprocess(im) for im in images])
