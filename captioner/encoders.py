@@ -214,7 +214,7 @@ def fit_photo(image: Image.Image, size: int, fit: str) -> Image.Image:
     return image.convert("RGB").resize((side, side), Image.Resampling.BICUBIC)
 
 
-def lite_crop(image: Image.Image, size: int, fit: str = "crop") -> Image.Image:
+def lite_crop(image: Image.Image, size: int, fit: str) -> Image.Image:
     """EfficientNet-Lite's view of an image (after fit_photo): the short side resized to size / 0.875 (bicubic),
     then the centre size x size. A function of the size and fit alone, so an exported model preprocesses without
     the network."""
@@ -228,15 +228,15 @@ def lite_crop(image: Image.Image, size: int, fit: str = "crop") -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def lite_preprocess(image: Image.Image, size: int, fit: str = "crop") -> torch.Tensor:
+def lite_preprocess(image: Image.Image, size: int, fit: str) -> torch.Tensor:
     """lite_crop as a (3, size, size) float32 tensor scaled the way the TF weights were trained."""
     # numpy makes the HWC -> CHW copy: torch's would use its thread pool per image, 6x slower on a busy CPU
     x = np.ascontiguousarray(np.asarray(lite_crop(image, size, fit), dtype=np.float32).transpose(2, 0, 1))
     return torch.from_numpy((x - 127.0) / 128.0)
 
 
-def image_transforms(spec: dict, fit: str = "crop") -> tuple[Callable[[Image.Image], Image.Image],
-                                                             Callable[[Image.Image], torch.Tensor]]:
+def image_transforms(spec: dict, fit: str) -> tuple[Callable[[Image.Image], Image.Image],
+                                                    Callable[[Image.Image], torch.Tensor]]:
     """crop and preprocess of the encoder an Encoder.spec() describes, photos fitted as `fit` says, without
     building the network (an exported model has none). Only EfficientNet-Lite's are functions of the spec;
     timm's need the model."""

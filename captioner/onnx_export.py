@@ -308,7 +308,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
     reference = Captioner.from_pretrained(model_dir, device="cpu")
     encoder, decoder = reference.encoder, reference.decoder
     assert isinstance(encoder, Encoder) and isinstance(decoder, CaptionDecoder)  # the PyTorch backend's
-    image_transforms(reference.encoder.spec())  # refuses an encoder whose preprocessing needs its network
+    image_transforms(encoder.spec(), encoder.fit)  # refuses an encoder whose preprocessing needs its network
     meta = {k: v for k, v in read_model_json(model_dir).items() if k != "config"}
     def write(tmp: Path) -> None:  # the folder appears only whole and checked, as any model folder (atomic.py)
         log(f"exporting {GRAPHS['encoder']}")

@@ -144,7 +144,7 @@ def test_every_family_exports_and_searches_alike(variant, tmp_path):
 
 def test_preprocessing_without_the_network_is_the_encoders():
     encoder = create_encoder("efficientnet_lite0", pretrained=False, image_size=200)
-    crop, preprocess = image_transforms(encoder.spec())
+    crop, preprocess = image_transforms(encoder.spec(), "crop")
     image = Image.open(PHOTOS[0])
     assert torch.equal(preprocess(image), encoder.preprocess(image))
     assert crop(image).tobytes() == encoder.crop(image).tobytes()
@@ -155,7 +155,7 @@ def test_preprocessing_without_the_network_is_the_encoders():
     assert crop(wide).tobytes() == encoder.crop(wide).tobytes() != create_encoder(
         "efficientnet_lite0", pretrained=False, image_size=200).crop(wide).tobytes()
     with pytest.raises(ValueError, match="timm:resnet18"):
-        image_transforms({**encoder.spec(), "encoder": "timm:resnet18", "preprocess": "crop_pct=0.875"})
+        image_transforms({**encoder.spec(), "encoder": "timm:resnet18", "preprocess": "crop_pct=0.875"}, "crop")
 
 
 @pytest.mark.slow
