@@ -372,12 +372,10 @@ def chosen(captions: Sequence[Caption], words: Vocab, voters: Sequence[str], sto
     naming what the head does not see is left out. With consensus, the vote is among the rest and the voters
     (by_consensus); without, where the best caption was left out the vote is among the voters alone, since the
     decoder's other beams mostly name the same wrong thing; elsewhere the captions stand."""
-    kept = list(captions)
-    if (options.concept_check and options.concepts and probs is not None and voters and captions
+    if not (options.concept_check and options.concepts and probs is not None and voters and captions
             and contradicts(words.decode(captions[0].tokens), probs, options.concept_threshold)):
-        kept = [c for c in captions if not unseen(words.decode(c.tokens), probs)]
+        return by_consensus(captions, words, voters, store.idf, options) if options.consensus else list(captions)
     if options.consensus:
+        kept = [c for c in captions if not unseen(words.decode(c.tokens), probs)]
         return by_consensus(kept, words, voters, store.idf, options)
-    if captions and (not kept or kept[0] is not captions[0]):
-        return by_consensus([], words, voters, store.idf, options)
-    return list(captions)
+    return by_consensus([], words, voters, store.idf, options)
