@@ -31,6 +31,9 @@ def attention_overlay(image: Image.Image, alpha: np.ndarray, strength: float = 0
     return Image.fromarray((blended * 255).round().astype(np.uint8))
 
 
+NO_ATTENTION = "a caption of a similar photo: no attention"  # what stands for the maps the decoder did not draw
+
+
 def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray | None, path: str | Path,
                      columns: int = 5, panel: int = 160) -> Path:
     """Write a PNG: the encoder's view of the image, then each word over its upsampled attention map; with no
@@ -44,7 +47,7 @@ def attention_figure(image: Image.Image, words: list[str], alphas: np.ndarray | 
         fig, ax = plt.subplots(figsize=(2 * panel / 80, 2 * panel / 80 + 0.6))
         ax.axis("off")
         ax.imshow(np.asarray(image.convert("RGB")))
-        ax.set_title(textwrap.fill(" ".join(words), 40) + "\n(a caption of a similar photo: no attention)",
+        ax.set_title(textwrap.fill(" ".join(words), 40) + f"\n({NO_ATTENTION})",
                      fontsize=10)
         return _save(fig, path)
     n = len(words) + 1

@@ -42,7 +42,7 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
 
     def draw(crop: Image.Image, words: list[str], alphas: np.ndarray | None) -> list[tuple[Image.Image, str]]:
         if alphas is None:  # a caption of a similar photo: the decoder did not write it, so looked nowhere
-            return [(crop, "a caption of a similar photo: no attention")]
+            return [(crop, visualize.NO_ATTENTION)]
         return [(visualize.attention_overlay(crop, alpha), word) for word, alpha in zip(words, alphas)]
 
     def refuse(message: str) -> Exception:
