@@ -124,7 +124,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     DecodingOptions(**decoding)  # an option out of range fails here, naming it, not when the model is used
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     save_model(args.output, model.decoder, model.vocab, model.encoder_spec, decoding, model.encoder_state, dtype,
-               fit=args.fit or model.fit)
+               fit=args.fit or model.fit, familiarity=model.familiarity)
     embedder = load_model(args.model).embedder  # photo vectors read the encoder's features, so any fits the average
     if embedder is not None:
         datastore = Path(args.model) / DATASTORE_DIR

@@ -178,6 +178,7 @@ class Config(TransformerArgs, RetrievalArgs, HardAttentionArgs, ConceptArgs, _In
     consensus: bool = config_field("consensus")
     concept_check: bool = config_field("concept_check")
     decoder_lean: float = config_field("decoder_lean")
+    unfamiliar_threshold: float = config_field("unfamiliar_threshold")
 
     def __post_init__(self) -> None:
         """Every value is checked when a Config is made (from a file, flags or code), not where it is

@@ -354,27 +354,37 @@ def by_consensus(captions: Sequence[Caption], words: Vocab, voters: Sequence[str
     return out
 
 
-def voters_needed(options: DecodingOptions) -> int:
-    """How many retrieved captions `chosen` may need per photo beyond those the decoder reads."""
-    return VOTERS if options.consensus or (options.concept_check and options.concepts) else 0
+def voters_needed(options: DecodingOptions, familiarity_check: bool = False) -> int:
+    """How many retrieved captions `chosen` may need per photo beyond those the decoder reads; with
+    `familiarity_check`, the model has one (familiarity.py), and its unfamiliar photos are voted on."""
+    voting = options.consensus or (familiarity_check and options.unfamiliar_threshold < 1.0)
+    return VOTERS if voting or (options.concept_check and options.concepts) else 0
 
 
-def search_options(options: DecodingOptions) -> DecodingOptions:
-    """What beam search runs under for `chosen`: with consensus, every beam is a candidate."""
-    return dataclasses.replace(options, num_captions=options.beam_size) if options.consensus else options
+def search_options(options: DecodingOptions, voting: bool = False) -> DecodingOptions:
+    """What beam search runs under for `chosen`: with consensus, or where some photo is `voting` (an unfamiliar
+    one), every beam is a candidate."""
+    return dataclasses.replace(options, num_captions=options.beam_size) if options.consensus or voting else options
 
 
 def chosen(captions: Sequence[Caption], words: Vocab, voters: Sequence[str], store: Datastore,
-           probs: np.ndarray | None, options: DecodingOptions) -> list[Caption]:
+           probs: np.ndarray | None, options: DecodingOptions, unfamiliar: bool = False) -> list[Caption]:
     """A photo's captions as returned, from its beam search's `captions` (in `words`, searched under
-    search_options) and the captions of similar photos in `store` that vote. Where the best caption contradicts
-    the ImageNet head's concept probabilities `probs` (the concept check, concepts.contradicts), every caption
-    naming what the head does not see is left out. With consensus, the vote is among the rest and the voters
-    (by_consensus); without, where the best caption was left out the vote is among the voters alone, since the
-    decoder's other beams mostly name the same wrong thing; elsewhere the captions stand."""
+    search_options) and the captions of similar photos in `store` that vote. A photo unlike the model's training
+    photos (`unfamiliar`, familiarity.py) is decided as with consensus, with no lead for the decoder's captions
+    (they were learned elsewhere); with consensus on, every photo already is, at decoder_lean. Where the best
+    caption contradicts the ImageNet head's concept probabilities `probs` (the concept check,
+    concepts.contradicts), every caption naming what the head does not see is left out. With consensus, the vote
+    is among the rest and the voters (by_consensus); without, where the best caption was left out the vote is
+    among the voters alone, since the decoder's other beams mostly name the same wrong thing; elsewhere the
+    captions stand."""
+    if unfamiliar and voters and not options.consensus:
+        options = dataclasses.replace(options, consensus=True, decoder_lean=0.0)
     if not (options.concept_check and options.concepts and probs is not None and voters and captions
             and contradicts(words.decode(captions[0].tokens), probs, options.concept_threshold)):
-        return by_consensus(captions, words, voters, store.idf, options) if options.consensus else list(captions)
+        if options.consensus:
+            return by_consensus(captions, words, voters, store.idf, options)
+        return list(captions[:options.num_captions])
     if options.consensus:
         kept = [c for c in captions if not unseen(words.decode(c.tokens), probs)]
         return by_consensus(kept, words, voters, store.idf, options)

@@ -25,6 +25,7 @@ from .concepts import Concepts, concept_table
 from .decoding import Ensemble, beam_search, chosen, search_options, voters_needed
 from .decoding_options import DecodingOptions
 from .encoders import Encoder
+from .familiarity import Familiarity, unfamiliar_photos
 from .features import DONE, Prepared, image_inputs, open_prepared
 from .metrics import fluency, format_fluency_table, score_captions
 from .models import Decoder, check_encoder_spec, load_model, model_datastore
@@ -42,12 +43,13 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
                  device: torch.device, encoder: Encoder | None = None, batch_size: int = 100,
                  concepts: Concepts | None = None, vocab: Vocab | None = None,
                  memory: np.ndarray | None = None, voters: dict[int, list[str]] | None = None,
-                 store: Datastore | None = None) -> dict[str, str]:
+                 store: Datastore | None = None, familiarity: Familiarity | None = None) -> dict[str, str]:
     """Caption the given rows with `opts`, {image name: best caption}: from cached features, or from the
     images through `encoder` once stage 2 has changed it; with `concepts` (and opts.concepts) as
     `caption` does (concepts.py). `vocab`: the decoder's, when it is not the prepared folder's. `memory`:
     a retrieval decoder's retrieved captions of every prepared row (opts.retrieval off: none read); with
-    `voters` (per row) and their datastore `store`, the captions are chosen as `caption` does (decoding.chosen)."""
+    `voters` (per row) and their datastore `store`, the captions are chosen as `caption` does (decoding.chosen),
+    the photos `familiarity` calls unlike the training photos by consensus."""
     was_training = decoder.training
     decoder.eval()
     words = concepts.vocab if concepts is not None and opts.concepts else vocab or prepared.vocab
@@ -64,11 +66,14 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
             search = cast(Any, decoder).reading(torch.from_numpy(memory[chunk]))
         if concepts is not None and opts.concepts:
             search = concepts.decoder(search, opts.concept_threshold)
-        results = beam_search(search, feats, search_options(opts))
-        if voters is not None and store is not None and opts.retrieval:
+        voting = voters is not None and store is not None and opts.retrieval
+        unfamiliar = unfamiliar_photos(familiarity if voting else None, feats, opts.unfamiliar_threshold)
+        results = beam_search(search, feats, search_options(opts, voting=bool(unfamiliar.any())))
+        if voting:
+            assert voters is not None and store is not None
             probs = concepts.probs(feats).cpu().numpy() if concepts is not None else [None] * len(chunk)
-            results = [chosen(captions, words, voters[row], store, p, opts)
-                       for row, captions, p in zip(chunk, results, probs)]
+            results = [chosen(captions, words, voters[row], store, p, opts, u)
+                       for row, captions, p, u in zip(chunk, results, probs, unfamiliar)]
         for row, best in zip(chunk, results):
             out[prepared.records[row].name] = best[0].text or words.decode(best[0].tokens)
     decoder.train(was_training)
@@ -148,7 +153,7 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         store = model_datastore(loaded.path, loaded.embedder, datastore)
         memory, voters = retrieved_memory(prepared, loaded.embedder, store, reader, loaded.vocab, base.retrieved,
                                           concepts=concepts, concept_weight=base.retrieval_concepts, rows=rows,
-                                          voters=voters_needed(base), log=log)
+                                          voters=voters_needed(base, loaded.familiarity is not None), log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)
@@ -158,7 +163,8 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         opts = dataclasses.replace(base, beam_size=k)
         start = time.time()
         predictions = decode_split(decoder, prepared, rows, opts, dev, encoder, concepts=concepts,
-                                   vocab=loaded.vocab, memory=memory, voters=voters, store=store)
+                                   vocab=loaded.vocab, memory=memory, voters=voters, store=store,
+                                   familiarity=loaded.familiarity)
         seconds = time.time() - start
         scores = score_captions(predictions, refs)
         _write_json(out / f"captions_beam{k}.json", predictions, indent=0)

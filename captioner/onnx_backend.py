@@ -30,6 +30,7 @@ from torch import Tensor
 
 from .encoders import image_transforms
 from .extras import install_hint
+from .familiarity import Familiarity, read_familiarity
 from .models.base import State, decoder_class
 from .models.embedder import ImageEmbedder
 from .models.files import read_model_json, read_retrieval
@@ -134,6 +135,7 @@ class OnnxModel:
     path: Path
     head: tuple[Tensor, Tensor] | None  # the encoder's ImageNet classifier, for concepts (weight, bias)
     embedder: ImageEmbedder | None = None  # photo vectors (retrieval.safetensors, run in PyTorch), where exported
+    familiarity: Familiarity | None = None  # which photos are unlike the training photos, where exported
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
@@ -163,4 +165,4 @@ def load_onnx(path: str | Path, threads: int | None = None) -> OnnxModel:
         tensors = load_file(str(path / info["concept_head"]))
         head = tensors["weight"], tensors["bias"]
     return OnnxModel(encoder, decoder, Vocab.load(path / "vocab.json"), meta["decoding"], info, path, head,
-                     read_retrieval(path))
+                     read_retrieval(path), read_familiarity(path, meta["encoder"]["channels"]))

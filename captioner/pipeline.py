@@ -24,6 +24,7 @@ from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, beam_search, chosen, search_options, voters_needed
 from .decoding_options import OPTIONS, DecodingOptions
+from .familiarity import Familiarity, unfamiliar_photos
 from .models import CaptionDecoder, Decoder, decoder_class, load_model, model_datastore, weights_sha256
 from .models.files import read_model_json
 from .models.retrieval import neighbours_read, retrieve
@@ -52,14 +53,17 @@ class Captioner:
     say it (concepts.py); `words` is the vocabulary captions are written in, the model's own extended
     by the concept words it lacks. `embedder` (where the model folder ships one) gives each image a unit
     vector in the sentence encoder's space, for `captioner search`. `datastore` (for a retrieval decoder,
-    models/retrieval.py) holds the human captions it reads: those nearest each photo's vector."""
+    models/retrieval.py) holds the human captions it reads: those nearest each photo's vector. `familiarity`
+    (where the folder ships one) tells the photos unlike the model's training photos, whose captions the
+    datastore's captions then vote on (familiarity.py)."""
 
     def __init__(self, encoder: Encoder | OnnxEncoder, decoder: Decoder, vocab: Vocab, defaults: DecodingOptions,
                  device: torch.device, path: Path | None = None, concepts: Concepts | None = None,
-                 embedder: ImageEmbedder | None = None, datastore: Datastore | None = None) -> None:
+                 embedder: ImageEmbedder | None = None, datastore: Datastore | None = None,
+                 familiarity: Familiarity | None = None) -> None:
         self.encoder, self.decoder, self.vocab = encoder, decoder, vocab
         self.defaults, self.device, self.path, self.concepts = defaults, device, path, concepts
-        self.embedder, self.datastore = embedder, datastore
+        self.embedder, self.datastore, self.familiarity = embedder, datastore, familiarity
         self.words = concepts.vocab if concepts is not None else vocab
         self.name = path.name if path is not None else ""
 
@@ -87,7 +91,8 @@ class Captioner:
             concepts = Concepts(*exported.head, exported.vocab) if exported.head is not None else None
             return cls(exported.encoder, exported.decoder, exported.vocab, DecodingOptions(**exported.decoding),
                        torch.device("cpu"), path=path, concepts=concepts, embedder=exported.embedder,
-                       datastore=_datastore(path, exported.decoder, exported.embedder, datastore))
+                       datastore=_datastore(path, exported.decoder, exported.embedder, datastore),
+                       familiarity=exported.familiarity)
         if backend != "torch":
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
         dev = resolve_device(device)
@@ -97,7 +102,8 @@ class Captioner:
         concepts = Concepts(*head, model.vocab) if head is not None else None
         return cls(encoder, model.decoder, model.vocab, DecodingOptions(**model.decoding), dev, path=path,
                    concepts=concepts, embedder=model.embedder,
-                   datastore=_datastore(path, model.decoder, model.embedder, datastore))
+                   datastore=_datastore(path, model.decoder, model.embedder, datastore),
+                   familiarity=model.familiarity)
 
     @functools.cached_property
     def version(self) -> str:
@@ -157,12 +163,14 @@ class Captioner:
                        for texts, sims in zip(found.texts, found.similarity)]
         if probs is not None:
             shown = top_concepts(torch.from_numpy(probs), threshold=SHOWN, k=SHOWN_MOST)
-        results = beam_search(decoder, features, search_options(opts))
+        unfamiliar = unfamiliar_photos(self.familiarity if found is not None else None, features,
+                                       opts.unfamiliar_threshold)
+        results = beam_search(decoder, features, search_options(opts, voting=bool(unfamiliar.any())))
         if found is not None:
             assert self.datastore is not None
             rows = probs if probs is not None else [None] * len(batch)
-            results = [chosen(captions, self.words, voters, self.datastore, p, opts)
-                       for captions, voters, p in zip(results, found.texts, rows)]
+            results = [chosen(captions, self.words, voters, self.datastore, p, opts, u)
+                       for captions, voters, p, u in zip(results, found.texts, rows, unfamiliar)]
         kept = embedded if vectors and embedded is not None else [None] * len(batch)
         return [CaptionResult(captions, concepts, vector, neighbours) for captions, concepts, vector, neighbours
                 in zip(results, shown, kept, similar)]
@@ -193,7 +201,8 @@ class Captioner:
             probs = self.concepts.probs(features).cpu().numpy()
         return retrieve(self.datastore, embedded, self.vocab, cast(Any, self.decoder).args, opts.retrieved,
                         concept_probs=probs, concept_words=concept_table().vocabulary,
-                        concept_weight=opts.retrieval_concepts, voters=voters_needed(opts))
+                        concept_weight=opts.retrieval_concepts,
+                        voters=voters_needed(opts, familiarity_check=self.familiarity is not None))
 
     @torch.inference_mode()
     def embed(self, inputs: list[ImageInput], batch_size: int = 16) -> np.ndarray:

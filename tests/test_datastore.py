@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -423,6 +424,38 @@ def test_evaluate_chooses_as_caption_does(retrieval_model, tmp_path):
     off = json.loads(next((tmp_path / "off").glob("captions_beam*.json")).read_text())
     assert beam["consensus"] and set(on.values()) == {"a kite in the blue sky"} and on.keys() == off.keys()
     assert "a kite in the blue sky" not in off.values()
+
+
+@pytest.mark.slow
+def test_a_photo_the_familiarity_check_calls_unlike_the_training_photos_is_voted_on(retrieval_model, tmp_path):
+    from captioner.evaluate import evaluate_model
+    from captioner.familiarity import Familiarity
+    from captioner.models.files import add_familiarity
+    from captioner.pipeline import Captioner
+
+    _, prepared, model = retrieval_model
+    copy, kites = tmp_path / "model", agreeing_datastore(tmp_path / "kites")
+    shutil.copytree(model, copy)
+    photo = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    plain = Captioner.from_pretrained(copy, device="cpu", datastore=kites)(photo, num_captions=2)
+    add_familiarity(copy, Familiarity(torch.zeros(1280), torch.tensor(5.0)))  # every photo: 0.993 unfamiliar
+    captioner = Captioner.from_pretrained(copy, device="cpu", datastore=kites)
+    voted = captioner(photo)
+    assert len(voted) == 1 and voted[0]["generated_text"] == "a kite in the blue sky"
+    assert voted[0]["source"] == "datastore" and "a kite in the blue sky" not in [c["generated_text"] for c in plain]
+    for threshold in (0.995, 1.0):  # past the photo's probability, or never: the decoder's captions as before
+        kept = captioner(photo, num_captions=2, unfamiliar_threshold=threshold)
+        assert [c["generated_text"] for c in kept] == [c["generated_text"] for c in plain]
+    evaluate_model(copy, prepared, "val", datastore=kites, out_dir=tmp_path / "eval", log=lambda s: None)
+    assert set(json.loads(next((tmp_path / "eval").glob("captions_beam*.json")).read_text()).values()) == {
+        "a kite in the blue sky"}
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from captioner.onnx_export import export_onnx
+
+    export_onnx(copy, tmp_path / "onnx", log=lambda s: None)  # the export carries the check
+    onnx = Captioner.from_pretrained(tmp_path / "onnx", backend="onnx", datastore=kites)
+    assert onnx.familiarity is not None and onnx(photo)[0]["generated_text"] == "a kite in the blue sky"
 
 
 @pytest.mark.slow

@@ -43,7 +43,7 @@ def test_evaluate_command_scores_model_and_nearest_neighbour(trained, tmp_path):
     assert results["decoding"] == {"max_length": 6, "length_penalty": 0.5, "block_trigrams": True, "concepts": True,
                                    "concept_threshold": 0.3, "retrieval": True, "retrieved": 4,
                                    "retrieval_concepts": 0.3, "consensus": False, "concept_check": True,
-                                   "decoder_lean": 0.1}
+                                   "decoder_lean": 0.1, "unfamiliar_threshold": 0.9}
     captions = json.loads((out / "captions_beam1.json").read_text())
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions.values())
     assert results["fluency"]["beam 1"] == fluency(list(captions.values()))

@@ -89,7 +89,7 @@ def test_every_family_saves_and_loads_to_the_same_outputs(variant, tmp_path):
     spec = {"encoder": "efficientnet_lite0", "channels": 8, "image_size": 224, "layer": "head"}
     decoding = {"beam_size": 4, "max_length": 12, "length_penalty": 0.5, "block_trigrams": True, "concepts": False,
                 "concept_threshold": 0.3, "retrieval": True, "retrieved": 4, "retrieval_concepts": 0.3,
-                "consensus": False, "concept_check": True, "decoder_lean": 0.1}
+                "consensus": False, "concept_check": True, "decoder_lean": 0.1, "unfamiliar_threshold": 0.9}
     save_model(tmp_path / "m", decoder, vocab, spec, decoding)
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
     assert meta["version"] == 2 and meta["decoder"]["family"] == family and "config" not in meta
@@ -142,7 +142,8 @@ def test_export_sets_the_decoding_defaults_it_is_given_and_keeps_the_rest(tmp_pa
                                                        "block_trigrams": True, "concepts": True,
                                                        "concept_threshold": 0.3, "retrieval": True, "retrieved": 4,
                                                        "retrieval_concepts": 0.3, "consensus": False,
-                                                       "concept_check": True, "decoder_lean": 0.1}
+                                                       "concept_check": True, "decoder_lean": 0.1,
+                                                       "unfamiliar_threshold": 0.9}
     assert "length_penalty 0.5, block_trigrams True" in capsys.readouterr().out
     assert load_model(tmp_path / "tuned").fit == "crop"  # kept, as the decoding defaults not given are
     assert main(["export", str(tmp_path / "tuned"), str(tmp_path / "squashing"), "--fit", "squash"]) == 0

@@ -1,7 +1,7 @@
 """The model folder: model.safetensors, model.json and vocab.json, written atomically, and optionally
 retrieval.safetensors (an ImageEmbedder: photo vectors for `captioner search`; a folder without it loads
-as before, with no vectors) and, for a retrieval decoder, datastore/ (the caption datastore it reads by
-default).
+as before, with no vectors), for a retrieval decoder, datastore/ (the caption datastore it reads by
+default), and familiarity.safetensors (which photos are unlike the training photos: familiarity.py).
 
 model.json (format version 2) holds what inference needs and nothing about how training ran:
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,7 @@ from ..atomic import read_folder, replace_folder, whole_version
 from ..config import FITS
 from ..decoder_args import current_decoder
 from ..decoding_options import MODEL_DEFAULTS, MODEL_KEYS
+from ..familiarity import FAMILIARITY_FILE, Familiarity, familiarity_bytes, read_familiarity
 from ..sentences import SENTENCE_MODEL
 from ..vocab import Vocab
 from .base import CaptionDecoder, decoder_class
@@ -87,6 +89,7 @@ class LoadedModel:
     path: Path
     embedder: ImageEmbedder | None = None  # photo vectors in the sentence encoder's space, when the folder has them
     fit: str = "crop"  # how a photo that is not square meets the encoder (config.FITS); older folders: crop
+    familiarity: Familiarity | None = None  # which photos are unlike the training photos, when the folder says
 
     @property
     def features_spec(self) -> dict[str, Any]:
@@ -162,8 +165,9 @@ def tied_keys(module: torch.nn.Module) -> set[str]:
 
 def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_spec: dict[str, Any],
                decoding: dict[str, Any], encoder_state: dict[str, Tensor] | None = None,
-               dtype: torch.dtype = torch.float32, fit: str = "crop") -> None:
-    """Write a model folder through atomic.replace_folder: a reader (or a crash) never sees half a model.
+               dtype: torch.dtype = torch.float32, fit: str = "crop", familiarity: Familiarity | None = None) -> None:
+    """Write a model folder through atomic.replace_folder: a reader (or a crash) never sees half a model;
+    with `familiarity`, its familiarity check (FAMILIARITY_FILE) too.
     The weights are serialised in memory, then written: safetensors writing to a full disk raises its own
     error type, a plain write raises OSError(ENOSPC)."""
     from safetensors.torch import save
@@ -183,6 +187,8 @@ def save_model(path: str | Path, decoder: CaptionDecoder, vocab: Vocab, encoder_
         (folder / "model.safetensors").write_bytes(save(tensors))
         write_model_json(folder, meta)
         vocab.save(folder / "vocab.json")
+        if familiarity is not None:
+            (folder / FAMILIARITY_FILE).write_bytes(familiarity_bytes(familiarity))
 
     replace_folder(path, write)
 
@@ -225,12 +231,29 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
     features into MiniLM; its recall is float32's within 0.1, docs/RESULTS.md), and with `datastore` a copy
     of that caption datastore (a retrieval decoder's default, DATASTORE_DIR). The folder is rewritten whole
     through replace_folder, so a reader sees it with or without them, never half."""
-    source = whole_version(path)
-    read_model_json(source)  # a model folder, of a version this captioner reads
     data = retrieval_bytes(embedder, sentence_model)
-    replaced = {RETRIEVAL_FILE} | ({DATASTORE_DIR} if datastore is not None else set())
 
     def write(folder: Path) -> None:
+        (folder / RETRIEVAL_FILE).write_bytes(data)
+        if datastore is not None:
+            shutil.copytree(whole_version(datastore), folder / DATASTORE_DIR)
+
+    _rewrite(path, {RETRIEVAL_FILE} | ({DATASTORE_DIR} if datastore is not None else set()), write)
+
+
+def add_familiarity(path: str | Path, familiarity: Familiarity) -> None:
+    """Put (or replace) the familiarity check (FAMILIARITY_FILE) in an existing model folder, whole as add_retrieval."""
+    data = familiarity_bytes(familiarity)
+    _rewrite(path, {FAMILIARITY_FILE}, lambda folder: (folder / FAMILIARITY_FILE).write_bytes(data))
+
+
+def _rewrite(path: str | Path, replaced: set[str], write: Callable[[Path], object]) -> None:
+    """A model folder rewritten whole through replace_folder: every entry but those `replaced` copied, then
+    write(folder) adds theirs."""
+    source = whole_version(path)
+    read_model_json(source)  # a model folder, of a version this captioner reads
+
+    def rewrite(folder: Path) -> None:
         for file in source.iterdir():
             if file.name in replaced:
                 continue
@@ -238,11 +261,9 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
                 shutil.copytree(file, folder / file.name)
             else:
                 shutil.copy2(file, folder / file.name)
-        (folder / RETRIEVAL_FILE).write_bytes(data)
-        if datastore is not None:
-            shutil.copytree(whole_version(datastore), folder / DATASTORE_DIR)
+        write(folder)
 
-    replace_folder(path, write)
+    replace_folder(path, rewrite)
 
 
 def retrieval_bytes(embedder: ImageEmbedder, sentence_model: str = SENTENCE_MODEL) -> bytes:
@@ -344,4 +365,5 @@ def _read_model(folder: Path, path: Path, device: str | torch.device) -> LoadedM
                      for k, v in tensors.items() if k.startswith("encoder.")} or None
     embedder = read_retrieval(folder)
     return LoadedModel(decoder.to(device).eval(), vocab, meta["encoder"], encoder_state, meta["decoding"], path,
-                       embedder.to(device) if embedder is not None else None, meta["fit"])
+                       embedder.to(device) if embedder is not None else None, meta["fit"],
+                       read_familiarity(folder, meta["encoder"]["channels"]))

@@ -47,8 +47,9 @@ class CaptionOut(BaseModel):
                                             "for a caption of a similar photo that consensus or the concept check "
                                             "chose")
     agreement: float | None = Field(None, description="where the captions of similar photos voted (consensus on, "
-                                                      "or the concept check fired): how far they agree with this "
-                                                      "one (the decoder's get decoder_lean on top)")
+                                                      "the concept check fired, or the photo is unlike the model's "
+                                                      "training photos): how far they agree with this one (the "
+                                                      "decoder's get decoder_lean on top, none for such a photo)")
     source: Literal["decoder", "datastore"] | None = Field(None, description="where they voted: written by the "
                                                             "decoder, or a caption of a similar photo")
 

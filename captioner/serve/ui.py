@@ -107,7 +107,8 @@ def build_ui(batcher: Batcher, examples: list[Path], max_pixels: int = MAX_PIXEL
                 tags = gr.Label(label="What the encoder recognises (ImageNet concepts, as tags)", num_top_classes=5,
                                 elem_id="concepts")
                 table = gr.Dataframe(headers=["rank", "caption", "score", "written by"], label="The n-best: the "
-                                     "decoder's beams, or where consensus or the concept check let them vote, "
+                                     "decoder's beams, or where consensus, the concept check or a photo unlike the "
+                                     "training photos let them vote, "
                                      "captions of similar photos",
                                      interactive=False, elem_id="nbest")
                 similar = gr.Dataframe(headers=["caption", "similarity"], label="Captions of similar photos (what a "

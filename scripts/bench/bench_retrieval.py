@@ -4,13 +4,13 @@
     OMP_NUM_THREADS=1 python scripts/bench/bench_retrieval.py --baseline /tmp/attn/captioner/models/flickr8k-lite0 \
         --photos ../shared/data/coco-dev/images
 
-Rows: the datastore search per photo (one query at a time, by image vector alone and with the concept
-ranking, whose first pass finds the captions naming each concept word, then knows them; then 8 at a time,
-as a folder is captioned), captioning the folder (batches of 8, as `captioner caption`; also with
-`--consensus` and with `--no-concept-check`), and the cold start (a new process importing captioner, loading
-the model and captioning one photo). `--profile` instead lists where each model's time goes. The models take
-turns, --repeats turns; each row gives the median time and the median of the turns' ratios to the baseline (with their
-range), since the speed of a shared machine drifts between turns. Run nothing else heavy beside it.
+Rows: the datastore search per photo (one query at a time, by image vector alone and with the concept ranking, whose
+first pass finds the captions naming each concept word, then knows them; then 8 at a time, as a folder is
+captioned), captioning the folder (batches of 8, as `captioner caption`; also with `--consensus`, with
+`--no-concept-check` and with `--unfamiliar-threshold 1`), and the cold start (a new process importing captioner,
+loading the model and captioning one photo). `--profile` instead lists where each model's time goes. The models take
+turns, --repeats turns; each row gives the median time and the median of the turns' ratios to the baseline (with
+their range), since the speed of a shared machine drifts between turns. Run nothing else heavy beside it.
 """
 from __future__ import annotations
 
@@ -38,6 +38,12 @@ c = Captioner.from_pretrained(sys.argv[1], device="cpu")
 c(sys.argv[2])
 print(time.perf_counter() - start)
 """
+
+
+# the retrieval model's folder timings: its defaults, then each of these flags alone
+SETTINGS: dict[str, dict[str, object]] = {"": {}, ", --consensus": {"consensus": True},
+                                          ", --no-concept-check": {"concept_check": False},
+                                          ", --unfamiliar-threshold 1": {"unfamiliar_threshold": 1.0}}
 
 
 def caption_folder(captioner: Captioner, images: list, batch: int = 8, **options: object) -> float:
@@ -104,18 +110,14 @@ def main() -> None:
     with torch.inference_mode():
         caption_folder(ours, images[:8]), caption_folder(theirs, images[:8])  # warm up
         # the settings take turns and each turn's ratio is kept: this machine's speed drifts between turns
-        folder = [(caption_folder(theirs, images), caption_folder(ours, images),
-                   caption_folder(ours, images, consensus=True), caption_folder(ours, images, concept_check=False))
+        folder = [[caption_folder(theirs, images)] + [caption_folder(ours, images, **o) for o in SETTINGS.values()]
                   for _ in range(args.repeats)]
     cold = [(cold_start(Path(args.baseline), paths[0]), cold_start(Path(args.model), paths[0]))
             for _ in range(args.repeats)]
     print(f"| caption {len(paths)} photos, baseline model | {seconds([t[0] for t in folder])} | 1.00x |")
-    print(f"| caption {len(paths)} photos, retrieval model | {seconds([t[1] for t in folder])} | "
-          f"{ratios([t[1] / t[0] for t in folder])} |")
-    print(f"| caption {len(paths)} photos, retrieval model, --consensus | {seconds([t[2] for t in folder])} | "
-          f"{ratios([t[2] / t[0] for t in folder])} |")
-    print(f"| caption {len(paths)} photos, retrieval model, --no-concept-check | {seconds([t[3] for t in folder])} "
-          f"| {ratios([t[3] / t[0] for t in folder])} |")
+    for i, flags in enumerate(SETTINGS, start=1):
+        print(f"| caption {len(paths)} photos, retrieval model{flags} | {seconds([t[i] for t in folder])} | "
+              f"{ratios([t[i] / t[0] for t in folder])} |")
     print(f"| cold start, baseline model | {seconds([t[0] for t in cold])} | 1.00x |")
     print(f"| cold start, retrieval model | {seconds([t[1] for t in cold])} | {ratios([t[1] / t[0] for t in cold])} |")
 
