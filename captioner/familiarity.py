@@ -41,9 +41,9 @@ class Familiarity:
 
 def fit_familiarity(familiar: Tensor, unfamiliar: Tensor, l2: float, steps: int = 200) -> Familiarity:
     """Logistic regression from pooled features (N, C) of the training photos (`familiar`) and of other photos
-    (`unfamiliar`): standardised per channel, mean cross-entropy plus `l2`/2 times the squared weights (the
-    penalty is what keeps the few Flickr8k photos it would call unfamiliar few), fitted by L-BFGS, the
-    standardisation then folded into the weight and bias."""
+    (`unfamiliar`): standardised per channel (so that the penalty weighs every channel alike), mean
+    cross-entropy plus `l2`/2 times the squared weights, fitted by L-BFGS in float64 (the same features give
+    the same check), the standardisation then folded into the weight and bias."""
     x = torch.cat([familiar, unfamiliar]).double()
     y = torch.cat([torch.zeros(len(familiar)), torch.ones(len(unfamiliar))]).double()
     mean, scale = x.mean(0), x.std(0) + 1e-3
