@@ -55,11 +55,11 @@ class DecodingOptions:
                                         "caption stands")
     decoder_lean: float = _option(0.1, "consensus: agreement added to the decoder's own captions; higher keeps "
                                        "them more often, 1: always", (0.0, 1.0))
-    unfamiliar_threshold: float = _option(0.9, "retrieval models with a familiarity check (familiarity.py): for a "
-                                                "photo it gives more than this probability of being unlike the "
-                                                "model's training photos (a kitchen, for a Flickr8k model), the "
-                                                "captions of the 25 most similar photos vote as with consensus, the "
-                                                "decoder's with no lead; 1: never", (0.0, 1.0))
+    unfamiliar_threshold: float = _option(0.9, "retrieval models with a familiarity check (the shipped model has "
+                                                "one): for a photo it gives more than this probability of being "
+                                                "unlike the model's training photos (a kitchen, for a Flickr8k "
+                                                "model), the captions of the 25 most similar photos vote as with "
+                                                "consensus, the decoder's with no lead; 1: never", (0.0, 1.0))
 
     def __post_init__(self) -> None:
         for f in fields(self):
