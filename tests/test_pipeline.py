@@ -201,7 +201,8 @@ def test_loading_sets_the_old_objects_aside_from_the_collector_and_gives_them_ba
     try:
         before = gc.get_freeze_count()
         Captioner.from_pretrained(device="cpu")
-        assert gc.get_freeze_count() >= before > 0
+        # kept frozen: an unfreeze would leave none (a few frozen objects may be freed by their last reference)
+        assert before > 0 and gc.get_freeze_count() > 0.99 * before
     finally:
         gc.unfreeze()
 
