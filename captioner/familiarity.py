@@ -21,6 +21,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .encoders import Encoder
+    from .features import Prepared
 
 FAMILIARITY_FILE = "familiarity.safetensors"
 
@@ -81,6 +82,12 @@ def pooled_features(encoder: Encoder, paths: list[Path], size: int | None = None
     return torch.cat(out)
 
 
+def cached_pooled(prepared: Prepared, rows: list[int]) -> Tensor:
+    """(N, C) mean regions of a prepared folder's `rows`, from the features `captioner prepare` cached: the
+    training photos' side of a fit, and the dev photos a check is read on."""
+    return torch.from_numpy(np.stack([prepared.features[i].astype(np.float32).mean(0) for i in rows]))
+
+
 def familiarity_bytes(familiarity: Familiarity) -> bytes:
     """FAMILIARITY_FILE's contents, its metadata (what it was fitted on) with it for whoever reads the folder."""
     from safetensors.torch import save
@@ -93,14 +100,13 @@ def read_familiarity(folder: Path, channels: int) -> Familiarity | None:
     """The folder's check, or None where it has none; one fitted on features of another width than the model's
     encoder (`channels`) is refused by name."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = folder / FAMILIARITY_FILE
     if not path.exists():
         return None
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
-    tensors = load_file(str(path))
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     if set(tensors) != {"weight", "bias"} or tensors["weight"].shape != (channels,):
         raise ValueError(f"{path}: not a familiarity check for this model's {channels} encoder channels "
                          f"(holds {', '.join(f'{k} {tuple(v.shape)}' for k, v in tensors.items())})")

@@ -74,7 +74,7 @@ class OnnxEncoder:
     """encoder.onnx behind the surface the pipeline uses of an Encoder: preprocess, crop, regions, grid."""
 
     def __init__(self, session: onnxruntime.InferenceSession, spec: dict[str, Any], fit: str) -> None:
-        self.session, self._spec, self.fit = session, spec, fit
+        self.session, self._spec = session, spec
         self.name, self.image_size, self.channels = spec["encoder"], spec["image_size"], spec["channels"]
         self.crop, self.preprocess = image_transforms(spec, fit)
 
