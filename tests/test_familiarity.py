@@ -42,7 +42,9 @@ def test_the_check_learns_which_photos_are_unlike_the_training_photos_from_their
     flags = unfamiliar_photos(check, test_other[:, None, :], 0.5)
     assert flags.dtype == bool and flags.mean() > 0.85
     assert not unfamiliar_photos(None, test_other[:, None, :], 0.5).any()
-    assert not unfamiliar_photos(check, test_other[:, None, :], 1.0).any()  # 1: never
+    certain = Familiarity(torch.zeros(8), torch.tensor(50.0))  # every photo 1.0 in float32
+    assert (certain.unfamiliar(test_other[:, None, :]) == 1.0).all()
+    assert not unfamiliar_photos(certain, test_other[:, None, :], 1.0).any()  # 1: never, even at 1.0
 
 
 def test_an_unfamiliar_photo_is_voted_on_with_no_lead_and_a_familiar_one_keeps_the_decoders_caption():
