@@ -2,7 +2,7 @@
 features of a prepared folder) and coco-dev (its photos), with the model's threshold; docs/images/familiarity.png.
 
     python scripts/probes/familiarity_histogram.py --prepared prepared/flickr8k --set ../shared/data/coco-dev \
-        --output docs/images/familiarity.png
+        --output docs/images/familiarity.png --photos examples/photos
 """
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from typing import cast
 
 import matplotlib
 import numpy as np
-import torch
 
+from captioner.data import expand_inputs
 from captioner.encoders import Encoder
-from captioner.familiarity import pooled_features
+from captioner.familiarity import cached_pooled, pooled_features
 from captioner.features import open_prepared
 from captioner.pipeline import DEFAULT_MODEL, Captioner
 
@@ -26,6 +26,8 @@ def main() -> None:
     parser.add_argument("--set", type=Path, required=True, help="a folder with images/ (coco-dev)")
     parser.add_argument("--model", default=str(DEFAULT_MODEL))
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--photos", nargs="*", default=[], help="also print each of these photos' probability "
+                        "(the README's: examples/photos)")
     args = parser.parse_args()
     captioner = Captioner.from_pretrained(args.model, device="cpu")
     check = captioner.familiarity
@@ -33,7 +35,7 @@ def main() -> None:
         raise SystemExit(f"{args.model} has no familiarity check")
     prepared = open_prepared(args.prepared)
     dev = prepared.indices("val")
-    flickr = check.unfamiliar(torch.from_numpy(np.stack([prepared.features[i].astype(np.float32) for i in dev])))
+    flickr = check.unfamiliar(cached_pooled(prepared, dev)[:, None])
     photos = sorted((args.set / "images").glob("*.jpg"))
     coco = check.unfamiliar(pooled_features(cast(Encoder, captioner.encoder), photos)[:, None])
     threshold = captioner.defaults.unfamiliar_threshold
@@ -53,6 +55,10 @@ def main() -> None:
     ax.legend(fontsize=8, loc="center")
     fig.tight_layout()
     fig.savefig(args.output)
+    named = expand_inputs(args.photos)
+    if named:
+        for path, p in zip(named, check.unfamiliar(pooled_features(cast(Encoder, captioner.encoder), named)[:, None])):
+            print(f"{path}: {p:.2f}")
     print(f"{args.output}: Flickr8k dev past {threshold:g}: {int((flickr > threshold).sum())}, coco-dev: "
           f"{int((coco > threshold).sum())}")
 
