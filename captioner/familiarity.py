@@ -21,7 +21,6 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from .encoders import Encoder
-    from .features import Prepared
 
 FAMILIARITY_FILE = "familiarity.safetensors"
 
@@ -80,12 +79,6 @@ def pooled_features(encoder: Encoder, paths: list[Path], size: int | None = None
             images = [im.resize((size, size), Image.Resampling.BICUBIC) for im in images]
         out.append(encoder.regions(torch.stack([encoder.preprocess(im) for im in images])).float().mean(dim=1))
     return torch.cat(out)
-
-
-def cached_pooled(prepared: Prepared, rows: list[int]) -> Tensor:
-    """(N, C) mean regions of a prepared folder's `rows`, from the features `captioner prepare` cached: the
-    training photos' side of a fit, and the dev photos a check is read on."""
-    return torch.from_numpy(np.stack([prepared.features[i].astype(np.float32).mean(0) for i in rows]))
 
 
 def familiarity_bytes(familiarity: Familiarity) -> bytes:

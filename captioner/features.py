@@ -50,6 +50,11 @@ class Prepared:
         """Rows of `split` whose features were extracted."""
         return [i for i, r in enumerate(self.records) if r.split == split and self.status[i] == DONE]
 
+    def pooled(self, rows: list[int]) -> torch.Tensor:
+        """(N, C) float32 mean regions of `rows`, read row by row: what the familiarity check (familiarity.py)
+        and the ImageNet head read of a photo."""
+        return torch.from_numpy(np.stack([self.features[i].astype(np.float32).mean(0) for i in rows]))
+
     def references(self, rows: list[int]) -> dict[str, list[str]]:
         """{image name: all its reference captions}, the form coco-caption scores against."""
         return {self.records[r].name: list(self.records[r].captions) for r in rows}

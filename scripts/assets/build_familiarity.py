@@ -22,7 +22,7 @@ import torch
 
 from captioner.data import expand_inputs
 from captioner.encoders import Encoder
-from captioner.familiarity import cached_pooled, fit_familiarity, pooled_features
+from captioner.familiarity import fit_familiarity, pooled_features
 from captioner.features import open_prepared
 from captioner.models.files import add_familiarity
 from captioner.pipeline import Captioner
@@ -43,7 +43,7 @@ def main() -> None:
     if prepared.spec != encoder.spec():
         raise SystemExit(f"{args.prepared} holds features of another encoder than {args.model}'s")
     train = prepared.indices("train")
-    cached = cached_pooled(prepared, train)
+    cached = prepared.pooled(train)
     train_paths = [Path(prepared.records[i].image) for i in train]
     library = expand_inputs([args.library])
     familiar = torch.cat([cached, pooled_features(encoder, train_paths, args.shrink)])
@@ -54,7 +54,7 @@ def main() -> None:
                            "sizes": f"{args.size} and {args.shrink}", "l2": str(L2)})
     add_familiarity(args.model, check)
     dev = prepared.indices("val")
-    p = check.unfamiliar(cached_pooled(prepared, dev)[:, None])
+    p = check.unfamiliar(prepared.pooled(dev)[:, None])
     print(f"{args.model}: familiarity check from {len(train)} training and {len(library)} library photos; "
           f"{len(dev)} dev photos, the highest probability {p.max():.3f}")
     for threshold in (0.5, 0.7, 0.8, 0.85, 0.9, 0.95):

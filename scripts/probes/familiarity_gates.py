@@ -28,7 +28,7 @@ from captioner.concepts import RECALL_FILE, UNSEEN, named, read_recall
 from captioner.consensus import VOTERS, rerank
 from captioner.data import expand_inputs
 from captioner.encoders import Encoder
-from captioner.familiarity import cached_pooled, fit_familiarity, pooled_features
+from captioner.familiarity import fit_familiarity, pooled_features
 from captioner.features import open_prepared
 from captioner.pipeline import DEFAULT_MODEL, Captioner
 
@@ -69,7 +69,7 @@ def main() -> None:
     assert store is not None
     prepared = open_prepared(args.prepared)
     train = prepared.indices("train")
-    f8k = cached_pooled(prepared, train)
+    f8k = prepared.pooled(train)
     f8k_196 = pooled_features(encoder, [Path(prepared.records[i].image) for i in train], 196)
     library = expand_inputs([args.library])
     lib = {size: pooled_features(encoder, library, size) for size in (None, 224, 196)}

@@ -15,7 +15,7 @@ import numpy as np
 
 from captioner.data import expand_inputs
 from captioner.encoders import Encoder
-from captioner.familiarity import cached_pooled, pooled_features
+from captioner.familiarity import pooled_features
 from captioner.features import open_prepared
 from captioner.pipeline import DEFAULT_MODEL, Captioner
 
@@ -35,7 +35,7 @@ def main() -> None:
         raise SystemExit(f"{args.model} has no familiarity check")
     prepared = open_prepared(args.prepared)
     dev = prepared.indices("val")
-    flickr = check.unfamiliar(cached_pooled(prepared, dev)[:, None])
+    flickr = check.unfamiliar(prepared.pooled(dev)[:, None])
     photos = sorted((args.set / "images").glob("*.jpg"))
     coco = check.unfamiliar(pooled_features(cast(Encoder, captioner.encoder), photos)[:, None])
     threshold = captioner.defaults.unfamiliar_threshold
