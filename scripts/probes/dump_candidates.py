@@ -30,7 +30,10 @@ def main() -> None:
     args = parser.parse_args()
     refs = read_set(Path(args.set), args.split)
     captioner = Captioner.from_pretrained(args.model, device="cpu")
-    opts = captioner.options(beam_size=args.beam_size, num_captions=args.beam_size)
+    # the beams as searched: no choice among them and the voters (a model whose default votes, as `adapt`'s
+    # does, would otherwise dump the vote's winners, voters' among them)
+    opts = captioner.options(beam_size=args.beam_size, num_captions=args.beam_size, consensus=False,
+                             concept_check=False, unfamiliar_threshold=1.0)
     store = captioner.datastore
     rows = []
     paths = list(refs)
