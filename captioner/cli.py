@@ -395,7 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_datastore)
 
     p = sub.add_parser("adapt", help="fit a retrieval model's image vectors to a photo library without captions "
-                                     "(pseudo-captions by consensus); the new model captions by consensus")
+                                     "(pseudo-captions by consensus), for the photos its familiarity check calls "
+                                     "unfamiliar; the others keep theirs")
     p.add_argument("library", help="a folder of photos (subfolders too), as `caption` reads it")
     p.add_argument("--output", required=True, metavar="DIR", help="the adapted model folder to write")
     p.add_argument("--model", help="the retrieval model to adapt (default: the shipped model)")

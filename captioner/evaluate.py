@@ -84,12 +84,15 @@ def decode_split(decoder: nn.Module, prepared: Prepared, rows: list[int], opts: 
 def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Datastore, decoder: RetrievalLSTM,
                      vocab: Vocab, k: int | None = None, leave_out: bool = False, batch_size: int = 256,
                      concepts: Concepts | None = None, concept_weight: float = 0.0,
-                     rows: list[int] | None = None, voters: int = 0,
+                     rows: list[int] | None = None, voters: int = 0, familiarity: Familiarity | None = None,
+                     unfamiliar_threshold: float = 1.0,
                      log: Callable[[str], None] = print) -> tuple[np.ndarray, dict[int, list[str]]]:
     """The k retrieved captions of the prepared photos `rows` (default: all) as a retrieval decoder's memory rows
     (prepared rows, M; zeros elsewhere), from its cached features, and the texts of the first max(k, voters)
     per row (consensus.py's voters); `leave_out`: never the photo's own captions (training); with `concepts`,
-    ranked again by the concept words they name as `caption` does (models/retrieval.retrieve)."""
+    ranked again by the concept words they name as `caption` does (models/retrieval.retrieve); the photos
+    `familiarity` gives more than `unfamiliar_threshold` of being unlike the training photos take their vectors from
+    the embedder's library head, where it has one (models/embedder.py)."""
     from .models.retrieval import retrieve
 
     own = datastore.groups_by_image() if leave_out else {}
@@ -101,7 +104,7 @@ def retrieved_memory(prepared: Prepared, embedder: ImageEmbedder, datastore: Dat
     for start in tqdm(range(0, len(rows), batch_size), desc="retrieving", unit="batch", leave=False):
         chunk = rows[start:start + batch_size]
         features = torch.from_numpy(prepared.features[chunk].astype(np.float32))
-        vectors = embedder(features).numpy()
+        vectors = embedder(features, unfamiliar_photos(familiarity, features, unfamiliar_threshold)).numpy()
         probs = concepts.probs(features).numpy() if concepts is not None else None
         exclude = [own.get(prepared.records[i].name) for i in chunk]
         excluded += sum(e is not None for e in exclude)
@@ -153,7 +156,9 @@ def evaluate_model(model: str | Path, prepared_dir: str | Path, split: str = "te
         store = model_datastore(loaded.path, loaded.embedder, datastore)
         memory, voters = retrieved_memory(prepared, loaded.embedder, store, reader, loaded.vocab, base.retrieved,
                                           concepts=concepts, concept_weight=base.retrieval_concepts, rows=rows,
-                                          voters=voters_needed(base, loaded.familiarity is not None), log=log)
+                                          voters=voters_needed(base, loaded.familiarity is not None),
+                                          familiarity=loaded.familiarity,
+                                          unfamiliar_threshold=base.unfamiliar_threshold, log=log)
     # beside the model, not in it: a training run swaps best/ as a whole, which would drop the results
     out = Path(out_dir) if out_dir else Path(model).with_name(f"{Path(model).name}-eval_{split}")
     out.mkdir(parents=True, exist_ok=True)

@@ -152,8 +152,11 @@ class Captioner:
         shown: list[list[tuple[str, float]]] = [[] for _ in range(len(batch))]
         similar: list[list[tuple[str, float]]] = [[] for _ in range(len(batch))]
         retrieving = self.datastore is not None and opts.retrieval
-        embedded = (self.embedder(features).cpu().numpy() if (vectors or retrieving) and self.embedder is not None
-                    else None)
+        # photos unlike the training photos: retrieval takes their vectors from adapt's library head (where the
+        # embedder has one) and, among the captions retrieved, they are voted on (decoding.chosen)
+        unfamiliar = unfamiliar_photos(self.familiarity, features, opts.unfamiliar_threshold)
+        embedded = (self.embedder(features, unfamiliar).cpu().numpy()
+                    if (vectors or retrieving) and self.embedder is not None else None)
         # the ImageNet head's concepts once per batch: tags, retrieval's ranking and the concept check read them
         probs = self.concepts.probs(features).cpu().numpy() if self.concepts is not None else None
         decoder, found = self.search_decoder(features, opts, embedded, probs)
@@ -163,9 +166,8 @@ class Captioner:
                        for texts, sims in zip(found.texts, found.similarity)]
         if probs is not None:
             shown = top_concepts(torch.from_numpy(probs), threshold=SHOWN, k=SHOWN_MOST)
-        unfamiliar = unfamiliar_photos(self.familiarity if found is not None else None, features,
-                                       opts.unfamiliar_threshold)
-        results = beam_search(decoder, features, search_options(opts, voting=bool(unfamiliar.any())))
+        results = beam_search(decoder, features,
+                              search_options(opts, voting=found is not None and bool(unfamiliar.any())))
         if found is not None:
             assert self.datastore is not None
             rows = probs if probs is not None else [None] * len(batch)
@@ -196,7 +198,8 @@ class Captioner:
         concept probabilities `probs`, when already computed)."""
         assert self.datastore is not None and self.embedder is not None  # a model with a datastore has an embedder
         if embedded is None:
-            embedded = self.embedder(features).cpu().numpy()
+            unfamiliar = unfamiliar_photos(self.familiarity, features, opts.unfamiliar_threshold)
+            embedded = self.embedder(features, unfamiliar).cpu().numpy()
         if probs is None and self.concepts is not None:
             probs = self.concepts.probs(features).cpu().numpy()
         return retrieve(self.datastore, embedded, self.vocab, cast(Any, self.decoder).args, opts.retrieved,
@@ -215,7 +218,9 @@ class Captioner:
         out = []
         for images in loaded_batches(items, batch_size):
             batch = torch.stack([self.encoder.preprocess(im) for im in images])
-            out.append(self.embedder(self.encoder.regions(batch.to(self.device))).cpu().numpy())
+            regions = self.encoder.regions(batch.to(self.device))
+            unfamiliar = unfamiliar_photos(self.familiarity, regions, self.defaults.unfamiliar_threshold)
+            out.append(self.embedder(regions, unfamiliar).cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.embedder.head.proj.out_features), dtype=np.float32)
 
     def __call__(self, inputs: ImageInput | list[ImageInput], batch_size: int = 16, **options: Any) -> list:

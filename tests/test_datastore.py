@@ -459,39 +459,65 @@ def test_a_photo_the_familiarity_check_calls_unlike_the_training_photos_is_voted
 
 
 @pytest.mark.slow
-def test_adapt_fits_the_image_vectors_to_a_library_and_keeps_the_rest(retrieval_model, tmp_path):
+def test_adapt_fits_a_library_head_for_the_unfamiliar_photos_and_keeps_the_rest(retrieval_model, tmp_path):
     from PIL import Image
     from safetensors.torch import load_file
     from test_retrieval import shipped_attention
 
     from captioner.adapt import adapt
+    from captioner.familiarity import Familiarity
     from captioner.models import load_model
-    from captioner.models.files import add_retrieval
+    from captioner.models.files import add_familiarity, add_retrieval
     from captioner.pipeline import Captioner
 
-    _, _, model = retrieval_model
+    _, _, trained = retrieval_model
     library = tmp_path / "library" / "2024"
     library.mkdir(parents=True)
     rng = np.random.default_rng(2)
     for i in range(5):
         Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(library / f"p{i}.png")
     (library / "broken.jpg").write_bytes(b"not a photo")
+    with pytest.raises(ValueError, match="has no check"):  # nothing would say which photos the head is for
+        adapt(trained, library.parent, tmp_path / "nope", encoder=fake_encoder)
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+    add_familiarity(model, Familiarity(torch.zeros(1280), torch.tensor(5.0)))  # every photo: 0.993 unfamiliar
     said: list[str] = []
     assert adapt(model, library.parent, tmp_path / "adapted", epochs=2, lr=1e-2, encoder=fake_encoder,
                  log=said.append) == 5
-    assert any("broken.jpg" in line for line in said)
+    assert any("broken.jpg" in line for line in said) and any("(5 of these 5 at its threshold)" in line
+                                                              for line in said)
     old, new = load_file(str(model / "retrieval.safetensors")), load_file(str(tmp_path / "adapted" /
                                                                            "retrieval.safetensors"))
-    assert not torch.equal(old["head.proj.weight"], new["head.proj.weight"])
+    assert all(torch.equal(old[k], new[k]) for k in old) and "library.proj.weight" in new
+    assert not torch.equal(old["head.proj.weight"], new["library.proj.weight"])
     adapted, original = load_model(tmp_path / "adapted"), load_model(model)
-    assert adapted.decoding == {**original.decoding, "consensus": True} and adapted.vocab.itos == original.vocab.itos
+    assert adapted.decoding == original.decoding and adapted.vocab.itos == original.vocab.itos
     assert all(torch.equal(a, b) for a, b in zip(adapted.decoder.state_dict().values(),
                                                   original.decoder.state_dict().values()))
     assert (tmp_path / "adapted" / "model.safetensors").read_bytes() == (model / "model.safetensors").read_bytes()
+    assert (tmp_path / "adapted" / "familiarity.safetensors").read_bytes() == (
+        model / "familiarity.safetensors").read_bytes()
     assert (tmp_path / "adapted" / "datastore" / "ngram_idf.npy").is_file()
     photo = np.asarray(Image.open(library / "p0.png"))
-    assert Captioner.from_pretrained(tmp_path / "adapted", device="cpu")(photo)[0]["source"] in ("decoder", "datastore")
+    captioner, before = Captioner.from_pretrained(tmp_path / "adapted", device="cpu"), Captioner.from_pretrained(model)
+    # an unfamiliar photo's vector is the library head's, in search and in captioning; past the threshold, its own
+    library_vector, own_vector = captioner.embed([photo]), before.embed([photo])
+    assert not np.allclose(library_vector, own_vector, atol=1e-3)
+    images = [Image.fromarray(photo)]
+    np.testing.assert_allclose(captioner.generate(images, captioner.options(), vectors=True)[0].vector,
+                               library_vector[0], atol=1e-5)
+    np.testing.assert_allclose(captioner.generate(images, captioner.options(unfamiliar_threshold=1.0),
+                                                  vectors=True)[0].vector, own_vector[0], atol=1e-5)
+    assert captioner(photo)[0]["source"] in ("decoder", "datastore")
     with pytest.raises(ValueError, match="adapt needs a retrieval model"):  # image vectors, but no datastore
         attention = shipped_attention(tmp_path / "attention")
         add_retrieval(attention, ImageEmbedder(1280, 16, DIM).eval())
         adapt(attention, library, tmp_path / "nope", encoder=fake_encoder)
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from captioner.onnx_export import export_onnx
+
+    export_onnx(tmp_path / "adapted", tmp_path / "onnx", log=lambda s: None)  # the export carries the library head
+    onnx = Captioner.from_pretrained(tmp_path / "onnx", backend="onnx")
+    np.testing.assert_allclose(onnx.embed([photo]), library_vector, atol=1e-4)

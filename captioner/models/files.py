@@ -45,7 +45,8 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "captioner", 2
 TUNED = "fine-tuned"  # how a spec's weights begin when they are a fine-tuned encoder's (tuned_weights)
-RETRIEVAL_FILE = "retrieval.safetensors"  # optional: the ImageEmbedder, float16, its sentence model in the metadata
+RETRIEVAL_FILE = "retrieval.safetensors"  # optional: the ImageEmbedder (adapt's library head too), float16, sentence
+# model in the metadata
 DATASTORE_DIR = "datastore"  # a retrieval decoder's default caption datastore (datastore.py), beside its weights
 
 
@@ -305,7 +306,8 @@ def read_retrieval(folder: Path) -> ImageEmbedder | None:
                          f"not this captioner's {SENTENCE_MODEL!r}")
     tensors = {k: v.float() for k, v in load_file(str(path)).items()}
     embed_dim, region_dim = tensors["head.proj.weight"].shape
-    embedder = ImageEmbedder(tensors["image_side.0.weight"].shape[1], region_dim, embed_dim)
+    embedder = ImageEmbedder(tensors["image_side.0.weight"].shape[1], region_dim, embed_dim,
+                             library="library.proj.weight" in tensors)  # adapt's head, where fitted
     embedder.load_state_dict(tensors)
     return embedder.eval()
 
