@@ -45,8 +45,8 @@ if TYPE_CHECKING:
 
 FORMAT, VERSION = "captioner", 2
 TUNED = "fine-tuned"  # how a spec's weights begin when they are a fine-tuned encoder's (tuned_weights)
-RETRIEVAL_FILE = "retrieval.safetensors"  # optional: the ImageEmbedder (adapt's library head too), float16, sentence
-# model in the metadata
+# optional: the ImageEmbedder (with adapt's library head, where fitted), float16, its sentence model in the metadata
+RETRIEVAL_FILE = "retrieval.safetensors"
 DATASTORE_DIR = "datastore"  # a retrieval decoder's default caption datastore (datastore.py), beside its weights
 
 
