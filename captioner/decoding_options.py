@@ -59,7 +59,9 @@ class DecodingOptions:
                                                 "one): for a photo it gives more than this probability of being "
                                                 "unlike the model's training photos (a kitchen, for a Flickr8k "
                                                 "model), the captions of the 25 most similar photos vote as with "
-                                                "consensus, the decoder's with no lead; 1: never", (0.0, 1.0))
+                                                "consensus, the decoder's with no lead, and they are retrieved "
+                                                "with the library head's vectors where the model has one "
+                                                "(captioner adapt); 1: never", (0.0, 1.0))
 
     def __post_init__(self) -> None:
         for f in fields(self):
