@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +25,9 @@ from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, beam_search, chosen, search_options, voters_needed
 from .decoding_options import OPTIONS, DecodingOptions
-from .familiarity import Familiarity, unfamiliar_photos
+from .familiarity import FAMILIARITY_FILE, Familiarity, unfamiliar_photos
 from .models import CaptionDecoder, Decoder, decoder_class, load_model, model_datastore, weights_sha256
-from .models.files import read_model_json
+from .models.files import RETRIEVAL_FILE, read_model_json
 from .models.retrieval import neighbours_read, retrieve
 from .runtime import collector_spares_old_objects, resolve_device
 from .vocab import Vocab
@@ -107,15 +108,28 @@ class Captioner:
 
     @functools.cached_property
     def version(self) -> str:
-        """First 12 hex digits of the weights file's sha256: any retrained or re-exported model gets a new
-        one, so a caption can be traced to the exact weights that wrote it ("" for a model not from a folder).
-        An ONNX folder is named by the weights it was exported from, and "-int8" when quantized."""
+        """First 12 hex digits of a sha256 naming what writes the captions: the weights file's, and where the
+        folder has them, its image vectors' and familiarity check's and the datastore read (its own or
+        `--datastore`'s), since each changes captions. Any retrained or re-exported model, or any of those
+        swapped, gets a new one, so a caption can be traced to what wrote it and a resumed bulk run never mixes
+        two ("" for a model not from a folder); a folder of weights alone is named by the weights' sha256 as it
+        always was. An ONNX folder is named by the weights it was exported from and the files it carries beside
+        them, as its PyTorch folder, and "-int8" when quantized."""
         if self.path is None:
             return ""
+        suffix = ""
         if (self.path / "model.safetensors").exists():
-            return weights_sha256(self.path / "model.safetensors")[:12]
-        onnx = read_model_json(self.path).get("onnx", {})
-        return onnx.get("weights_sha256", "")[:12] + ("-int8" if onnx.get("quantized") else "")
+            digest = weights_sha256(self.path / "model.safetensors")
+        else:
+            onnx = read_model_json(self.path).get("onnx", {})
+            digest, suffix = onnx.get("weights_sha256", ""), "-int8" if onnx.get("quantized") else ""
+        beside = [self.path / RETRIEVAL_FILE, self.path / FAMILIARITY_FILE]
+        if self.datastore is not None and self.datastore.path is not None:
+            beside += sorted(p for p in Path(self.datastore.path).iterdir() if p.is_file())
+        extra = [weights_sha256(p) for p in beside if p.is_file()]
+        if extra:
+            digest = hashlib.sha256(" ".join([digest, *extra]).encode()).hexdigest()
+        return digest[:12] + suffix
 
     @functools.cached_property
     def title(self) -> str:

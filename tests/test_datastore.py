@@ -216,6 +216,37 @@ def test_the_onnx_export_carries_retrieval_and_captions_as_pytorch(retrieval_mod
     theirs = Captioner.from_pretrained(tmp_path / "onnx", backend="onnx")(photo, num_captions=2, beam_size=3)
     assert [c["generated_text"] for c in ours] == [c["generated_text"] for c in theirs]
     assert ours[0]["neighbours"] == theirs[0]["neighbours"] and len(ours[0]["neighbours"]) == 2
+    # named alike: the same weights, image vectors and datastore
+    assert Captioner.from_pretrained(tmp_path / "onnx", backend="onnx").version == Captioner.from_pretrained(
+        model, device="cpu").version
+
+
+@pytest.mark.slow
+def test_a_models_version_changes_with_whatever_changes_its_captions(retrieval_model, tmp_path):
+    from captioner.familiarity import Familiarity
+    from captioner.models import weights_sha256
+    from captioner.models.files import add_familiarity, add_retrieval
+    from captioner.pipeline import Captioner
+
+    _, _, trained = retrieval_model
+    model = tmp_path / "model"
+    shutil.copytree(trained, model)
+
+    def version(**kwargs) -> str:
+        return Captioner.from_pretrained(model, device="cpu", **kwargs).version
+
+    seen = [version()]
+    add_familiarity(model, Familiarity(torch.zeros(1280), torch.tensor(5.0)))
+    seen.append(version())
+    add_retrieval(model, ImageEmbedder(1280, 16, DIM).eval())  # other image vectors, the same datastore
+    seen.append(version())
+    seen.append(version(datastore=agreeing_datastore(tmp_path / "kites")))
+    assert len(set(seen)) == 4 and all(len(v) == 12 for v in seen)
+    assert version() == seen[2]  # the same files: the same name
+    from test_retrieval import shipped_attention
+
+    plain = shipped_attention(tmp_path / "plain")  # weights alone: named by them, as before
+    assert Captioner.from_pretrained(plain, device="cpu").version == weights_sha256(plain / "model.safetensors")[:12]
 
 
 def test_retrieval_weighs_the_concepts_a_caption_names(tmp_path):
