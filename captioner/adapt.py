@@ -119,12 +119,14 @@ def adapt(model: str | Path, library: str | Path, output: str | Path, epochs: in
     features, texts, failed, unfamiliar = pseudo_captions(captioner, paths, log=log)
     log(f"{len(texts)} pseudo-captions, e.g. " + "; ".join(f'"{t}"' for t in texts[:3])
         + (f" ({len(failed)} unreadable photos left out)" if failed else ""))
+    log(f"the familiarity check calls {unfamiliar} of these {len(texts)} photos unfamiliar: the library head will "
+        "serve photos like those" + ("" if unfamiliar else "; with none, the adapted model will caption such a "
+                                      "library as the model does"))
     assert captioner.embedder is not None  # pseudo_captions refused a model without one
     embedder = fit_library_head(captioner.embedder, features, encoder(texts), epochs, lr, batch_size, log=log)
     write_adapted(Path(model), output, embedder)
     log(f"{output}: {model} with image vectors fitted to {len(texts)} photos of {library}, for the photos its "
-        f"familiarity check calls unfamiliar ({unfamiliar} of these {len(texts)} at its threshold); the others "
-        "keep the model's own")
+        "familiarity check calls unfamiliar; the others keep the model's own")
     return len(texts)
 
 

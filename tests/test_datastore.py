@@ -516,8 +516,14 @@ def test_adapt_fits_a_library_head_for_the_unfamiliar_photos_and_keeps_the_rest(
     said: list[str] = []
     assert adapt(model, library.parent, tmp_path / "adapted", epochs=2, lr=1e-2, encoder=fake_encoder,
                  log=said.append) == 5
-    assert any("broken.jpg" in line for line in said) and any("(5 of these 5 at its threshold)" in line
+    assert any("broken.jpg" in line for line in said) and any("calls 5 of these 5 photos unfamiliar" in line
                                                               for line in said)
+    familiar = tmp_path / "familiar"  # a library the check finds like the training photos: the head serves none
+    shutil.copytree(model, familiar)
+    add_familiarity(familiar, Familiarity(torch.zeros(1280), torch.tensor(-5.0)))
+    told: list[str] = []
+    adapt(familiar, library.parent, tmp_path / "adapted-familiar", epochs=1, encoder=fake_encoder, log=told.append)
+    assert any("calls 0 of these 5 photos unfamiliar" in line and "as the model does" in line for line in told)
     old, new = load_file(str(model / "retrieval.safetensors")), load_file(str(tmp_path / "adapted" /
                                                                            "retrieval.safetensors"))
     assert all(torch.equal(old[k], new[k]) for k in old) and "library.proj.weight" in new
