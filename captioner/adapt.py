@@ -15,7 +15,6 @@ trains, on features computed once.
 from __future__ import annotations
 
 import copy
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .atomic import replace_folder, whole_version
 from .consensus import rerank
 from .contrastive import info_nce
 from .data import ImageError, expand_inputs, load_image
 from .familiarity import FAMILIARITY_FILE, unfamiliar_photos
 from .models.embedder import ImageEmbedder
-from .models.files import RETRIEVAL_FILE, retrieval_bytes
+from .models.files import add_retrieval
 from .pipeline import Captioner
 from .sentences import SentenceEncoder
 
@@ -124,19 +122,8 @@ def adapt(model: str | Path, library: str | Path, output: str | Path, epochs: in
                                       "library as the model does"))
     assert captioner.embedder is not None  # pseudo_captions refused a model without one
     embedder = fit_library_head(captioner.embedder, features, encoder(texts), epochs, lr, batch_size, log=log)
-    write_adapted(Path(model), output, embedder)
+    add_retrieval(model, embedder, output=output)  # everything else copied as it is
     log(f"{output}: {model} with image vectors fitted to {len(texts)} photos of {library}, for the photos its "
         "familiarity check calls unfamiliar; the others keep the model's own")
     return len(texts)
 
-
-def write_adapted(model: Path, output: str | Path, embedder: ImageEmbedder) -> None:
-    """`model`'s folder copied file for file (weights, vocabulary, check, datastore) into `output`, with the
-    fitted embedder as its retrieval file."""
-    source = whole_version(model)
-
-    def write(folder: Path) -> None:
-        shutil.copytree(source, folder, dirs_exist_ok=True)
-        (folder / RETRIEVAL_FILE).write_bytes(retrieval_bytes(embedder))
-
-    replace_folder(output, write)

@@ -32,9 +32,8 @@ from torch import Tensor, nn
 from .atomic import replace_folder
 from .encoders import Encoder, image_transforms
 from .extras import install_hint
-from .familiarity import FAMILIARITY_FILE
 from .models.base import CaptionDecoder, State
-from .models.files import DATASTORE_DIR, RETRIEVAL_FILE, read_model_json, weights_sha256, write_model_json
+from .models.files import BESIDE_WEIGHTS, read_model_json, weights_sha256, write_model_json
 from .onnx_backend import CONCEPT_HEAD, GRAPHS, WEIGHTS_KEY, require_onnxruntime
 from .pipeline import Captioner
 
@@ -319,7 +318,7 @@ def export_onnx(model_dir: str | Path, out: str | Path, quantize: str = "none", 
                 **export_decoder(decoder, features, len(reference.vocab), tmp, weights,
                                  retrieved(reference, features))}
         reference.vocab.save(tmp / "vocab.json")
-        for extra in (RETRIEVAL_FILE, DATASTORE_DIR, FAMILIARITY_FILE):  # photo vectors, captions, the check
+        for extra in BESIDE_WEIGHTS:  # photo vectors, the check, a retrieval model's captions
             if (model_dir / extra).is_dir():
                 shutil.copytree(model_dir / extra, tmp / extra)
             elif (model_dir / extra).is_file():

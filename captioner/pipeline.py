@@ -25,9 +25,9 @@ from .config import BACKENDS
 from .data import ImageError, load_image
 from .decoding import Caption, beam_search, chosen, search_options, voters_needed
 from .decoding_options import OPTIONS, DecodingOptions
-from .familiarity import FAMILIARITY_FILE, Familiarity, unfamiliar_photos
+from .familiarity import Familiarity, unfamiliar_photos
 from .models import CaptionDecoder, Decoder, decoder_class, load_model, model_datastore, weights_sha256
-from .models.files import RETRIEVAL_FILE, read_model_json
+from .models.files import BESIDE_WEIGHTS, DATASTORE_DIR, read_model_json
 from .models.retrieval import neighbours_read, retrieve
 from .runtime import collector_spares_old_objects, resolve_device
 from .vocab import Vocab
@@ -123,7 +123,7 @@ class Captioner:
         else:
             onnx = read_model_json(self.path).get("onnx", {})
             digest, suffix = onnx.get("weights_sha256", ""), "-int8" if onnx.get("quantized") else ""
-        beside = [self.path / RETRIEVAL_FILE, self.path / FAMILIARITY_FILE]
+        beside = [self.path / name for name in BESIDE_WEIGHTS if name != DATASTORE_DIR]  # the datastore read instead
         if self.datastore is not None and self.datastore.path is not None:
             beside += sorted(p for p in Path(self.datastore.path).iterdir() if p.is_file())
         extra = [weights_sha256(p) for p in beside if p.is_file()]

@@ -48,6 +48,8 @@ TUNED = "fine-tuned"  # how a spec's weights begin when they are a fine-tuned en
 # optional: the ImageEmbedder (with adapt's library head, where fitted), float16, its sentence model in the metadata
 RETRIEVAL_FILE = "retrieval.safetensors"
 DATASTORE_DIR = "datastore"  # a retrieval decoder's default caption datastore (datastore.py), beside its weights
+# what a folder may hold beside its weights, each changing its output: an export carries them, the version names them
+BESIDE_WEIGHTS = (RETRIEVAL_FILE, FAMILIARITY_FILE, DATASTORE_DIR)
 
 
 def build_decoder(family: str, args: dict[str, Any], vocab_size: int, feature_dim: int,
@@ -227,11 +229,12 @@ def read_model_json(path: Path) -> dict[str, Any]:
 
 
 def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str = SENTENCE_MODEL,
-                  datastore: str | Path | None = None) -> None:
+                  datastore: str | Path | None = None, output: str | Path | None = None) -> None:
     """Put (or replace) the retrieval file in an existing model folder, in float16 (1.7 MB for Lite0's
     features into MiniLM; its recall is float32's within 0.1, docs/RESULTS.md), and with `datastore` a copy
     of that caption datastore (a retrieval decoder's default, DATASTORE_DIR). The folder is rewritten whole
-    through replace_folder, so a reader sees it with or without them, never half."""
+    through replace_folder, so a reader sees it with or without them, never half; with `output`, the result
+    goes there and `path` stays as it was."""
     data = retrieval_bytes(embedder, sentence_model)
 
     def write(folder: Path) -> None:
@@ -239,7 +242,7 @@ def add_retrieval(path: str | Path, embedder: ImageEmbedder, sentence_model: str
         if datastore is not None:
             shutil.copytree(whole_version(datastore), folder / DATASTORE_DIR)
 
-    _rewrite(path, {RETRIEVAL_FILE} | ({DATASTORE_DIR} if datastore is not None else set()), write)
+    _rewrite(path, {RETRIEVAL_FILE} | ({DATASTORE_DIR} if datastore is not None else set()), write, output)
 
 
 def add_familiarity(path: str | Path, familiarity: Familiarity) -> None:
@@ -248,9 +251,10 @@ def add_familiarity(path: str | Path, familiarity: Familiarity) -> None:
     _rewrite(path, {FAMILIARITY_FILE}, lambda folder: (folder / FAMILIARITY_FILE).write_bytes(data))
 
 
-def _rewrite(path: str | Path, replaced: set[str], write: Callable[[Path], object]) -> None:
-    """A model folder rewritten whole through replace_folder: every entry but those `replaced` copied, then
-    write(folder) adds theirs."""
+def _rewrite(path: str | Path, replaced: set[str], write: Callable[[Path], object],
+             output: str | Path | None = None) -> None:
+    """A model folder rewritten whole through replace_folder (into `output`, default: itself): every entry but
+    those `replaced` copied, then write(folder) adds theirs."""
     source = whole_version(path)
     read_model_json(source)  # a model folder, of a version this captioner reads
 
@@ -264,7 +268,7 @@ def _rewrite(path: str | Path, replaced: set[str], write: Callable[[Path], objec
                 shutil.copy2(file, folder / file.name)
         write(folder)
 
-    replace_folder(path, rewrite)
+    replace_folder(output if output is not None else path, rewrite)
 
 
 def retrieval_bytes(embedder: ImageEmbedder, sentence_model: str = SENTENCE_MODEL) -> bytes:
